@@ -1,0 +1,1 @@
+"""Stage one: tokenizers on a frozen vision foundation model."""
