@@ -173,8 +173,9 @@ class VectorQuantizer(nn.Module):
             self.embedding.weight.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
             if l2_normalize:
                 self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
-        # -1 marks an empty slot, so that an unfilled window does not count as uses of code 0.
-        self.register_buffer("recent_indices", torch.full((usage_window,), -1, dtype=torch.long))
+        # -1 marks an empty slot, so that an unfilled window does not count as uses of code 0. Not persistent: a
+        # monitoring statistic, kept out of exported weights (it restarts empty after loading).
+        self.register_buffer("recent_indices", torch.full((usage_window,), -1, dtype=torch.long), persistent=False)
 
     def codebook(self) -> torch.Tensor:
         weight = self.embedding.weight

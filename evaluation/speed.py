@@ -1,0 +1,125 @@
+"""Throughput measurements behind ``vfmtok speed``: one JSON-ready dict per measured mode.
+
+Timings synchronise the device around each measured window and report the median over windows, so a noisy machine
+shows up as spread between runs rather than as a biased figure; compare figures taken in one run.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+
+from pipelines.config import build_model, load_config
+
+__all__ = ["speed_tokenizer", "time_call"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int, windows: int = 3) -> float:
+    """Median seconds per call of ``fn`` over ``windows`` windows of ``steps`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    per_call = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(device)
+        per_call.append((time.perf_counter() - start) / steps)
+    return statistics.median(per_call)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _deformable_attention_seconds(model, images, device, precision, steps, warmup) -> float:
+    """Seconds per training step spent in the deformable cross-attention (forward + backward).
+
+    One forward records the inputs of every deformable layer; those calls are then replayed in isolation,
+    with a backward through them, and timed."""
+    from tokenizer.deformable_attention import MultiScaleDeformableAttention
+
+    calls: list[tuple[torch.nn.Module, tuple]] = []
+    handles = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, tuple(
+        a.detach() if torch.is_tensor(a) else a for a in args))))
+               for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    try:
+        with _autocast(device, precision):
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def replay():
+        for module, (query, reference, features, shapes) in calls:
+            query = query.requires_grad_()
+            module(query, reference, features, shapes).sum().backward()
+
+    return time_call(replay, device, steps, warmup)
+
+
+def speed_tokenizer(config_path: str, device: str = "cpu", batch_size: int = 4, steps: int = 3, warmup: int = 1,
+                    precision: str | None = None, modes: tuple[str, ...] = ("train", "encode", "decode"),
+                    deformable_share: bool = True) -> list[dict[str, Any]]:
+    """Images/s of a tokenizer config (random weights) for a training step (forward + backward of every loss term of
+    the model), ``encode`` and ``decode``."""
+    device_t = torch.device(device)
+    if device_t.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but no CUDA device is available")
+    precision = precision or ("bf16" if device_t.type == "cuda" else "fp32")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    config = load_config(config_path)
+    torch.manual_seed(0)
+    model = build_model(config).to(device_t)
+    size = model.config.image_size
+    images = torch.rand(batch_size, 3, size, size, device=device_t) * 2 - 1
+    common = {"config": str(config_path), "device": device_t.type, "batch_size": batch_size, "precision": precision,
+              "threads": torch.get_num_threads()}
+    results = []
+
+    if "train" in modes:
+        model.train()
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def train_step():
+            with _autocast(device_t, precision):
+                output = model(images)
+            loss = sum(output.losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        seconds = time_call(train_step, device_t, steps, warmup)
+        row = {"mode": "train", **common, "images_per_s": batch_size / seconds, "seconds_per_batch": seconds}
+        if deformable_share:
+            deform = _deformable_attention_seconds(model, images, device_t, precision, steps, warmup)
+            row["deformable_attention_share"] = deform / seconds
+        results.append(row)
+
+    model.eval()
+    if "encode" in modes:
+        with _autocast(device_t, precision):
+            seconds = time_call(lambda: model.encode(images), device_t, steps, warmup)
+        results.append({"mode": "encode", **common, "images_per_s": batch_size / seconds, "seconds_per_batch": seconds})
+    if "decode" in modes:
+        with torch.no_grad():
+            tokens = model.encode(images)
+        with _autocast(device_t, precision):
+            seconds = time_call(lambda: model.decode(tokens), device_t, steps, warmup)
+        results.append({"mode": "decode", **common, "images_per_s": batch_size / seconds, "seconds_per_batch": seconds})
+    return results

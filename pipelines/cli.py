@@ -1,0 +1,85 @@
+"""The ``vfmtok`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+def _describe(args: argparse.Namespace) -> None:
+    from pipelines.config import build_model
+
+    model = build_model(args.config)
+    print(json.dumps({"config": args.config, **model.describe()}))
+
+
+def _speed_tokenizer(args: argparse.Namespace) -> None:
+    from evaluation.speed import speed_tokenizer
+
+    for row in speed_tokenizer(args.config, device=args.device, batch_size=args.batch_size, steps=args.steps,
+                               warmup=args.warmup, precision=args.precision, modes=tuple(args.modes)):
+        print(json.dumps(row), flush=True)
+
+
+def _convert_tokenizer(args: argparse.Namespace) -> None:
+    from pipelines.config import build_model
+    from tokenizer.convert import convert_reference_checkpoint
+
+    model = build_model(args.config)
+    dropped = convert_reference_checkpoint(args.checkpoint, model, prefer=args.weights)
+    model.save_pretrained(args.output_dir)
+    print(json.dumps({"output_dir": args.output_dir, "converted": len(model.state_dict()),
+                      "dropped": len(dropped), "dropped_prefixes": sorted({k.rsplit('.', 2)[0] for k in dropped})[:5]}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vfmtok", description="VFM-based image tokenizers and generators.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    describe = commands.add_parser("describe", help="build the model a config describes (random weights) and print "
+                                                    "its parameter counts and token layout as JSON")
+    describe.add_argument("config")
+    describe.set_defaults(run=_describe)
+
+    speed = commands.add_parser("speed", help="measure throughput; one JSON line per measured mode")
+    speed_kinds = speed.add_subparsers(dest="kind", required=True)
+    speed_tok = speed_kinds.add_parser("tokenizer", help="training step, encode and decode images/s of a tokenizer")
+    speed_tok.add_argument("--config", required=True)
+    speed_tok.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    speed_tok.add_argument("--batch-size", type=int, default=4)
+    speed_tok.add_argument("--steps", type=int, default=3, help="calls per timing window (3 windows, median)")
+    speed_tok.add_argument("--warmup", type=int, default=1)
+    speed_tok.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                           help="default: fp32 on CPU, bf16 autocast on CUDA")
+    speed_tok.add_argument("--modes", nargs="+", choices=["train", "encode", "decode"],
+                           default=["train", "encode", "decode"])
+    speed_tok.set_defaults(run=_speed_tokenizer)
+
+    convert = commands.add_parser("convert", help="convert an official checkpoint to this project's format")
+    convert_kinds = convert.add_subparsers(dest="kind", required=True)
+    convert_tok = convert_kinds.add_parser("tokenizer", help="official VFMTok / VFMAE checkpoint -> save_pretrained "
+                                                             "directory (see tokenizer/convert.py for the key mapping)")
+    convert_tok.add_argument("--checkpoint", required=True, help="the official .pt/.pth file")
+    convert_tok.add_argument("--config", required=True, help="the matching config, e.g. configs/tokenizer/vfmtok-l.yaml")
+    convert_tok.add_argument("--output-dir", required=True)
+    convert_tok.add_argument("--weights", choices=["ema", "model"], default="ema",
+                             help="which weights to take when the file holds both")
+    convert_tok.set_defaults(run=_convert_tokenizer)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as error:
+        print(f"vfmtok {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
