@@ -28,7 +28,7 @@ import contextlib
 import functools
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,24 +159,22 @@ def is_official_dinov2(state_dict: dict[str, torch.Tensor]) -> bool:
     return "patch_embed.proj.weight" in state_dict and "mask_token" in state_dict
 
 
-def convert_official_dinov2(state_dict: dict[str, torch.Tensor], rules: Sequence[_Rule]
-                            ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Rename an official DINOv2 state dict with ``rules``; returns (converted, backend key -> official key).
+def convert_official_dinov2(state_dict: dict[str, torch.Tensor], rules: Sequence[_Rule]) -> dict[str, torch.Tensor]:
+    """Rename an official DINOv2 state dict with ``rules`` (``_HF_DINOV2_RULES`` or ``_TIMM_DINOV2_RULES``).
 
     Keys no rule knows are kept under their own name, so that a strict load reports them as unexpected.
     """
     out: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
     for key, value in state_dict.items():
         key = _unchunk_key(key)
         targets = _match_rule(rules, key)
         if targets is None:
-            out[key], origin[key] = value, key
+            out[key] = value
             continue
         chunks = value.chunk(len(targets), dim=0) if len(targets) > 1 else (value,)
         for target, chunk in zip(targets, chunks):
-            out[target], origin[target] = chunk.contiguous(), key
-    return out, origin
+            out[target] = chunk.contiguous()
+    return out
 
 
 def _fold_timm_class_pos(state_dict: dict[str, torch.Tensor]) -> None:
@@ -189,7 +187,7 @@ def _fold_timm_class_pos(state_dict: dict[str, torch.Tensor]) -> None:
 
 
 def _load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                            describe_missing=lambda key: key) -> None:
+                            describe_missing: Callable[[str], str] = str) -> None:
     """``load_state_dict(strict=True)`` that raises ValueError naming every missing, unexpected or mis-shaped key."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -217,6 +215,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path} is not a flat state dict (name -> tensor)")
     return state_dict
+
+
+def _ordinary_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous float32 copy; made outside inference mode it is an ordinary tensor."""
+    return t.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,7 +406,7 @@ class FrozenVFM(nn.Module):
         if self._hf_type == "siglip_vision_model":
             raise ValueError(f"{path} is an official DINOv2 checkpoint, but the VFM is a SigLIP model")
         rules = _HF_DINOV2_RULES if self.backend == "hf" else _TIMM_DINOV2_RULES
-        converted, origin = convert_official_dinov2(state_dict, rules)
+        converted = convert_official_dinov2(state_dict, rules)
         if self.backend == "timm" and self.model.no_embed_class:
             _fold_timm_class_pos(converted)
 
@@ -422,7 +425,11 @@ class FrozenVFM(nn.Module):
         """``from_pretrained`` (Hub id or directory), checked against ``architecture``, copied in strictly."""
         _, model_cls = _hf_classes(self._hf_type)
         loaded, info = model_cls.from_pretrained(source, output_loading_info=True, dtype=torch.float32)
-        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if self._hf_type == "siglip_vision_model":  # full SigLIP checkpoints also hold the text tower
+            info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ())
+                                       if not k.startswith(("text_model.", "logit_scale", "logit_bias"))]
+        problems = {k: sorted(v) for k, v in info.items()
+                    if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
             raise ValueError(f"cannot load VFM weights from {source}: {problems}")
         differing = {k: (v, getattr(loaded.config, k, None)) for k, v in self.architecture.items()
@@ -510,8 +517,8 @@ class FrozenVFM(nn.Module):
                 pairs = self._run_hf(pixels.to(weight_dtype)) if self.backend == "hf" else \
                     self._run_timm(pixels.to(weight_dtype))
         # Copies made outside inference mode are ordinary tensors that autograd graphs of the caller may use.
-        levels = [patches.to(torch.float32, copy=True) for _, patches in pairs]
-        cls = [prefix[:, 0].to(torch.float32, copy=True) if self.has_cls else None for prefix, _ in pairs]
+        levels = [_ordinary_copy(patches) for _, patches in pairs]
+        cls = [_ordinary_copy(prefix[:, 0]) if self.has_cls else None for prefix, _ in pairs]
         return VFMFeatures(levels=levels, cls=cls, grid=self.grid)
 
     def extra_repr(self) -> str:

@@ -568,10 +568,17 @@ class VFMTokModel(ModelMixin, ConfigMixin):
         if kwargs.get("low_cpu_mem_usage", False):
             raise ValueError("low_cpu_mem_usage=True is not supported: it would leave the frozen VFM on the meta device")
         kwargs["low_cpu_mem_usage"] = False
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              **kwargs)
+        # diffusers only warns about these; a tokenizer with a silently random weight is never what a user wants.
+        mismatched = [f"{key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in info["mismatched_keys"]]
+        if info["missing_keys"] or info["unexpected_keys"] or mismatched:
+            raise ValueError(f"{pretrained_model_name_or_path}: " + _describe_key_mismatch(
+                info["missing_keys"], info["unexpected_keys"] + mismatched))
         if load_vfm_weights:
             model.load_vfm_weights(vfm_source)
-        return model
+        return (model, info) if want_info else model
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
