@@ -1,14 +1,23 @@
-"""Same weights, same outputs as the public reference VFMTok code (opt-in).
+"""Same weights, same outputs as the public reference VFMTok / VFMAE code (opt-in).
 
-Needs a checkout of CVMI-Lab/VFMTok in VFMTOK_REF_REPO, the extra packages the reference imports (omegaconf, kornia,
-opencv-python-headless) importable, and ``../shared/tools/vfmtok_ref.py`` (or VFMTOK_REF_TOOL), which builds the
-reference model on CPU. Importing that tool patches ``.cuda()`` to a no-op for the rest of the process, so run this
-file on its own:  VFMTOK_REF_REPO=/path/to/VFMTok pytest tests/test_reference_parity.py -m "reference" -p no:cacheprovider
-The reference semantic head is hard-wired to 1024-d features, so the VFM is a (random) DINOv2-L/14 with registers:
-about a minute on a 2-core CPU.
+Discrete VFMTok: needs a checkout of CVMI-Lab/VFMTok in VFMTOK_REF_REPO, the extra packages the reference imports
+(omegaconf, kornia, opencv-python-headless) importable, and ``../shared/tools/vfmtok_ref.py`` (or VFMTOK_REF_TOOL),
+which builds the reference model on CPU. Importing that tool patches ``.cuda()`` to a no-op for the rest of the
+process, so run this file on its own.
+
+Continuous VFMAE: needs a checkout of CVMI-Lab/VFMTok2 in VFMTOK2_REF_REPO (and the same extra packages). Its
+top-level package is also called ``tokenizer``, so the reference runs in a subprocess (``VFMAE_REFERENCE_SCRIPT``,
+with its CPU shims) that saves its weights and outputs for this process to compare with.
+
+  PYTHONPATH=<omegaconf, kornia, cv2> VFMTOK_REF_REPO=/path/to/VFMTok VFMTOK2_REF_REPO=/path/to/VFMTok2 \
+      pytest tests/test_reference_parity.py -m reference -p no:cacheprovider
+
+The reference semantic heads are hard-wired to 1024-d features, so the VFM is a (random) DINOv2-L/14 with registers:
+a few minutes on a 2-core CPU.
 """
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -91,3 +100,139 @@ def test_vfmtok_matches_the_reference_code(reference_module, tmp_path, monkeypat
     torch.testing.assert_close(ours.decode(tokens), ref_eval_images.clamp(-1, 1), atol=1e-4, rtol=1e-4)
     print("max |reconstruction - reference|:", (out.reconstruction - ref_images).abs().max().item(),
           "max |semantic - reference|:", (out.semantic_prediction - ref_semantic).abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# VFMAE (continuous) against CVMI-Lab/VFMTok2
+# ----------------------------------------------------------------------------------------------------------------------
+# Run as ``python - REPO WORKDIR DIM ENCODER_DEPTH DECODER_DEPTH EMBED_DIM``: builds the reference AutoencoderAE
+# ('AE-16', configs/vfmae/vfmae_config.yaml with small dims) on CPU with random weights, reads WORKDIR/images.pt and
+# writes the weights (vfmae.pt as {"ema": ...} without the backbone, dinov2.pth in the official DINOv2 layout) and
+# its outputs (outputs.pt). CPU shims: .cuda() is a no-op, the compiled MultiScaleDeformableAttention op is replaced
+# by the repo's own pure-PyTorch core, the DINOv2 checkpoint load is skipped and the internal ``refile`` is stubbed.
+VFMAE_REFERENCE_SCRIPT = r"""
+import os, sys, types
+repo, workdir = sys.argv[1], sys.argv[2]
+dim, encoder_depth, decoder_depth, embed_dim = (int(v) for v in sys.argv[3:7])
+os.environ["XFORMERS_DISABLED"] = "1"
+sys.path.insert(0, repo)
+import torch
+from torch import nn
+
+torch.Tensor.cuda = lambda self, *a, **k: self
+nn.Module.cuda = lambda self, *a, **k: self
+sys.modules["MultiScaleDeformableAttention"] = types.ModuleType("MultiScaleDeformableAttention")
+refile = types.ModuleType("refile")
+refile.smart_open = open
+sys.modules["refile"] = refile
+# The reference's top-level ``tokenizer`` is a namespace package: pin it, or an installed ``tokenizer`` shadows it.
+package = types.ModuleType("tokenizer")
+package.__path__ = [os.path.join(repo, "tokenizer")]
+sys.modules["tokenizer"] = package
+
+import commons.modules.ops.functions.ms_deform_attn_func as msf
+import commons.modules.ops.modules.ms_deform_attn as msm
+import commons.modules.pretrained_enc.models_pretrained_enc as mpe
+
+
+class Core:
+    @staticmethod
+    def apply(value, shapes, level_start, sampling_locations, attention_weights, im2col_step):
+        return msf.ms_deform_attn_core_pytorch(value, shapes, sampling_locations, attention_weights)
+
+
+msf.MSDeformAttnFunction = msm.MSDeformAttnFunction = Core
+mpe.load_pretrained_dino_v2 = lambda model, path: model
+
+from omegaconf import OmegaConf
+from tokenizer.vfmae.vfmae import AE_models
+
+cfg = OmegaConf.load(os.path.join(repo, "configs/vfmae/vfmae_config.yaml"))
+cfg.encoder_config.params.dim = dim
+cfg.encoder_config.params.depth = encoder_depth
+cfg.decoder_config.params.depth = decoder_depth
+torch.manual_seed(0)
+ref = AE_models["AE-16"](embed_dim=embed_dim, transformer_config=cfg, z_channels=dim, dropout_p=0.0)
+for module in ref.modules():  # no dropout, to compare in train mode
+    if isinstance(module, nn.Dropout):
+        module.p = 0.0
+    if isinstance(getattr(module, "dropout", None), float):
+        module.dropout = 0.0
+g = torch.Generator().manual_seed(1)
+with torch.no_grad():  # no weight keeps a value that would hide a mix-up (zero biases, identity norms, zero offsets)
+    for name, p in ref.named_parameters():
+        if "sampling_offsets" in name or "attention_weights" in name:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        elif name.endswith(("cls_token", "register_tokens", "pos_embed")) and "pretrained_encoder" in name:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        elif p.ndim == 1:  # biases, norm and layer-scale weights
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+state = ref.state_dict()
+torch.save({"ema": {k: v for k, v in state.items() if "backbone" not in k}}, os.path.join(workdir, "vfmae.pt"))
+torch.save({k.split("pretrained_encoder.", 1)[1]: v for k, v in state.items() if "pretrained_encoder." in k},
+           os.path.join(workdir, "dinov2.pth"))
+
+images = torch.load(os.path.join(workdir, "images.pt"))
+ref.train()
+(reconstruction, semantic_target, semantic_prediction), posterior = ref(images)
+ref.eval()
+with torch.no_grad():
+    latents = ref.encode_imgs(images)
+    decoded, eval_semantic = ref.decode(latents)
+assert eval_semantic is None
+torch.save({"reconstruction": reconstruction.detach(), "semantic_target": semantic_target.detach(),
+            "semantic_prediction": semantic_prediction.detach(), "posterior": posterior.detach(),
+            "latents": latents, "decoded": decoded}, os.path.join(workdir, "outputs.pt"))
+"""
+
+
+def vfmae_config(dim: int, encoder_depth: int, decoder_depth: int, embed_dim: int) -> dict:
+    """configs/tokenizer/vfmae-l.yaml with the small dims of the reference built by VFMAE_REFERENCE_SCRIPT."""
+    return dict(
+        vfm={"preset": "dinov2-vitl14-reg", "image_size": 224, "feature_layers": [5, 11, 17, 23], "resize": "kornia"},
+        image_size=256, bottleneck="continuous", dim=dim, query_grid=16, encoder_depth=encoder_depth, encoder_heads=8,
+        encoder_points=4, encoder_ffn_dim=min(4 * dim, 1024), encoder_causal=False, add_cls_to_levels=True,
+        latent_channels=embed_dim, decoder_depth=decoder_depth, decoder_heads=8,
+        decoder_ffn_dim=(int(2048 * 2 / 3) + 7) // 8 * 8, decoder_dropout=0.0, decoder_causal=False,
+        decoder_registers=0, semantic_depth=1, semantic_cls=True, pixel_channels=128,
+        pixel_channel_mult=[1, 1, 2, 2, 4], pixel_res_blocks=3, upsample_factor=16)
+
+
+def test_vfmae_matches_the_reference_code(tmp_path):
+    from tokenizer.convert import convert_reference_checkpoint
+
+    repo = os.environ.get("VFMTOK2_REF_REPO")
+    if not repo:
+        pytest.skip("set VFMTOK2_REF_REPO (a CVMI-Lab/VFMTok2 checkout) to compare the VFMAE with its reference code")
+    dim, encoder_depth, decoder_depth, embed_dim = 64, 2, 2, 32
+    images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.save(images, tmp_path / "images.pt")
+    run = subprocess.run([sys.executable, "-", repo, str(tmp_path), str(dim), str(encoder_depth), str(decoder_depth),
+                          str(embed_dim)], input=VFMAE_REFERENCE_SCRIPT, text=True, capture_output=True, cwd=repo,
+                         timeout=1200)
+    assert run.returncode == 0, f"the reference VFMAE failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    ref = torch.load(tmp_path / "outputs.pt", weights_only=True)
+
+    ours = VFMTokModel(**vfmae_config(dim, encoder_depth, decoder_depth, embed_dim))
+    dropped = convert_reference_checkpoint(tmp_path / "vfmae.pt", ours)
+    assert dropped == []
+    ours.load_vfm_weights(str(tmp_path / "dinov2.pth"))
+
+    ours.train()
+    out = ours(images)
+    diffs = {}
+
+    def check(name, actual, expected, tol=1e-4):
+        assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+        diffs[name] = (actual - expected).abs().max().item()
+        torch.testing.assert_close(actual, expected, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+    check("semantic target", out.semantic_target, ref["semantic_target"])
+    check("latent (train)", out.tokens, ref["posterior"].reshape(out.tokens.shape))
+    check("reconstruction", out.reconstruction, ref["reconstruction"])
+    check("semantic prediction", out.semantic_prediction, ref["semantic_prediction"])
+
+    ours.eval()
+    check("latent (encode)", ours.encode(images), ref["latents"])
+    check("decode", ours.decode(ref["latents"]), ref["decoded"].clamp(-1, 1))
+    print("\nVFMAE vs reference, max abs diff:", ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))

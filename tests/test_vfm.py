@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizer.vfm import VFM_PRESETS, FrozenVFM, VFMFeatures
+from tokenizer.vfm import VFM_PRESETS, FrozenVFM, VFMFeatures, kornia_bicubic_resize
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -360,6 +360,133 @@ def test_presets():
     assert (vfm.hidden_size, vfm.grid, vfm.native_grid, vfm.feature_layers) == (384, (16, 16), (37, 37), (2, 5, 8, 11))
     with pytest.raises(ValueError, match="unknown VFM preset"):
         FrozenVFM.from_preset("dinov3", 224)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# resize="kornia": kornia.geometry.resize(bicubic, align_corners=True, antialias=True), as the reference code
+# ------------------------------------------------------------------------------------------------------------------
+def keys_cubic(t: float, a: float = -0.75) -> float:
+    """Keys' cubic convolution kernel (the one torch's bicubic uses, a = -0.75)."""
+    t = abs(t)
+    if t <= 1:
+        return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
+    if t < 2:
+        return a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a
+    return 0.0
+
+
+def bicubic_matrix_align_corners(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) matrix of 1-D bicubic resampling with align_corners=True (source positions
+    j (n_in - 1) / (n_out - 1), taps at floor - 1 .. floor + 2, indices clamped to the image), written out."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for j in range(n_out):
+        pos = j * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        base = math.floor(pos)
+        for k in range(base - 1, base + 3):
+            m[j, min(max(k, 0), n_in - 1)] += keys_cubic(pos - k)
+    return m
+
+
+def gaussian_matrix_reflect(n: int, sigma: float, size: int) -> torch.Tensor:
+    """(n, n) matrix of 1-D correlation with normalised Gaussian taps, reflect padding (mirror without the edge)."""
+    taps = [math.exp(-(k - size // 2) ** 2 / (2 * sigma ** 2)) for k in range(size)]
+    taps = [t / sum(taps) for t in taps]
+    m = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for k, t in enumerate(taps):
+            src = i + k - size // 2
+            src = -src if src < 0 else (2 * (n - 1) - src if src > n - 1 else src)
+            m[i, src] += t
+    return m
+
+
+def separable(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Apply (H_out, H) ``rows`` and (W_out, W) ``cols`` matrices to every plane of ``x``."""
+    return torch.einsum("ih,bchw,jw->bcij", rows, x.double(), cols).float()
+
+
+def test_kornia_resize_equal_size_is_identity():
+    x = images(32)
+    assert torch.equal(kornia_bicubic_resize(x, (32, 32)), x)
+
+
+@pytest.mark.parametrize("size", [(7, 7), (9, 5), (4, 11)])
+def test_kornia_resize_upscaling_is_plain_align_corners_bicubic(size):
+    x = images(4)[:, :, :, :4]
+    out = kornia_bicubic_resize(x, size)
+    expected = separable(x, bicubic_matrix_align_corners(4, size[0]), bicubic_matrix_align_corners(4, size[1]))
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    # no blur when upscaling: exactly torch's bicubic with align_corners=True and no antialias
+    assert torch.equal(out, F.interpolate(x, size=size, mode="bicubic", align_corners=True))
+
+
+@pytest.mark.parametrize("shape, size, sigmas, kernel_sizes", [
+    ((18, 12), (6, 4), (1.0, 1.0), (5, 5)),  # factor 3: sigma 1, kernel int(max(4, 3)) = 4 -> odd 5
+    ((21, 9), (14, 9), (0.25, 0.001), (3, 3)),  # factor 1.5 (336 -> 224): sigma 0.25, kernel 3; W: sigma floor
+    ((40, 8), (4, 16), (4.5, 0.001), (19, 3)),  # factor 10: kernel int(18) -> 19; W upscaled (sigma 0.001)
+])
+def test_kornia_resize_downscaling_closed_form(shape, size, sigmas, kernel_sizes):
+    from tokenizer.vfm import kornia_gaussian_kernel1d
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, *shape, generator=g) * 2 - 1
+    blur_rows = gaussian_matrix_reflect(shape[0], sigmas[0], kernel_sizes[0])
+    blur_cols = gaussian_matrix_reflect(shape[1], sigmas[1], kernel_sizes[1])
+    rows = bicubic_matrix_align_corners(shape[0], size[0]) @ blur_rows
+    cols = bicubic_matrix_align_corners(shape[1], size[1]) @ blur_cols
+    out = kornia_bicubic_resize(x, size)
+    assert out.shape == (2, 3, *size)
+    torch.testing.assert_close(out, separable(x, rows, cols), atol=2e-6, rtol=1e-5)
+    for k, sigma in zip(kernel_sizes, sigmas):
+        kernel = kornia_gaussian_kernel1d(k, sigma)
+        assert kernel.shape == (k,) and abs(kernel.sum().item() - 1) < 1e-6
+        assert torch.equal(kernel, kernel.flip(0)) and kernel.argmax().item() == k // 2
+    # weights sum to one: a constant image stays constant
+    const = torch.full((1, 3, *shape), 0.3)
+    torch.testing.assert_close(kornia_bicubic_resize(const, size), torch.full((1, 3, *size), 0.3))
+
+
+def test_kornia_resize_is_not_torch_antialias():
+    x = images(32)
+    a = kornia_bicubic_resize(x, (24, 24))
+    b = F.interpolate(x, size=(24, 24), mode="bicubic", align_corners=False, antialias=True)
+    assert (a - b).abs().max() > 1e-2
+
+
+def test_frozen_vfm_resize_modes():
+    x = images(64)
+    default = make_vfm("dinov2_with_registers")
+    assert default.resize == "antialias"
+    torch.testing.assert_close(default.preprocess(x), pixels_for(x, 56), atol=0, rtol=0)
+    vfm = make_vfm("dinov2_with_registers", resize="kornia")
+    expected = ((kornia_bicubic_resize(x, (56, 56)).clamp(-1, 1) + 1) / 2 - MEAN) / STD
+    torch.testing.assert_close(vfm.preprocess(x), expected, atol=0, rtol=0)
+    assert not torch.allclose(vfm(x).levels[-1], default(x).levels[-1])
+    same = images(56)  # at the VFM size both modes are the identity
+    torch.testing.assert_close(vfm.preprocess(same), default.preprocess(same), atol=0, rtol=0)
+    assert "resize=kornia" in repr(vfm)
+    assert FrozenVFM.from_preset("dinov2-vits14-reg", 224, resize="kornia").resize == "kornia"
+    with pytest.raises(ValueError, match="'bilinear'"):
+        make_vfm("dinov2_with_registers", resize="bilinear")
+
+
+def test_tokenizer_vfm_spec_accepts_resize():
+    from tokenizer.vfmtok import _vfm_spec
+
+    spec = _vfm_spec({"preset": "dinov2-vitl14-reg", "image_size": 224, "resize": "kornia"})
+    assert spec["resize"] == "kornia" and spec["backend"] == "hf"
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("sizes", [(256, 224), (256, 336), (336, 224)])
+def test_kornia_resize_matches_kornia(sizes):
+    kornia = pytest.importorskip("kornia", reason="kornia (e.g. PYTHONPATH=/tmp/refdeps) to compare with")
+    n_in, n_out = sizes
+    x = torch.rand(2, 3, n_in, n_in, generator=torch.Generator().manual_seed(n_in + n_out)) * 2 - 1
+    expected = kornia.geometry.resize(x, (n_out, n_out), interpolation="bicubic", align_corners=True, antialias=True)
+    diff = (kornia_bicubic_resize(x, (n_out, n_out)) - expected).abs().max().item()
+    print(f"\nkornia {kornia.__version__} resize {n_in} -> {n_out}: max abs diff {diff:.2e}")
+    assert diff < 1e-5
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@
 (``backend="hf"``) or a DINOv2 ViT from timm (``backend="timm"``) and returns multi-level patch features:
 
 * images in [-1, 1] are resized to ``image_size`` (bicubic, antialiased), clamped, mapped to [0, 1] and normalised;
+  ``resize="antialias"`` (default) is torch's antialiased bicubic (``align_corners=False``), ``resize="kornia"``
+  reproduces ``kornia.geometry.resize(x, size, interpolation="bicubic", align_corners=True, antialias=True)``, the
+  preprocessing of the reference VFMTok / VFMAE code (and so of their released checkpoints) -- see
+  :func:`kornia_bicubic_resize`;
 * ``levels[k]`` is the output of block ``feature_layers[k]`` (0-based) without CLS / register tokens; the last
   requested level is taken after the final LayerNorm, the others before it (as the reference's
   ``forward_features_levels``); ``cls[k]`` is the CLS token of the same hidden state (None without CLS);
@@ -36,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FrozenVFM", "VFMFeatures", "VFM_PRESETS", "convert_official_dinov2"]
+__all__ = ["FrozenVFM", "VFMFeatures", "VFM_PRESETS", "convert_official_dinov2", "kornia_bicubic_resize"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -217,6 +221,66 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Resizing
+# ----------------------------------------------------------------------------------------------------------------
+RESIZE_MODES = ("antialias", "kornia")
+
+
+def kornia_gaussian_kernel1d(size: int, sigma: float, dtype: torch.dtype = torch.float32,
+                             device: torch.device | None = None) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps ``exp(-n^2 / (2 sigma^2))`` at the integer offsets ``n`` of an odd window from
+    its centre, computed in ``dtype`` with ``sigma`` rounded to ``dtype`` first (as kornia's kernel)."""
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"kernel size must be a positive odd integer, got {size}")
+    sigma_t = torch.tensor(float(sigma), dtype=dtype, device=device)
+    offsets = torch.arange(size, dtype=dtype, device=device) - float(size // 2)
+    gauss = torch.exp(-offsets.pow(2) / (2 * sigma_t.pow(2)))
+    return gauss / gauss.sum()
+
+
+def _blur_axis(x: torch.Tensor, kernel: torch.Tensor, dim: int) -> torch.Tensor:
+    """Correlate every (B, C) plane of ``x`` with a 1-D kernel along ``dim`` (-1: W, -2: H), reflect padding."""
+    radius = kernel.numel() // 2
+    if radius == 0:
+        return x * kernel[0]
+    b, c, h, w = x.shape
+    planes = x.reshape(b * c, 1, h, w)
+    if dim == -1:
+        padded = F.pad(planes, (radius, radius, 0, 0), mode="reflect")
+        weight = kernel.view(1, 1, 1, -1)
+    else:
+        padded = F.pad(planes, (0, 0, radius, radius), mode="reflect")
+        weight = kernel.view(1, 1, -1, 1)
+    return F.conv2d(padded, weight.to(x.dtype)).reshape(b, c, h, w)
+
+
+def kornia_bicubic_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``kornia.geometry.resize(x, size, interpolation="bicubic", align_corners=True, antialias=True)`` in torch.
+
+    Same size: ``x`` unchanged. Downscaling along either axis (scale factors ``f = in / out``, ``max(f) > 1``):
+    first a separable Gaussian blur with ``sigma = max((f - 1) / 2, 0.001)`` per axis and kernel size
+    ``int(max(4 sigma, 3))`` rounded up to odd (1 for an axis of length 1), reflect padding (mirror without the
+    edge pixel), along W then H; then, in every case, bicubic interpolation with ``align_corners=True`` and no
+    antialias (upscaling is only that interpolation).
+    """
+    if x.ndim != 4:
+        raise ValueError(f"expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    out_h, out_w = int(size[0]), int(size[1])
+    if (h, w) == (out_h, out_w):
+        return x
+    factors = (h / out_h, w / out_w)
+    if max(factors) > 1:
+        sigmas = tuple(max((f - 1.0) / 2.0, 0.001) for f in factors)
+        sizes = [int(max(4.0 * s, 3)) for s in sigmas]
+        sizes = [k if k % 2 else k + 1 for k in sizes]
+        sizes = [1 if n == 1 else k for n, k in zip((h, w), sizes)]
+        kernel_y, kernel_x = (kornia_gaussian_kernel1d(k, s, x.dtype, x.device) for k, s in zip(sizes, sigmas))
+        x = _blur_axis(_blur_axis(x, kernel_x, -1), kernel_y, -2)
+    return F.interpolate(x, size=(out_h, out_w), mode="bicubic", align_corners=True)
+
+
 def _ordinary_copy(t: torch.Tensor) -> torch.Tensor:
     """A contiguous float32 copy; made outside inference mode it is an ordinary tensor."""
     return t.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
@@ -276,8 +340,12 @@ class FrozenVFM(nn.Module):
 
     def __init__(self, backend: str, architecture: dict, image_size: int,
                  feature_layers: Sequence[int] = (5, 11, 17, 23), pretrained: str | None = None,
-                 image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD):
+                 image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
+                 resize: str = "antialias"):
         super().__init__()
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"unknown VFM resize mode {resize!r}; use one of {list(RESIZE_MODES)}")
+        self.resize = resize
         if backend == "hf":
             self.model = _build_hf(architecture)
         elif backend == "timm":
@@ -302,7 +370,7 @@ class FrozenVFM(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, image_size: int, feature_layers: Sequence[int] | None = None,
-                    pretrained: str | None = None) -> FrozenVFM:
+                    pretrained: str | None = None, resize: str | None = None) -> FrozenVFM:
         """Build a named VFM (random weights until ``load_pretrained``); None keeps the preset's value."""
         if name not in VFM_PRESETS:
             raise ValueError(f"unknown VFM preset {name!r}; known presets: {sorted(VFM_PRESETS)}")
@@ -311,6 +379,8 @@ class FrozenVFM(nn.Module):
             spec["feature_layers"] = feature_layers
         if pretrained is not None:
             spec["pretrained"] = pretrained
+        if resize is not None:
+            spec["resize"] = resize
         return cls(image_size=image_size, **spec)
 
     # -- structure -----------------------------------------------------------------------------------------------
@@ -460,9 +530,12 @@ class FrozenVFM(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images -> normalised fp32 pixels at ``image_size`` (resize, clamp, [0, 1], mean/std)."""
         x = images.float()
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
-                              antialias=True)
+        size = (self.image_size, self.image_size)
+        if x.shape[-2:] != size:
+            if self.resize == "kornia":
+                x = kornia_bicubic_resize(x, size)
+            else:
+                x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
         x = (x.clamp(-1.0, 1.0) + 1.0) / 2.0
         return (x - self.image_mean) / self.image_std
 
@@ -523,4 +596,4 @@ class FrozenVFM(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"backend={self.backend}, image_size={self.image_size}, grid={self.grid}, "
-                f"feature_layers={list(self.feature_layers)}, hidden_size={self.hidden_size}")
+                f"feature_layers={list(self.feature_layers)}, hidden_size={self.hidden_size}, resize={self.resize}")

@@ -449,7 +449,8 @@ def _vfm_spec(vfm: dict) -> dict:
         if preset not in VFM_PRESETS:
             raise ValueError(f"unknown VFM preset {preset!r}; known presets: {sorted(VFM_PRESETS)}")
         spec = {**VFM_PRESETS[preset], **spec}
-    allowed = {"backend", "architecture", "image_size", "feature_layers", "pretrained", "image_mean", "image_std"}
+    allowed = {"backend", "architecture", "image_size", "feature_layers", "pretrained", "image_mean", "image_std",
+               "resize"}
     unknown = set(spec) - allowed
     if unknown:
         raise ValueError(f"unknown VFM option(s) {sorted(unknown)}; allowed: {sorted(allowed | {'preset'})}")
