@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
 __all__ = ["main"]
@@ -24,13 +28,30 @@ def _speed_tokenizer(args: argparse.Namespace) -> None:
         print(json.dumps(row), flush=True)
 
 
+def save_pretrained_atomically(model, output: Path) -> None:
+    """Write into a temporary sibling directory, then rename: an interrupted run leaves no half-written model."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model.save_pretrained(staging)
+        if output.exists():
+            output.rmdir()  # empty (checked by the caller)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def _convert_tokenizer(args: argparse.Namespace) -> None:
     from pipelines.config import build_model
     from tokenizer.convert import convert_reference_checkpoint
 
+    output = Path(args.output_dir)
+    if output.exists() and any(output.iterdir()):
+        raise ValueError(f"output directory {str(output)!r} already exists and is not empty")
     model = build_model(args.config)
     dropped = convert_reference_checkpoint(args.checkpoint, model, prefer=args.weights)
-    model.save_pretrained(args.output_dir)
+    save_pretrained_atomically(model, output)
     print(json.dumps({"output_dir": args.output_dir, "converted": len(model.state_dict()),
                       "dropped": len(dropped), "dropped_prefixes": sorted({k.rsplit('.', 2)[0] for k in dropped})[:5]}))
 

@@ -77,3 +77,7 @@ def test_convert_writes_a_loadable_directory(capsys, tmp_path):
     loaded = VFMTokModel.from_pretrained(tmp_path / "out", load_vfm_weights=False)
     assert torch.equal(loaded.state_dict()["encoder.queries"], ref["encode_transformer.carrier_tokens"])
     assert row["dropped"] == 3  # two frozen-VFM keys and the usage statistic
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ref.pt"]  # no staging directory left behind
+    code, _, err = run_cli(capsys, "convert", "tokenizer", "--checkpoint", tmp_path / "ref.pt",
+                           "--config", CONFIGS / "vfmtok-tiny.yaml", "--output-dir", tmp_path / "out")
+    assert code == 2 and "not empty" in err
