@@ -11,7 +11,6 @@ The frozen VFM is held outside the module tree (see ``VFMTokModel.vfm``): it is 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
