@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FrozenVFM", "VFMFeatures", "VFM_PRESETS", "convert_official_dinov2", "kornia_bicubic_resize"]
+__all__ = ["FrozenVFM", "VFMFeatures", "VFM_PRESETS", "convert_official_dinov2", "resize_images",
+           "kornia_bicubic_resize"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -335,6 +336,13 @@ def _build_timm(architecture: dict) -> nn.Module:
     return model
 
 
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic, antialiased resize to ``size x size`` (identity when already that size)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+
+
 class FrozenVFM(nn.Module):
     """Frozen ViT feature extractor; see the module docstring. The constructor never loads weights."""
 
@@ -535,7 +543,7 @@ class FrozenVFM(nn.Module):
             if self.resize == "kornia":
                 x = kornia_bicubic_resize(x, size)
             else:
-                x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+                x = resize_images(x, self.image_size)
         x = (x.clamp(-1.0, 1.0) + 1.0) / 2.0
         return (x - self.image_mean) / self.image_std
 

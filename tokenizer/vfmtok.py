@@ -22,7 +22,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .deformable_attention import MultiScaleDeformableAttention, grid_reference_points
-from .vfm import FrozenVFM, VFM_PRESETS
+from .vfm import FrozenVFM, VFM_PRESETS, resize_images
 
 __all__ = ["VFMTokModel", "VFMTokOutput", "VectorQuantizer", "resize_images"]
 
@@ -408,13 +408,6 @@ class PixelDecoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bicubic, antialiased resize to ``size x size`` (identity when already that size)."""
-    if images.shape[-2:] == (size, size):
-        return images
-    return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The tokenizer
 # ----------------------------------------------------------------------------------------------------------------------
@@ -601,15 +594,9 @@ class VFMTokModel(ModelMixin, ConfigMixin):
         return (self.config.latent_channels, g, g)
 
     # -- encoding -----------------------------------------------------------------------------------------------
-    def _check_images(self, images: torch.Tensor) -> None:
-        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-            raise ValueError(f"images must be a (B, 3, H, W) tensor in [-1, 1], got {shape}")
-
     def _encode_slots(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot states (B, num_tokens, dim) and the semantic target (B, N, vfm_dim)."""
-        self._check_images(images)
-        features = self.vfm(images)
+        features = self.vfm(images)  # validates the images
         levels = features.levels
         if self.config.add_cls_to_levels:
             levels = [level + cls[:, None] for level, cls in zip(levels, features.cls)]
