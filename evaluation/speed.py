@@ -70,11 +70,38 @@ def _deformable_attention_seconds(model, images, device, precision, steps, warmu
     return time_call(replay, device, steps, warmup)
 
 
+def _cached_train_speed(model, images, train_step, device, steps: int, warmup: int) -> dict[str, Any]:
+    """Time ``train_step`` with features read from a feature cache of a few batches (cycled through)."""
+    import tempfile
+
+    from tokenizer.feature_cache import VFMFeatureCache
+
+    batch_size, num_batches = len(images), 4
+    with tempfile.TemporaryDirectory(prefix="vfmtok-speed-cache-") as directory:
+        batches = [(torch.arange(i * batch_size, (i + 1) * batch_size), images) for i in range(num_batches)]
+        cache = VFMFeatureCache.build(model.vfm, batches, batch_size * num_batches, f"{directory}/cache",
+                                      source="random images", image_size=images.shape[-1], device=device)
+        position = iter(range(10 ** 9))
+
+        def read_features():
+            start = next(position) % num_batches * batch_size
+            return cache.features(torch.arange(start, start + batch_size), device=device)
+
+        seconds = time_call(lambda: train_step(read_features), device, steps, warmup)
+    return {"feature_cache": True, "images_per_s": batch_size / seconds, "seconds_per_batch": seconds,
+            "cache_bytes_per_image": cache.meta["bytes_per_image"]}
+
+
 def speed_tokenizer(config_path: str, device: str = "cpu", batch_size: int = 4, steps: int = 3, warmup: int = 1,
                     precision: str | None = None, modes: tuple[str, ...] = ("train", "encode", "decode"),
-                    deformable_share: bool = True) -> list[dict[str, Any]]:
+                    deformable_share: bool = True, feature_cache: bool = False) -> list[dict[str, Any]]:
     """Images/s of a tokenizer config (random weights) for a training step (forward + backward of every loss term of
-    the model), ``encode`` and ``decode``."""
+    the model), ``encode`` and ``decode``.
+
+    ``feature_cache``: also time the training step with the frozen VFM's features read from an on-disk feature cache
+    (:mod:`tokenizer.feature_cache`, built in a temporary directory; reading is part of the timed step). Train rows
+    carry ``"feature_cache": false / true``.
+    """
     device_t = torch.device(device)
     if device_t.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but no CUDA device is available")
@@ -96,20 +123,24 @@ def speed_tokenizer(config_path: str, device: str = "cpu", batch_size: int = 4, 
         model.train()
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-        def train_step():
+        def train_step(features_of=None):
             with _autocast(device_t, precision):
-                output = model(images)
+                output = model(images, vfm_features=features_of() if features_of else None)
             loss = sum(output.losses.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
         seconds = time_call(train_step, device_t, steps, warmup)
-        row = {"mode": "train", **common, "images_per_s": batch_size / seconds, "seconds_per_batch": seconds}
+        row = {"mode": "train", **common, "feature_cache": False, "images_per_s": batch_size / seconds,
+               "seconds_per_batch": seconds}
         if deformable_share:
             deform = _deformable_attention_seconds(model, images, device_t, precision, steps, warmup)
             row["deformable_attention_share"] = deform / seconds
         results.append(row)
+        if feature_cache:
+            results.append({"mode": "train", **common, **_cached_train_speed(model, images, train_step, device_t,
+                                                                             steps, warmup)})
 
     model.eval()
     if "encode" in modes:

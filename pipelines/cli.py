@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -24,25 +21,13 @@ def _speed_tokenizer(args: argparse.Namespace) -> None:
     from evaluation.speed import speed_tokenizer
 
     for row in speed_tokenizer(args.config, device=args.device, batch_size=args.batch_size, steps=args.steps,
-                               warmup=args.warmup, precision=args.precision, modes=tuple(args.modes)):
+                               warmup=args.warmup, precision=args.precision, modes=tuple(args.modes),
+                               feature_cache=args.feature_cache):
         print(json.dumps(row), flush=True)
 
 
-def save_pretrained_atomically(model, output: Path) -> None:
-    """Write into a temporary sibling directory, then rename: an interrupted run leaves no half-written model."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        model.save_pretrained(staging)
-        if output.exists():
-            output.rmdir()  # empty (checked by the caller)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def _convert_tokenizer(args: argparse.Namespace) -> None:
+    from pipelines.atomic import save_pretrained_atomically
     from pipelines.config import build_model
     from tokenizer.convert import convert_reference_checkpoint
 
@@ -54,6 +39,13 @@ def _convert_tokenizer(args: argparse.Namespace) -> None:
     save_pretrained_atomically(model, output)
     print(json.dumps({"output_dir": args.output_dir, "converted": len(model.state_dict()),
                       "dropped": len(dropped), "dropped_prefixes": sorted({k.rsplit('.', 2)[0] for k in dropped})[:5]}))
+
+
+def _train_tokenizer(args: argparse.Namespace) -> None:
+    from pipelines.train_tokenizer import train_tokenizer
+
+    train_tokenizer(args.config, args.data, args.output_dir, max_steps=args.max_steps, resume=args.resume,
+                    feature_cache=args.feature_cache, vfm_weights=args.vfm_weights)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
                            help="default: fp32 on CPU, bf16 autocast on CUDA")
     speed_tok.add_argument("--modes", nargs="+", choices=["train", "encode", "decode"],
                            default=["train", "encode", "decode"])
+    speed_tok.add_argument("--feature-cache", action="store_true",
+                           help="also time the training step with the frozen VFM's features read from a disk cache")
     speed_tok.set_defaults(run=_speed_tokenizer)
+
+    train = commands.add_parser("train", help="train a model (runs under `accelerate launch` too)")
+    train_kinds = train.add_subparsers(dest="kind", required=True)
+    train_tok = train_kinds.add_parser("tokenizer", help="train a VFMTok / VFMAE tokenizer; exports the EMA weights to "
+                                                         "OUTPUT_DIR/tokenizer")
+    train_tok.add_argument("--config", required=True, help="e.g. configs/tokenizer/vfmtok-l.yaml")
+    train_tok.add_argument("--data", required=True, help="a Hub dataset id (e.g. ILSVRC/imagenet-1k), a local image "
+                                                         "folder (labels.csv or class sub-folders) or a saved dataset")
+    train_tok.add_argument("--output-dir", required=True)
+    train_tok.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
+    train_tok.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT_DIR")
+    train_tok.add_argument("--feature-cache", default=None,
+                           help="directory of cached frozen-VFM features (built on first use; centre crops only)")
+    train_tok.add_argument("--vfm-weights", default=None,
+                           help="VFM weights (Hub id, local directory, official .pth); default: the config's")
+    train_tok.set_defaults(run=_train_tokenizer)
 
     convert = commands.add_parser("convert", help="convert an official checkpoint to this project's format")
     convert_kinds = convert.add_subparsers(dest="kind", required=True)
@@ -96,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as error:
+    except (ValueError, OSError, TypeError, RuntimeError) as error:
         print(f"vfmtok {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -22,7 +22,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .deformable_attention import MultiScaleDeformableAttention, grid_reference_points
-from .vfm import FrozenVFM, VFM_PRESETS, resize_images
+from .vfm import FrozenVFM, VFM_PRESETS, VFMFeatures, resize_images
 
 __all__ = ["VFMTokModel", "VFMTokOutput", "VectorQuantizer", "resize_images"]
 
@@ -594,9 +594,13 @@ class VFMTokModel(ModelMixin, ConfigMixin):
         return (self.config.latent_channels, g, g)
 
     # -- encoding -----------------------------------------------------------------------------------------------
-    def _encode_slots(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot states (B, num_tokens, dim) and the semantic target (B, N, vfm_dim)."""
-        features = self.vfm(images)  # validates the images
+    def _encode_slots(self, images: torch.Tensor, vfm_features: Optional[VFMFeatures] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot states (B, num_tokens, dim) and the semantic target (B, N, vfm_dim).
+
+        ``vfm_features`` (e.g. read from a feature cache) replaces running the frozen VFM on ``images``.
+        """
+        features = self.vfm(images) if vfm_features is None else self._check_features(vfm_features, len(images))
         levels = features.levels
         if self.config.add_cls_to_levels:
             levels = [level + cls[:, None] for level, cls in zip(levels, features.cls)]
@@ -605,6 +609,16 @@ class VFMTokModel(ModelMixin, ConfigMixin):
         if self.config.semantic_cls:
             target = torch.cat([features.cls[-1][:, None], target], dim=1)
         return slots, target
+
+    def _check_features(self, features: VFMFeatures, batch_size: int) -> VFMFeatures:
+        expected = (batch_size, self.vfm.grid[0] * self.vfm.grid[1], self.vfm.hidden_size)
+        if len(features.levels) != len(self.vfm.feature_layers) or tuple(features.grid) != tuple(self.vfm.grid):
+            raise ValueError(f"precomputed VFM features have {len(features.levels)} levels on a {features.grid} grid; "
+                             f"this model expects {len(self.vfm.feature_layers)} levels on {self.vfm.grid}")
+        for level in features.levels:
+            if tuple(level.shape) != expected:
+                raise ValueError(f"precomputed VFM feature level of shape {tuple(level.shape)}; expected {expected}")
+        return features
 
     def _bottleneck(self, slots: torch.Tensor):
         """-> (decoder input tokens (B, N, dim), tokens, losses)."""
@@ -657,9 +671,13 @@ class VFMTokModel(ModelMixin, ConfigMixin):
         return images.clamp(-1, 1)
 
     # -- training forward ---------------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, semantic: bool = True) -> VFMTokOutput:
-        """Reconstruct ``images`` and compute every loss term of the model (see :class:`VFMTokOutput`)."""
-        slots, semantic_target = self._encode_slots(images)
+    def forward(self, images: torch.Tensor, semantic: bool = True,
+                vfm_features: Optional[VFMFeatures] = None) -> VFMTokOutput:
+        """Reconstruct ``images`` and compute every loss term of the model (see :class:`VFMTokOutput`).
+
+        ``vfm_features``: the frozen VFM's features of ``images``, precomputed (feature cache); None runs the VFM.
+        """
+        slots, semantic_target = self._encode_slots(images, vfm_features)
         decoder_tokens, tokens, losses = self._bottleneck(slots)
         reconstruction, semantic_prediction = self._decode_tokens(decoder_tokens, semantic)
         target = resize_images(images, reconstruction.shape[-1]).to(reconstruction.dtype)

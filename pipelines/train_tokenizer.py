@@ -1,0 +1,142 @@
+"""``vfmtok train tokenizer``: train a VFMTok (discrete) or VFMAE (continuous) tokenizer with the shared trainer.
+
+A config file has three sections: ``params`` (the model), ``loss`` (:class:`tokenizer.losses.TokenizerLoss`
+arguments) and ``training`` (:class:`pipelines.trainer.TrainingConfig`). The paper recipe lives in
+``configs/tokenizer/vfmtok-l.yaml`` / ``vfmae-l.yaml``.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .config import build_model, load_config
+from .data import ImageDataset, collate_images, load_image_dataset
+from .trainer import Trainer, TrainingConfig, TrainingTask, seed_everything
+
+__all__ = ["TokenizerTask", "build_tokenizer_loss", "train_tokenizer"]
+
+
+class TokenizerTask(TrainingTask):
+    """Reconstruction + semantic + VQ (+ perceptual, + GAN) training of a :class:`tokenizer.VFMTokModel`."""
+
+    export_name = "tokenizer"
+
+    def __init__(self, model: nn.Module, loss: nn.Module, feature_cache=None):
+        self.model = model
+        self.loss = loss
+        self.feature_cache = feature_cache
+        self.discriminator = loss.discriminator
+
+    def modules(self) -> dict[str, nn.Module]:
+        modules = {"model": self.model}
+        if self.discriminator is not None and self.loss.gan_weight > 0:
+            modules["discriminator"] = self.discriminator
+        return modules
+
+    def prepare(self, accelerator, prepared: dict[str, nn.Module]) -> None:
+        self.accelerator = accelerator
+        self.model = prepared["model"]  # wrapped (DDP ...) for the forward pass
+        # The generator's adversarial term runs the plain discriminator (its weights are not being updated then);
+        # the discriminator update runs the wrapped one so that its gradients are synchronised.
+        self.wrapped_discriminator = prepared.get("discriminator")
+
+    def losses(self, batch: dict[str, Any], step: int) -> Iterator[tuple[str, torch.Tensor, dict[str, float]]]:
+        images = batch["images"]
+        features = None
+        if self.feature_cache is not None:
+            features = self.feature_cache.features(batch["indices"], device=images.device)
+        output = self.model(images, vfm_features=features)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        last_layer = unwrapped.pixel_decoder.last_layer if self.loss.use_adaptive_weight else None
+        loss, logs = self.loss.generator_loss(output, step, last_layer=last_layer)
+        logs = {f"model/{k}": v for k, v in logs.items()}
+        logs["model/loss"] = float(loss.detach())
+        if output.codebook_usage is not None:
+            logs["model/codebook_usage"] = float(output.codebook_usage)
+        yield "model", loss, logs
+        if self.wrapped_discriminator is not None and self.loss.discriminator_active(step):
+            d_loss, d_logs = self.loss.discriminator_loss(output, step, discriminator=self.wrapped_discriminator)
+            yield "discriminator", d_loss, {f"discriminator/{k}": v for k, v in d_logs.items()}
+
+    def sample_images(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return model.decode(model.encode(images))
+
+
+def build_tokenizer_loss(options: Optional[dict[str, Any]], source: str = "loss"):
+    """:class:`TokenizerLoss` from a config's ``loss:`` section; a misspelt key is an error that names it."""
+    from tokenizer.losses import TokenizerLoss
+
+    options = dict(options or {})
+    accepted = set(inspect.signature(TokenizerLoss.__init__).parameters) - {"self"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"{source}: unknown loss option(s) {unknown}; accepted: {sorted(accepted)}")
+    return TokenizerLoss(**options)
+
+
+def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_steps: Optional[int] = None,
+                    resume: bool = False, feature_cache: Optional[str] = None, vfm_weights: Optional[str] = None,
+                    overrides: Optional[dict[str, Any]] = None) -> Path:
+    """Train the tokenizer a config describes on ``data`` (see :func:`pipelines.data.load_image_dataset`).
+
+    ``vfm_weights`` overrides the VFM source of the config (Hub id, local directory or official ``.pth``); a config
+    without any (the tiny test configs) trains on a randomly initialised VFM and says so. ``overrides`` replaces
+    ``training`` options. Returns the directory of the exported EMA tokenizer.
+    """
+    from tokenizer.vfmtok import VFMTokModel
+
+    run = load_config(config)
+    training_options = {**run.get("training", {}), **(overrides or {})}
+    if max_steps is not None:
+        training_options["max_steps"] = max_steps
+    if feature_cache is not None:
+        training_options["feature_cache"] = feature_cache
+    training = TrainingConfig.from_dict(training_options, source=f"{run['_path']}: training")
+    seed_everything(training.seed)
+    model = build_model(run)
+    if not isinstance(model, VFMTokModel):
+        raise ValueError(f"{run['_path']}: `vfmtok train tokenizer` trains VFMTokModel configs, got {run['model']}")
+    if vfm_weights is not None or model.vfm.pretrained is not None:
+        model.load_vfm_weights(vfm_weights)
+    else:
+        print(f"warning: {run['_path']} names no VFM weights: training on a randomly initialised VFM")
+    loss = build_tokenizer_loss(run.get("loss"), source=f"{run['_path']}: loss")
+
+    source = load_image_dataset(data)
+    size = model.config.image_size
+    cached = training.feature_cache is not None
+    # Cached features are those of the centre crop, so training from a cache uses it without flips.
+    dataset = ImageDataset(source, size, augment="center" if cached else training.augment,
+                           flip=False if cached else training.flip)
+    sample_dataset = ImageDataset(source, size, augment="center", flip=False)
+    run_config = {"model": run["model"], "params": run["params"], "loss": run.get("loss", {}), "data": str(data),
+                  "config_file": run["_path"]}
+    task = TokenizerTask(model, loss)
+    trainer = Trainer(task, training, output_dir, dataset, sample_dataset=sample_dataset, run_config=run_config)
+    if cached:
+        task.feature_cache = open_or_build_feature_cache(trainer.accelerator, model, sample_dataset,
+                                                         training.feature_cache, str(data), training)
+    return trainer.fit(resume=resume)
+
+
+def open_or_build_feature_cache(accelerator, model, dataset: ImageDataset, path: str, source: str,
+                                training: TrainingConfig):
+    """Open the cache at ``path``, building it first (on the main process) if it does not exist yet."""
+    from tokenizer.feature_cache import VFMFeatureCache
+
+    model.to(accelerator.device)
+    if accelerator.is_main_process and not (Path(path) / "meta.json").is_file():
+        loader = torch.utils.data.DataLoader(dataset, batch_size=training.batch_size, num_workers=training.num_workers,
+                                             collate_fn=collate_images, generator=torch.Generator())
+        batches = ((batch["indices"], batch["images"]) for batch in loader if len(batch["images"]))
+        accelerator.print(f"caching frozen-VFM features of {len(dataset)} images into {path}")
+        VFMFeatureCache.build(model.vfm, batches, len(dataset), path, source=source, image_size=dataset.image_size,
+                              device=accelerator.device)
+    accelerator.wait_for_everyone()
+    cache = VFMFeatureCache(path)
+    cache.check_compatible(model.vfm, source=source, image_size=dataset.image_size, num_images=len(dataset))
+    return cache

@@ -1,0 +1,546 @@
+"""The training loop shared by every stage (tokenizers now, the generators later).
+
+A *task* says what is trained (its modules, its losses, what to export); the :class:`Trainer` does the rest through
+``accelerate``: devices and processes (CPU, one GPU, DDP; FSDP/DeepSpeed through accelerate's own config), mixed
+precision, gradient accumulation and clipping, EMA weights, learning-rate schedules, logging (accelerate trackers plus
+``metrics.jsonl``), periodic sample grids, and resumable checkpoints.
+
+Exact resume. A checkpoint holds the models, EMA, optimizers, schedulers, GradScaler, every process's RNG states, the
+step and the data position (epoch and batch within it). The data order and augmentations are pure functions of
+(seed, epoch, index) (see :mod:`pipelines.data`) and the data loader never touches the global RNG, so a run stopped at
+step k and resumed follows the uninterrupted run's loss trajectory (bitwise on CPU).
+
+Output directory layout::
+
+    checkpoints/step-00001000/   accelerate state (model*.safetensors, optimizer*.bin, scheduler*.bin,
+                                 random_states_*.pkl), ema.safetensors, trainer_state.json
+    metrics.jsonl                one JSON object per logged step
+    logs/                        tracker files (TensorBoard)
+    samples/step-00001000.png    sample grids (EMA weights)
+    <export name>/               the final EMA model, ``save_pretrained`` format
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .atomic import atomic_file, save_pretrained_atomically, write_text_atomically
+from .data import ImageDataset, ResumableBatchSampler, build_dataloader
+
+__all__ = ["TrainingConfig", "TrainingTask", "Trainer", "TrainingDiverged", "latest_checkpoint"]
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the run stops and the last good checkpoint stays as it is."""
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """The ``training:`` section of a config file. Every value can be set there; unknown keys are errors."""
+
+    max_steps: int = 400_000
+    batch_size: int = 16  # per process and micro-batch; global batch = batch_size * processes * accumulation
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    optimizer: str = "adam"  # adam | adamw (AdamW decays only >= 2-D weights)
+    learning_rate: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"  # constant | cosine | linear, after a linear warm-up
+    lr_warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0
+    ema_decay: float = 0.9999
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 5000
+    keep_last_checkpoints: int = 3
+    sample_every: int = 5000
+    num_sample_images: int = 8
+    num_workers: int = 4
+    log_with: tuple[str, ...] = ("tensorboard",)
+    augment: str = "adm"  # adm (random resize in [S, 1.25 S] + random crop) | center
+    flip: bool = True
+    feature_cache: Optional[str] = None  # tokenizers: directory of cached frozen-VFM features (see feature_cache.py)
+    compile: bool = False  # torch.compile the trained model (GPU)
+
+    _CHOICES = {"mixed_precision": ("no", "bf16", "fp16"), "optimizer": ("adam", "adamw"),
+                "lr_scheduler": ("constant", "cosine", "linear"), "augment": ("adm", "center")}
+
+    @classmethod
+    def from_dict(cls, values: Optional[dict[str, Any]], source: str = "training") -> "TrainingConfig":
+        values = dict(values or {})
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown training option(s) {unknown}; known: {sorted(names)}")
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        if "log_with" in values:
+            log_with = values["log_with"]
+            values["log_with"] = tuple([log_with] if isinstance(log_with, str) else log_with or ())
+        config = cls(**values)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "training") -> None:
+        for name, choices in self._CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{source}: {name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "checkpoint_every",
+                     "keep_last_checkpoints", "sample_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{source}: {name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("num_workers", "lr_warmup_steps", "num_sample_images", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{source}: {name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"{source}: learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"{source}: ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"{source}: betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"{source}: max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"{source}: weight_decay must be >= 0, got {self.weight_decay!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+
+class TrainingTask:
+    """What a stage trains. Subclasses set ``export_name`` and implement the methods below.
+
+    ``modules()`` maps names to trainable modules; the one named ``model`` gets EMA weights and is exported. Each
+    module gets its own optimizer and scheduler. ``losses`` is a generator: for every module to update it yields
+    ``(name, loss, logs)``; the trainer back-propagates ``loss``, steps that module's optimizer and resumes the
+    generator (so a GAN discriminator loss can use the generator's outputs after the generator update).
+    """
+
+    export_name = "model"
+
+    def modules(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def prepare(self, accelerator: Accelerator, prepared: dict[str, nn.Module]) -> None:
+        """Called once the modules are wrapped for distributed training (e.g. to keep the wrapped versions)."""
+
+    def losses(self, batch: dict[str, Any], step: int) -> Iterator[tuple[str, torch.Tensor, dict[str, float]]]:
+        raise NotImplementedError
+
+    def sample_images(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] to show next to ``images`` in the sample grid (e.g. reconstructions)."""
+        raise NotImplementedError
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        save_pretrained_atomically(model, directory)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint directory of a run (staging directories are ignored), or None."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)))
+    return steps[-1][1] if steps else None
+
+
+def _optimizer(module: nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(module).__name__} has no trainable parameters")
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.learning_rate, betas=config.betas,
+                                weight_decay=config.weight_decay)
+    # AdamW: decay matrices and convolution kernels, not biases, norms, embeddings' 1-D scales.
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate, betas=config.betas)
+
+
+class Trainer:
+    """Runs a :class:`TrainingTask` on an image dataset (see the module docstring)."""
+
+    def __init__(self, task: TrainingTask, config: TrainingConfig, output_dir: str | Path, dataset: ImageDataset,
+                 sample_dataset: Optional[ImageDataset] = None, run_config: Optional[dict[str, Any]] = None,
+                 accelerator: Optional[Accelerator] = None):
+        self.task = task
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.dataset = dataset
+        self.sample_dataset = sample_dataset
+        self.run_config = run_config or {}
+        log_with = [name for name in config.log_with if name != "none"]
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with=log_with or None, step_scheduler_with_optimizer=False,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                logging_dir=str(self.output_dir / "logs")))
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.images_seen = 0
+        self.skipped_images = 0
+        self.skipped_examples: list[str] = []
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        accelerator, config = self.accelerator, self.config
+        modules = self.task.modules()
+        if "model" not in modules:
+            raise ValueError(f"{type(self.task).__name__}.modules() must contain 'model'")
+        self.names = list(modules)
+        optimizers = [_optimizer(modules[name], config) for name in self.names]
+        schedulers = [get_scheduler(config.lr_scheduler if config.lr_scheduler != "constant" else
+                                    "constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                    num_training_steps=config.max_steps) for optimizer in optimizers]
+        if config.compile:
+            modules["model"] = torch.compile(modules["model"])
+        prepared = accelerator.prepare(*[modules[n] for n in self.names], *optimizers, *schedulers)
+        k = len(self.names)
+        self.modules = dict(zip(self.names, prepared[:k]))
+        self.optimizers = dict(zip(self.names, prepared[k:2 * k]))
+        self.schedulers = dict(zip(self.names, prepared[2 * k:]))
+        self.task.prepare(accelerator, self.modules)
+        self.model = accelerator.unwrap_model(self.modules["model"])
+        self.ema_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.ema = EMAModel(self.ema_parameters, decay=config.ema_decay, foreach=True)
+        self.ema.to(accelerator.device)
+
+    def _check_output_dir(self, resume: bool) -> Optional[Path]:
+        checkpoint = latest_checkpoint(self.output_dir)
+        if not resume and checkpoint is not None:
+            raise FileExistsError(f"{str(self.output_dir)!r} already holds checkpoints (latest {checkpoint.name}); "
+                                  f"pass --resume to continue that run or choose another output directory")
+        if resume and checkpoint is None:
+            self.accelerator.print(f"no checkpoint in {self.output_dir}/checkpoints: starting from step 0")
+        return checkpoint if resume else None
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "images_seen": self.images_seen, "skipped_images": self.skipped_images,
+                "skipped_examples": self.skipped_examples[:20], "ema_optimization_step": self.ema.optimization_step,
+                "num_processes": self.accelerator.num_processes, "modules": self.names,
+                "config": self.run_config}
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N`` through a staging directory; keep the last ``keep_last_checkpoints``."""
+        accelerator = self.accelerator
+        root = self.output_dir / "checkpoints"
+        final = root / f"step-{self.step:08d}"
+        staging = root / f".staging-{final.name}"
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging), safe_serialization=True)
+        if accelerator.is_main_process:
+            ema = {name: p.detach().cpu().contiguous() for name, p in zip(self.ema_names, self.ema.shadow_params)}
+            save_file(ema, str(staging / "ema.safetensors"))
+            save_file(self._non_persistent_buffers(), str(staging / "buffers.safetensors"))
+            (staging / "trainer_state.json").write_text(json.dumps(self._trainer_state(), indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            self._prune_checkpoints(root)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _non_persistent_buffers(self) -> dict[str, torch.Tensor]:
+        """Buffers left out of ``state_dict`` (e.g. the VQ usage window): not part of exported weights, but part of
+        the exact training state."""
+        buffers = {}
+        for name, module in self.modules.items():
+            module = self.accelerator.unwrap_model(module)
+            persistent = module.state_dict().keys()
+            for key, buffer in module.named_buffers():
+                if key not in persistent:
+                    buffers[f"{name}.{key}"] = buffer.detach().cpu().contiguous()
+        return buffers
+
+    def _prune_checkpoints(self, root: Path) -> None:
+        complete = sorted(p for p in root.iterdir() if CHECKPOINT_PATTERN.match(p.name))
+        for old in complete[:-self.config.keep_last_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        state_path = checkpoint / "trainer_state.json"
+        if not state_path.is_file():
+            raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} has no trainer_state.json")
+        state = json.loads(state_path.read_text())
+        if state.get("modules") != self.names:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} holds modules {state.get('modules')}; this run trains "
+                             f"{self.names}")
+        if state.get("num_processes") != self.accelerator.num_processes:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} was written by {state.get('num_processes')} process(es); "
+                             f"this run has {self.accelerator.num_processes}: the data position would not carry over")
+        saved_model = state.get("config", {}).get("params")
+        if saved_model is not None and self.run_config.get("params") is not None and \
+                saved_model != self.run_config["params"]:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} was trained with other model params than the config: "
+                             f"{_dict_difference(saved_model, self.run_config['params'])}")
+        try:
+            self.accelerator.load_state(str(checkpoint))
+            ema = load_file(str(checkpoint / "ema.safetensors"))
+        except (RuntimeError, OSError, ValueError) as error:
+            raise ValueError(f"cannot load checkpoint {str(checkpoint)!r}: {error}") from error
+        missing = [n for n in self.ema_names if n not in ema]
+        if missing or len(ema) != len(self.ema_names):
+            raise ValueError(f"checkpoint {str(checkpoint)!r}: ema.safetensors does not match the model "
+                             f"(missing {missing[:5]}, {len(ema)} tensors vs {len(self.ema_names)})")
+        for shadow, name in zip(self.ema.shadow_params, self.ema_names):
+            shadow.copy_(ema[name].to(shadow.device))
+        buffers_path = checkpoint / "buffers.safetensors"
+        if buffers_path.is_file():
+            saved = load_file(str(buffers_path))
+            current = self._non_persistent_buffers()
+            for name, module in self.modules.items():
+                module = self.accelerator.unwrap_model(module)
+                for key, buffer in module.named_buffers():
+                    full = f"{name}.{key}"
+                    if full in current and full in saved and saved[full].shape == buffer.shape:
+                        buffer.copy_(saved[full].to(buffer.device))
+        self.ema.optimization_step = state["ema_optimization_step"]
+        for key in ("step", "epoch", "batch_in_epoch", "images_seen", "skipped_images"):
+            setattr(self, key, state[key])
+        self.skipped_examples = list(state.get("skipped_examples", []))
+
+    # -- logging ----------------------------------------------------------------------------------------------------
+    def _truncate_metrics(self) -> None:
+        """On resume, drop metric lines written after the checkpoint (they will be written again)."""
+        path = self.output_dir / "metrics.jsonl"
+        if not self.accelerator.is_main_process or not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and _parse_step(line) is not None and _parse_step(line) <= self.step]
+        write_text_atomically(path, "".join(line + "\n" for line in kept))
+
+    def _log(self, window: dict[str, list[float]], elapsed: float, images: int, extra: dict[str, float]) -> dict:
+        names = sorted(window)
+        means = torch.tensor([sum(window[n]) / len(window[n]) for n in names], device=self.accelerator.device)
+        means = self.accelerator.reduce(means, reduction="mean") if self.accelerator.num_processes > 1 else means
+        images_per_s = images * self.accelerator.num_processes / max(elapsed, 1e-9)
+        record = {"step": self.step, **{n: float(v) for n, v in zip(names, means.tolist())},
+                  "lr": self.schedulers["model"].get_last_lr()[0], "images_per_s": images_per_s,
+                  "epoch": self.epoch, **extra}
+        self.accelerator.log(record, step=self.step)
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")  # one write per line
+        return record
+
+    def save_samples(self) -> Optional[Path]:
+        """A grid of sample images (inputs above the task's outputs) made with the EMA weights."""
+        if self.sample_dataset is None or self.config.num_sample_images == 0 or not self.accelerator.is_main_process:
+            return None
+        from torchvision.utils import save_image
+        from .data import collate_images
+
+        count = min(self.config.num_sample_images, len(self.sample_dataset))
+        batch = collate_images([self.sample_dataset[i] for i in range(count)])
+        if len(batch["images"]) == 0:
+            return None
+        images = batch["images"].to(self.accelerator.device)
+        self.ema.store(self.ema_parameters)
+        self.ema.copy_to(self.ema_parameters)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.accelerator.autocast():
+                outputs = self.task.sample_images(self.model, images).float()
+        finally:
+            self.model.train(was_training)
+            self.ema.restore(self.ema_parameters)
+        if outputs.shape[-2:] != images.shape[-2:]:
+            outputs = torch.nn.functional.interpolate(outputs, size=images.shape[-2:], mode="bilinear",
+                                                      antialias=True)
+        grid = torch.cat([images, outputs.clamp(-1, 1)]) * 0.5 + 0.5
+        path = self.output_dir / "samples" / f"step-{self.step:08d}.png"
+        with atomic_file(path) as temporary:
+            save_image(grid, str(temporary), nrow=len(images), format="png")
+        return path
+
+    def export(self) -> Path:
+        """Save the EMA weights of the model with ``save_pretrained`` into ``output_dir/<export_name>``."""
+        target = self.output_dir / self.task.export_name
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.ema.store(self.ema_parameters)
+            self.ema.copy_to(self.ema_parameters)
+            try:
+                if target.exists():
+                    shutil.rmtree(target)
+                self.task.export(self.model, target)
+            finally:
+                self.ema.restore(self.ema_parameters)
+        self.accelerator.wait_for_everyone()
+        return target
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """Batches from the stored data position onwards, epoch after epoch."""
+        accelerator, config = self.accelerator, self.config
+        sampler = ResumableBatchSampler(len(self.dataset), config.batch_size, seed=config.seed, shuffle=True,
+                                        drop_last=True, num_replicas=accelerator.num_processes,
+                                        rank=accelerator.process_index)
+        if len(sampler) == 0:
+            raise ValueError(f"the dataset has {len(self.dataset)} images: too few for one batch of "
+                             f"{config.batch_size} on each of {accelerator.num_processes} process(es)")
+        loader = build_dataloader(self.dataset, sampler, batch_size=config.batch_size, num_workers=config.num_workers,
+                                  pin_memory=accelerator.device.type == "cuda")
+        while True:
+            sampler.set_epoch(self.epoch)
+            sampler.set_start_batch(self.batch_in_epoch)
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    def _count_skipped(self, batch: dict[str, Any]) -> None:
+        self.skipped_images += batch["num_skipped"]
+        room = 20 - len(self.skipped_examples)
+        if room > 0:
+            self.skipped_examples.extend(batch["skipped"][:room])
+
+    def _update(self, batch: dict[str, Any], window: dict[str, list[float]]) -> None:
+        """One micro-batch: every loss the task yields is back-propagated and its optimizer stepped (accelerate skips
+        the step and the zeroing while gradients are being accumulated)."""
+        accelerator = self.accelerator
+        with accelerator.accumulate(*self.modules.values()):
+            losses = self.task.losses(batch, self.step)
+            while True:
+                with accelerator.autocast():
+                    item = next(losses, None)
+                if item is None:
+                    break
+                name, loss, logs = item
+                if not torch.isfinite(loss.detach()).all():
+                    last = latest_checkpoint(self.output_dir)
+                    raise TrainingDiverged(
+                        f"the {name} loss became {loss.item()} at step {self.step + 1} "
+                        f"(terms: {json.dumps(logs)}); nothing was saved after the last good checkpoint "
+                        f"{str(last) if last else '(none yet)'}. Lower the learning rate or use bf16/fp32 and "
+                        f"resume with --resume.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and self.config.max_grad_norm is not None:
+                    norm = accelerator.clip_grad_norm_(self.modules[name].parameters(), self.config.max_grad_norm)
+                    logs = {**logs, f"{name}/grad_norm": float(norm)}
+                self.optimizers[name].step()
+                self.optimizers[name].zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    self.schedulers[name].step()
+                for key, value in logs.items():
+                    window[key].append(value)
+
+    def fit(self, resume: bool = False) -> Path:
+        """Train to ``max_steps`` (resuming from the newest checkpoint if asked) and export the EMA model."""
+        accelerator, config = self.accelerator, self.config
+        checkpoint = self._check_output_dir(resume)
+        self._prepare()
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+            accelerator.print(f"resumed from {checkpoint} at step {self.step}")
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._truncate_metrics()
+            write_text_atomically(self.output_dir / "run_config.json", json.dumps(
+                {**self.run_config, "training": config.to_dict()}, indent=1, default=str))
+        accelerator.init_trackers("vfmtok", config={k: v for k, v in config.to_dict().items()
+                                                    if isinstance(v, (int, float, str, bool))})
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=config.max_steps, initial=self.step, disable=not accelerator.is_local_main_process,
+                        desc=f"train {self.task.export_name}", unit="step", dynamic_ncols=True)
+        window: dict[str, list[float]] = defaultdict(list)
+        window_start, window_images, last_good = time.perf_counter(), 0, None
+        for module in self.modules.values():
+            module.train()
+        batches = self._batches() if self.step < config.max_steps else iter(())
+        for batch in batches:
+            self._count_skipped(batch)
+            if len(batch["images"]) == 0:
+                continue  # every image of this micro-batch was unreadable; counted above
+            batch = self._to_device(batch)
+            self._update(batch, window)
+            window_images += len(batch["images"])
+            self.images_seen += len(batch["images"]) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            self.step += 1
+            self.ema.step(self.ema_parameters)
+            progress.update(1)
+            if self.step % config.log_every == 0 or self.step == config.max_steps:
+                record = self._log(window, time.perf_counter() - window_start, window_images,
+                                   {"skipped_images": float(self._total_skipped())})
+                progress.set_postfix(loss=f"{record.get('model/loss', float('nan')):.4f}",
+                                     img_s=f"{record['images_per_s']:.1f}")
+                window, window_start, window_images = defaultdict(list), time.perf_counter(), 0
+            if self.step % config.sample_every == 0:
+                self.save_samples()
+            if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
+                last_good = self.save_checkpoint()
+            if self.step >= config.max_steps:
+                break
+        progress.close()
+        exported = self.export()
+        summary = {"step": self.step, "exported": str(exported), "last_checkpoint": str(last_good or checkpoint),
+                   "images_seen": self.images_seen, "skipped_images": self._total_skipped(),
+                   "skipped_examples": self.skipped_examples[:5]}
+        accelerator.print(json.dumps(summary))
+        accelerator.end_training()
+        return exported
+
+    def _total_skipped(self) -> int:
+        if self.accelerator.num_processes == 1:
+            return self.skipped_images
+        count = torch.tensor([self.skipped_images], device=self.accelerator.device)
+        return int(self.accelerator.reduce(count, reduction="sum").item())
+
+
+def _parse_step(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _dict_difference(a: dict, b: dict) -> str:
+    keys = sorted(set(a) | set(b), key=str)
+    return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))[:500]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) before the models are built."""
+    set_seed(seed)
+
+
+def checkpoint_steps(output_dir: str | Path) -> Sequence[int]:
+    root = Path(output_dir) / "checkpoints"
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))) \
+        if root.is_dir() else []
+

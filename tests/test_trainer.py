@@ -1,0 +1,252 @@
+"""The shared trainer on the tiny tokenizer config: exact resume, divergence, corrupt data, checkpoints, export,
+a 2-process accelerate run, and a short run on the real ImageNet samples that lowers the reconstruction loss."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipelines import trainer as trainer_module
+from pipelines.train_tokenizer import train_tokenizer
+from pipelines.trainer import TrainingConfig, TrainingDiverged, latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VFMTOK_SHARED", ROOT.parent / "shared"))
+SAMPLES = SHARED / "data" / "imagenet-1k-samples-256"
+TINY = ROOT / "configs" / "tokenizer" / "vfmtok-tiny.yaml"
+
+needs_samples = pytest.mark.skipif(not (SAMPLES / "labels.csv").is_file(), reason="shared ImageNet samples missing")
+
+
+def small_image_folder(directory: Path, count: int, corrupt: int = 0) -> Path:
+    """``count`` shared ImageNet samples (+ ``corrupt`` unreadable files) with a labels.csv."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [line.split(",") for line in (SAMPLES / "labels.csv").read_text().splitlines()[1:count + 1]]
+    lines = ["file,class_index"]
+    for row in rows:
+        shutil.copy(SAMPLES / row[0], directory / row[0])
+        lines.append(f"{row[0]},{row[1]}")
+    for i in range(corrupt):
+        name = f"broken_{i}.jpg"
+        if i % 2 == 0:
+            (directory / name).write_bytes(b"this is not a jpeg")
+        else:  # a truncated real JPEG
+            data = (SAMPLES / rows[0][0]).read_bytes()
+            (directory / name).write_bytes(data[: len(data) // 3])
+        lines.append(f"{name},0")
+    (directory / "labels.csv").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def tiny_config(directory: Path, loss: dict | None = None, **training) -> Path:
+    config = yaml.safe_load(TINY.read_text())
+    config["loss"].update(loss or {})
+    config["training"].update({"batch_size": 4, "num_workers": 0, "log_every": 1, "checkpoint_every": 3,
+                               "sample_every": 3, "num_sample_images": 4, "log_with": ["none"],
+                               "keep_last_checkpoints": 5, **training})
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- configuration ------------------------------------------------------------------------------------------------
+def test_training_config_rejects_unknown_and_invalid_values():
+    with pytest.raises(ValueError, match="learning_rat"):
+        TrainingConfig.from_dict({"learning_rat": 1e-4})
+    with pytest.raises(ValueError, match="mixed_precision.*'fp8'"):
+        TrainingConfig.from_dict({"mixed_precision": "fp8"})
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainingConfig.from_dict({"batch_size": 0})
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainingConfig.from_dict({"ema_decay": 1.5})
+    assert TrainingConfig.from_dict({"betas": [0.5, 0.9], "log_with": "tensorboard"}).betas == (0.5, 0.9)
+
+
+def test_config_files_carry_the_paper_recipe():
+    for name in ("vfmtok-l", "vfmae-l"):
+        config = yaml.safe_load((ROOT / "configs" / "tokenizer" / f"{name}.yaml").read_text())
+        training = TrainingConfig.from_dict(config["training"])
+        assert (training.optimizer, training.learning_rate, training.betas) == ("adam", 1e-4, (0.9, 0.95))
+        assert (training.max_grad_norm, training.ema_decay, training.augment) == (1.0, 0.9999, "adm")
+        loss = config["loss"]
+        assert (loss["l2_weight"], loss["perceptual_weight"], loss["gan_weight"], loss["gan_start_step"]) == \
+               (2.0, 1.0, 0.5, 20000)
+        assert (loss["discriminator"], loss["discriminator_loss"], loss["generator_loss"]) == \
+               ("dino", "hinge", "non_saturating")
+
+
+def test_unknown_loss_option_is_an_error(tmp_path):
+    config = tiny_config(tmp_path, loss={"perceptual_wieght": 1.0})
+    with pytest.raises(ValueError, match="perceptual_wieght"):
+        train_tokenizer(config, str(SAMPLES), tmp_path / "out")
+
+
+# -- exact resume ---------------------------------------------------------------------------------------------------
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after_checkpoint(monkeypatch, at_step: int):
+    original = trainer_module.Trainer.save_checkpoint
+
+    def save_then_stop(self):
+        path = original(self)
+        if self.step == at_step:
+            raise Interrupted(f"simulated crash after step {at_step}")
+        return path
+
+    monkeypatch.setattr(trainer_module.Trainer, "save_checkpoint", save_then_stop)
+
+
+@needs_samples
+@pytest.mark.parametrize("gan_start_step", [2])
+def test_interrupted_and_resumed_run_matches_uninterrupted_bitwise(tmp_path, monkeypatch, gan_start_step):
+    config = tiny_config(tmp_path, loss={"gan_start_step": gan_start_step}, max_steps=6)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train_tokenizer(config, str(SAMPLES), full)
+
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, at_step=3)
+        with pytest.raises(Interrupted):
+            train_tokenizer(config, str(SAMPLES), resumed)
+    assert latest_checkpoint(resumed).name == "step-00000003"
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_tokenizer(config, str(SAMPLES), resumed)
+    train_tokenizer(config, str(SAMPLES), resumed, resume=True)
+
+    a, b = metrics(full), metrics(resumed)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 7))
+    loss_keys = [k for k in a[0] if k.startswith(("model/", "discriminator/"))]
+    assert "discriminator/loss" in a[-1] or any(k.startswith("discriminator/") for k in a[-1])
+    for x, y in zip(a, b):
+        assert {k: x[k] for k in loss_keys} == {k: y[k] for k in loss_keys}, (x["step"], x, y)
+    for name in ("model.safetensors", "model_1.safetensors", "ema.safetensors"):
+        wa = load_file(str(full / "checkpoints" / "step-00000006" / name))
+        wb = load_file(str(resumed / "checkpoints" / "step-00000006" / name))
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    state = json.loads((resumed / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["images_seen"] == 6 * 4
+
+
+@needs_samples
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, max_steps=3)
+    train_tokenizer(config, str(SAMPLES), tmp_path / "out")
+    other = yaml.safe_load(config.read_text())
+    other["params"]["codebook_size"] = 256
+    other_path = tmp_path / "other.yaml"
+    other_path.write_text(yaml.safe_dump(other))
+    with pytest.raises(ValueError, match="codebook_size"):
+        train_tokenizer(other_path, str(SAMPLES), tmp_path / "out", max_steps=6, resume=True)
+
+
+# -- failures -------------------------------------------------------------------------------------------------------
+@needs_samples
+def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, max_steps=8, checkpoint_every=2)
+    from pipelines.train_tokenizer import TokenizerTask
+
+    original = TokenizerTask.losses
+
+    def poisoned(self, batch, step):
+        for name, loss, logs in original(self, batch, step):
+            yield name, loss * float("nan") if step >= 4 else loss, logs
+
+    monkeypatch.setattr(TokenizerTask, "losses", poisoned)
+    output = tmp_path / "out"
+    with pytest.raises(TrainingDiverged, match=r"nan at step 5.*step-00000004"):
+        train_tokenizer(config, str(SAMPLES), output)
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert [m["step"] for m in metrics(output)] == [1, 2, 3, 4]
+
+
+def test_staging_directories_are_never_taken_for_checkpoints(tmp_path):
+    (tmp_path / "checkpoints" / ".staging-step-00000009").mkdir(parents=True)
+    assert latest_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoints" / "step-00000004").mkdir()
+    assert latest_checkpoint(tmp_path).name == "step-00000004"
+
+
+@needs_samples
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    data = small_image_folder(tmp_path / "data", count=12, corrupt=4)
+    config = tiny_config(tmp_path, max_steps=8, batch_size=4)
+    train_tokenizer(config, str(data), tmp_path / "out")
+    records = metrics(tmp_path / "out")
+    # 16 files, 4 batches of 4 per epoch, 8 steps = 2 epochs: every broken file was met twice.
+    assert records[-1]["skipped_images"] == 8
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())
+    assert state["skipped_images"] == 8 and all("broken_" in s for s in state["skipped_examples"])
+
+
+# -- outputs ----------------------------------------------------------------------------------------------------------
+@needs_samples
+def test_export_holds_the_ema_weights_and_loads(tmp_path):
+    from tokenizer import VFMTokModel
+
+    config = tiny_config(tmp_path, max_steps=3)
+    exported = train_tokenizer(config, str(SAMPLES), tmp_path / "out")
+    model = VFMTokModel.from_pretrained(exported, load_vfm_weights=False)
+    ema = load_file(str(tmp_path / "out" / "checkpoints" / "step-00000003" / "ema.safetensors"))
+    state = model.state_dict()
+    assert ema.keys() <= state.keys()
+    assert all(torch.equal(state[k], ema[k]) for k in ema)
+    trained = load_file(str(tmp_path / "out" / "checkpoints" / "step-00000003" / "model.safetensors"))
+    assert any(not torch.equal(trained[k], ema[k]) for k in ema)  # EMA differs from the raw weights
+    assert (tmp_path / "out" / "samples" / "step-00000003.png").is_file()
+
+
+@needs_samples
+def test_feature_cache_training_matches_images_path(tmp_path):
+    """Training from cached features follows the uncached run (centre crops, no flips) up to fp16 storage error."""
+    config = tiny_config(tmp_path, loss={"gan_weight": 0.0}, max_steps=2, augment="center", flip=False)
+    data = small_image_folder(tmp_path / "data", count=8)
+    plain = train_tokenizer(config, str(data), tmp_path / "plain")
+    cached = train_tokenizer(config, str(data), tmp_path / "cached", feature_cache=str(tmp_path / "cache"))
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta["num_images"] == 8 and meta["bytes_per_image"] == 4 * 26 * 64 * 2
+    a, b = metrics(plain.parent), metrics(cached.parent)
+    assert abs(a[0]["model/loss"] - b[0]["model/loss"]) < 1e-2 * abs(a[0]["model/loss"])
+
+
+# -- scale ---------------------------------------------------------------------------------------------------------------
+@needs_samples
+def test_two_process_accelerate_launch_trains_and_checkpoints(tmp_path):
+    config = tiny_config(tmp_path, loss={"gan_start_step": 2}, max_steps=4, checkpoint_every=2)
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29517", "-m", "pipelines.cli", "train", "tokenizer",
+               "--config", str(config), "--data", str(SAMPLES), "--output-dir", str(output)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((output / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["images_seen"] == 4 * 4 * 2
+    assert (output / "checkpoints" / "step-00000004" / "random_states_1.pkl").is_file()
+    assert (output / "tokenizer" / "config.json").is_file()
+
+
+@needs_samples
+def test_short_run_on_imagenet_samples_lowers_reconstruction_loss(tmp_path):
+    config = tiny_config(tmp_path, loss={"gan_weight": 0.0}, max_steps=60, batch_size=8, checkpoint_every=60,
+                         sample_every=60)
+    train_tokenizer(config, str(SAMPLES), tmp_path / "out")
+    records = metrics(tmp_path / "out")
+    first = sum(r["model/l2"] for r in records[:5]) / 5
+    last = sum(r["model/l2"] for r in records[-5:]) / 5
+    # Recorded on this machine: see the issue note. Loose bound: the pixel loss must fall by a fifth.
+    assert last < 0.8 * first, (first, last)
