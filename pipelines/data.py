@@ -375,6 +375,7 @@ class ImageDataset(torch.utils.data.Dataset):
                              f"StreamingImageDataset for a streamed dataset)")
         _check_columns(dataset.features, "ImageDataset")
         self.dataset = dataset
+        self.image_size = image_size
         self.augmenter = _Augmenter(image_size, augment, flip)
 
     def __len__(self) -> int:

@@ -227,11 +227,12 @@ def test_feature_cache_training_matches_images_path(tmp_path):
 def test_two_process_accelerate_launch_trains_and_checkpoints(tmp_path):
     config = tiny_config(tmp_path, loss={"gan_start_step": 2}, max_steps=4, checkpoint_every=2)
     output = tmp_path / "out"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # accelerate runs several CPU processes (gloo) with --multi_gpu plus ACCELERATE_USE_CPU; --cpu alone runs one.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", "29517", "-m", "pipelines.cli", "train", "tokenizer",
                "--config", str(config), "--data", str(SAMPLES), "--output-dir", str(output)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((output / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
