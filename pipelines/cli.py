@@ -45,7 +45,8 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
     from pipelines.train_tokenizer import train_tokenizer
 
     train_tokenizer(args.config, args.data, args.output_dir, max_steps=args.max_steps, resume=args.resume,
-                    feature_cache=args.feature_cache, vfm_weights=args.vfm_weights)
+                    feature_cache=args.feature_cache, vfm_weights=args.vfm_weights,
+                    streaming=True if args.streaming else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_tok.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT_DIR")
     train_tok.add_argument("--feature-cache", default=None,
                            help="directory of cached frozen-VFM features (built on first use; centre crops only)")
+    train_tok.add_argument("--streaming", action="store_true", help="stream a Hub dataset instead of downloading it")
     train_tok.add_argument("--vfm-weights", default=None,
                            help="VFM weights (Hub id, local directory, official .pth); default: the config's")
     train_tok.set_defaults(run=_train_tokenizer)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import build_model, load_config
-from .data import ImageDataset, collate_images, load_image_dataset
+from .data import ImageDataset, StreamingImageDataset, collate_images, load_image_dataset
 from .trainer import Trainer, TrainingConfig, TrainingTask, seed_everything
 
 __all__ = ["TokenizerTask", "build_tokenizer_loss", "train_tokenizer"]
@@ -80,7 +80,7 @@ def build_tokenizer_loss(options: Optional[dict[str, Any]], source: str = "loss"
 
 def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_steps: Optional[int] = None,
                     resume: bool = False, feature_cache: Optional[str] = None, vfm_weights: Optional[str] = None,
-                    overrides: Optional[dict[str, Any]] = None) -> Path:
+                    streaming: Optional[bool] = None, overrides: Optional[dict[str, Any]] = None) -> Path:
     """Train the tokenizer a config describes on ``data`` (see :func:`pipelines.data.load_image_dataset`).
 
     ``vfm_weights`` overrides the VFM source of the config (Hub id, local directory or official ``.pth``); a config
@@ -95,6 +95,8 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
         training_options["max_steps"] = max_steps
     if feature_cache is not None:
         training_options["feature_cache"] = feature_cache
+    if streaming is not None:
+        training_options["streaming"] = streaming
     training = TrainingConfig.from_dict(training_options, source=f"{run['_path']}: training")
     seed_everything(training.seed)
     model = build_model(run)
@@ -104,15 +106,29 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
         model.load_vfm_weights(vfm_weights)
     else:
         print(f"warning: {run['_path']} names no VFM weights: training on a randomly initialised VFM")
+    if training.compile:
+        model.vfm.compile_blocks()  # the trained part is compiled by the trainer
     loss = build_tokenizer_loss(run.get("loss"), source=f"{run['_path']}: loss")
 
-    source = load_image_dataset(data)
     size = model.config.image_size
     cached = training.feature_cache is not None
-    # Cached features are those of the centre crop, so training from a cache uses it without flips.
-    dataset = ImageDataset(source, size, augment="center" if cached else training.augment,
-                           flip=False if cached else training.flip)
-    sample_dataset = ImageDataset(source, size, augment="center", flip=False)
+    if training.streaming:
+        if cached:
+            raise ValueError("a feature cache needs a fixed (not streamed) dataset")
+        from accelerate import PartialState
+
+        processes = PartialState()
+        dataset = StreamingImageDataset(load_image_dataset(data, streaming=True), size, seed=training.seed,
+                                        augment=training.augment, flip=training.flip,
+                                        shuffle_buffer=training.shuffle_buffer, rank=processes.process_index,
+                                        world_size=processes.num_processes)
+        sample_dataset = None
+    else:
+        source = load_image_dataset(data)
+        # Cached features are those of the centre crop, so training from a cache uses it without flips.
+        dataset = ImageDataset(source, size, augment="center" if cached else training.augment,
+                               flip=False if cached else training.flip)
+        sample_dataset = ImageDataset(source, size, augment="center", flip=False)
     run_config = {"model": run["model"], "params": run["params"], "loss": run.get("loss", {}), "data": str(data),
                   "config_file": run["_path"]}
     task = TokenizerTask(model, loss)

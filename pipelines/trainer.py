@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_file, save_pretrained_atomically, write_text_atomically
-from .data import ImageDataset, ResumableBatchSampler, build_dataloader
+from .data import ImageDataset, ResumableBatchSampler, StreamingImageDataset, build_dataloader
 
 __all__ = ["TrainingConfig", "TrainingTask", "Trainer", "TrainingDiverged", "latest_checkpoint"]
 
@@ -77,8 +77,10 @@ class TrainingConfig:
     log_with: tuple[str, ...] = ("tensorboard",)
     augment: str = "adm"  # adm (random resize in [S, 1.25 S] + random crop) | center
     flip: bool = True
+    streaming: bool = False  # stream a Hub dataset (resume is exact only with num_workers 0 and no shuffle buffer)
+    shuffle_buffer: int = 10000  # streaming only
     feature_cache: Optional[str] = None  # tokenizers: directory of cached frozen-VFM features (see feature_cache.py)
-    compile: bool = False  # torch.compile the trained model (GPU)
+    compile: bool = False  # torch.compile the trained model (and a tokenizer's frozen VFM blocks); for GPUs
 
     _CHOICES = {"mixed_precision": ("no", "bf16", "fp16"), "optimizer": ("adam", "adamw"),
                 "lr_scheduler": ("constant", "cosine", "linear"), "augment": ("adm", "center")}
@@ -107,7 +109,7 @@ class TrainingConfig:
                      "keep_last_checkpoints", "sample_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{source}: {name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("num_workers", "lr_warmup_steps", "num_sample_images", "seed"):
+        for name in ("num_workers", "lr_warmup_steps", "num_sample_images", "seed", "shuffle_buffer"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{source}: {name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not self.learning_rate > 0:
@@ -179,7 +181,8 @@ def _optimizer(module: nn.Module, config: TrainingConfig) -> torch.optim.Optimiz
 class Trainer:
     """Runs a :class:`TrainingTask` on an image dataset (see the module docstring)."""
 
-    def __init__(self, task: TrainingTask, config: TrainingConfig, output_dir: str | Path, dataset: ImageDataset,
+    def __init__(self, task: TrainingTask, config: TrainingConfig, output_dir: str | Path,
+                 dataset: ImageDataset | StreamingImageDataset,
                  sample_dataset: Optional[ImageDataset] = None, run_config: Optional[dict[str, Any]] = None,
                  accelerator: Optional[Accelerator] = None):
         self.task = task
@@ -213,7 +216,7 @@ class Trainer:
                                     "constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps,
                                     num_training_steps=config.max_steps) for optimizer in optimizers]
         if config.compile:
-            modules["model"] = torch.compile(modules["model"])
+            modules["model"].compile()  # in place: parameter names (checkpoints, EMA) stay the same
         prepared = accelerator.prepare(*[modules[n] for n in self.names], *optimizers, *schedulers)
         k = len(self.names)
         self.modules = dict(zip(self.names, prepared[:k]))
@@ -241,7 +244,15 @@ class Trainer:
                 "images_seen": self.images_seen, "skipped_images": self.skipped_images,
                 "skipped_examples": self.skipped_examples[:20], "ema_optimization_step": self.ema.optimization_step,
                 "num_processes": self.accelerator.num_processes, "modules": self.names,
-                "config": self.run_config}
+                "config": self.run_config, "stream_state": self._stream_state()}
+
+    def _stream_state(self) -> Optional[dict[str, Any]]:
+        """Position in a streamed dataset, per process (gathered so that every rank can resume its own shard)."""
+        if not isinstance(self.dataset, StreamingImageDataset):
+            return None
+        from accelerate.utils import gather_object
+
+        return {"per_process": gather_object([self.dataset.state_dict()])}
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-N`` through a staging directory; keep the last ``keep_last_checkpoints``."""
@@ -254,11 +265,12 @@ class Trainer:
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(staging), safe_serialization=True)
+        trainer_state = self._trainer_state()  # collective (stream positions): every process
         if accelerator.is_main_process:
             ema = {name: p.detach().cpu().contiguous() for name, p in zip(self.ema_names, self.ema.shadow_params)}
             save_file(ema, str(staging / "ema.safetensors"))
             save_file(self._non_persistent_buffers(), str(staging / "buffers.safetensors"))
-            (staging / "trainer_state.json").write_text(json.dumps(self._trainer_state(), indent=1))
+            (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
@@ -324,6 +336,8 @@ class Trainer:
         for key in ("step", "epoch", "batch_in_epoch", "images_seen", "skipped_images"):
             setattr(self, key, state[key])
         self.skipped_examples = list(state.get("skipped_examples", []))
+        if isinstance(self.dataset, StreamingImageDataset) and state.get("stream_state"):
+            self.dataset.load_state_dict(state["stream_state"]["per_process"][self.accelerator.process_index])
 
     # -- logging ----------------------------------------------------------------------------------------------------
     def _truncate_metrics(self) -> None:
@@ -397,8 +411,25 @@ class Trainer:
         return target
 
     # -- the loop ---------------------------------------------------------------------------------------------------
+    def _stream_batches(self) -> Iterator[dict[str, Any]]:
+        """Batches of a streamed dataset from its stored position onwards (the dataset shards itself by rank)."""
+        config = self.config
+        loader = build_dataloader(self.dataset, None, batch_size=config.batch_size, num_workers=config.num_workers,
+                                  pin_memory=self.accelerator.device.type == "cuda")
+        while True:
+            if self.dataset.epoch != self.epoch:
+                self.dataset.set_epoch(self.epoch)
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
     def _batches(self) -> Iterator[dict[str, Any]]:
         """Batches from the stored data position onwards, epoch after epoch."""
+        if isinstance(self.dataset, StreamingImageDataset):
+            yield from self._stream_batches()
+            return
         accelerator, config = self.accelerator, self.config
         sampler = ResumableBatchSampler(len(self.dataset), config.batch_size, seed=config.seed, shuffle=True,
                                         drop_last=True, num_replicas=accelerator.num_processes,

@@ -251,3 +251,37 @@ def test_short_run_on_imagenet_samples_lowers_reconstruction_loss(tmp_path):
     last = sum(r["model/l2"] for r in records[-5:]) / 5
     # Recorded on this machine: see the issue note. Loose bound: the pixel loss must fall by a fifth.
     assert last < 0.8 * first, (first, last)
+
+
+@needs_samples
+def test_streamed_dataset_trains_and_resumes_exactly(tmp_path, monkeypatch):
+    """Streaming (shards, no shuffle buffer, no workers): the resumed run repeats the uninterrupted one."""
+    data = small_image_folder(tmp_path / "data", count=24)
+    config = tiny_config(tmp_path, loss={"gan_weight": 0.0}, max_steps=8, checkpoint_every=4, shuffle_buffer=0)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train_tokenizer(config, str(data), full, streaming=True)
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, at_step=4)
+        with pytest.raises(Interrupted):
+            train_tokenizer(config, str(data), resumed, streaming=True)
+    train_tokenizer(config, str(data), resumed, streaming=True, resume=True)
+    a, b = metrics(full), metrics(resumed)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 9))
+    assert [m["model/loss"] for m in a] == [m["model/loss"] for m in b]
+    assert a[-1]["epoch"] == 1  # 24 images / batch 4 = 6 steps per epoch: the stream was restarted once
+
+
+@needs_samples
+def test_continuous_vfmae_tokenizer_trains(tmp_path):
+    from tokenizer import VFMTokModel
+
+    config = yaml.safe_load((ROOT / "configs" / "tokenizer" / "vfmae-tiny.yaml").read_text())
+    config["training"].update({"batch_size": 4, "num_workers": 0, "log_with": ["none"], "max_steps": 2,
+                               "checkpoint_every": 2, "sample_every": 2})
+    path = tmp_path / "vfmae.yaml"
+    path.write_text(yaml.safe_dump(config))
+    exported = train_tokenizer(path, str(SAMPLES), tmp_path / "out")
+    records = metrics(tmp_path / "out")
+    assert "model/codebook" not in records[-1] and records[-1]["model/semantic"] > 0
+    model = VFMTokModel.from_pretrained(exported, load_vfm_weights=False)
+    assert model.config.bottleneck == "continuous"

@@ -580,6 +580,20 @@ class FrozenVFM(nn.Module):
         pairs[-1] = (m.norm(prefix), m.norm(patches))  # LayerNorm is per token: same as norming the whole sequence
         return pairs
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` every transformer block in place (GPU training; weights and their names unchanged).
+
+        Blocks rather than the whole model, because :meth:`forward` runs the blocks itself to stop early."""
+        m = self.model
+        if self.backend == "timm":
+            blocks = m.blocks
+        elif self._hf_type == "siglip_vision_model":
+            blocks = m.encoder.layers
+        else:
+            blocks = m.encoder.layer
+        for block in blocks:
+            block.compile()
+
     def _autocast(self, device: torch.device):
         """bf16 on CUDA; elsewhere fp32, also overriding any autocast the caller has enabled."""
         if device.type == "cuda":
