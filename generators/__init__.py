@@ -1,1 +1,4 @@
 """generators"""
+from .gpt import GPTModel
+
+__all__ = ["GPTModel"]

@@ -49,6 +49,25 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
                     streaming=True if args.streaming else None)
 
 
+def _load_tokenizer(path: str, vfm_weights: str | None, random_vfm: bool):
+    from tokenizer import VFMTokModel
+
+    if random_vfm:
+        return VFMTokModel.from_pretrained(path, load_vfm_weights=False)
+    return VFMTokModel.from_pretrained(path, vfm_source=vfm_weights)
+
+
+def _extract(args: argparse.Namespace) -> None:
+    from pipelines.codes import extract_tokens
+
+    tokenizer = _load_tokenizer(args.tokenizer, args.vfm_weights, args.random_vfm)
+    output = extract_tokens(tokenizer, args.data, args.output_dir, ten_crop=args.ten_crop,
+                            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+                            limit=args.limit)
+    meta = json.loads((output / "meta.json").read_text())
+    print(json.dumps({k: meta[k] for k in ("kind", "num_images", "num_views", "shape", "unreadable")}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vfmtok", description="VFM-based image tokenizers and generators.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
                            help="VFM weights (Hub id, local directory, official .pth); default: the config's")
     train_tok.set_defaults(run=_train_tokenizer)
 
+    extract = commands.add_parser("extract", help="encode a dataset with a trained tokenizer into code (AR) or latent "
+                                                  "(flow) files for stage-two training")
+    extract.add_argument("--tokenizer", required=True, help="a tokenizer directory (save_pretrained) or Hub id")
+    extract.add_argument("--data", required=True, help="dataset, as for `vfmtok train tokenizer --data`")
+    extract.add_argument("--output-dir", required=True)
+    extract.add_argument("--ten-crop", action="store_true", help="LlamaGen's ten-crop + flip views (default: centre "
+                                                                 "crop and its flip)")
+    extract.add_argument("--batch-size", type=int, default=32)
+    extract.add_argument("--num-workers", type=int, default=2)
+    extract.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    extract.add_argument("--limit", type=int, default=None, help="only the first N images")
+    extract.add_argument("--vfm-weights", default=None, help="override the VFM source named in the tokenizer config")
+    extract.add_argument("--random-vfm", action="store_true", help="keep a random VFM (tests of tiny tokenizers)")
+    extract.set_defaults(run=_extract)
+
     convert = commands.add_parser("convert", help="convert an official checkpoint to this project's format")
     convert_kinds = convert.add_subparsers(dest="kind", required=True)
     convert_tok = convert_kinds.add_parser("tokenizer", help="official VFMTok / VFMAE checkpoint -> save_pretrained "
@@ -102,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                              help="which weights to take when the file holds both")
     convert_tok.set_defaults(run=_convert_tokenizer)
     return parser
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ __all__ = ["MODEL_CLASSES", "load_config", "build_model", "model_class"]
 # config does not import the generators.
 MODEL_CLASSES: dict[str, str] = {
     "VFMTokModel": "tokenizer.vfmtok:VFMTokModel",
+    "GPTModel": "generators.gpt:GPTModel",
 }
 
 

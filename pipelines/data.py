@@ -553,29 +553,31 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
             yield [(index, sample_seed(self.seed, self.epoch, index)) for index in chunk]
 
 
-def build_dataloader(dataset: ImageDataset | StreamingImageDataset, batch_sampler: ResumableBatchSampler | None,
+def build_dataloader(dataset: torch.utils.data.Dataset, batch_sampler: ResumableBatchSampler | None,
                      batch_size: int, num_workers: int, pin_memory: bool,
                      persistent_workers: bool = False) -> torch.utils.data.DataLoader:
-    """DataLoader with :func:`collate_images` that never draws from the global torch RNG.
+    """DataLoader that never draws from the global torch RNG, batching with the dataset's ``collate`` (default
+    :func:`collate_images`).
 
-    An :class:`ImageDataset` needs a ``batch_sampler`` (whose ``batch_size`` must equal ``batch_size``); a
-    :class:`StreamingImageDataset` takes none. ``persistent_workers`` only applies with ``num_workers > 0``;
-    ``pin_memory`` is only useful with CUDA (the caller decides).
+    A map-style dataset (:class:`ImageDataset`, :class:`pipelines.codes.CodesDataset`) needs a ``batch_sampler``
+    (whose ``batch_size`` must equal ``batch_size``); an iterable one (:class:`StreamingImageDataset`) takes none.
+    ``persistent_workers`` only applies with ``num_workers > 0``; ``pin_memory`` is only useful with CUDA.
     """
     if num_workers < 0 or batch_size < 1:
         raise ValueError(f"need num_workers >= 0 and batch_size >= 1, got num_workers={num_workers}, "
                          f"batch_size={batch_size}")
-    if isinstance(dataset, ImageDataset):
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        if batch_sampler is not None:
+            raise ValueError(f"an iterable dataset ({type(dataset).__name__}) takes no batch_sampler; pass None")
+    elif isinstance(dataset, torch.utils.data.Dataset):
         if batch_sampler is None:
-            raise ValueError("an ImageDataset needs a ResumableBatchSampler (batch_sampler=None given)")
+            raise ValueError(f"a map-style dataset ({type(dataset).__name__}) needs a ResumableBatchSampler "
+                             f"(batch_sampler=None given)")
         if batch_sampler.batch_size != batch_size:
             raise ValueError(f"batch_size={batch_size} differs from the sampler's batch_size="
                              f"{batch_sampler.batch_size}")
-    elif isinstance(dataset, StreamingImageDataset):
-        if batch_sampler is not None:
-            raise ValueError("a StreamingImageDataset takes no batch_sampler (it is iterable); pass None")
     else:
-        raise ValueError(f"dataset must be an ImageDataset or a StreamingImageDataset, got {type(dataset).__name__}")
+        raise ValueError(f"dataset must be a torch Dataset, got {type(dataset).__name__}")
     # Creating a DataLoader iterator draws a base seed from `generator` (the global RNG when None), which would shift
     # the model's random stream after a resume.
     generator = torch.Generator()
@@ -585,7 +587,7 @@ def build_dataloader(dataset: ImageDataset | StreamingImageDataset, batch_sample
         batch_size=batch_size if batch_sampler is None else 1,  # DataLoader wants the default 1 with a batch_sampler
         batch_sampler=batch_sampler,
         num_workers=num_workers,
-        collate_fn=collate_images,
+        collate_fn=getattr(dataset, "collate", collate_images),
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
         generator=generator,

@@ -62,8 +62,11 @@ class TokenizerTask(TrainingTask):
             d_loss, d_logs = self.loss.discriminator_loss(output, step, discriminator=self.wrapped_discriminator)
             yield "discriminator", d_loss, {f"discriminator/{k}": v for k, v in d_logs.items()}
 
-    def sample_images(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return model.decode(model.encode(images))
+    def sample_images(self, model: nn.Module, batch, count: int) -> tuple[torch.Tensor, int]:
+        """Inputs (top row) above their reconstructions."""
+        images = batch["images"]
+        reconstructions = model.decode(model.encode(images), output_size=images.shape[-1])
+        return torch.cat([images, reconstructions]), len(images)
 
 
 def build_tokenizer_loss(options: Optional[dict[str, Any]], source: str = "loss"):
@@ -90,13 +93,9 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
     from tokenizer.vfmtok import VFMTokModel
 
     run = load_config(config)
-    training_options = {**run.get("training", {}), **(overrides or {})}
-    if max_steps is not None:
-        training_options["max_steps"] = max_steps
-    if feature_cache is not None:
-        training_options["feature_cache"] = feature_cache
-    if streaming is not None:
-        training_options["streaming"] = streaming
+    flags = {"max_steps": max_steps, "feature_cache": feature_cache, "streaming": streaming}
+    training_options = {**run.get("training", {}), **(overrides or {}),
+                        **{name: value for name, value in flags.items() if value is not None}}
     training = TrainingConfig.from_dict(training_options, source=f"{run['_path']}: training")
     seed_everything(training.seed)
     model = build_model(run)

@@ -148,8 +148,10 @@ class TrainingTask:
     def losses(self, batch: dict[str, Any], step: int) -> Iterator[tuple[str, torch.Tensor, dict[str, float]]]:
         raise NotImplementedError
 
-    def sample_images(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] to show next to ``images`` in the sample grid (e.g. reconstructions)."""
+    def sample_images(self, model: nn.Module, batch: Optional[dict[str, Any]], count: int
+                      ) -> tuple[torch.Tensor, int]:
+        """Images in [-1, 1] for the sample grid and the number per row. ``batch`` holds the first ``count`` images
+        of the sample dataset (None without one). Must not draw from the global RNG (exact resume)."""
         raise NotImplementedError
 
     def export(self, model: nn.Module, directory: Path) -> None:
@@ -182,8 +184,7 @@ class Trainer:
     """Runs a :class:`TrainingTask` on an image dataset (see the module docstring)."""
 
     def __init__(self, task: TrainingTask, config: TrainingConfig, output_dir: str | Path,
-                 dataset: ImageDataset | StreamingImageDataset,
-                 sample_dataset: Optional[ImageDataset] = None, run_config: Optional[dict[str, Any]] = None,
+                 dataset: torch.utils.data.Dataset, sample_dataset: Optional[ImageDataset] = None, run_config: Optional[dict[str, Any]] = None,
                  accelerator: Optional[Accelerator] = None):
         self.task = task
         self.config = config
@@ -364,34 +365,32 @@ class Trainer:
         return record
 
     def save_samples(self) -> Optional[Path]:
-        """A grid of sample images (inputs above the task's outputs) made with the EMA weights."""
-        if self.sample_dataset is None or self.config.num_sample_images == 0 or not self.accelerator.is_main_process:
+        """A grid of the task's sample images (e.g. inputs above reconstructions), made with the EMA weights."""
+        if self.config.num_sample_images == 0 or not self.accelerator.is_main_process:
             return None
         from torchvision.utils import save_image
         from .data import collate_images
 
-        count = min(self.config.num_sample_images, len(self.sample_dataset))
-        batch = collate_images([self.sample_dataset[i] for i in range(count)])
-        if len(batch["images"]) == 0:
-            return None
-        images = batch["images"].to(self.accelerator.device)
+        batch = None
+        if self.sample_dataset is not None:
+            count = min(self.config.num_sample_images, len(self.sample_dataset))
+            batch = collate_images([self.sample_dataset[i] for i in range(count)])
+            if len(batch["images"]) == 0:
+                return None
+            batch = self._to_device(batch)
         self.ema.store(self.ema_parameters)
         self.ema.copy_to(self.ema_parameters)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), self.accelerator.autocast():
-                outputs = self.task.sample_images(self.model, images).float()
+                images, per_row = self.task.sample_images(self.model, batch, self.config.num_sample_images)
         finally:
             self.model.train(was_training)
             self.ema.restore(self.ema_parameters)
-        if outputs.shape[-2:] != images.shape[-2:]:
-            outputs = torch.nn.functional.interpolate(outputs, size=images.shape[-2:], mode="bilinear",
-                                                      antialias=True)
-        grid = torch.cat([images, outputs.clamp(-1, 1)]) * 0.5 + 0.5
         path = self.output_dir / "samples" / f"step-{self.step:08d}.png"
         with atomic_file(path) as temporary:
-            save_image(grid, str(temporary), nrow=len(images), format="png")
+            save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, str(temporary), nrow=per_row, format="png")
         return path
 
     def export(self) -> Path:
@@ -453,10 +452,10 @@ class Trainer:
                 for k, v in batch.items()}
 
     def _count_skipped(self, batch: dict[str, Any]) -> None:
-        self.skipped_images += batch["num_skipped"]
+        self.skipped_images += batch.get("num_skipped", 0)
         room = 20 - len(self.skipped_examples)
         if room > 0:
-            self.skipped_examples.extend(batch["skipped"][:room])
+            self.skipped_examples.extend(batch.get("skipped", [])[:room])
 
     def _update(self, batch: dict[str, Any], window: dict[str, list[float]]) -> None:
         """One micro-batch: every loss the task yields is back-propagated and its optimizer stepped (accelerate skips
@@ -514,12 +513,13 @@ class Trainer:
         batches = self._batches() if self.step < config.max_steps else iter(())
         for batch in batches:
             self._count_skipped(batch)
-            if len(batch["images"]) == 0:
+            examples = len(batch["indices"])
+            if examples == 0:
                 continue  # every image of this micro-batch was unreadable; counted above
             batch = self._to_device(batch)
             self._update(batch, window)
-            window_images += len(batch["images"])
-            self.images_seen += len(batch["images"]) * accelerator.num_processes
+            window_images += examples
+            self.images_seen += examples * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             self.step += 1

@@ -1,0 +1,136 @@
+"""Convert official LlamaGen / VFMTok class-conditional GPT checkpoints (``autoregressive/models/gpt.py``) to
+:class:`generators.gpt.GPTModel`.
+
+The training scripts save ``torch.save({"model": ..., "ema": ..., "optimizer": ..., "steps": ...})``; DeepSpeed runs
+save ``{"module": ...}``, FSDP runs a bare state dict. ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes
+are stripped first. Key mapping, reference -> ours (every tensor is copied unchanged):
+
+==============================================  ==================================================
+reference (LlamaGen ``Transformer``, c2i)       this project (``GPTModel``)
+==============================================  ==================================================
+``cls_embedding.embedding_table.weight``        ``class_embedding.weight`` (num_classes + 1 rows)
+``tok_embeddings.weight``                       ``token_embedding.weight``
+``layers.{i}.attention_norm.weight``            ``blocks.{i}.attention_norm.weight``
+``layers.{i}.attention.wqkv.weight``            ``blocks.{i}.attention.qkv.weight``
+``layers.{i}.attention.wo.weight``              ``blocks.{i}.attention.proj.weight``
+``layers.{i}.ffn_norm.weight``                  ``blocks.{i}.ffn_norm.weight``
+``layers.{i}.feed_forward.w1.weight``           ``blocks.{i}.ffn.gate_proj.weight``
+``layers.{i}.feed_forward.w3.weight``           ``blocks.{i}.ffn.up_proj.weight``
+``layers.{i}.feed_forward.w2.weight``           ``blocks.{i}.ffn.down_proj.weight``
+``norm.weight``                                 ``norm.weight``
+``output.weight``                               ``head.weight``
+``freqs_cis``                                   dropped (recomputed: ``GPTModel.rope``)
+``layers.{i}.attention.kv_cache.{k,v}_cache``   dropped (sampling buffers saved after ``setup_caches``)
+==============================================  ==================================================
+
+Text-conditional (t2i) checkpoints (``cls_embedding.cap_proj.*``, ``uncond_embedding``) are not supported: their keys
+are reported as unknown. Released c2i models use ``cls_token_num = 1`` and the zero class-token rotation, i.e.
+``class_token_rope: zero`` (configs/ar/gpt-*.yaml).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from tokenizer.convert import CheckpointLoadError
+
+__all__ = ["CheckpointLoadError", "load_llamagen_checkpoint", "convert_llamagen_state_dict",
+           "convert_llamagen_checkpoint"]
+
+# (pattern, replacement) applied in order; the first match wins. ``None`` drops the key.
+_RULES: list[tuple[str, Optional[str]]] = [
+    (r"^freqs_cis$", None),
+    (r"^layers\.(\d+)\.attention\.kv_cache\.[kv]_cache$", None),
+    (r"^cls_embedding\.embedding_table\.weight$", r"class_embedding.weight"),
+    (r"^tok_embeddings\.weight$", r"token_embedding.weight"),
+    (r"^layers\.(\d+)\.attention_norm\.weight$", r"blocks.\1.attention_norm.weight"),
+    (r"^layers\.(\d+)\.attention\.wqkv\.weight$", r"blocks.\1.attention.qkv.weight"),
+    (r"^layers\.(\d+)\.attention\.wo\.weight$", r"blocks.\1.attention.proj.weight"),
+    (r"^layers\.(\d+)\.ffn_norm\.weight$", r"blocks.\1.ffn_norm.weight"),
+    (r"^layers\.(\d+)\.feed_forward\.w1\.weight$", r"blocks.\1.ffn.gate_proj.weight"),
+    (r"^layers\.(\d+)\.feed_forward\.w3\.weight$", r"blocks.\1.ffn.up_proj.weight"),
+    (r"^layers\.(\d+)\.feed_forward\.w2\.weight$", r"blocks.\1.ffn.down_proj.weight"),
+    (r"^norm\.weight$", r"norm.weight"),
+    (r"^output\.weight$", r"head.weight"),
+]
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def load_llamagen_checkpoint(path: str | Path, prefer: str = "ema") -> dict[str, torch.Tensor]:
+    """Read an official GPT checkpoint safely (``torch.load(weights_only=True)``) and return the state dict in it.
+
+    ``prefer`` (``"ema"`` or ``"model"``) picks which weights to take when the file holds both; then ``"ema"``,
+    ``"model"``, ``"module"``, ``"state_dict"``, or the file itself when it is a flat dict of tensors.
+    """
+    if prefer not in ("ema", "model"):
+        raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # the unpickler's message names the offending global
+        raise CheckpointLoadError(
+            f"torch.load(weights_only=True) refused {str(path)!r}: {error}\n"
+            "The file contains Python objects besides tensors (for example argparse.Namespace training arguments). "
+            "Only if you trust where the file comes from, re-save just its tensors with\n"
+            "  python -c \"import torch; c = torch.load('IN', map_location='cpu', weights_only=False); "
+            "torch.save({k: c[k] for k in ('ema', 'model') if k in c}, 'OUT')\"\n"
+            "and convert OUT instead; or allow the specific class with torch.serialization.add_safe_globals."
+        ) from error
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointLoadError(f"{str(path)!r} holds a {type(checkpoint).__name__}, expected a dict of tensors")
+    order = [prefer, "ema", "model", "module", "state_dict"]
+    for key in order:
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            return dict(checkpoint[key])
+    if checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
+        return dict(checkpoint)
+    raise CheckpointLoadError(f"{str(path)!r} has no GPT weights: expected one of {order[1:]} or a flat state dict, "
+                              f"found keys {sorted(checkpoint)[:10]}")
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def convert_llamagen_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename a LlamaGen / VFMTok GPT state dict to :class:`GPTModel`'s layout. Returns (converted, dropped keys).
+
+    Raises ValueError listing every key no rule knows (a mistaken file is never half-converted).
+    """
+    converted, dropped, unknown = {}, [], []
+    for key, tensor in state_dict.items():
+        name = _strip_wrappers(key)
+        for pattern, replacement in _RULES:
+            if re.match(pattern, name):
+                if replacement is None:
+                    dropped.append(key)
+                else:
+                    converted[re.sub(pattern, replacement, name)] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{len(unknown)} key(s) of the checkpoint are not class-conditional LlamaGen GPT weights, "
+                         f"e.g. {unknown[:10]}")
+    return converted, dropped
+
+
+def convert_llamagen_checkpoint(checkpoint: str | Path, model, prefer: str = "ema") -> list[str]:
+    """Load an official checkpoint file into ``model`` (a GPTModel built from the matching config), strictly.
+
+    Returns the dropped keys. A missing, unexpected or mis-shaped weight raises ValueError naming it.
+    """
+    converted, dropped = convert_llamagen_state_dict(load_llamagen_checkpoint(checkpoint, prefer))
+    model.load_state_dict(converted, strict=True)
+    return dropped

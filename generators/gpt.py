@@ -1,0 +1,616 @@
+"""Class-conditional autoregressive transformer over tokenizer codes, in the LlamaGen design (REFERENCE.md section 4).
+
+Sequence layout. Position 0 holds the class token (a row of ``class_embedding``: ``num_classes`` rows for the classes
+plus one for the null class, id ``num_classes``); position ``p >= 1`` holds image token ``p - 1`` of the
+``sqrt(num_tokens) x sqrt(num_tokens)`` grid in raster order. The output at position ``p`` predicts image token ``p``.
+
+Blocks are Llama pre-norm blocks: ``x + attention(RMSNorm(x))``, then ``x + SwiGLU(RMSNorm(x))``; RMSNorm is computed
+in fp32; attention uses one fused bias-free ``qkv`` projection, 2D rotary embeddings and SDPA.
+
+2D RoPE. Each head's ``head_dim`` channels form ``head_dim / 2`` interleaved pairs ``(x[2i], x[2i+1])``. The first
+half of the pairs rotate by ``row * f_j``, the second half by ``column * f_j``, with ``f_j = base ** (-2j / (head_dim
+/ 2))``, ``j = 0 .. head_dim / 4 - 1`` (LlamaGen's ``precompute_freqs_cis_2d``).
+
+``class_token_rope`` decides the rotation entry of the class position:
+
+* ``"zero"`` (LlamaGen / VFMTok, needed for their weights): the entry is ``cos = sin = 0``, so the class token's query
+  and key are multiplied by zero. Its key therefore scores exactly 0 against every query (it still takes part in the
+  softmax with weight ``exp(0)``, contributing its value), and its own output is its value (its only visible key).
+  LlamaGen prepends ``cls_token_num`` such rows; class-conditional models use ``cls_token_num = 1``, as here.
+* ``"none"``: the class position is not rotated (``cos = 1, sin = 0``); its query and key are used as they are.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+__all__ = ["GPTModel", "KVCache", "GUIDANCE_SCHEDULES", "filter_logits", "ffn_hidden_dim", "rope_2d_table"]
+
+GUIDANCE_SCHEDULES = ("constant", "linear", "cosine_power", "interval")
+CLASS_TOKEN_ROPE = ("zero", "none")
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int = 256, dim_multiplier: Optional[float] = None) -> int:
+    """LlamaGen's SwiGLU width: ``int(2 * 4 * dim / 3)``, optionally scaled, rounded up to ``multiple_of``."""
+    hidden = int(2 * (4 * dim) / 3)
+    if dim_multiplier is not None:
+        hidden = int(dim_multiplier * hidden)
+    return -(-hidden // multiple_of) * multiple_of
+
+
+def rope_2d_table(grid_size: int, head_dim: int, base: float = 10000.0, class_token_rope: str = "zero",
+                  device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+    """(1 + grid_size**2, head_dim // 2, 2) float32 table of (cos, sin): row 0 for the class token, then the grid."""
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2, device=device)[: half // 2].float() / half))
+    angles = torch.outer(torch.arange(grid_size, device=device), freqs)  # (grid, head_dim // 4)
+    grid_angles = torch.cat([angles[:, None, :].expand(-1, grid_size, -1),  # rows
+                             angles[None, :, :].expand(grid_size, -1, -1)], dim=-1)  # columns
+    table = torch.stack([torch.cos(grid_angles), torch.sin(grid_angles)], dim=-1).flatten(0, 1)
+    class_row = torch.zeros(1, half, 2, device=device)
+    if class_token_rope == "none":
+        class_row[..., 0] = 1.0
+    return torch.cat([class_row, table])
+
+
+def apply_rotary_embedding(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate the channel pairs of ``x`` (B, S, H, head_dim) by ``rope`` (S, head_dim // 2, 2), in fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
+    rotated = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin,
+                           pairs[..., 1] * cos + pairs[..., 0] * sin], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k (``top_k > 0``) and outside the nucleus (``top_p < 1``) to -inf (a copy).
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``: a token is dropped when
+    the tokens ranked before it already hold more than ``top_p``; the most likely token is always kept.
+    """
+    logits = logits.clone()
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_sorted = mass_before > top_p
+        drop_sorted[..., 0] = False
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))`` (LlamaGen's w1 = gate, w3 = up, w2 = down)."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class Attention(nn.Module):
+    """Causal self-attention with a fused bias-free qkv projection (rows: all q heads, all k heads, all v heads)."""
+
+    def __init__(self, dim: int, num_heads: int, attention_dropout: float, residual_dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attention_dropout = attention_dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.residual_dropout = nn.Dropout(residual_dropout)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Without ``cache``: causal attention within ``x``. With ``cache`` (key, value buffers (B, H, L, head_dim)):
+        writes this chunk's keys/values at ``positions`` and attends to the buffers under ``attn_mask`` (S, L)."""
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).unbind(dim=2)
+        q, k = apply_rotary_embedding(q, rope), apply_rotary_embedding(k, rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                 dropout_p=self.attention_dropout if self.training else 0.0)
+        else:
+            keys, values = cache
+            keys.index_copy_(2, positions, k.to(keys.dtype))
+            values.index_copy_(2, positions, v.to(values.dtype))
+            out = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=attn_mask)
+        return self.residual_dropout(self.proj(out.transpose(1, 2).reshape(b, s, d).to(x.dtype)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, hidden_dim: int, norm_eps: float, attention_dropout: float,
+                 residual_dropout: float, ffn_dropout: float):
+        super().__init__()
+        self.attention_norm = RMSNorm(dim, norm_eps)
+        self.attention = Attention(dim, num_heads, attention_dropout, residual_dropout)
+        self.ffn_norm = RMSNorm(dim, norm_eps)
+        self.ffn = FeedForward(dim, hidden_dim, ffn_dropout)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, cache, positions, attn_mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+@dataclass
+class KVCache:
+    """Static key/value buffers, one pair per block, each (batch, heads, max_length, head_dim), written in place.
+
+    Slot ``p`` holds sequence position ``p`` (0 = class token). Unwritten slots are masked out by position.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def narrow(self, batch_size: int) -> "KVCache":
+        """The first ``batch_size`` rows, as views sharing storage (writes reach this cache)."""
+        return KVCache([k[:batch_size] for k in self.keys], [v[:batch_size] for v in self.values])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------------
+class GPTModel(ModelMixin, ConfigMixin):
+    """LlamaGen-style class-conditional GPT over ``num_tokens`` image tokens (a square grid).
+
+    ``forward(tokens, class_labels)`` -> teacher-forced logits (training); ``generate(class_labels, ...)`` -> sampled
+    tokens with a static KV cache and classifier-free guidance. See the module docstring for the sequence layout.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        vocab_size: int = 16384,
+        num_tokens: int = 256,
+        num_classes: int = 1000,
+        dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        ffn_multiple_of: int = 256,
+        ffn_dim_multiplier: Optional[float] = None,
+        norm_eps: float = 1e-5,
+        rope_base: float = 10000.0,
+        class_dropout_prob: float = 0.1,
+        token_dropout: float = 0.1,
+        residual_dropout: float = 0.1,
+        ffn_dropout: float = 0.1,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        class_token_rope: str = "zero",
+    ):
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("num_tokens", num_tokens), ("num_classes", num_classes),
+                            ("dim", dim), ("depth", depth), ("num_heads", num_heads),
+                            ("ffn_multiple_of", ffn_multiple_of)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        grid = math.isqrt(num_tokens)
+        if grid * grid != num_tokens:
+            raise ValueError(f"num_tokens ({num_tokens}) must be a square number (a grid_size x grid_size grid)")
+        if dim % num_heads != 0 or (dim // num_heads) % 4 != 0:
+            raise ValueError(f"dim ({dim}) must be num_heads ({num_heads}) x a head_dim divisible by 4 (2D RoPE "
+                             f"splits each head into row and column pairs)")
+        for name, value in (("class_dropout_prob", class_dropout_prob), ("token_dropout", token_dropout),
+                            ("residual_dropout", residual_dropout), ("ffn_dropout", ffn_dropout),
+                            ("attention_dropout", attention_dropout)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if class_token_rope not in CLASS_TOKEN_ROPE:
+            raise ValueError(f"class_token_rope must be one of {CLASS_TOKEN_ROPE}, got {class_token_rope!r}")
+
+        self.grid_size = grid
+        self.head_dim = dim // num_heads
+        self.class_embedding = nn.Embedding(num_classes + 1, dim)  # the last row is the null class
+        self.token_embedding = nn.Embedding(vocab_size, dim)
+        self.embedding_dropout = nn.Dropout(token_dropout)
+        hidden = ffn_hidden_dim(dim, ffn_multiple_of, ffn_dim_multiplier)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, num_heads, hidden, norm_eps, attention_dropout, residual_dropout, ffn_dropout)
+            for _ in range(depth))
+        self.norm = RMSNorm(dim, norm_eps)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        # Not a weight: rebuilt in fp32 whenever the module is moved or cast (see _apply).
+        self.register_buffer("rope", self._rope_table(None), persistent=False)
+        self._init_weights()
+
+    def _rope_table(self, device) -> torch.Tensor:
+        return rope_2d_table(self.grid_size, self.head_dim, self.config.rope_base, self.config.class_token_rope,
+                             device=device)
+
+    def _init_weights(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        nn.init.zeros_(self.head.weight)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        # .half() / .to(bfloat16) would round the rotation table: keep it fp32 (as the reference does).
+        self.rope = self._rope_table(self.rope.device)
+        return self
+
+    # -- loading ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """diffusers loading, strict: a missing, unexpected or mis-shaped weight raises ValueError naming it."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              **kwargs)
+        mismatched = [f"{key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in info["mismatched_keys"]]
+        if info["missing_keys"] or info["unexpected_keys"] or mismatched:
+            raise ValueError(f"{pretrained_model_name_or_path}: " + _describe_key_mismatch(
+                info["missing_keys"], info["unexpected_keys"], mismatched))
+        return (model, info) if want_info else model
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Like nn.Module's, but a strict mismatch raises ValueError naming the missing / unexpected / mis-shaped keys."""
+        own = self.state_dict()
+        mismatched = [f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
+                      for key, value in state_dict.items() if key in own and tuple(value.shape) != tuple(own[key].shape)]
+        if mismatched and strict:
+            raise ValueError(_describe_key_mismatch([], [], mismatched))
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if strict and (result.missing_keys or result.unexpected_keys):
+            raise ValueError(_describe_key_mismatch(result.missing_keys, result.unexpected_keys, []))
+        return result
+
+    # -- properties ---------------------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    @property
+    def null_class(self) -> int:
+        """The class id of the unconditional (dropped) label: ``num_classes``."""
+        return self.config.num_classes
+
+    # -- core ---------------------------------------------------------------------------------------------------
+    def _check_labels(self, class_labels: torch.Tensor, allow_null: bool) -> None:
+        if not isinstance(class_labels, torch.Tensor) or class_labels.ndim != 1 or class_labels.is_floating_point():
+            raise ValueError(f"class_labels must be a 1-D integer tensor, got "
+                             f"{getattr(class_labels, 'shape', type(class_labels))}")
+        high = self.config.num_classes + int(allow_null)
+        bad = class_labels[(class_labels < 0) | (class_labels >= high)]
+        if bad.numel():
+            raise ValueError(f"class ids {bad.unique().tolist()[:10]} are outside [0, {high})"
+                             + (" (the null class is num_classes)" if allow_null else ""))
+
+    def _check_tokens(self, tokens: torch.Tensor, max_length: int) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
+            raise ValueError(f"tokens must be a (B, T) integer tensor, got {getattr(tokens, 'shape', type(tokens))}")
+        if tokens.shape[1] > max_length:
+            raise ValueError(f"got {tokens.shape[1]} tokens; at most {max_length} fit here")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)].unique().tolist()[:10]
+            raise ValueError(f"token ids {bad} are outside [0, {self.config.vocab_size})")
+
+    def _embed(self, class_labels: Optional[torch.Tensor], tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        parts = []
+        if class_labels is not None:
+            parts.append(self.class_embedding(class_labels)[:, None])
+        if tokens is not None and tokens.shape[1] > 0:
+            parts.append(self.token_embedding(tokens))
+        return self.embedding_dropout(torch.cat(parts, dim=1))
+
+    def _run(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
+             cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Input embeddings (B, S, dim) -> fp32 logits (B, S, vocab).
+
+        Without ``cache``: ``x`` is the sequence from position 0, causal. With ``cache``: ``x`` sits at ``positions``
+        (S,), attending to every cached position <= its own.
+        """
+        if cache is None:
+            rope, mask = self.rope[: x.shape[1]], None
+        else:
+            rope = self.rope[positions]
+            mask = torch.arange(cache.max_length, device=x.device)[None, :] <= positions[:, None]
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x = block(x, rope, layer_cache, positions, mask)
+        return self.head(self.norm(x)).float()
+
+    def forward(self, tokens: torch.Tensor, class_labels: torch.Tensor,
+                force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Teacher forcing: logits (B, T, vocab_size), ``logits[:, t]`` predicting ``tokens[:, t]`` from the class and
+        ``tokens[:, :t]``; the input sequence is ``[class token, tokens[:, :-1]]``. Training loss:
+        ``F.cross_entropy(logits.flatten(0, 1), tokens.flatten())``.
+
+        tokens: (B, T) code indices, 0 <= T <= num_tokens. class_labels: (B,) ids in [0, num_classes]; the id
+        ``num_classes`` is the null class. In training mode each label is replaced by the null class with probability
+        ``class_dropout_prob`` (torch's global RNG); ``force_drop_ids`` (B,) bool/0-1 replaces exactly the marked labels
+        instead (in any mode).
+        """
+        self._check_tokens(tokens, self.num_tokens)
+        self._check_labels(class_labels, allow_null=True)
+        if len(class_labels) != len(tokens):
+            raise ValueError(f"class_labels has {len(class_labels)} entries for a batch of {len(tokens)} sequences")
+        if force_drop_ids is not None:
+            class_labels = torch.where(force_drop_ids.to(class_labels.device).bool(), self.null_class, class_labels)
+        elif self.training and self.config.class_dropout_prob > 0:
+            drop = torch.rand(len(class_labels), device=class_labels.device) < self.config.class_dropout_prob
+            class_labels = torch.where(drop, self.null_class, class_labels)
+        length = tokens.shape[1]
+        logits = self._run(self._embed(class_labels, tokens[:, : max(length - 1, 0)]))
+        return logits[:, :length]
+
+    # -- KV-cached inference ------------------------------------------------------------------------------------
+    def allocate_kv_cache(self, batch_size: int, max_length: Optional[int] = None,
+                          dtype: Optional[torch.dtype] = None,
+                          device: Optional[Union[str, torch.device]] = None) -> KVCache:
+        """Zeroed static buffers for ``max_length`` sequence positions (default ``num_tokens``: the class token and
+        every image token but the last, all that sampling needs; at most ``num_tokens + 1``)."""
+        max_length = self.num_tokens if max_length is None else max_length
+        if not 1 <= max_length <= self.num_tokens + 1:
+            raise ValueError(f"max_length must be in [1, {self.num_tokens + 1}], got {max_length}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        weight = self.token_embedding.weight
+        shape = (batch_size, self.config.num_heads, max_length, self.head_dim)
+        kwargs = dict(dtype=dtype or weight.dtype, device=device or weight.device)
+        return KVCache([torch.zeros(shape, **kwargs) for _ in self.blocks],
+                       [torch.zeros(shape, **kwargs) for _ in self.blocks])
+
+    def forward_cached(self, cache: KVCache, start: int, tokens: Optional[torch.Tensor] = None,
+                       class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run a chunk of consecutive sequence positions through the model with ``cache``; no label dropout.
+
+        With ``class_labels`` (then ``start`` must be 0) the chunk is ``[class token, tokens...]`` at positions 0, 1,
+        ...; without, ``tokens[:, j]`` (image token ``start + j - 1``) sits at position ``start + j``, ``start >= 1``.
+        Keys/values of earlier positions are read from ``cache``, this chunk's are written to it.
+        Returns fp32 logits (B, S, vocab_size); ``logits[:, j]`` predicts the image token at the index equal to the
+        position of input ``j`` (the token after it).
+        """
+        if class_labels is not None:
+            if start != 0:
+                raise ValueError(f"the class token sits at position 0; got start={start} with class_labels")
+            self._check_labels(class_labels, allow_null=True)
+        elif start < 1:
+            raise ValueError(f"start must be >= 1 for a chunk of image tokens (position 0 is the class token), "
+                             f"got {start}")
+        if tokens is not None:
+            self._check_tokens(tokens, cache.max_length)
+        x = self._embed(class_labels, tokens)
+        if start + x.shape[1] > cache.max_length:
+            raise ValueError(f"positions {start}..{start + x.shape[1] - 1} do not fit a cache of "
+                             f"{cache.max_length} positions")
+        if x.shape[0] != cache.batch_size:
+            raise ValueError(f"batch of {x.shape[0]} for a cache of batch size {cache.batch_size}")
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        return self._run(x, positions, cache)
+
+    def prefill(self, class_labels: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Write the class token at position 0; return the logits (B, vocab_size) of image token 0."""
+        return self.forward_cached(cache, 0, class_labels=class_labels)[:, 0]
+
+    def decode_step(self, tokens: torch.Tensor, position: Union[int, torch.Tensor], cache: KVCache) -> torch.Tensor:
+        """Feed one image token per row (``tokens`` (B,) = image token ``position - 1``) at sequence ``position``;
+        return the logits (B, vocab_size) of image token ``position``. ``position`` may be a one-element tensor (no
+        host sync, one compiled graph for every step)."""
+        if isinstance(position, int):
+            if not 1 <= position < cache.max_length:
+                raise ValueError(f"position must be in [1, {cache.max_length - 1}], got {position}")
+            position = torch.tensor([position], device=tokens.device)
+        return self._decode(tokens, position.reshape(1), cache.keys, cache.values)
+
+    def _decode(self, tokens: torch.Tensor, position: torch.Tensor, keys: list[torch.Tensor],
+                values: list[torch.Tensor]) -> torch.Tensor:
+        # Static shapes throughout: this is what compile_decode=True hands to torch.compile.
+        x = self.embedding_dropout(self.token_embedding(tokens.reshape(-1, 1)))
+        return self._run(x, position, KVCache(keys, values))[:, 0]
+
+    # -- sampling -----------------------------------------------------------------------------------------------
+    def guidance_scales(self, guidance_scale: float, guidance_schedule: str = "constant",
+                        guidance_power: float = 2.75, guidance_interval: Optional[int] = None) -> list[float]:
+        """The CFG scale s_t used for image token t = 0 .. num_tokens - 1 (t tokens already generated), T = num_tokens:
+
+        * constant: s_t = s (LlamaGen);
+        * linear: s_t = 1 + (s - 1) * t / T (ramp from no guidance; the MAR / VAR idea);
+        * cosine_power: s_t = 1 + (s - 1) * (1 - cos(pi * (t / T) ** power)) / 2 (RAR's "power-cosine", same t / T);
+        * interval: s_t = s for t < guidance_interval, then 1.
+
+        ``guidance_interval`` (with any schedule) sets s_t = 1 from token ``guidance_interval`` on. LlamaGen's
+        ``cfg_interval = k`` guides tokens 0 .. k + 1, i.e. ``guidance_interval = k + 2``.
+        """
+        self._check_guidance(guidance_scale, guidance_schedule, guidance_power, guidance_interval)
+        total = self.num_tokens
+        scales = []
+        for t in range(total):
+            if guidance_schedule == "linear":
+                s = 1.0 + (guidance_scale - 1.0) * t / total
+            elif guidance_schedule == "cosine_power":
+                s = 1.0 + (guidance_scale - 1.0) * (1.0 - math.cos(math.pi * (t / total) ** guidance_power)) / 2.0
+            else:
+                s = float(guidance_scale)
+            if guidance_interval is not None and t >= guidance_interval:
+                s = 1.0
+            scales.append(s)
+        return scales
+
+    def _check_guidance(self, guidance_scale, guidance_schedule, guidance_power, guidance_interval) -> None:
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        if guidance_power <= 0:
+            raise ValueError(f"guidance_power must be > 0, got {guidance_power}")
+        if guidance_schedule == "interval" and guidance_interval is None:
+            raise ValueError("guidance_schedule='interval' needs guidance_interval (the number of guided tokens)")
+        if guidance_interval is not None and not (isinstance(guidance_interval, int) and guidance_interval >= 0):
+            raise ValueError(f"guidance_interval must be an integer >= 0 (number of guided tokens), "
+                             f"got {guidance_interval!r}")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        class_labels: torch.Tensor,
+        guidance_scale: float = 1.0,
+        guidance_schedule: str = "constant",
+        guidance_power: float = 2.75,
+        guidance_interval: Optional[int] = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+        use_kv_cache: bool = True,
+        compile_decode: bool = False,
+        return_logits: bool = False,
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Sample ``num_tokens`` image tokens per class label -> LongTensor (B, num_tokens).
+
+        Classifier-free guidance is on when ``guidance_scale != 1``: the batch is [cond; uncond] (uncond = the null
+        class ``num_classes``), the logits combine as ``l = l_u + s_t (l_c - l_u)`` with s_t from
+        :meth:`guidance_scales`, and the sampled token is fed to both halves. Once s_t is 1 for good (after
+        ``guidance_interval`` tokens) the unconditional half is no longer computed. ``guidance_scale = 0`` samples
+        unconditionally; with ``guidance_scale == 1`` every schedule gives s_t = 1 and only the conditional half runs.
+        Each step then divides by ``temperature``, keeps the ``top_k`` most likely tokens (0 = all) and the ``top_p``
+        nucleus (1 = all), and draws from the softmax with ``torch.multinomial(generator=generator)`` (a generator on
+        the model's device, or None for torch's global RNG).
+
+        use_kv_cache: static cache, prefill of the class token then one token per step; False recomputes the full
+        prefix every step (reference / speed comparison). compile_decode: wrap the one-token decode step in
+        torch.compile (static shapes; meant for GPUs). return_logits: also return the guided logits (B, num_tokens,
+        vocab_size) each token was sampled from (before temperature and filtering).
+        The model is put in eval mode for the call and restored afterwards.
+        """
+        self._check_labels(class_labels, allow_null=False)
+        scales = self.guidance_scales(guidance_scale, guidance_schedule, guidance_power, guidance_interval)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if compile_decode and not use_kv_cache:
+            raise ValueError("compile_decode=True compiles the KV-cached decode step: it needs use_kv_cache=True")
+
+        total, batch = self.num_tokens, len(class_labels)
+        device = self.token_embedding.weight.device
+        labels = class_labels.to(device)
+        guided_steps = 0
+        if guidance_scale != 1.0:
+            guided_steps = total if guidance_interval is None else min(guidance_interval, total)
+        if guided_steps:
+            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
+        tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
+        all_logits = torch.empty(batch, total, self.config.vocab_size, device=device) if return_logits else None
+
+        was_training = self.training
+        self.eval()
+        try:
+            if use_kv_cache:
+                cache = self.allocate_kv_cache(len(labels), total)
+                positions = torch.arange(total, device=device)
+                # torch.compile caches the graphs by code object and guards: wrapping again per call recompiles
+                # nothing for the same model and shapes (the narrowed CFG-off batch adds a second graph).
+                decode = torch.compile(self._decode, dynamic=False) if compile_decode else self._decode
+            for t in range(total):
+                rows = len(labels) if t < guided_steps else batch
+                if use_kv_cache:
+                    if t == 0:
+                        logits = self.prefill(labels, cache)
+                    else:
+                        step_cache = cache if rows == cache.batch_size else cache.narrow(rows)
+                        previous = tokens[:, t - 1].repeat(rows // batch)
+                        logits = decode(previous, positions[t:t + 1], step_cache.keys, step_cache.values)
+                else:
+                    prefix = tokens[:, :t].repeat(rows // batch, 1)
+                    logits = self._run(self._embed(labels[:rows], prefix))[:, -1]
+                if rows > batch:
+                    cond, uncond = logits[:batch], logits[batch:]
+                    logits = uncond + scales[t] * (cond - uncond)
+                if all_logits is not None:
+                    all_logits[:, t] = logits
+                tokens[:, t] = self._sample(logits, temperature, top_k, top_p, generator)
+        finally:
+            self.train(was_training)
+        return (tokens, all_logits) if return_logits else tokens
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+        logits = logits / temperature
+        if top_k > 0 or top_p < 1.0:
+            logits = filter_logits(logits, top_k, top_p)
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+
+    # -- reporting ----------------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Facts for ``vfmtok describe``: parameter counts and the token / class layout."""
+        c = self.config
+        return {
+            "model": type(self).__name__,
+            "total_params": sum(p.numel() for p in self.parameters()),
+            "trainable_params": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "frozen_params": sum(p.numel() for p in self.parameters() if not p.requires_grad),
+            "num_tokens": c.num_tokens,
+            "grid": [self.grid_size, self.grid_size],
+            "vocab_size": c.vocab_size,
+            "num_classes": c.num_classes,
+            "null_class": self.null_class,
+            "dim": c.dim,
+            "depth": c.depth,
+            "num_heads": c.num_heads,
+            "head_dim": self.head_dim,
+            "ffn_hidden_dim": ffn_hidden_dim(c.dim, c.ffn_multiple_of, c.ffn_dim_multiplier),
+            "class_token_rope": c.class_token_rope,
+            "parameters_by_part": {name: count for name, module in self.named_children()
+                                   if (count := sum(p.numel() for p in module.parameters()))},
+        }
+
+
+def _describe_key_mismatch(missing, unexpected, mismatched, limit: int = 10) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing weight(s), e.g. {list(missing)[:limit]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected weight(s), e.g. {list(unexpected)[:limit]}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} weight(s) of the wrong shape, e.g. {list(mismatched)[:limit]}")
+    return ("checkpoint does not match the model: " + "; ".join(parts) +
+            ". Check that the config matches the checkpoint (or convert an official LlamaGen / VFMTok GPT checkpoint "
+            "with `generators.convert`).")
+
