@@ -62,8 +62,10 @@ class TokenizerTask(TrainingTask):
             d_loss, d_logs = self.loss.discriminator_loss(output, step, discriminator=self.wrapped_discriminator)
             yield "discriminator", d_loss, {f"discriminator/{k}": v for k, v in d_logs.items()}
 
-    def sample_images(self, model: nn.Module, batch, count: int) -> tuple[torch.Tensor, int]:
-        """Inputs (top row) above their reconstructions."""
+    def sample_images(self, model: nn.Module, batch, count: int) -> Optional[tuple[torch.Tensor, int]]:
+        """Inputs (top row) above their reconstructions (none for a streamed dataset)."""
+        if batch is None:
+            return None
         images = batch["images"]
         reconstructions = model.decode(model.encode(images), output_size=images.shape[-1])
         return torch.cat([images, reconstructions]), len(images)

@@ -149,9 +149,10 @@ class TrainingTask:
         raise NotImplementedError
 
     def sample_images(self, model: nn.Module, batch: Optional[dict[str, Any]], count: int
-                      ) -> tuple[torch.Tensor, int]:
-        """Images in [-1, 1] for the sample grid and the number per row. ``batch`` holds the first ``count`` images
-        of the sample dataset (None without one). Must not draw from the global RNG (exact resume)."""
+                      ) -> Optional[tuple[torch.Tensor, int]]:
+        """Images in [-1, 1] for the sample grid and the number per row, or None for no grid. ``batch`` holds the
+        first ``count`` images of the sample dataset (None without one). Must not draw from the global RNG (exact
+        resume)."""
         raise NotImplementedError
 
     def export(self, model: nn.Module, directory: Path) -> None:
@@ -384,10 +385,13 @@ class Trainer:
         self.model.eval()
         try:
             with torch.no_grad(), self.accelerator.autocast():
-                images, per_row = self.task.sample_images(self.model, batch, self.config.num_sample_images)
+                samples = self.task.sample_images(self.model, batch, self.config.num_sample_images)
         finally:
             self.model.train(was_training)
             self.ema.restore(self.ema_parameters)
+        if samples is None:
+            return None
+        images, per_row = samples
         path = self.output_dir / "samples" / f"step-{self.step:08d}.png"
         with atomic_file(path) as temporary:
             save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, str(temporary), nrow=per_row, format="png")
