@@ -14,7 +14,7 @@ import torch
 
 from pipelines.config import build_model, load_config
 
-__all__ = ["speed_tokenizer", "time_call"]
+__all__ = ["speed_tokenizer", "speed_ar", "time_call"]
 
 
 def _sync(device: torch.device) -> None:
@@ -35,6 +35,13 @@ def time_call(fn: Callable[[], Any], device: torch.device, steps: int, warmup: i
         _sync(device)
         per_call.append((time.perf_counter() - start) / steps)
     return statistics.median(per_call)
+
+
+def _check_device(device: str) -> torch.device:
+    device_t = torch.device(device)
+    if device_t.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but no CUDA device is available")
+    return device_t
 
 
 def _autocast(device: torch.device, precision: str):
@@ -102,9 +109,7 @@ def speed_tokenizer(config_path: str, device: str = "cpu", batch_size: int = 4, 
     (:mod:`tokenizer.feature_cache`, built in a temporary directory; reading is part of the timed step). Train rows
     carry ``"feature_cache": false / true``.
     """
-    device_t = torch.device(device)
-    if device_t.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but no CUDA device is available")
+    device_t = _check_device(device)
     precision = precision or ("bf16" if device_t.type == "cuda" else "fp32")
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
@@ -154,3 +159,30 @@ def speed_tokenizer(config_path: str, device: str = "cpu", batch_size: int = 4, 
             seconds = time_call(lambda: model.decode(tokens), device_t, steps, warmup)
         results.append({"mode": "decode", **common, "images_per_s": batch_size / seconds, "seconds_per_batch": seconds})
     return results
+
+
+def speed_ar(config_path: str, device: str = "cpu", batch_size: int = 8, cfg: bool = True,
+             guidance_scale: float = 2.0, kv_cache: bool = True, compile: bool = False, steps: int = 1,
+             warmup: int = 1, windows: int = 3, precision: str | None = None) -> dict[str, Any]:
+    """Class-conditional generation throughput of a GPT config (random weights): every call samples ``num_tokens``
+    tokens for ``batch_size`` images (CFG doubles the model batch but not the counted tokens)."""
+    device_t = _check_device(device)
+    precision = precision or ("bf16" if device_t.type == "cuda" else "fp32")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    config = load_config(config_path)
+    torch.manual_seed(0)
+    model = build_model(config).to(device_t).eval()
+    labels = torch.arange(batch_size, device=device_t) % model.config.num_classes
+    generator = torch.Generator(device=device_t).manual_seed(0)
+
+    def generate():
+        with _autocast(device_t, precision):
+            model.generate(labels, guidance_scale=guidance_scale if cfg else 1.0, generator=generator,
+                           use_kv_cache=kv_cache, compile_decode=compile)
+
+    seconds = time_call(generate, device_t, steps, warmup, windows=windows)
+    tokens = batch_size * model.config.num_tokens
+    return {"config": str(config_path), "device": device_t.type, "batch_size": batch_size, "cfg": cfg,
+            "kv_cache": kv_cache, "compiled": compile, "precision": precision, "threads": torch.get_num_threads(),
+            "tokens_per_s": tokens / seconds, "images_per_s": batch_size / seconds, "seconds_per_batch": seconds}

@@ -286,10 +286,11 @@ class GPTModel(ModelMixin, ConfigMixin):
         return (model, info) if want_info else model
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Like nn.Module's, but a strict mismatch raises ValueError naming the missing / unexpected / mis-shaped keys."""
+        """Like nn.Module's, but a strict mismatch raises ValueError naming missing / unexpected / mis-shaped keys."""
         own = self.state_dict()
         mismatched = [f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
-                      for key, value in state_dict.items() if key in own and tuple(value.shape) != tuple(own[key].shape)]
+                      for key, value in state_dict.items()
+                      if key in own and tuple(value.shape) != tuple(own[key].shape)]
         if mismatched and strict:
             raise ValueError(_describe_key_mismatch([], [], mismatched))
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
@@ -498,7 +499,8 @@ class GPTModel(ModelMixin, ConfigMixin):
         compile_decode: bool = False,
         return_logits: bool = False,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Sample ``num_tokens`` image tokens per class label -> LongTensor (B, num_tokens).
+        """Sample ``num_tokens`` image tokens per class label (B,) (a tensor or a list of ints) -> LongTensor
+        (B, num_tokens), raster order.
 
         Classifier-free guidance is on when ``guidance_scale != 1``: the batch is [cond; uncond] (uncond = the null
         class ``num_classes``), the logits combine as ``l = l_u + s_t (l_c - l_u)`` with s_t from
@@ -515,6 +517,8 @@ class GPTModel(ModelMixin, ConfigMixin):
         vocab_size) each token was sampled from (before temperature and filtering).
         The model is put in eval mode for the call and restored afterwards.
         """
+        if not isinstance(class_labels, torch.Tensor):
+            class_labels = torch.as_tensor(class_labels, dtype=torch.long)
         self._check_labels(class_labels, allow_null=False)
         scales = self.guidance_scales(guidance_scale, guidance_schedule, guidance_power, guidance_interval)
         if temperature <= 0:

@@ -26,6 +26,15 @@ def _speed_tokenizer(args: argparse.Namespace) -> None:
         print(json.dumps(row), flush=True)
 
 
+def _speed_ar(args: argparse.Namespace) -> None:
+    from evaluation.speed import speed_ar
+
+    row = speed_ar(args.config, device=args.device, batch_size=args.batch_size, cfg=not args.no_cfg,
+                   guidance_scale=args.guidance_scale, kv_cache=not args.no_kv_cache, compile=args.compile,
+                   steps=args.steps, warmup=args.warmup, windows=args.windows, precision=args.precision)
+    print(json.dumps(row), flush=True)
+
+
 def _convert_tokenizer(args: argparse.Namespace) -> None:
     from pipelines.atomic import save_pretrained_atomically
     from pipelines.config import build_model
@@ -49,18 +58,17 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
                     streaming=True if args.streaming else None)
 
 
-def _load_tokenizer(path: str, vfm_weights: str | None, random_vfm: bool):
-    from tokenizer import VFMTokModel
+def _train_ar(args: argparse.Namespace) -> None:
+    from pipelines.train_ar import train_ar
 
-    if random_vfm:
-        return VFMTokModel.from_pretrained(path, load_vfm_weights=False)
-    return VFMTokModel.from_pretrained(path, vfm_source=vfm_weights)
+    train_ar(args.config, args.output_dir, codes=args.codes, data=args.data, tokenizer=args.tokenizer,
+             vfm_weights=args.vfm_weights, max_steps=args.max_steps, resume=args.resume)
 
 
 def _extract(args: argparse.Namespace) -> None:
-    from pipelines.codes import extract_tokens
+    from pipelines.codes import extract_tokens, load_tokenizer
 
-    tokenizer = _load_tokenizer(args.tokenizer, args.vfm_weights, args.random_vfm)
+    tokenizer = load_tokenizer(args.tokenizer, args.vfm_weights, args.random_vfm)
     output = extract_tokens(tokenizer, args.data, args.output_dir, ten_crop=args.ten_crop,
                             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
                             limit=args.limit)
@@ -124,6 +132,32 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--vfm-weights", default=None, help="override the VFM source named in the tokenizer config")
     extract.add_argument("--random-vfm", action="store_true", help="keep a random VFM (tests of tiny tokenizers)")
     extract.set_defaults(run=_extract)
+
+    train_ar = train_kinds.add_parser("ar", help="train the LlamaGen-style GPT over discrete codes; exports the EMA "
+                                                 "weights to OUTPUT_DIR/generator")
+    train_ar.add_argument("--config", required=True, help="e.g. configs/ar/gpt-b.yaml")
+    train_ar.add_argument("--codes", default=None, help="codes from `vfmtok extract`")
+    train_ar.add_argument("--data", default=None, help="images to tokenize online (needs --tokenizer)")
+    train_ar.add_argument("--tokenizer", default=None, help="the discrete tokenizer (online tokenization, samples)")
+    train_ar.add_argument("--vfm-weights", default=None, help="override the tokenizer's VFM source")
+    train_ar.add_argument("--output-dir", required=True)
+    train_ar.add_argument("--max-steps", type=int, default=None)
+    train_ar.add_argument("--resume", action="store_true")
+    train_ar.set_defaults(run=_train_ar)
+
+    speed_ar = speed_kinds.add_parser("ar", help="class-conditional generation throughput of a GPT config")
+    speed_ar.add_argument("--config", required=True)
+    speed_ar.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    speed_ar.add_argument("--batch-size", type=int, default=8)
+    speed_ar.add_argument("--no-cfg", action="store_true", help="sample without classifier-free guidance")
+    speed_ar.add_argument("--guidance-scale", type=float, default=2.0)
+    speed_ar.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix at every step")
+    speed_ar.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
+    speed_ar.add_argument("--steps", type=int, default=1, help="generate calls per timing window")
+    speed_ar.add_argument("--warmup", type=int, default=1)
+    speed_ar.add_argument("--windows", type=int, default=3, help="timing windows (median)")
+    speed_ar.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    speed_ar.set_defaults(run=_speed_ar)
 
     convert = commands.add_parser("convert", help="convert an official checkpoint to this project's format")
     convert_kinds = convert.add_subparsers(dest="kind", required=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,9 +27,19 @@ import torch
 from .atomic import atomic_directory
 from .data import ImageDataset, collate_images, load_image_dataset
 
-__all__ = ["extract_tokens", "CodesDataset", "augmented_views"]
+__all__ = ["extract_tokens", "CodesDataset", "augmented_views", "load_tokenizer"]
 
 _FORMAT = 1
+
+
+def load_tokenizer(path: str, vfm_weights: Optional[str] = None, random_vfm: bool = False):
+    """A trained tokenizer (``save_pretrained`` directory or Hub id) with its VFM: the source named in its config,
+    ``vfm_weights`` instead, or a random one (``random_vfm``, tests of tiny tokenizers only)."""
+    from tokenizer import VFMTokModel
+
+    if random_vfm:
+        return VFMTokModel.from_pretrained(path, load_vfm_weights=False)
+    return VFMTokModel.from_pretrained(path, vfm_source=vfm_weights)
 
 
 def augmented_views(images: torch.Tensor, size: int, ten_crop: bool) -> torch.Tensor:
@@ -100,7 +110,8 @@ class CodesDataset(torch.utils.data.Dataset):
     """Map-style dataset over an extraction directory; keys are ``index`` or ``(index, sample_seed)`` as for
     :class:`pipelines.data.ImageDataset`. Unreadable source images are left out."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, rows: Optional[Sequence[int]] = None):
+        """``rows``: use only these images (e.g. a train / validation split); unreadable ones are still left out."""
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
@@ -112,7 +123,12 @@ class CodesDataset(torch.utils.data.Dataset):
         self.kind = self.meta["kind"]
         self.values = np.load(self.path / f"{self.kind}.npy", mmap_mode="r")
         self.labels = np.load(self.path / "labels.npy")
-        self.rows = np.flatnonzero(np.load(self.path / "valid.npy"))
+        valid = np.load(self.path / "valid.npy")
+        if rows is not None:
+            chosen = np.zeros_like(valid)
+            chosen[np.asarray(rows, dtype=np.int64)] = True
+            valid = valid & chosen
+        self.rows = np.flatnonzero(valid)
         if len(self.values) != self.meta["num_images"] or len(self.labels) != len(self.values):
             raise ValueError(f"{str(self.path)!r} is inconsistent: {len(self.values)} {self.kind}, "
                              f"{len(self.labels)} labels, meta {self.meta['num_images']}")
