@@ -249,6 +249,7 @@ def test_short_run_on_imagenet_samples_lowers_reconstruction_loss(tmp_path):
     records = metrics(tmp_path / "out")
     first = sum(r["model/l2"] for r in records[:5]) / 5
     last = sum(r["model/l2"] for r in records[-5:]) / 5
+    print(json.dumps({"l2_first_5_steps": first, "l2_last_5_steps": last}))
     # Recorded on this machine: see the issue note. Loose bound: the pixel loss must fall by a fifth.
     assert last < 0.8 * first, (first, last)
 
