@@ -35,7 +35,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from tokenizer.convert import CheckpointLoadError
+from tokenizer.convert import CheckpointLoadError, read_training_checkpoint, strip_wrapper_prefixes
 
 __all__ = ["CheckpointLoadError", "load_llamagen_checkpoint", "convert_llamagen_state_dict",
            "convert_llamagen_checkpoint"]
@@ -56,51 +56,13 @@ _RULES: list[tuple[str, Optional[str]]] = [
     (r"^norm\.weight$", r"norm.weight"),
     (r"^output\.weight$", r"head.weight"),
 ]
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def load_llamagen_checkpoint(path: str | Path, prefer: str = "ema") -> dict[str, torch.Tensor]:
-    """Read an official GPT checkpoint safely (``torch.load(weights_only=True)``) and return the state dict in it.
-
-    ``prefer`` (``"ema"`` or ``"model"``) picks which weights to take when the file holds both; then ``"ema"``,
-    ``"model"``, ``"module"``, ``"state_dict"``, or the file itself when it is a flat dict of tensors.
-    """
-    if prefer not in ("ema", "model"):
-        raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # the unpickler's message names the offending global
-        raise CheckpointLoadError(
-            f"torch.load(weights_only=True) refused {str(path)!r}: {error}\n"
-            "The file contains Python objects besides tensors (for example argparse.Namespace training arguments). "
-            "Only if you trust where the file comes from, re-save just its tensors with\n"
-            "  python -c \"import torch; c = torch.load('IN', map_location='cpu', weights_only=False); "
-            "torch.save({k: c[k] for k in ('ema', 'model') if k in c}, 'OUT')\"\n"
-            "and convert OUT instead; or allow the specific class with torch.serialization.add_safe_globals."
-        ) from error
-    if not isinstance(checkpoint, Mapping):
-        raise CheckpointLoadError(f"{str(path)!r} holds a {type(checkpoint).__name__}, expected a dict of tensors")
-    order = [prefer, "ema", "model", "module", "state_dict"]
-    for key in order:
-        if key in checkpoint and isinstance(checkpoint[key], Mapping):
-            return dict(checkpoint[key])
-    if checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
-        return dict(checkpoint)
-    raise CheckpointLoadError(f"{str(path)!r} has no GPT weights: expected one of {order[1:]} or a flat state dict, "
-                              f"found keys {sorted(checkpoint)[:10]}")
-
-
-def _strip_wrappers(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    return key
+    """Read an official GPT checkpoint safely (``torch.load(weights_only=True)``) and return the state dict in it:
+    ``prefer`` (``"ema"`` or ``"model"``), then ``"ema"``, ``"model"``, ``"module"`` (DeepSpeed), ``"state_dict"``,
+    or the file itself when it is a flat dict of tensors."""
+    return read_training_checkpoint(path, prefer, containers=("ema", "model", "module", "state_dict"), what="GPT")
 
 
 def convert_llamagen_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -110,7 +72,7 @@ def convert_llamagen_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple
     """
     converted, dropped, unknown = {}, [], []
     for key, tensor in state_dict.items():
-        name = _strip_wrappers(key)
+        name = strip_wrapper_prefixes(key)
         for pattern, replacement in _RULES:
             if re.match(pattern, name):
                 if replacement is None:

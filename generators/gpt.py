@@ -31,6 +31,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from tokenizer.convert import describe_key_mismatch
+
 __all__ = ["GPTModel", "KVCache", "GUIDANCE_SCHEDULES", "filter_logits", "ffn_hidden_dim", "rope_2d_table"]
 
 GUIDANCE_SCHEDULES = ("constant", "linear", "cosine_power", "interval")
@@ -281,8 +283,8 @@ class GPTModel(ModelMixin, ConfigMixin):
                                               **kwargs)
         mismatched = [f"{key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in info["mismatched_keys"]]
         if info["missing_keys"] or info["unexpected_keys"] or mismatched:
-            raise ValueError(f"{pretrained_model_name_or_path}: " + _describe_key_mismatch(
-                info["missing_keys"], info["unexpected_keys"], mismatched))
+            raise ValueError(f"{pretrained_model_name_or_path}: " + describe_key_mismatch(
+                info["missing_keys"], info["unexpected_keys"], mismatched, converter="generators.convert"))
         return (model, info) if want_info else model
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -292,10 +294,10 @@ class GPTModel(ModelMixin, ConfigMixin):
                       for key, value in state_dict.items()
                       if key in own and tuple(value.shape) != tuple(own[key].shape)]
         if mismatched and strict:
-            raise ValueError(_describe_key_mismatch([], [], mismatched))
+            raise ValueError(describe_key_mismatch([], [], mismatched, converter="generators.convert"))
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         if strict and (result.missing_keys or result.unexpected_keys):
-            raise ValueError(_describe_key_mismatch(result.missing_keys, result.unexpected_keys, []))
+            raise ValueError(describe_key_mismatch(result.missing_keys, result.unexpected_keys, converter="generators.convert"))
         return result
 
     # -- properties ---------------------------------------------------------------------------------------------
@@ -619,17 +621,3 @@ class GPTModel(ModelMixin, ConfigMixin):
             "parameters_by_part": {name: count for name, module in self.named_children()
                                    if (count := sum(p.numel() for p in module.parameters()))},
         }
-
-
-def _describe_key_mismatch(missing, unexpected, mismatched, limit: int = 10) -> str:
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing weight(s), e.g. {list(missing)[:limit]}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected weight(s), e.g. {list(unexpected)[:limit]}")
-    if mismatched:
-        parts.append(f"{len(mismatched)} weight(s) of the wrong shape, e.g. {list(mismatched)[:limit]}")
-    return ("checkpoint does not match the model: " + "; ".join(parts) +
-            ". Check that the config matches the checkpoint (or convert an official LlamaGen / VFMTok GPT checkpoint "
-            "with `generators.convert`).")
-

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -74,12 +74,17 @@ class CheckpointLoadError(RuntimeError):
     pass
 
 
-def load_reference_checkpoint(path: str | Path, prefer: str = "ema") -> dict[str, torch.Tensor]:
-    """Read an official checkpoint safely and return the tokenizer state dict in it.
+def read_training_checkpoint(path: str | Path, prefer: str = "ema",
+                             containers: Sequence[str] = ("ema", "model", "state_dict"),
+                             what: str = "tokenizer") -> dict[str, torch.Tensor]:
+    """Read a checkpoint saved by a training script safely and return the state dict in it.
 
-    Uses ``torch.load(weights_only=True)``: no code in the file is executed. ``prefer`` picks ``"ema"`` or ``"model"``
-    when the file holds both.
+    Uses ``torch.load(weights_only=True)``: no code in the file is executed. The weights are looked up under
+    ``prefer`` (``"ema"`` or ``"model"``, when the file holds both), then under each of ``containers``, else the file
+    must itself be a flat dict of tensors. ``what`` names the weights in error messages.
     """
+    if prefer not in ("ema", "model"):
+        raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -96,17 +101,36 @@ def load_reference_checkpoint(path: str | Path, prefer: str = "ema") -> dict[str
         ) from error
     if not isinstance(checkpoint, Mapping):
         raise CheckpointLoadError(f"{str(path)!r} holds a {type(checkpoint).__name__}, expected a dict of tensors")
-    order = [prefer, "ema", "model", "state_dict"]
-    for key in order:
+    for key in (prefer, *containers):
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
             return dict(checkpoint[key])
-    if all(torch.is_tensor(v) for v in checkpoint.values()):
+    if checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
         return dict(checkpoint)
-    raise CheckpointLoadError(f"{str(path)!r} has no tokenizer weights: expected one of {order[1:]} or a flat "
+    raise CheckpointLoadError(f"{str(path)!r} has no {what} weights: expected one of {list(containers)} or a flat "
                               f"state dict, found keys {sorted(checkpoint)[:10]}")
 
 
-def _strip_wrappers(key: str) -> str:
+def load_reference_checkpoint(path: str | Path, prefer: str = "ema") -> dict[str, torch.Tensor]:
+    """Read an official VFMTok / VFMAE checkpoint safely and return the tokenizer state dict in it."""
+    return read_training_checkpoint(path, prefer)
+
+
+def describe_key_mismatch(missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str] = (),
+                          converter: str = "tokenizer.convert", limit: int = 10) -> str:
+    """The message for weights that do not fit a model: what is missing, unexpected or mis-shaped, and what to do."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing weight(s), e.g. {list(missing)[:limit]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected weight(s), e.g. {list(unexpected)[:limit]}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} weight(s) of the wrong shape, e.g. {list(mismatched)[:limit]}")
+    return ("checkpoint does not match the model: " + "; ".join(parts) +
+            f". Check that the config matches the checkpoint (or convert an official checkpoint with `{converter}`).")
+
+
+def strip_wrapper_prefixes(key: str) -> str:
+    """Remove the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes training wrappers add to keys."""
     changed = True
     while changed:
         changed = False
@@ -140,7 +164,7 @@ def convert_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tupl
     """
     converted, dropped, unknown = {}, [], []
     for key, tensor in state_dict.items():
-        matched, new_key = _rename(_strip_wrappers(key))
+        matched, new_key = _rename(strip_wrapper_prefixes(key))
         if not matched:
             unknown.append(key)
         elif new_key is None:

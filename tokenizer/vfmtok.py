@@ -22,6 +22,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .deformable_attention import MultiScaleDeformableAttention, grid_reference_points
+from .convert import describe_key_mismatch
 from .vfm import FrozenVFM, VFM_PRESETS, VFMFeatures, resize_images
 
 __all__ = ["VFMTokModel", "VFMTokOutput", "VectorQuantizer", "resize_images"]
@@ -567,8 +568,8 @@ class VFMTokModel(ModelMixin, ConfigMixin):
         # diffusers only warns about these; a tokenizer with a silently random weight is never what a user wants.
         mismatched = [f"{key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in info["mismatched_keys"]]
         if info["missing_keys"] or info["unexpected_keys"] or mismatched:
-            raise ValueError(f"{pretrained_model_name_or_path}: " + _describe_key_mismatch(
-                info["missing_keys"], info["unexpected_keys"] + mismatched))
+            raise ValueError(f"{pretrained_model_name_or_path}: " + describe_key_mismatch(
+                info["missing_keys"], info["unexpected_keys"], mismatched))
         if load_vfm_weights:
             model.load_vfm_weights(vfm_source)
         return (model, info) if want_info else model
@@ -576,7 +577,7 @@ class VFMTokModel(ModelMixin, ConfigMixin):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         if strict and (result.missing_keys or result.unexpected_keys):
-            raise ValueError(_describe_key_mismatch(result.missing_keys, result.unexpected_keys))
+            raise ValueError(describe_key_mismatch(result.missing_keys, result.unexpected_keys))
         return result
 
     # -- properties ---------------------------------------------------------------------------------------------
@@ -710,14 +711,3 @@ class VFMTokModel(ModelMixin, ConfigMixin):
         else:
             info["latent_shape"] = list(self.latent_shape)
         return info
-
-
-def _describe_key_mismatch(missing: Sequence[str], unexpected: Sequence[str], limit: int = 10) -> str:
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing weight(s), e.g. {list(missing)[:limit]}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected weight(s), e.g. {list(unexpected)[:limit]}")
-    return ("checkpoint does not match the model: " + "; ".join(parts) +
-            ". Check that the config matches the checkpoint (or convert an official checkpoint with "
-            "`tokenizer.convert`).")
