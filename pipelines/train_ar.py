@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from accelerate.utils import set_seed
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,7 +13,7 @@ from torch import nn
 from .codes import CodesDataset, load_tokenizer
 from .config import build_model, load_config
 from .data import ImageDataset, load_image_dataset
-from .trainer import Trainer, TrainingConfig, TrainingTask, seed_everything
+from .trainer import Trainer, TrainingConfig, TrainingTask
 
 __all__ = ["ARTask", "train_ar", "ar_validation_loss"]
 
@@ -83,7 +84,7 @@ def train_ar(config: str | Path, output_dir: str | Path, codes: Optional[str] = 
     training = TrainingConfig.from_dict({**run.get("training", {}), **(overrides or {}),
                                          **{k: v for k, v in flags.items() if v is not None}},
                                         source=f"{run['_path']}: training")
-    seed_everything(training.seed)
+    set_seed(training.seed)  # python, numpy and torch, before the model is built
     model = build_model(run)
     tok = load_tokenizer(tokenizer, vfm_weights) if tokenizer is not None else None
     if tok is not None:

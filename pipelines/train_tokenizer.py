@@ -10,12 +10,13 @@ import inspect
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from accelerate.utils import set_seed
 import torch
 from torch import nn
 
 from .config import build_model, load_config
 from .data import ImageDataset, StreamingImageDataset, collate_images, load_image_dataset
-from .trainer import Trainer, TrainingConfig, TrainingTask, seed_everything
+from .trainer import Trainer, TrainingConfig, TrainingTask
 
 __all__ = ["TokenizerTask", "build_tokenizer_loss", "train_tokenizer"]
 
@@ -99,7 +100,7 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
     training_options = {**run.get("training", {}), **(overrides or {}),
                         **{name: value for name, value in flags.items() if value is not None}}
     training = TrainingConfig.from_dict(training_options, source=f"{run['_path']}: training")
-    seed_everything(training.seed)
+    set_seed(training.seed)  # python, numpy and torch, before the model is built
     model = build_model(run)
     if not isinstance(model, VFMTokModel):
         raise ValueError(f"{run['_path']}: `vfmtok train tokenizer` trains VFMTokModel configs, got {run['model']}")

@@ -29,11 +29,11 @@ import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -567,15 +567,3 @@ def _parse_step(line: str) -> Optional[int]:
 def _dict_difference(a: dict, b: dict) -> str:
     keys = sorted(set(a) | set(b), key=str)
     return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))[:500]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices) before the models are built."""
-    set_seed(seed)
-
-
-def checkpoint_steps(output_dir: str | Path) -> Sequence[int]:
-    root = Path(output_dir) / "checkpoints"
-    return sorted(int(m.group(1)) for p in root.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))) \
-        if root.is_dir() else []
-

@@ -12,7 +12,7 @@ from pipelines.cli import main
 from pipelines.codes import CodesDataset, extract_tokens
 from pipelines.config import build_model
 from pipelines.data import adm_center_crop
-from test_trainer import ROOT, SAMPLES, needs_samples, small_image_folder
+from test_trainer import ROOT, needs_samples, small_image_folder
 
 
 def saved_tokenizer(tmp_path, name="vfmtok-tiny"):

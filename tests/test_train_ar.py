@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from generators import GPTModel

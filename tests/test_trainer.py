@@ -293,7 +293,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     """Two accumulated micro-batches of 2 give the same first update as one batch of 4 (mean-reduced losses; no GAN,
     no dropout): the same 4 images, cut differently by the sampler."""
     from pipelines.config import build_model
-    from pipelines.trainer import seed_everything
+    from accelerate.utils import set_seed
 
     options = {"max_steps": 1, "checkpoint_every": 1, "lr_warmup_steps": 0, "augment": "center", "flip": False}
     runs = {"full": {"batch_size": 4}, "accumulated": {"batch_size": 2, "gradient_accumulation_steps": 2}}
@@ -304,7 +304,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
         config = tiny_config(tmp_path / name, loss={"gan_weight": 0.0}, **options, **batching)
         train_tokenizer(config, str(data), tmp_path / name / "out")
         weights[name] = load_file(str(tmp_path / name / "out" / "checkpoints" / "step-00000001" / "model.safetensors"))
-    seed_everything(0)  # the trainer seeds before building, so this is the initial model
+    set_seed(0)  # the trainer seeds before building, so this is the initial model
     initial = build_model(TINY).state_dict()
     assert max((weights["full"][k] - initial[k]).abs().max().item() for k in weights["full"]) > 1e-4
     # Adam's first step moves every weight by about +-lr (4e-4) along the gradient's sign, so a run that used only one
