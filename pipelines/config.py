@@ -17,6 +17,7 @@ __all__ = ["MODEL_CLASSES", "load_config", "build_model", "model_class"]
 MODEL_CLASSES: dict[str, str] = {
     "VFMTokModel": "tokenizer.vfmtok:VFMTokModel",
     "GPTModel": "generators.gpt:GPTModel",
+    "DiTModel": "generators.dit:DiTModel",
 }
 
 

@@ -14,6 +14,7 @@ from accelerate.utils import set_seed
 import torch
 from torch import nn
 
+from .atomic import atomic_directory
 from .config import build_model, load_config
 from .data import ImageDataset, StreamingImageDataset, collate_images, load_image_dataset
 from .trainer import Trainer, TrainingConfig, TrainingTask
@@ -26,8 +27,9 @@ class TokenizerTask(TrainingTask):
 
     export_name = "tokenizer"
 
-    def __init__(self, model: nn.Module, loss: nn.Module, feature_cache=None):
+    def __init__(self, model: nn.Module, loss: nn.Module, feature_cache=None, vfm_weights: Optional[str] = None):
         self.model = model
+        self.vfm_weights = vfm_weights
         self.loss = loss
         self.feature_cache = feature_cache
         self.discriminator = loss.discriminator
@@ -62,6 +64,14 @@ class TokenizerTask(TrainingTask):
         if self.wrapped_discriminator is not None and self.loss.discriminator_active(step):
             d_loss, d_logs = self.loss.discriminator_loss(output, step, discriminator=self.wrapped_discriminator)
             yield "discriminator", d_loss, {f"discriminator/{k}": v for k, v in d_logs.items()}
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        """``save_pretrained``; when the VFM weights came from no Hub id or path in the config (a random VFM, or
+        ``--vfm-weights``), they are saved next to the tokenizer, so that the export loads back as it was trained."""
+        with atomic_directory(directory) as staging:
+            model.save_pretrained(staging)
+            if self.vfm_weights is not None or model.vfm.pretrained is None:
+                model.save_vfm_weights(staging)
 
     def sample_images(self, model: nn.Module, batch, count: int) -> Optional[tuple[torch.Tensor, int]]:
         """Inputs (top row) above their reconstructions (none for a streamed dataset)."""
@@ -133,7 +143,7 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
         sample_dataset = ImageDataset(source, size, augment="center", flip=False)
     run_config = {"model": run["model"], "params": run["params"], "loss": run.get("loss", {}), "data": str(data),
                   "config_file": run["_path"]}
-    task = TokenizerTask(model, loss)
+    task = TokenizerTask(model, loss, vfm_weights=vfm_weights)
     trainer = Trainer(task, training, output_dir, dataset, sample_dataset=sample_dataset, run_config=run_config)
     if cached:
         task.feature_cache = open_or_build_feature_cache(trainer.accelerator, model, sample_dataset,

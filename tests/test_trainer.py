@@ -206,6 +206,14 @@ def test_export_holds_the_ema_weights_and_loads(tmp_path):
     assert all(torch.equal(state[k], ema[k]) for k in ema)
     trained = load_file(str(tmp_path / "out" / "checkpoints" / "step-00000003" / "model.safetensors"))
     assert any(not torch.equal(trained[k], ema[k]) for k in ema)  # EMA differs from the raw weights
+    # The tiny config names no VFM weights, so the random VFM it trained with is saved with the export and loaded.
+    from accelerate.utils import set_seed
+    from pipelines.config import build_model
+
+    set_seed(0)  # the trainer seeds before building: the same random VFM
+    trained_vfm = build_model(config).vfm.model.state_dict()
+    loaded_vfm = VFMTokModel.from_pretrained(exported).vfm.model.state_dict()
+    assert all(torch.equal(trained_vfm[k], loaded_vfm[k]) for k in trained_vfm)
     assert (tmp_path / "out" / "samples" / "step-00000003.png").is_file()
 
 

@@ -12,6 +12,7 @@ The frozen VFM is held outside the module tree (see ``VFMTokModel.vfm``): it is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -19,10 +20,13 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
+from safetensors.torch import save_file
 from torch import nn
 
 from .deformable_attention import MultiScaleDeformableAttention, grid_reference_points
 from .convert import describe_key_mismatch
+
+VFM_WEIGHTS_NAME = "vfm.safetensors"
 from .vfm import FrozenVFM, VFM_PRESETS, VFMFeatures, resize_images
 
 __all__ = ["VFMTokModel", "VFMTokOutput", "VectorQuantizer", "resize_images"]
@@ -557,7 +561,9 @@ class VFMTokModel(ModelMixin, ConfigMixin):
         """diffusers loading, strict (a missing or unexpected tokenizer weight is an error), then the VFM weights.
 
         ``load_vfm_weights=False`` keeps a randomly initialised VFM (offline tests); ``vfm_source`` overrides the
-        Hub id / path of the VFM recorded in the config.
+        Hub id / path of the VFM recorded in the config. A local directory with a ``vfm.safetensors`` (written by
+        :meth:`save_vfm_weights` when a tokenizer was trained on VFM weights that no config names, e.g. the random
+        VFM of the tiny configs) provides the VFM when neither names one.
         """
         if kwargs.get("low_cpu_mem_usage", False):
             raise ValueError("low_cpu_mem_usage=True is not supported: it would leave the frozen VFM on the meta device")
@@ -571,8 +577,18 @@ class VFMTokModel(ModelMixin, ConfigMixin):
             raise ValueError(f"{pretrained_model_name_or_path}: " + describe_key_mismatch(
                 info["missing_keys"], info["unexpected_keys"], mismatched))
         if load_vfm_weights:
+            bundled = Path(pretrained_model_name_or_path) / VFM_WEIGHTS_NAME
+            if vfm_source is None and model.vfm.pretrained is None and bundled.is_file():
+                vfm_source = str(bundled)
             model.load_vfm_weights(vfm_source)
         return (model, info) if want_info else model
+
+    def save_vfm_weights(self, directory: str | Path) -> Path:
+        """Write the frozen VFM's weights next to the tokenizer's (``vfm.safetensors``), for VFMs that no config or Hub
+        id can reproduce; :meth:`from_pretrained` picks them up."""
+        path = Path(directory) / VFM_WEIGHTS_NAME
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.vfm.model.state_dict().items()}, str(path))
+        return path
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)

@@ -1,0 +1,470 @@
+"""Class-conditional diffusion / flow transformer over continuous tokenizer latents (REFERENCE.md section 5).
+
+One class covers DiT / SiT, LightningDiT and DiT^DH (RAE / VFMTok2's ``DiTwDDTHead``):
+
+* **Trunk** (DiT / SiT). The latent (B, C, H, W) is cut into ``patch_size x patch_size`` patches by a strided conv
+  (``x_embedder``), plus an optional fixed 2D sin-cos position embedding (``pos_embed="sincos"``, DiT's layout: the
+  first half of the channels encodes the column, the second half the row). Conditioning ``c = t_emb + y_emb``:
+  ``t_emb`` = MLP(sinusoidal(``time_embedding_scale * t``, 256 frequencies)), ``y_emb`` = a row of ``class_embedding``
+  (``num_classes + 1`` rows, the last the null class). Each block is adaLN-Zero:
+  ``shift/scale/gate (attention, MLP) = Linear(SiLU(c))``, ``x += gate * attn(norm(x) * (1 + scale) + shift)``, the
+  same for the MLP. The modulation layers and the final layer start at zero, so the model outputs exactly 0 at init.
+* **LightningDiT options**: ``norm`` (``"layernorm"``: no affine, eps 1e-6, as DiT; ``"rmsnorm"``: with weight),
+  ``mlp`` (``"gelu"``: tanh-GELU, hidden ``mlp_ratio * dim``; ``"swiglu"``: fused ``w12`` and ``w3``, hidden
+  ``int(2/3 * mlp_ratio * dim)``, as LightningDiT), ``qk_norm`` (per-head norm of the same kind on q and k) and
+  ``rope`` (2D RoPE in every block: the first half of each head's interleaved channel pairs rotates by the row, the
+  second half by the column, with ``f_j = rope_base ** (-2j / (head_dim / 2))``; EVA's ``VisionRotaryEmbeddingFast``,
+  the same table as ``generators.gpt.rope_2d_table``). RoPE and the sin-cos embedding can be combined (VFMTok2 does).
+* **DiT^DH wide shallow head** (``head_depth > 0``). My reading of DDT / RAE's ``DiTwDDTHead``: the trunk
+  (``depth`` blocks at width ``dim``) has no final layer; its output ``s`` (B, N, dim) becomes a *per-token* condition
+  ``z = head_projection(SiLU(t_emb + s))`` (B, N, head_width) (``head_projection`` is the identity when the widths are
+  equal). The head re-embeds the *noisy latent itself* with its own patch embedding (``head_embedder``, patch size
+  ``head_patch_size``, default ``patch_size``), runs ``head_depth`` adaLN-Zero blocks at ``head_width`` whose
+  modulation is computed per token from ``z`` (``Linear(SiLU(z))``, repeated over the head's tokens when the head has
+  a finer patch), and the final adaLN layer is also conditioned on ``z``. No position embedding is added in the head
+  (VFMTok2 leaves ``x_pos_embed = None``); with ``rope`` the head uses its own RoPE table at its head dimension.
+  Differences from the reference (same parameter layout otherwise): the reference embeds time with a Gaussian Fourier
+  embedding (a frozen 256-vector W -> 512 features -> MLP; 512 x dim inputs instead of 256 x dim here: +0.3M params
+  for XL), applies an extra SiLU to ``t + y`` before the blocks' own SiLU, and stores the sin-cos table as a frozen
+  parameter; here it is a non-persistent buffer, so it is not counted and not saved.
+
+``forward(latents, timesteps, class_labels, force_drop_ids=None)`` returns the velocity, shaped like ``latents``.
+Time convention (SiT): ``x_t = t * x_data + (1 - t) * noise``, ``t in [0, 1]``, target ``x_data - noise``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from generators.gpt import apply_rotary_embedding, rope_2d_table
+from tokenizer.convert import describe_key_mismatch
+
+__all__ = ["DiTModel", "sincos_2d_pos_embed", "timestep_embedding", "swiglu_hidden_dim"]
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POS_EMBEDS = ("sincos", "none")
+
+
+def swiglu_hidden_dim(dim: int, mlp_ratio: float) -> int:
+    """LightningDiT's SwiGLU width: ``int(2/3 * int(dim * mlp_ratio))``."""
+    return int(2 / 3 * int(dim * mlp_ratio))
+
+
+def sincos_2d_pos_embed(dim: int, grid_size: int, device=None) -> torch.Tensor:
+    """(grid_size**2, dim) fp32 fixed 2D sin-cos embedding in DiT's layout (raster order; the first ``dim / 2``
+    channels encode the column, the last ``dim / 2`` the row; each half is ``[sin(pos * w), cos(pos * w)]`` with
+    ``w_k = 10000 ** (-k / (dim / 4))``)."""
+    if dim % 4:
+        raise ValueError(f"the sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim / 4))
+    coords = torch.arange(grid_size, device=device, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def one_axis(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    return torch.cat([one_axis(cols), one_axis(rows)], dim=1).float()
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """DiT's sinusoidal embedding (B,) -> (B, dim): ``[cos(t * f), sin(t * f)]``, ``f_k = max_period ** (-k / half)``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def make_norm(kind: str, dim: int, affine_layernorm: bool = False) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(dim)
+    return nn.LayerNorm(dim, elementwise_affine=affine_layernorm, eps=1e-6)
+
+
+class GeluMLP(nn.Module):
+    """DiT's MLP: ``fc2(gelu_tanh(fc1(x)))`` (timm ``Mlp`` names)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SwiGLU(nn.Module):
+    """LightningDiT's SwiGLU: ``w3(silu(a) * b)`` with ``(a, b) = w12(x).chunk(2)``."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class Attention(nn.Module):
+    """Bidirectional self-attention: fused ``qkv`` (with bias), optional per-head q/k norm and 2D RoPE, SDPA."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, norm: str):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        # LightningDiT: q/k norm is RMSNorm with rmsnorm blocks, an affine LayerNorm otherwise.
+        self.q_norm = make_norm(norm, self.head_dim, affine_layernorm=True) if qk_norm else nn.Identity()
+        self.k_norm = make_norm(norm, self.head_dim, affine_layernorm=True) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(dim=2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary_embedding(q, rope), apply_rotary_embedding(k, rope)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2).to(v.dtype), k.transpose(1, 2).to(v.dtype),
+                                             v.transpose(1, 2))
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def _per_token(cond: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, dim) -> (B, 1, dim); (B, L, dim) -> (B, num_tokens, dim), each of the L rows repeated num_tokens / L times."""
+    if cond.ndim == 2:
+        return cond[:, None]
+    if cond.shape[1] != num_tokens:
+        cond = cond.repeat_interleave(num_tokens // cond.shape[1], dim=1)
+    return cond
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block; the condition is (B, dim) (trunk) or per token (B, L, dim) (DiT^DH head)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm: str, mlp: str, qk_norm: bool):
+        super().__init__()
+        self.norm1 = make_norm(norm, dim)
+        self.attn = Attention(dim, num_heads, qk_norm, norm)
+        self.norm2 = make_norm(norm, dim)
+        self.mlp = SwiGLU(dim, swiglu_hidden_dim(dim, mlp_ratio)) if mlp == "swiglu" else \
+            GeluMLP(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
+        mod = _per_token(self.adaLN_modulation(cond), x.shape[1])
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_features: int, norm: str):
+        super().__init__()
+        self.norm_final = make_norm(norm, dim)
+        self.linear = nn.Linear(dim, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = _per_token(self.adaLN_modulation(cond), x.shape[1]).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = timestep_embedding(t, self.frequency_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------------
+class DiTModel(ModelMixin, ConfigMixin):
+    """DiT / SiT / LightningDiT / DiT^DH velocity model over (B, in_channels, latent_size, latent_size) latents.
+
+    See the module docstring for the layout. ``head_depth = 0`` gives a plain DiT / SiT / LightningDiT.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 4,
+        latent_size: int = 32,
+        patch_size: int = 2,
+        num_classes: int = 1000,
+        dim: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm: str = "layernorm",
+        mlp: str = "gelu",
+        qk_norm: bool = False,
+        rope: bool = False,
+        rope_base: float = 10000.0,
+        pos_embed: str = "sincos",
+        class_dropout_prob: float = 0.1,
+        time_embedding_scale: float = 1.0,
+        head_width: Optional[int] = None,
+        head_depth: int = 0,
+        head_num_heads: Optional[int] = None,
+        head_patch_size: Optional[int] = None,
+    ):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("latent_size", latent_size), ("patch_size", patch_size),
+                            ("num_classes", num_classes), ("dim", dim), ("depth", depth), ("num_heads", num_heads)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if mlp not in MLPS:
+            raise ValueError(f"mlp must be one of {MLPS}, got {mlp!r}")
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
+        if not 0.0 <= class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+        if latent_size % patch_size:
+            raise ValueError(f"latent_size ({latent_size}) must be divisible by patch_size ({patch_size})")
+        if not isinstance(head_depth, int) or head_depth < 0:
+            raise ValueError(f"head_depth must be a non-negative integer, got {head_depth!r}")
+        head_width = head_width or dim
+        head_num_heads = head_num_heads or num_heads
+        head_patch_size = head_patch_size or patch_size
+        if head_depth and (latent_size % head_patch_size or patch_size % head_patch_size):
+            raise ValueError(f"head_patch_size ({head_patch_size}) must divide patch_size ({patch_size}) and "
+                             f"latent_size ({latent_size})")
+        for name, width, heads in (("dim", dim, num_heads), ("head_width", head_width, head_num_heads)):
+            if width % heads:
+                raise ValueError(f"{name} ({width}) must be divisible by its number of heads ({heads})")
+            if rope and (width // heads) % 4:
+                raise ValueError(f"rope needs a head dimension divisible by 4; {name} {width} / {heads} heads")
+        if pos_embed == "sincos" and dim % 4:
+            raise ValueError(f"the sin-cos position embedding needs dim divisible by 4, got {dim}")
+
+        self.grid_size = latent_size // patch_size
+        self.head_grid_size = latent_size // head_patch_size
+        self.out_patch = head_patch_size if head_depth else patch_size
+        self.x_embedder = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.class_embedding = nn.Embedding(num_classes + 1, dim)  # the last row is the null class
+        block = dict(mlp_ratio=mlp_ratio, norm=norm, mlp=mlp, qk_norm=qk_norm)
+        self.blocks = nn.ModuleList(DiTBlock(dim, num_heads, **block) for _ in range(depth))
+        if head_depth:
+            self.head_embedder = nn.Conv2d(in_channels, head_width, head_patch_size, stride=head_patch_size)
+            self.head_projection = nn.Linear(dim, head_width) if head_width != dim else nn.Identity()
+            self.head_blocks = nn.ModuleList(DiTBlock(head_width, head_num_heads, **block) for _ in range(head_depth))
+        out_width = head_width if head_depth else dim
+        self.final_layer = FinalLayer(out_width, self.out_patch ** 2 * in_channels, norm)
+        # Not weights: rebuilt in fp32 whenever the module is moved or cast (see _apply).
+        self._register_tables(None)
+        self._init_weights()
+
+    # -- tables -------------------------------------------------------------------------------------------------
+    def _tables(self, device) -> dict[str, torch.Tensor]:
+        c = self.config
+        empty = torch.zeros(0, device=device)
+        tables = {"pos_table": sincos_2d_pos_embed(c.dim, self.grid_size, device)
+                  if c.pos_embed == "sincos" else empty,
+                  "rope_table": rope_2d_table(self.grid_size, c.dim // c.num_heads, c.rope_base, device=device)[1:]
+                  if c.rope else empty,
+                  "head_rope_table": empty}
+        if c.rope and c.head_depth:
+            head_width, head_heads = c.head_width or c.dim, c.head_num_heads or c.num_heads
+            tables["head_rope_table"] = rope_2d_table(self.head_grid_size, head_width // head_heads, c.rope_base,
+                                                      device=device)[1:]
+        return tables
+
+    def _register_tables(self, device) -> None:
+        for name, table in self._tables(device).items():
+            self.register_buffer(name, table, persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for name, table in self._tables(self.pos_table.device).items():
+            setattr(self, name, table)
+        return self
+
+    def _init_weights(self) -> None:
+        """DiT's initialisation: xavier-uniform linears, patch embeddings like linears, N(0, 0.02) for the class
+        table and the timestep MLP, and zero for every adaLN modulation and the final layer (adaLN-Zero)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        embedders = [self.x_embedder] + ([self.head_embedder] if self.config.head_depth else [])
+        for conv in embedders:
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+            nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.class_embedding.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for blk in list(self.blocks) + list(getattr(self, "head_blocks", [])):
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    # -- loading ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """diffusers loading, strict: a missing, unexpected or mis-shaped weight raises ValueError naming it."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              **kwargs)
+        mismatched = [f"{key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in info["mismatched_keys"]]
+        if info["missing_keys"] or info["unexpected_keys"] or mismatched:
+            raise ValueError(f"{pretrained_model_name_or_path}: " + describe_key_mismatch(
+                info["missing_keys"], info["unexpected_keys"], mismatched, converter="generators.convert"))
+        return (model, info) if want_info else model
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Like nn.Module's, but a strict mismatch raises ValueError naming missing / unexpected / mis-shaped keys."""
+        own = self.state_dict()
+        mismatched = [f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
+                      for key, value in state_dict.items()
+                      if key in own and tuple(value.shape) != tuple(own[key].shape)]
+        if mismatched and strict:
+            raise ValueError(describe_key_mismatch([], [], mismatched, converter="generators.convert"))
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if strict and (result.missing_keys or result.unexpected_keys):
+            raise ValueError(describe_key_mismatch(result.missing_keys, result.unexpected_keys,
+                                                   converter="generators.convert"))
+        return result
+
+    # -- properties ---------------------------------------------------------------------------------------------
+    @property
+    def null_class(self) -> int:
+        """The class id of the unconditional (dropped) label: ``num_classes``."""
+        return self.config.num_classes
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.config
+        return (c.in_channels, c.latent_size, c.latent_size)
+
+    # -- core ---------------------------------------------------------------------------------------------------
+    def _check_inputs(self, latents: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> None:
+        if not isinstance(latents, torch.Tensor) or tuple(latents.shape[1:]) != self.latent_shape:
+            raise ValueError(f"latents must be (B, {', '.join(map(str, self.latent_shape))}), got "
+                             f"{tuple(getattr(latents, 'shape', ())) or type(latents)}")
+        b = latents.shape[0]
+        if not isinstance(timesteps, torch.Tensor) or timesteps.shape != (b,):
+            raise ValueError(f"timesteps must be a ({b},) tensor, got {getattr(timesteps, 'shape', type(timesteps))}")
+        if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (b,) or \
+                class_labels.is_floating_point():
+            raise ValueError(f"class_labels must be a ({b},) integer tensor, got "
+                             f"{getattr(class_labels, 'shape', type(class_labels))}")
+        bad = class_labels[(class_labels < 0) | (class_labels > self.null_class)]
+        if bad.numel():
+            raise ValueError(f"class ids {bad.unique().tolist()[:10]} are outside [0, {self.null_class}] "
+                             f"(the null class is num_classes)")
+
+    def drop_labels(self, class_labels: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``force_drop_ids`` (B,) bool / 0-1: replace exactly the marked labels by the null class (any mode).
+        Otherwise, in training mode, each label becomes the null class with probability ``class_dropout_prob``
+        (torch's global RNG); in eval mode labels are unchanged."""
+        if force_drop_ids is not None:
+            return torch.where(force_drop_ids.to(class_labels.device).bool(), self.null_class, class_labels)
+        if self.training and self.config.class_dropout_prob > 0:
+            drop = torch.rand(class_labels.shape, device=class_labels.device) < self.config.class_dropout_prob
+            return torch.where(drop, self.null_class, class_labels)
+        return class_labels
+
+    def _patchify(self, embedder: nn.Conv2d, latents: torch.Tensor) -> torch.Tensor:
+        return embedder(latents.to(embedder.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, width)
+
+    def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        p, c = self.out_patch, self.config.in_channels
+        g = self.config.latent_size // p
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor,
+                force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Velocity (B, C, H, W) for noisy ``latents`` (B, C, H, W) at ``timesteps`` (B,) in [0, 1] (SiT convention,
+        1 = data) for ``class_labels`` (B,) in [0, num_classes] (``num_classes`` = null class). See ``drop_labels``
+        for label dropout and ``force_drop_ids``."""
+        self._check_inputs(latents, timesteps, class_labels)
+        labels = self.drop_labels(class_labels, force_drop_ids)
+        t_emb = self.t_embedder(timesteps * self.config.time_embedding_scale)
+        cond = t_emb + self.class_embedding(labels)
+        x = self._patchify(self.x_embedder, latents)
+        if self.config.pos_embed == "sincos":
+            x = x + self.pos_table.to(x.dtype)
+        rope = self.rope_table if self.config.rope else None
+        for blk in self.blocks:
+            x = blk(x, cond, rope)
+        if self.config.head_depth:
+            cond = self.head_projection(F.silu(t_emb[:, None] + x))  # per-token condition (B, N, head_width)
+            x = self._patchify(self.head_embedder, latents)
+            head_rope = self.head_rope_table if self.config.rope else None
+            for blk in self.head_blocks:
+                x = blk(x, cond, head_rope)
+        out = self.final_layer(x, cond)
+        return self._unpatchify(out).to(latents.dtype)
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for ``vfmtok describe``: parameter counts and the latent / token layout."""
+        c = self.config
+        return {
+            "model": type(self).__name__,
+            "total_params": sum(p.numel() for p in self.parameters()),
+            "trainable_params": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "frozen_params": sum(p.numel() for p in self.parameters() if not p.requires_grad),
+            "latent_shape": list(self.latent_shape),
+            "patch_size": c.patch_size,
+            "num_tokens": self.grid_size ** 2,
+            "grid": [self.grid_size, self.grid_size],
+            "num_classes": c.num_classes,
+            "null_class": self.null_class,
+            "dim": c.dim,
+            "depth": c.depth,
+            "num_heads": c.num_heads,
+            "head_dim": c.dim // c.num_heads,
+            "norm": c.norm,
+            "mlp": c.mlp,
+            "mlp_hidden_dim": swiglu_hidden_dim(c.dim, c.mlp_ratio) if c.mlp == "swiglu" else int(c.dim * c.mlp_ratio),
+            "qk_norm": c.qk_norm,
+            "rope": c.rope,
+            "pos_embed": c.pos_embed,
+            "head": None if not c.head_depth else {
+                "width": c.head_width or c.dim, "depth": c.head_depth, "num_heads": c.head_num_heads or c.num_heads,
+                "patch_size": self.out_patch, "num_tokens": self.head_grid_size ** 2},
+            "parameters_by_part": {name: count for name, module in self.named_children()
+                                   if (count := sum(p.numel() for p in module.parameters()))},
+        }
