@@ -14,7 +14,7 @@ import torch
 
 from pipelines.config import build_model, load_config
 
-__all__ = ["speed_tokenizer", "speed_ar", "time_call"]
+__all__ = ["speed_tokenizer", "speed_ar", "speed_flow", "time_call"]
 
 
 def _sync(device: torch.device) -> None:
@@ -186,3 +186,45 @@ def speed_ar(config_path: str, device: str = "cpu", batch_size: int = 8, cfg: bo
     return {"config": str(config_path), "device": device_t.type, "batch_size": batch_size, "cfg": cfg,
             "kv_cache": kv_cache, "compiled": compile, "precision": precision, "threads": torch.get_num_threads(),
             "tokens_per_s": tokens / seconds, "images_per_s": batch_size / seconds, "seconds_per_batch": seconds}
+
+
+def speed_flow(config_path: str, device: str = "cpu", batch_size: int = 8, sampler: str = "euler", steps: int = 50,
+               cfg: bool = True, guidance_scale: float = 1.5, warmup: int = 1, windows: int = 3,
+               precision: str | None = None) -> dict[str, Any]:
+    """Class-conditional sampling throughput of a denoiser config (random weights). ``nfe`` counts model evaluations
+    per image, the conditional and unconditional ones of CFG separately."""
+    from generators.transport import guided_model, sample_ode, sample_sde
+
+    device_t = _check_device(device)
+    precision = precision or ("bf16" if device_t.type == "cuda" else "fp32")
+    if batch_size < 1 or steps < 1:
+        raise ValueError(f"batch size and steps must be >= 1, got {batch_size} and {steps}")
+    if sampler not in ("euler", "heun", "sde"):
+        raise ValueError(f"sampler must be euler, heun or sde, got {sampler!r}")
+    config = load_config(config_path)
+    torch.manual_seed(0)
+    model = build_model(config).to(device_t).eval()
+    labels = torch.arange(batch_size, device=device_t) % model.config.num_classes
+    noise = torch.randn((batch_size, *model.latent_shape), device=device_t)
+    generator = torch.Generator(device=device_t).manual_seed(0)
+    calls = [0]
+
+    def counted(x, t, y):
+        calls[0] += 1
+        return model(x, t, y)
+
+    velocity = guided_model(counted, guidance_scale, null_class=model.null_class) if cfg else counted
+
+    def sample():
+        with torch.no_grad(), _autocast(device_t, precision):
+            if sampler == "sde":
+                sample_sde(velocity, noise, labels, steps, generator=generator)
+            else:
+                sample_ode(velocity, noise, labels, steps, method=sampler)
+
+    sample()  # counts the model calls of one sampling run
+    nfe = calls[0] * (2 if cfg else 1)
+    seconds = time_call(sample, device_t, 1, warmup, windows=windows)
+    return {"config": str(config_path), "device": device_t.type, "batch_size": batch_size, "sampler": sampler,
+            "steps": steps, "cfg": cfg, "nfe": nfe, "precision": precision, "threads": torch.get_num_threads(),
+            "images_per_s": batch_size / seconds, "seconds_per_batch": seconds}

@@ -65,6 +65,33 @@ def _train_ar(args: argparse.Namespace) -> None:
              vfm_weights=args.vfm_weights, max_steps=args.max_steps, resume=args.resume)
 
 
+def _train_flow(args: argparse.Namespace) -> None:
+    from pipelines.train_flow import train_flow
+
+    train_flow(args.config, args.output_dir, latents=args.latents, tokenizer=args.tokenizer,
+               vfm_weights=args.vfm_weights, max_steps=args.max_steps, resume=args.resume)
+
+
+def _latent_stats(args: argparse.Namespace) -> None:
+    from safetensors.torch import load_file
+
+    from pipelines.train_flow import write_latent_statistics
+
+    path = write_latent_statistics(args.latents)
+    stats = load_file(str(path))
+    print(json.dumps({"path": str(path), "shape": list(stats["mean"].shape),
+                      "mean_of_means": float(stats["mean"].mean()), "mean_of_stds": float(stats["std"].mean())}))
+
+
+def _speed_flow(args: argparse.Namespace) -> None:
+    from evaluation.speed import speed_flow
+
+    row = speed_flow(args.config, device=args.device, batch_size=args.batch_size, sampler=args.sampler,
+                     steps=args.steps, cfg=not args.no_cfg, warmup=args.warmup, windows=args.windows,
+                     precision=args.precision)
+    print(json.dumps(row), flush=True)
+
+
 def _extract(args: argparse.Namespace) -> None:
     from pipelines.codes import extract_tokens, load_tokenizer
 
@@ -158,6 +185,34 @@ def build_parser() -> argparse.ArgumentParser:
     speed_ar.add_argument("--windows", type=int, default=3, help="timing windows (median)")
     speed_ar.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     speed_ar.set_defaults(run=_speed_ar)
+
+    train_flow = train_kinds.add_parser("flow", help="train the flow denoiser over continuous latents; exports the EMA "
+                                                     "weights and latent statistics to OUTPUT_DIR/generator")
+    train_flow.add_argument("--config", required=True, help="e.g. configs/flow/ditdh-xl.yaml")
+    train_flow.add_argument("--latents", required=True, help="latents from `vfmtok extract` (continuous tokenizer)")
+    train_flow.add_argument("--tokenizer", default=None, help="the continuous tokenizer, to decode sample grids")
+    train_flow.add_argument("--vfm-weights", default=None, help="override the tokenizer's VFM source")
+    train_flow.add_argument("--output-dir", required=True)
+    train_flow.add_argument("--max-steps", type=int, default=None)
+    train_flow.add_argument("--resume", action="store_true")
+    train_flow.set_defaults(run=_train_flow)
+
+    stats = commands.add_parser("latent-stats", help="measure the per-element mean/std of extracted latents "
+                                                     "(latent_stats.safetensors, used to normalise them)")
+    stats.add_argument("--latents", required=True)
+    stats.set_defaults(run=_latent_stats)
+
+    speed_flow = speed_kinds.add_parser("flow", help="class-conditional sampling throughput of a denoiser config")
+    speed_flow.add_argument("--config", required=True)
+    speed_flow.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    speed_flow.add_argument("--batch-size", type=int, default=8)
+    speed_flow.add_argument("--sampler", choices=["euler", "heun", "sde"], default="euler")
+    speed_flow.add_argument("--steps", type=int, default=50, help="sampling steps")
+    speed_flow.add_argument("--no-cfg", action="store_true")
+    speed_flow.add_argument("--warmup", type=int, default=1)
+    speed_flow.add_argument("--windows", type=int, default=3)
+    speed_flow.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    speed_flow.set_defaults(run=_speed_flow)
 
     convert = commands.add_parser("convert", help="convert an official checkpoint to this project's format")
     convert_kinds = convert.add_subparsers(dest="kind", required=True)
