@@ -23,10 +23,18 @@ One class covers DiT / SiT, LightningDiT and DiT^DH (RAE / VFMTok2's ``DiTwDDTHe
   modulation is computed per token from ``z`` (``Linear(SiLU(z))``, repeated over the head's tokens when the head has
   a finer patch), and the final adaLN layer is also conditioned on ``z``. No position embedding is added in the head
   (VFMTok2 leaves ``x_pos_embed = None``); with ``rope`` the head uses its own RoPE table at its head dimension.
-  Differences from the reference (same parameter layout otherwise): the reference embeds time with a Gaussian Fourier
-  embedding (a frozen 256-vector W -> 512 features -> MLP; 512 x dim inputs instead of 256 x dim here: +0.3M params
-  for XL), applies an extra SiLU to ``t + y`` before the blocks' own SiLU, and stores the sin-cos table as a frozen
-  parameter; here it is a non-persistent buffer, so it is not counted and not saved.
+* **Options that reproduce the reference exactly** (``configs/flow/ditdh-xl.yaml`` sets them; the defaults keep the
+  DiT / SiT behaviour): ``time_embedding="gaussian_fourier"`` (RAE / VFMTok2's ``GaussianFourierEmbedding``: a fixed
+  random vector ``W`` of ``time_frequency_dim`` frequencies drawn from N(0, ``time_fourier_scale``**2), features
+  ``[sin(2 pi t W), cos(2 pi t W)]`` (2 x ``time_frequency_dim`` MLP inputs); ``W`` is the persistent buffer
+  ``t_embedder.frequencies``: saved and loaded, never trained, not counted as a parameter), ``condition_silu=True``
+  (the trunk's condition is ``SiLU(t_emb + y_emb)``, before the blocks' own SiLU; the head's per-token condition
+  still uses the raw ``t_emb``, as the reference) and ``reverse_time=True`` (the reference's time convention: t = 1 is
+  noise and the target is ``noise - data``; the model embeds ``1 - t`` and negates its output, so ``forward`` keeps
+  this project's SiT convention below). The reference's sin-cos table is a frozen parameter; here it is a
+  non-persistent buffer (not counted, not saved; ``generators.convert_dit`` checks the checkpoint's copy equals it).
+  Not reproduced: the reference's ``wo_shift`` blocks, and its q/k LayerNorm eps (1e-5, used only with
+  ``qk_norm`` and ``norm="layernorm"``; 1e-6 here); both are off in every released DiT^DH config.
 
 ``forward(latents, timesteps, class_labels, force_drop_ids=None)`` returns the velocity, shaped like ``latents``.
 Time convention (SiT): ``x_t = t * x_data + (1 - t) * noise``, ``t in [0, 1]``, target ``x_data - noise``.
@@ -45,11 +53,13 @@ from torch import nn
 from generators.gpt import apply_rotary_embedding, rope_2d_table
 from tokenizer.convert import describe_key_mismatch
 
-__all__ = ["DiTModel", "sincos_2d_pos_embed", "timestep_embedding", "swiglu_hidden_dim"]
+__all__ = ["DiTModel", "sincos_2d_pos_embed", "timestep_embedding", "gaussian_fourier_embedding",
+           "swiglu_hidden_dim"]
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POS_EMBEDS = ("sincos", "none")
+TIME_EMBEDDINGS = ("sinusoidal", "gaussian_fourier")
 
 
 def swiglu_hidden_dim(dim: int, mlp_ratio: float) -> int:
@@ -83,6 +93,12 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
     return embedding
+
+
+def gaussian_fourier_embedding(t: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
+    """RAE / VFMTok2's Gaussian Fourier features (B,) -> (B, 2 * F): ``[sin(2 pi t W), cos(2 pi t W)]``, in fp32."""
+    args = t.float()[:, None] * frequencies.float()[None] * 2 * torch.pi
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -199,13 +215,25 @@ class FinalLayer(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, dim: int, frequency_dim: int = 256):
+    """MLP over DiT's sinusoidal features (``frequency_dim`` inputs) or, with ``kind="gaussian_fourier"``, over
+    Gaussian Fourier features of the fixed random frequencies ``self.frequencies`` (``2 * frequency_dim`` inputs)."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256, kind: str = "sinusoidal", fourier_scale: float = 1.0):
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.kind = kind
+        in_features = frequency_dim
+        if kind == "gaussian_fourier":
+            # A persistent buffer: saved with the weights (it is random), never trained, not a parameter.
+            self.register_buffer("frequencies", torch.randn(frequency_dim) * fourier_scale)
+            in_features = 2 * frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(in_features, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = timestep_embedding(t, self.frequency_dim)
+        if self.kind == "gaussian_fourier":
+            emb = gaussian_fourier_embedding(t, self.frequencies)
+        else:
+            emb = timestep_embedding(t, self.frequency_dim)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
@@ -239,6 +267,11 @@ class DiTModel(ModelMixin, ConfigMixin):
         pos_embed: str = "sincos",
         class_dropout_prob: float = 0.1,
         time_embedding_scale: float = 1.0,
+        time_embedding: str = "sinusoidal",
+        time_frequency_dim: int = 256,
+        time_fourier_scale: float = 1.0,
+        condition_silu: bool = False,
+        reverse_time: bool = False,
         head_width: Optional[int] = None,
         head_depth: int = 0,
         head_num_heads: Optional[int] = None,
@@ -255,6 +288,10 @@ class DiTModel(ModelMixin, ConfigMixin):
             raise ValueError(f"mlp must be one of {MLPS}, got {mlp!r}")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
+        if time_embedding not in TIME_EMBEDDINGS:
+            raise ValueError(f"time_embedding must be one of {TIME_EMBEDDINGS}, got {time_embedding!r}")
+        if not isinstance(time_frequency_dim, int) or time_frequency_dim < 1:
+            raise ValueError(f"time_frequency_dim must be a positive integer, got {time_frequency_dim!r}")
         if not 0.0 <= class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
         if latent_size % patch_size:
@@ -279,7 +316,7 @@ class DiTModel(ModelMixin, ConfigMixin):
         self.head_grid_size = latent_size // head_patch_size
         self.out_patch = head_patch_size if head_depth else patch_size
         self.x_embedder = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
-        self.t_embedder = TimestepEmbedder(dim)
+        self.t_embedder = TimestepEmbedder(dim, time_frequency_dim, time_embedding, time_fourier_scale)
         self.class_embedding = nn.Embedding(num_classes + 1, dim)  # the last row is the null class
         block = dict(mlp_ratio=mlp_ratio, norm=norm, mlp=mlp, qk_norm=qk_norm)
         self.blocks = nn.ModuleList(DiTBlock(dim, num_heads, **block) for _ in range(depth))
@@ -421,8 +458,12 @@ class DiTModel(ModelMixin, ConfigMixin):
         for label dropout and ``force_drop_ids``."""
         self._check_inputs(latents, timesteps, class_labels)
         labels = self.drop_labels(class_labels, force_drop_ids)
+        if self.config.reverse_time:  # the network was trained with t = 1 at the noise (RAE / VFMTok2)
+            timesteps = 1 - timesteps
         t_emb = self.t_embedder(timesteps * self.config.time_embedding_scale)
         cond = t_emb + self.class_embedding(labels)
+        if self.config.condition_silu:
+            cond = F.silu(cond)
         x = self._patchify(self.x_embedder, latents)
         if self.config.pos_embed == "sincos":
             x = x + self.pos_table.to(x.dtype)
@@ -435,8 +476,10 @@ class DiTModel(ModelMixin, ConfigMixin):
             head_rope = self.head_rope_table if self.config.rope else None
             for blk in self.head_blocks:
                 x = blk(x, cond, head_rope)
-        out = self.final_layer(x, cond)
-        return self._unpatchify(out).to(latents.dtype)
+        out = self._unpatchify(self.final_layer(x, cond))
+        if self.config.reverse_time:  # its velocity is noise - data; ours is data - noise
+            out = -out
+        return out.to(latents.dtype)
 
     def describe(self) -> dict[str, Any]:
         """Facts for ``vfmtok describe``: parameter counts and the latent / token layout."""
@@ -462,6 +505,9 @@ class DiTModel(ModelMixin, ConfigMixin):
             "qk_norm": c.qk_norm,
             "rope": c.rope,
             "pos_embed": c.pos_embed,
+            "time_embedding": c.time_embedding,
+            "condition_silu": c.condition_silu,
+            "reverse_time": c.reverse_time,
             "head": None if not c.head_depth else {
                 "width": c.head_width or c.dim, "depth": c.head_depth, "num_heads": c.head_num_heads or c.num_heads,
                 "patch_size": self.out_patch, "num_tokens": self.head_grid_size ** 2},
