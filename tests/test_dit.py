@@ -1,10 +1,14 @@
-"""Tests for generators/dit.py (DiT / SiT / LightningDiT / DiT^DH denoiser) and configs/flow/."""
+"""Tests for generators/dit.py (DiT / SiT / LightningDiT / DiT^DH denoiser), generators/convert_dit.py and
+configs/flow/."""
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from generators.dit import DiTModel
+from generators.convert_dit import convert_ddt_checkpoint, convert_ddt_state_dict
+from generators.dit import DiTModel, sincos_2d_pos_embed
 from generators.gpt import apply_rotary_embedding, rope_2d_table
 from pipelines.config import build_model, load_config
 
@@ -150,7 +154,7 @@ def _count(params) -> int:
     ("sit-b-2.yaml", 130e6, 130_303_504),
     ("sit-l-2.yaml", 458e6, 457_824_272),
     ("sit-xl-2.yaml", 675e6, 674_816_272),
-    ("ditdh-xl.yaml", 839e6, 834_222_452),
+    ("ditdh-xl.yaml", 839e6, 834_517_364),  # see the yaml comment for the 839M bookkeeping
 ])
 def test_config_parameter_counts(name, published, exact):
     params = load_config(CONFIGS / name)["params"]
@@ -231,3 +235,170 @@ def test_half_precision_keeps_fp32_tables():
     assert model.pos_table.dtype == torch.float32 and model.rope_table.dtype == torch.float32
     x, t, y = _inputs(model, 2)
     assert model(x.bfloat16(), t, y).dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reference-exact options and the DiT^DH (VFMTok2 / RAE DiTwDDTHead) converter
+# ----------------------------------------------------------------------------------------------------------------------
+# A tiny DiT^DH laid out like configs/flow/ditdh-xl.yaml (reference options on).
+DDT_TINY = dict(in_channels=8, latent_size=4, patch_size=1, num_classes=10, dim=64, depth=2, num_heads=4,
+                norm="rmsnorm", mlp="swiglu", rope=True, pos_embed="sincos", head_width=96, head_depth=1,
+                head_num_heads=4, head_patch_size=1, time_embedding="gaussian_fourier", condition_silu=True,
+                reverse_time=True)
+
+
+def _randomise_all(model: DiTModel, seed: int = 1) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim > 1 or "adaLN" in name or "final" in name:
+                p.normal_(std=0.05)
+            else:
+                p.add_(0.1 * torch.randn_like(p))
+
+
+def test_default_options_are_backward_compatible():
+    model = DiTModel(**TINY)
+    assert model.config.time_embedding == "sinusoidal" and not model.config.condition_silu
+    assert not model.config.reverse_time
+    assert model.t_embedder.mlp[0].in_features == 256 and "t_embedder.frequencies" not in model.state_dict()
+    with pytest.raises(ValueError, match="time_embedding"):
+        DiTModel(**TINY, time_embedding="learned")
+
+
+def test_gaussian_fourier_time_embedding_is_saved(tmp_path):
+    torch.manual_seed(0)
+    model = DiTModel(**DDT_TINY).eval()
+    freqs = model.t_embedder.frequencies
+    assert freqs.shape == (256,) and model.t_embedder.mlp[0].in_features == 512
+    assert "t_embedder.frequencies" in model.state_dict()
+    assert all(p is not freqs for p in model.parameters())  # not trained, not counted
+    t = torch.tensor([0.25])
+    emb = torch.cat([torch.sin(2 * torch.pi * 0.25 * freqs), torch.cos(2 * torch.pi * 0.25 * freqs)])
+    assert torch.allclose(model.t_embedder(t), model.t_embedder.mlp(emb[None]), atol=1e-6)
+    _randomise_all(model)
+    model.save_pretrained(tmp_path)
+    loaded = DiTModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.t_embedder.frequencies, freqs)
+    x, t, y = _inputs(model, 2)
+    assert torch.equal(model(x, t, y), loaded(x, t, y))
+
+
+def test_reverse_time_and_condition_silu():
+    torch.manual_seed(0)
+    base = DiTModel(**{**DDT_TINY, "reverse_time": False}).eval()
+    _randomise_all(base)
+    flipped = DiTModel(**DDT_TINY).eval()
+    flipped.load_state_dict(base.state_dict())
+    x, t, y = _inputs(base, 3)
+    assert torch.allclose(flipped(x, t, y), -base(x, 1 - t, y), atol=1e-5)
+    no_silu = DiTModel(**{**DDT_TINY, "condition_silu": False}).eval()
+    no_silu.load_state_dict(base.state_dict())
+    assert (no_silu(x, t, y) - flipped(x, t, y)).abs().max() > 1e-5
+
+
+def _reference_layout(model: DiTModel) -> dict:
+    """``model``'s weights under DiTwDDTHead's key names (written from denoise/models/DDT.py and model_utils.py)."""
+    ours = model.state_dict()
+    depth, head_depth = model.config.depth, model.config.head_depth
+    ref = {
+        "s_embedder.proj.weight": ours["x_embedder.weight"], "s_embedder.proj.bias": ours["x_embedder.bias"],
+        "x_embedder.proj.weight": ours["head_embedder.weight"], "x_embedder.proj.bias": ours["head_embedder.bias"],
+        "s_projector.weight": ours["head_projection.weight"], "s_projector.bias": ours["head_projection.bias"],
+        "t_embedder.W": ours["t_embedder.frequencies"],
+        "y_embedder.embedding_table.weight": ours["class_embedding.weight"],
+    }
+    for i in (0, 2):
+        for kind in ("weight", "bias"):
+            ref[f"t_embedder.mlp.{i}.{kind}"] = ours[f"t_embedder.mlp.{i}.{kind}"]
+    for name in ("norm_final.weight", "linear.weight", "linear.bias", "adaLN_modulation.1.weight",
+                 "adaLN_modulation.1.bias"):
+        ref[f"final_layer.{name}"] = ours[f"final_layer.{name}"]
+    inner = ["norm1.weight", "norm2.weight", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+             "mlp.w12.weight", "mlp.w12.bias", "mlp.w3.weight", "mlp.w3.bias", "adaLN_modulation.1.weight",
+             "adaLN_modulation.1.bias"]
+    for i in range(depth + head_depth):
+        for name in inner:
+            ref[f"blocks.{i}.{name}"] = ours[f"blocks.{i}.{name}" if i < depth else f"head_blocks.{i - depth}.{name}"]
+    # Fixed tables: pos_embed (1, N, dim); EVA RoPE buffers (N, head_dim), each angle repeated over a channel pair.
+    ref["pos_embed"] = sincos_2d_pos_embed(model.config.dim, model.grid_size)[None]
+    for prefix, table in (("enc", model.rope_table), ("dec", model.head_rope_table)):
+        ref[f"{prefix}_feat_rope.freqs_cos"] = table[..., 0].repeat_interleave(2, dim=-1)
+        ref[f"{prefix}_feat_rope.freqs_sin"] = table[..., 1].repeat_interleave(2, dim=-1)
+    return ref
+
+
+def test_convert_ddt_state_dict_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = DiTModel(**DDT_TINY).eval()
+    _randomise_all(model)
+    ref = _reference_layout(model)
+    converted, dropped = convert_ddt_state_dict({f"module._orig_mod.{k}": v for k, v in ref.items()})
+    assert sorted(dropped) == sorted(["module._orig_mod.pos_embed"] + [
+        f"module._orig_mod.{p}_feat_rope.freqs_{f}" for p in ("enc", "dec") for f in ("cos", "sin")])
+    ours = model.state_dict()
+    assert converted.keys() == ours.keys()
+    assert all(torch.equal(converted[k], ours[k]) for k in ours)
+    fresh = DiTModel(**DDT_TINY).eval()
+    path = tmp_path / "ddt.pt"
+    torch.save({"model": {k: torch.zeros_like(v) for k, v in ref.items()}, "ema": ref, "steps": 1}, path)
+    assert len(convert_ddt_checkpoint(path, fresh)) == 5  # prefer="ema"
+    x, t, y = _inputs(model, 2)
+    assert torch.equal(fresh(x, t, y), model(x, t, y))
+
+
+def test_convert_ddt_state_dict_errors():
+    model = DiTModel(**DDT_TINY)
+    ref = _reference_layout(model)
+    with pytest.raises(ValueError, match="y_embedder.extra"):
+        convert_ddt_state_dict({**ref, "y_embedder.extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match="pos_embed"):
+        convert_ddt_state_dict({**ref, "pos_embed": ref["pos_embed"] + 0.1})
+    with pytest.raises(ValueError, match="enc_feat_rope.freqs_cos"):
+        convert_ddt_state_dict({**ref, "enc_feat_rope.freqs_cos": ref["enc_feat_rope.freqs_cos"].flip(0)})
+    equal_widths = {k: v for k, v in ref.items() if not k.startswith("s_projector")}
+    with pytest.raises(ValueError, match="depth="):
+        convert_ddt_state_dict(equal_widths)
+    converted, _ = convert_ddt_state_dict(equal_widths, depth=2)
+    assert "head_blocks.0.attn.qkv.weight" in converted and "blocks.2.attn.qkv.weight" not in converted
+    # A model with a different number of classes: a strict, named shape error.
+    with pytest.raises(ValueError, match="class_embedding.weight"):
+        DiTModel(**{**DDT_TINY, "num_classes": 12}).load_state_dict(convert_ddt_state_dict(ref)[0])
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(not os.environ.get("VFMTOK2_REF_REPO"), reason="set VFMTOK2_REF_REPO to a VFMTok2 checkout")
+def test_parity_with_reference_ditwddthead():
+    """Reference DiTwDDTHead (random weights) -> convert -> DiTModel: same velocity for the same (x, t, y)."""
+    repo = os.environ["VFMTOK2_REF_REPO"]
+    sys.path.insert(0, repo)
+    try:
+        from denoise.models.DDT import DiTwDDTHead
+    finally:
+        sys.path.remove(repo)
+    torch.manual_seed(0)
+    ref = DiTwDDTHead(input_size=4, patch_size=1, in_channels=8, hidden_size=[64, 96], depth=[2, 1],
+                      num_heads=[4, 4], mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, use_qknorm=False,
+                      use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False, use_pos_embed=True).eval()
+    with torch.no_grad():  # leave no zero-initialised layer: every path must carry signal
+        for name, p in ref.named_parameters():
+            if name not in ("pos_embed", "t_embedder.W"):
+                p.normal_(std=0.1) if p.ndim > 1 else p.add_(0.1 * torch.randn_like(p))
+    model = DiTModel(**DDT_TINY).eval()
+    converted, dropped = convert_ddt_state_dict(ref.state_dict())
+    model.load_state_dict(converted)
+    assert "pos_embed" in dropped
+    x = torch.randn(4, 8, 4, 4)
+    t = torch.tensor([0.0, 0.3, 0.77, 1.0])
+    y = torch.tensor([0, 3, 9, 10])  # 10 = the null class
+    with torch.no_grad():
+        expected = ref(x, t, y)  # reference convention: t = 1 is noise, velocity = noise - data
+        ours_raw = DiTModel(**{**DDT_TINY, "reverse_time": False}).eval()
+        ours_raw.load_state_dict(converted)
+        raw = ours_raw(x, t, y)
+        got = model(x, 1 - t, y)  # this project's convention
+    assert expected.abs().max() > 0.1
+    print(f"parity max |diff|: raw {(raw - expected).abs().max().item():.3e}, "
+          f"reversed {(got + expected).abs().max().item():.3e} (scale {expected.abs().max().item():.3f})")
+    assert torch.allclose(raw, expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(got, -expected, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,147 @@
+"""Convert official RAE / VFMTok2 DiT^DH checkpoints (``denoise/models/DDT.py``, ``DiTwDDTHead``) to
+:class:`generators.dit.DiTModel`.
+
+Build the model from ``configs/flow/ditdh-xl.yaml`` (or any config with ``time_embedding: gaussian_fourier``,
+``condition_silu: true``, ``reverse_time: true``, ``norm: rmsnorm``, ``mlp: swiglu``, ``rope: true``, patch 1 and a
+head), then ``convert_ddt_checkpoint(path, model)``. The training script saves ``{"model": ..., "ema": ...,
+"opt": ...}``; bare state dicts and DeepSpeed ``{"module": ...}`` files are accepted too, and the ``module.`` (DDP)
+and ``_orig_mod.`` (torch.compile) prefixes are stripped. The reference keeps trunk and head blocks in one list
+``blocks``: the first ``depth`` are the trunk. Key mapping, reference -> ours (every tensor copied unchanged):
+
+===============================================  ======================================================
+reference (``DiTwDDTHead``)                      this project (``DiTModel``)
+===============================================  ======================================================
+``s_embedder.proj.{weight,bias}``                ``x_embedder.{weight,bias}`` (trunk patch embedding)
+``x_embedder.proj.{weight,bias}``                ``head_embedder.{weight,bias}`` (head patch embedding)
+``s_projector.{weight,bias}``                    ``head_projection.{weight,bias}`` (widths differ only)
+``t_embedder.W``                                 ``t_embedder.frequencies`` (buffer)
+``t_embedder.mlp.{0,2}.{weight,bias}``           ``t_embedder.mlp.{0,2}.{weight,bias}``
+``y_embedder.embedding_table.weight``            ``class_embedding.weight`` (num_classes + 1 rows)
+``blocks.{i}.*``, ``i < depth``                  ``blocks.{i}.*``
+``blocks.{i}.*``, ``i >= depth``                 ``head_blocks.{i - depth}.*``
+  (``norm{1,2}.weight``, ``attn.qkv.*``, ``attn.{q,k}_norm.*``, ``attn.proj.*``, ``mlp.w12.*``, ``mlp.w3.*``,
+  ``mlp.fc{1,2}.*``, ``adaLN_modulation.1.*``: the same names inside a block)
+``final_layer.*``                                ``final_layer.*`` (same names)
+``pos_embed`` (frozen parameter)                 dropped: recomputed; checked equal to ``sincos_2d_pos_embed``
+``{enc,dec}_feat_rope.freqs_{cos,sin}``          dropped: recomputed; checked equal to ``rope_2d_table``
+===============================================  ======================================================
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from generators.dit import sincos_2d_pos_embed
+from generators.gpt import rope_2d_table
+from tokenizer.convert import CheckpointLoadError, read_training_checkpoint, strip_wrapper_prefixes
+
+__all__ = ["CheckpointLoadError", "load_ddt_checkpoint", "convert_ddt_state_dict", "convert_ddt_checkpoint"]
+
+_BLOCK_INNER = (r"(norm[12]\.weight|attn\.qkv\.(weight|bias)|attn\.[qk]_norm\.(weight|bias)|attn\.proj\.(weight|bias)"
+                r"|mlp\.(w12|w3|fc1|fc2)\.(weight|bias)|adaLN_modulation\.1\.(weight|bias))")
+_BLOCK = re.compile(r"^blocks\.(\d+)\." + _BLOCK_INNER + r"$")
+# (pattern, replacement) for the non-block keys; ``None`` drops the key (checked in _check_tables).
+_RULES: list[tuple[str, Optional[str]]] = [
+    (r"^pos_embed$", None),
+    (r"^(enc|dec)_feat_rope\.freqs_(cos|sin)$", None),
+    (r"^s_embedder\.proj\.(weight|bias)$", r"x_embedder.\1"),
+    (r"^x_embedder\.proj\.(weight|bias)$", r"head_embedder.\1"),
+    (r"^s_projector\.(weight|bias)$", r"head_projection.\1"),
+    (r"^t_embedder\.W$", r"t_embedder.frequencies"),
+    (r"^t_embedder\.mlp\.([02])\.(weight|bias)$", r"t_embedder.mlp.\1.\2"),
+    (r"^y_embedder\.embedding_table\.weight$", r"class_embedding.weight"),
+    (r"^final_layer\.(norm_final\.weight|linear\.(weight|bias)|adaLN_modulation\.1\.(weight|bias))$",
+     r"final_layer.\1"),
+]
+
+
+def load_ddt_checkpoint(path: str | Path, prefer: str = "ema") -> dict[str, torch.Tensor]:
+    """Read an official DiT^DH checkpoint safely (``torch.load(weights_only=True)``) and return its state dict:
+    ``prefer`` (``"ema"`` or ``"model"``), then ``"ema"``, ``"model"``, ``"module"``, ``"state_dict"``, or the file
+    itself when it is a flat dict of tensors."""
+    return read_training_checkpoint(path, prefer, containers=("ema", "model", "module", "state_dict"),
+                                    what="DiT^DH")
+
+
+def _infer_trunk_depth(state: Mapping[str, torch.Tensor], num_blocks: int) -> int:
+    """Trunk blocks have the trunk width (``s_embedder``'s output); head blocks the head width."""
+    if "s_projector.weight" not in state:
+        raise ValueError("trunk and head have the same width, so the number of trunk blocks cannot be read from the "
+                         "checkpoint: pass depth= (the model's config.depth)")
+    width = state["s_embedder.proj.weight"].shape[0]
+    widths = [state[f"blocks.{i}.attn.qkv.weight"].shape[1] for i in range(num_blocks)]
+    depth = sum(w == width for w in widths)
+    if widths[:depth] != [width] * depth:
+        raise ValueError(f"block widths {widths} are not a trunk of width {width} followed by a head")
+    return depth
+
+
+def _check_tables(dropped: Mapping[str, torch.Tensor]) -> None:
+    """The dropped fixed tables must equal what DiTModel recomputes, else the converted model would differ."""
+    for key, tensor in dropped.items():
+        if key == "pos_embed":
+            n, dim = tensor.shape[-2:]
+            ours = sincos_2d_pos_embed(dim, math.isqrt(n))
+            got = tensor.reshape(n, dim).float()
+        else:  # (N, head_dim): each of the head_dim / 2 channel pairs repeats one angle's cos (sin)
+            n, head_dim = tensor.shape
+            table = rope_2d_table(math.isqrt(n), head_dim)[1:]
+            ours = table[..., 0 if key.endswith("cos") else 1]
+            got = tensor.float()[:, ::2]
+            if not torch.equal(tensor.float()[:, ::2], tensor.float()[:, 1::2]):
+                raise ValueError(f"{key}: the RoPE table does not repeat each angle over a channel pair")
+        if ours.shape != got.shape or not torch.allclose(got, ours, atol=1e-5, rtol=0):
+            raise ValueError(f"{key}: the checkpoint's fixed table differs from the one DiTModel recomputes "
+                             f"(max |diff| {(got - ours).abs().max().item() if ours.shape == got.shape else 'shape'})")
+
+
+def convert_ddt_state_dict(state_dict: Mapping[str, torch.Tensor], depth: Optional[int] = None,
+                           check_tables: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename a ``DiTwDDTHead`` state dict to :class:`DiTModel`'s layout. Returns (converted, dropped keys).
+
+    ``depth``: the number of trunk blocks; read from the block widths when None (possible when trunk and head widths
+    differ, as in every released model). The dropped sin-cos / RoPE tables are checked against ours
+    (``check_tables``). Raises ValueError listing every key no rule knows (a wrong file is never half-converted).
+    """
+    original = {strip_wrapper_prefixes(key): key for key in state_dict}
+    state = {name: state_dict[key] for name, key in original.items()}
+    converted, dropped, unknown = {}, {}, []
+    block_ids = sorted({int(m.group(1)) for key in state if (m := _BLOCK.match(key))})
+    if block_ids != list(range(len(block_ids))):
+        raise ValueError(f"the checkpoint's block indices {block_ids} are not 0..{len(block_ids) - 1}")
+    if depth is None and block_ids:
+        depth = _infer_trunk_depth(state, len(block_ids))
+    for key, tensor in state.items():
+        if m := _BLOCK.match(key):
+            i = int(m.group(1))
+            converted[f"blocks.{i}.{m.group(2)}" if i < depth else f"head_blocks.{i - depth}.{m.group(2)}"] = tensor
+            continue
+        for pattern, replacement in _RULES:
+            if re.match(pattern, key):
+                if replacement is None:
+                    dropped[key] = tensor
+                else:
+                    converted[re.sub(pattern, replacement, key)] = tensor
+                break
+        else:
+            unknown.append(original[key])
+    if unknown:
+        raise ValueError(f"{len(unknown)} key(s) of the checkpoint are not DiT^DH (DiTwDDTHead) weights: "
+                         f"{unknown[:20]}")
+    if check_tables:
+        _check_tables(dropped)
+    return converted, [original[name] for name in dropped]
+
+
+def convert_ddt_checkpoint(path: str | Path, model, prefer: str = "ema") -> list[str]:
+    """Load an official checkpoint file into ``model`` (a DiTModel built from the matching config), strictly.
+
+    Returns the dropped keys. A missing, unexpected or mis-shaped weight raises ValueError naming it.
+    """
+    converted, dropped = convert_ddt_state_dict(load_ddt_checkpoint(path, prefer), depth=model.config.depth)
+    model.load_state_dict(converted, strict=True)
+    return dropped
