@@ -68,8 +68,9 @@ def _train_ar(args: argparse.Namespace) -> None:
 def _train_flow(args: argparse.Namespace) -> None:
     from pipelines.train_flow import train_flow
 
-    train_flow(args.config, args.output_dir, latents=args.latents, tokenizer=args.tokenizer,
-               vfm_weights=args.vfm_weights, max_steps=args.max_steps, resume=args.resume)
+    train_flow(args.config, args.output_dir, latents=args.latents, data=args.data, tokenizer=args.tokenizer,
+               latent_stats=args.latent_stats, vfm_weights=args.vfm_weights, max_steps=args.max_steps,
+               resume=args.resume)
 
 
 def _latent_stats(args: argparse.Namespace) -> None:
@@ -189,8 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_flow = train_kinds.add_parser("flow", help="train the flow denoiser over continuous latents; exports the EMA "
                                                      "weights and latent statistics to OUTPUT_DIR/generator")
     train_flow.add_argument("--config", required=True, help="e.g. configs/flow/ditdh-xl.yaml")
-    train_flow.add_argument("--latents", required=True, help="latents from `vfmtok extract` (continuous tokenizer)")
-    train_flow.add_argument("--tokenizer", default=None, help="the continuous tokenizer, to decode sample grids")
+    train_flow.add_argument("--latents", default=None, help="latents from `vfmtok extract` (continuous tokenizer)")
+    train_flow.add_argument("--data", default=None, help="images to encode online (needs --tokenizer, --latent-stats)")
+    train_flow.add_argument("--tokenizer", default=None, help="the continuous tokenizer (online encoding, samples)")
+    train_flow.add_argument("--latent-stats", default=None, help="latent_stats.safetensors (default: the one in "
+                                                                  "--latents, measured if missing)")
     train_flow.add_argument("--vfm-weights", default=None, help="override the tokenizer's VFM source")
     train_flow.add_argument("--output-dir", required=True)
     train_flow.add_argument("--max-steps", type=int, default=None)

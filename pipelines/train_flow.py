@@ -18,6 +18,7 @@ from torch import nn
 from .atomic import atomic_directory, atomic_file
 from .codes import CodesDataset, load_tokenizer
 from .config import build_model, load_config
+from .data import ImageDataset, load_image_dataset
 from .trainer import Trainer, TrainingConfig, TrainingTask
 
 __all__ = ["FlowTask", "train_flow", "latent_statistics", "write_latent_statistics", "LATENT_STATS_NAME"]
@@ -82,7 +83,12 @@ class FlowTask(TrainingTask):
         if (labels < 0).any():
             raise ValueError("class-conditional flow training needs a class label for every image; the data has "
                              "unlabeled images (label -1)")
-        latents = (batch["values"] - self.stats["mean"]) / self.stats["std"]
+        if "values" in batch:
+            latents = batch["values"]
+        else:  # online tokenization: the tokenizer is frozen
+            with torch.no_grad():
+                latents = self.tokenizer.encode(batch["images"])
+        latents = (latents - self.stats["mean"]) / self.stats["std"]
         loss, logs = flow_matching_loss(self.wrapped, latents, labels, **self.options)
         yield "model", loss, {f"model/{k}": v for k, v in logs.items()}
 
@@ -107,12 +113,20 @@ class FlowTask(TrainingTask):
             save_file({k: v.detach().cpu().contiguous() for k, v in self.stats.items()}, str(staging / LATENT_STATS_NAME))
 
 
-def train_flow(config: str | Path, output_dir: str | Path, latents: str, tokenizer: Optional[str] = None,
-               vfm_weights: Optional[str] = None, max_steps: Optional[int] = None, resume: bool = False,
+def train_flow(config: str | Path, output_dir: str | Path, latents: Optional[str] = None, data: Optional[str] = None,
+               tokenizer: Optional[str] = None, latent_stats: Optional[str] = None, vfm_weights: Optional[str] = None,
+               max_steps: Optional[int] = None, resume: bool = False,
                overrides: Optional[dict[str, Any]] = None) -> Path:
-    """Train the denoiser a config describes on extracted ``latents``; the ``flow:`` section of the config sets the
-    time sampling (``time_schedule`` uniform / logit_normal, ``time_mean``, ``time_std``), ``shift`` and
-    ``cosine_weight``. A tokenizer (optional) decodes the sample grids. Returns the exported EMA model."""
+    """Train the denoiser a config describes on extracted ``latents``, or on images ``data`` encoded online by
+    ``tokenizer`` (then ``latent_stats``, a ``latent_stats.safetensors`` measured with ``vfmtok latent-stats`` on
+    extracted latents, is required). The ``flow:`` section of the config sets the time sampling (``time_schedule``
+    uniform / logit_normal, ``time_mean``, ``time_std``), ``shift`` and ``cosine_weight``. A tokenizer also decodes
+    the sample grids. Returns the exported EMA model."""
+    if (latents is None) == (data is None):
+        raise ValueError("give exactly one of --latents (from `vfmtok extract`) and --data (images, with --tokenizer)")
+    if data is not None and (tokenizer is None or latent_stats is None):
+        raise ValueError("--data needs --tokenizer (to encode the images online) and --latent-stats (a "
+                         "latent_stats.safetensors from `vfmtok latent-stats`)")
     run = load_config(config)
     flags = {"max_steps": max_steps}
     training = TrainingConfig.from_dict({**run.get("training", {}), **(overrides or {}),
@@ -124,18 +138,31 @@ def train_flow(config: str | Path, output_dir: str | Path, latents: str, tokeniz
         raise ValueError(f"{run['_path']}: unknown flow option(s) {unknown}; known: {sorted(FLOW_OPTIONS)}")
     set_seed(training.seed)  # python, numpy and torch, before the model is built
     model = build_model(run)
-    dataset = CodesDataset(latents)
-    if dataset.kind != "latents":
-        raise ValueError(f"{latents!r} holds {dataset.kind}; the flow denoiser trains on continuous latents")
-    if tuple(dataset.meta["shape"]) != tuple(model.latent_shape):
-        raise ValueError(f"latents {latents!r} have shape {dataset.meta['shape']}; the config expects "
-                         f"{list(model.latent_shape)}")
-    stats_path = Path(latents) / LATENT_STATS_NAME
-    if not stats_path.is_file():
-        write_latent_statistics(latents)
-    stats = load_file(str(stats_path))
     tok = load_tokenizer(tokenizer, vfm_weights) if tokenizer is not None else None
-    run_config = {"model": run["model"], "params": run["params"], "data": str(latents), "flow": options,
+    if tok is not None and tuple(tok.latent_shape) != tuple(model.latent_shape):
+        raise ValueError(f"tokenizer {tokenizer!r} makes latents of shape {list(tok.latent_shape)}; the config "
+                         f"expects {list(model.latent_shape)}")
+    if latents is not None:
+        dataset = CodesDataset(latents)
+        if dataset.kind != "latents":
+            raise ValueError(f"{latents!r} holds {dataset.kind}; the flow denoiser trains on continuous latents")
+        if tuple(dataset.meta["shape"]) != tuple(model.latent_shape):
+            raise ValueError(f"latents {latents!r} have shape {dataset.meta['shape']}; the config expects "
+                             f"{list(model.latent_shape)}")
+        stats_path = Path(latent_stats) if latent_stats else Path(latents) / LATENT_STATS_NAME
+        if not stats_path.is_file():
+            write_latent_statistics(latents)
+    else:
+        if tok.is_discrete:
+            raise ValueError(f"tokenizer {tokenizer!r} is discrete; the flow denoiser needs a continuous one")
+        dataset = ImageDataset(load_image_dataset(data), tok.config.image_size, augment=training.augment,
+                               flip=training.flip)
+        stats_path = Path(latent_stats)
+    stats = load_file(str(stats_path))
+    if tuple(stats["mean"].shape) != tuple(model.latent_shape):
+        raise ValueError(f"latent statistics {str(stats_path)!r} have shape {list(stats['mean'].shape)}; the config "
+                         f"expects {list(model.latent_shape)}")
+    run_config = {"model": run["model"], "params": run["params"], "data": str(latents or data), "flow": options,
                   "tokenizer": tokenizer, "config_file": run["_path"]}
     sampling = run.get("sampling", {})
     task = FlowTask(model, stats, options, tok, sample_guidance_scale=float(sampling.get("guidance_scale", 1.5)),

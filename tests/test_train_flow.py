@@ -80,3 +80,15 @@ def test_tiny_denoiser_lowers_its_flow_loss_and_exports_stats(latents, tmp_path)
     assert abs(first - 2.0) < 0.3 and last < 0.85 * first, (first, last)
     assert (exported / LATENT_STATS_NAME).is_file()
     assert (tmp_path / "out" / "samples" / "step-00000120.png").is_file()
+
+
+@needs_samples
+def test_online_encoding_trains_with_given_statistics(latents, tmp_path):
+    main(["latent-stats", "--latents", str(latents["latents"])])
+    config = flow_config(tmp_path, max_steps=2, checkpoint_every=2, sample_every=2)
+    data = latents["latents"].parent / "train"
+    exported = train_flow(config, tmp_path / "out", data=str(data), tokenizer=str(latents["tokenizer"]),
+                          latent_stats=str(latents["latents"] / LATENT_STATS_NAME), vfm_weights=str(latents["vfm"]))
+    assert (exported / LATENT_STATS_NAME).is_file() and len(metrics(tmp_path / "out")) == 2
+    with pytest.raises(ValueError, match="--latent-stats"):
+        train_flow(config, tmp_path / "other", data=str(data), tokenizer=str(latents["tokenizer"]))
