@@ -51,7 +51,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from generators.gpt import apply_rotary_embedding, rope_2d_table
-from tokenizer.convert import describe_key_mismatch
+from tokenizer.convert import StrictLoadingMixin
 
 __all__ = ["DiTModel", "sincos_2d_pos_embed", "timestep_embedding", "gaussian_fourier_embedding",
            "swiglu_hidden_dim"]
@@ -240,13 +240,14 @@ class TimestepEmbedder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------------------------
-class DiTModel(ModelMixin, ConfigMixin):
+class DiTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     """DiT / SiT / LightningDiT / DiT^DH velocity model over (B, in_channels, latent_size, latent_size) latents.
 
     See the module docstring for the layout. ``head_depth = 0`` gives a plain DiT / SiT / LightningDiT.
     """
 
     config_name = "config.json"
+    converter = "generators.convert_dit"  # named in loading errors (StrictLoadingMixin)
 
     @register_to_config
     def __init__(
@@ -375,33 +376,6 @@ class DiTModel(ModelMixin, ConfigMixin):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-
-    # -- loading ------------------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """diffusers loading, strict: a missing, unexpected or mis-shaped weight raises ValueError naming it."""
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
-                                              **kwargs)
-        mismatched = [f"{key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in info["mismatched_keys"]]
-        if info["missing_keys"] or info["unexpected_keys"] or mismatched:
-            raise ValueError(f"{pretrained_model_name_or_path}: " + describe_key_mismatch(
-                info["missing_keys"], info["unexpected_keys"], mismatched, converter="generators.convert"))
-        return (model, info) if want_info else model
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Like nn.Module's, but a strict mismatch raises ValueError naming missing / unexpected / mis-shaped keys."""
-        own = self.state_dict()
-        mismatched = [f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
-                      for key, value in state_dict.items()
-                      if key in own and tuple(value.shape) != tuple(own[key].shape)]
-        if mismatched and strict:
-            raise ValueError(describe_key_mismatch([], [], mismatched, converter="generators.convert"))
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        if strict and (result.missing_keys or result.unexpected_keys):
-            raise ValueError(describe_key_mismatch(result.missing_keys, result.unexpected_keys,
-                                                   converter="generators.convert"))
-        return result
 
     # -- properties ---------------------------------------------------------------------------------------------
     @property

@@ -31,7 +31,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from tokenizer.convert import describe_key_mismatch
+from tokenizer.convert import StrictLoadingMixin
 
 __all__ = ["GPTModel", "KVCache", "GUIDANCE_SCHEDULES", "filter_logits", "ffn_hidden_dim", "rope_2d_table"]
 
@@ -192,7 +192,7 @@ class KVCache:
 # ----------------------------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------------------------
-class GPTModel(ModelMixin, ConfigMixin):
+class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     """LlamaGen-style class-conditional GPT over ``num_tokens`` image tokens (a square grid).
 
     ``forward(tokens, class_labels)`` -> teacher-forced logits (training); ``generate(class_labels, ...)`` -> sampled
@@ -200,6 +200,7 @@ class GPTModel(ModelMixin, ConfigMixin):
     """
 
     config_name = "config.json"
+    converter = "generators.convert"  # named in loading errors (StrictLoadingMixin)
 
     @register_to_config
     def __init__(
@@ -273,32 +274,6 @@ class GPTModel(ModelMixin, ConfigMixin):
         # .half() / .to(bfloat16) would round the rotation table: keep it fp32 (as the reference does).
         self.rope = self._rope_table(self.rope.device)
         return self
-
-    # -- loading ------------------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """diffusers loading, strict: a missing, unexpected or mis-shaped weight raises ValueError naming it."""
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
-                                              **kwargs)
-        mismatched = [f"{key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in info["mismatched_keys"]]
-        if info["missing_keys"] or info["unexpected_keys"] or mismatched:
-            raise ValueError(f"{pretrained_model_name_or_path}: " + describe_key_mismatch(
-                info["missing_keys"], info["unexpected_keys"], mismatched, converter="generators.convert"))
-        return (model, info) if want_info else model
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Like nn.Module's, but a strict mismatch raises ValueError naming missing / unexpected / mis-shaped keys."""
-        own = self.state_dict()
-        mismatched = [f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
-                      for key, value in state_dict.items()
-                      if key in own and tuple(value.shape) != tuple(own[key].shape)]
-        if mismatched and strict:
-            raise ValueError(describe_key_mismatch([], [], mismatched, converter="generators.convert"))
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        if strict and (result.missing_keys or result.unexpected_keys):
-            raise ValueError(describe_key_mismatch(result.missing_keys, result.unexpected_keys, converter="generators.convert"))
-        return result
 
     # -- properties ---------------------------------------------------------------------------------------------
     @property

@@ -129,6 +129,38 @@ def describe_key_mismatch(missing: Sequence[str], unexpected: Sequence[str], mis
             f". Check that the config matches the checkpoint (or convert an official checkpoint with `{converter}`).")
 
 
+class StrictLoadingMixin:
+    """For diffusers ``ModelMixin`` subclasses (list it first among the bases): ``from_pretrained`` and
+    ``load_state_dict`` raise ValueError naming every missing, unexpected or mis-shaped weight, where diffusers and
+    torch would only warn or fail on the first. ``converter`` names the module that converts official checkpoints."""
+
+    converter = "tokenizer.convert"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              **kwargs)
+        mismatched = [f"{key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in info["mismatched_keys"]]
+        if info["missing_keys"] or info["unexpected_keys"] or mismatched:
+            raise ValueError(f"{pretrained_model_name_or_path}: " + describe_key_mismatch(
+                info["missing_keys"], info["unexpected_keys"], mismatched, converter=cls.converter))
+        return (model, info) if want_info else model
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        own = self.state_dict()
+        mismatched = [f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
+                      for key, value in state_dict.items()
+                      if key in own and tuple(value.shape) != tuple(own[key].shape)]
+        if mismatched and strict:
+            raise ValueError(describe_key_mismatch([], [], mismatched, converter=self.converter))
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if strict and (result.missing_keys or result.unexpected_keys):
+            raise ValueError(describe_key_mismatch(result.missing_keys, result.unexpected_keys,
+                                                   converter=self.converter))
+        return result
+
+
 def strip_wrapper_prefixes(key: str) -> str:
     """Remove the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes training wrappers add to keys."""
     changed = True
