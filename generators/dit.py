@@ -277,8 +277,16 @@ class DiTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         head_depth: int = 0,
         head_num_heads: Optional[int] = None,
         head_patch_size: Optional[int] = None,
+        repa_layer: Optional[int] = None,
+        repa_dim: Optional[int] = None,
+        repa_projector_dim: int = 2048,
     ):
         super().__init__()
+        if (repa_layer is None) != (repa_dim is None):
+            raise ValueError(f"repa_layer and repa_dim go together (REPA alignment), got {repa_layer!r} and "
+                             f"{repa_dim!r}")
+        if repa_layer is not None and not (isinstance(repa_layer, int) and 1 <= repa_layer <= depth):
+            raise ValueError(f"repa_layer must be a block count in [1, depth={depth}], got {repa_layer!r}")
         for name, value in (("in_channels", in_channels), ("latent_size", latent_size), ("patch_size", patch_size),
                             ("num_classes", num_classes), ("dim", dim), ("depth", depth), ("num_heads", num_heads)):
             if not isinstance(value, int) or value < 1:
@@ -327,6 +335,11 @@ class DiTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             self.head_blocks = nn.ModuleList(DiTBlock(head_width, head_num_heads, **block) for _ in range(head_depth))
         out_width = head_width if head_depth else dim
         self.final_layer = FinalLayer(out_width, self.out_patch ** 2 * in_channels, norm)
+        # REPA: an MLP from the trunk's tokens after block `repa_layer` to the frozen VFM's feature width; used only
+        # by the alignment loss in training (forward(..., return_alignment=True)).
+        self.repa_projector = None if repa_layer is None else nn.Sequential(
+            nn.Linear(dim, repa_projector_dim), nn.SiLU(), nn.Linear(repa_projector_dim, repa_projector_dim),
+            nn.SiLU(), nn.Linear(repa_projector_dim, repa_dim))
         # Not weights: rebuilt in fp32 whenever the module is moved or cast (see _apply).
         self._register_tables(None)
         self._init_weights()
@@ -426,10 +439,13 @@ class DiTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor,
-                force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                force_drop_ids: Optional[torch.Tensor] = None, return_alignment: bool = False):
         """Velocity (B, C, H, W) for noisy ``latents`` (B, C, H, W) at ``timesteps`` (B,) in [0, 1] (SiT convention,
         1 = data) for ``class_labels`` (B,) in [0, num_classes] (``num_classes`` = null class). See ``drop_labels``
-        for label dropout and ``force_drop_ids``."""
+        for label dropout and ``force_drop_ids``. ``return_alignment``: also return the REPA projection (B, tokens,
+        repa_dim) of the trunk's tokens after block ``repa_layer``."""
+        if return_alignment and self.repa_projector is None:
+            raise ValueError("return_alignment=True needs a model built with repa_layer and repa_dim")
         self._check_inputs(latents, timesteps, class_labels)
         labels = self.drop_labels(class_labels, force_drop_ids)
         if self.config.reverse_time:  # the network was trained with t = 1 at the noise (RAE / VFMTok2)
@@ -442,8 +458,11 @@ class DiTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         if self.config.pos_embed == "sincos":
             x = x + self.pos_table.to(x.dtype)
         rope = self.rope_table if self.config.rope else None
-        for blk in self.blocks:
+        aligned = None
+        for index, blk in enumerate(self.blocks, start=1):
             x = blk(x, cond, rope)
+            if return_alignment and index == self.config.repa_layer:
+                aligned = self.repa_projector(x)
         if self.config.head_depth:
             cond = self.head_projection(F.silu(t_emb[:, None] + x))  # per-token condition (B, N, head_width)
             x = self._patchify(self.head_embedder, latents)
@@ -453,7 +472,7 @@ class DiTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         out = self._unpatchify(self.final_layer(x, cond))
         if self.config.reverse_time:  # its velocity is noise - data; ours is data - noise
             out = -out
-        return out.to(latents.dtype)
+        return (out.to(latents.dtype), aligned) if return_alignment else out.to(latents.dtype)
 
     def describe(self) -> dict[str, Any]:
         """Facts for ``vfmtok describe``: parameter counts and the latent / token layout."""

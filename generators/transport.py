@@ -369,3 +369,22 @@ def diffusers_flow_sampler(
         v = _call(model, x, 1.0 - sigma, class_labels)
         x = scheduler.step(-v, timestep, x, return_dict=False)[0]
     return x
+
+
+def repa_alignment_loss(projected: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """REPA (Yu et al. 2024): mean over tokens of 1 - cos(projected denoiser token, frozen-VFM feature of the same
+    image region). ``projected`` (B, N, C) and ``features`` (B, M, C); when M != N both are square grids and the VFM
+    grid is resized (bilinear) to the denoiser's."""
+    if projected.shape[0] != features.shape[0] or projected.shape[-1] != features.shape[-1]:
+        raise ValueError(f"REPA needs (B, N, C) and (B, M, C) with equal B and C, got {tuple(projected.shape)} and "
+                         f"{tuple(features.shape)}")
+    n, m = projected.shape[1], features.shape[1]
+    if n != m:
+        side, source = math.isqrt(n), math.isqrt(m)
+        if side * side != n or source * source != m:
+            raise ValueError(f"token counts {n} and {m} must both be square grids to be matched")
+        grid = features.transpose(1, 2).reshape(features.shape[0], -1, source, source)
+        features = F.interpolate(grid.float(), size=(side, side), mode="bilinear", align_corners=False)
+        features = features.flatten(2).transpose(1, 2)
+    cosine = F.cosine_similarity(projected.float(), features.float(), dim=-1, eps=1e-8)
+    return (1 - cosine).mean()

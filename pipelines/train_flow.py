@@ -24,7 +24,8 @@ from .trainer import Trainer, TrainingConfig, TrainingTask
 __all__ = ["FlowTask", "train_flow", "latent_statistics", "write_latent_statistics", "LATENT_STATS_NAME"]
 
 LATENT_STATS_NAME = "latent_stats.safetensors"
-FLOW_OPTIONS = {"time_schedule": "uniform", "time_mean": 0.0, "time_std": 1.0, "shift": 1.0, "cosine_weight": 0.0}
+FLOW_OPTIONS = {"time_schedule": "uniform", "time_mean": 0.0, "time_std": 1.0, "shift": 1.0, "cosine_weight": 0.0,
+                "repa_weight": 0.0}
 
 
 @torch.no_grad()
@@ -89,7 +90,24 @@ class FlowTask(TrainingTask):
             with torch.no_grad():
                 latents = self.tokenizer.encode(batch["images"])
         latents = (latents - self.stats["mean"]) / self.stats["std"]
-        loss, logs = flow_matching_loss(self.wrapped, latents, labels, **self.options)
+        options = {k: v for k, v in self.options.items() if k != "repa_weight"}
+        repa_weight = self.options["repa_weight"]
+        if repa_weight == 0:
+            loss, logs = flow_matching_loss(self.wrapped, latents, labels, **options)
+        else:  # REPA: align the trunk's tokens with the frozen VFM's last-layer features of the same images
+            from generators.transport import repa_alignment_loss
+
+            captured = {}
+
+            def velocity(x, t, y):
+                out, captured["projection"] = self.wrapped(x, t, y, return_alignment=True)
+                return out
+
+            loss, logs = flow_matching_loss(velocity, latents, labels, **options)
+            target = self.tokenizer.vfm(batch["images"]).levels[-1]
+            alignment = repa_alignment_loss(captured["projection"], target)
+            loss = loss + repa_weight * alignment
+            logs = {**logs, "loss": float(loss.detach()), "repa": float(alignment.detach())}
         yield "model", loss, {f"model/{k}": v for k, v in logs.items()}
 
     def sample_images(self, model: nn.Module, batch, count: int):
@@ -158,6 +176,9 @@ def train_flow(config: str | Path, output_dir: str | Path, latents: Optional[str
         dataset = ImageDataset(load_image_dataset(data), tok.config.image_size, augment=training.augment,
                                flip=training.flip)
         stats_path = Path(latent_stats)
+    if options["repa_weight"] > 0 and (data is None or model.repa_projector is None):
+        raise ValueError("flow.repa_weight > 0 aligns with the frozen VFM's features of the images: it needs --data "
+                         "with --tokenizer (online encoding) and a model config with repa_layer / repa_dim")
     stats = load_file(str(stats_path))
     if tuple(stats["mean"].shape) != tuple(model.latent_shape):
         raise ValueError(f"latent statistics {str(stats_path)!r} have shape {list(stats['mean'].shape)}; the config "

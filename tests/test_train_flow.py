@@ -92,3 +92,37 @@ def test_online_encoding_trains_with_given_statistics(latents, tmp_path):
     assert (exported / LATENT_STATS_NAME).is_file() and len(metrics(tmp_path / "out")) == 2
     with pytest.raises(ValueError, match="--latent-stats"):
         train_flow(config, tmp_path / "other", data=str(data), tokenizer=str(latents["tokenizer"]))
+
+
+def test_repa_alignment_loss_matches_a_hand_computation():
+    import torch
+
+    from generators.transport import repa_alignment_loss
+
+    projected = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    features = torch.tensor([[[1.0, 1.0], [0.0, -3.0]]])
+    expected = ((1 - 1 / 2 ** 0.5) + (1 - (-1.0))) / 2
+    assert abs(repa_alignment_loss(projected, features).item() - expected) < 1e-6
+    # a 4 x 4 VFM grid of constant features is resized to the 2 x 2 denoiser grid
+    constant = torch.ones(1, 16, 2)
+    assert repa_alignment_loss(torch.ones(1, 4, 2), constant).item() < 1e-6
+    with pytest.raises(ValueError, match="square"):
+        repa_alignment_loss(torch.ones(1, 3, 2), constant)
+
+
+@needs_samples
+def test_repa_training_aligns_with_the_tokenizer_vfm(latents, tmp_path):
+    main(["latent-stats", "--latents", str(latents["latents"])])
+    config = yaml.safe_load(flow_config(tmp_path, flow={"repa_weight": 0.5}, max_steps=2, checkpoint_every=2,
+                                        sample_every=2).read_text())
+    config["params"].update({"repa_layer": 1, "repa_dim": 64, "repa_projector_dim": 32})  # vfmae-tiny VFM width 64
+    path = tmp_path / "repa.yaml"
+    path.write_text(yaml.safe_dump(config))
+    data = latents["latents"].parent / "train"
+    common = {"tokenizer": str(latents["tokenizer"]), "vfm_weights": str(latents["vfm"]),
+              "latent_stats": str(latents["latents"] / LATENT_STATS_NAME)}
+    train_flow(path, tmp_path / "out", data=str(data), **common)
+    record = metrics(tmp_path / "out")[-1]
+    assert 0 < record["model/repa"] <= 2 and record["model/loss"] > record["model/mse"]
+    with pytest.raises(ValueError, match="repa_weight"):
+        train_flow(path, tmp_path / "other", latents=str(latents["latents"]))
