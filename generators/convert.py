@@ -29,13 +29,13 @@ are reported as unknown. Released c2i models use ``cls_token_num = 1`` and the z
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
 
-from tokenizer.convert import CheckpointLoadError, read_training_checkpoint, strip_wrapper_prefixes
+from tokenizer.convert import (CheckpointLoadError, read_training_checkpoint, rename_by_rules,
+                               strip_wrapper_prefixes)
 
 __all__ = ["CheckpointLoadError", "load_llamagen_checkpoint", "convert_llamagen_state_dict",
            "convert_llamagen_checkpoint"]
@@ -72,16 +72,13 @@ def convert_llamagen_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple
     """
     converted, dropped, unknown = {}, [], []
     for key, tensor in state_dict.items():
-        name = strip_wrapper_prefixes(key)
-        for pattern, replacement in _RULES:
-            if re.match(pattern, name):
-                if replacement is None:
-                    dropped.append(key)
-                else:
-                    converted[re.sub(pattern, replacement, name)] = tensor
-                break
-        else:
+        matched, new_key = rename_by_rules(strip_wrapper_prefixes(key), _RULES)
+        if not matched:
             unknown.append(key)
+        elif new_key is None:
+            dropped.append(key)
+        else:
+            converted[new_key] = tensor
     if unknown:
         raise ValueError(f"{len(unknown)} key(s) of the checkpoint are not class-conditional LlamaGen GPT weights, "
                          f"e.g. {unknown[:10]}")

@@ -37,7 +37,8 @@ import torch
 
 from generators.dit import sincos_2d_pos_embed
 from generators.gpt import rope_2d_table
-from tokenizer.convert import CheckpointLoadError, read_training_checkpoint, strip_wrapper_prefixes
+from tokenizer.convert import (CheckpointLoadError, read_training_checkpoint, rename_by_rules,
+                               strip_wrapper_prefixes)
 
 __all__ = ["CheckpointLoadError", "load_ddt_checkpoint", "convert_ddt_state_dict", "convert_ddt_checkpoint"]
 
@@ -120,15 +121,13 @@ def convert_ddt_state_dict(state_dict: Mapping[str, torch.Tensor], depth: Option
             i = int(m.group(1))
             converted[f"blocks.{i}.{m.group(2)}" if i < depth else f"head_blocks.{i - depth}.{m.group(2)}"] = tensor
             continue
-        for pattern, replacement in _RULES:
-            if re.match(pattern, key):
-                if replacement is None:
-                    dropped[key] = tensor
-                else:
-                    converted[re.sub(pattern, replacement, key)] = tensor
-                break
-        else:
+        matched, new_key = rename_by_rules(key, _RULES)
+        if not matched:
             unknown.append(original[key])
+        elif new_key is None:
+            dropped[key] = tensor
+        else:
+            converted[new_key] = tensor
     if unknown:
         raise ValueError(f"{len(unknown)} key(s) of the checkpoint are not DiT^DH (DiTwDDTHead) weights: "
                          f"{unknown[:20]}")

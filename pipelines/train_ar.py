@@ -80,10 +80,7 @@ def train_ar(config: str | Path, output_dir: str | Path, codes: Optional[str] = 
     if data is not None and tokenizer is None:
         raise ValueError("--data needs --tokenizer to tokenize the images online")
     run = load_config(config)
-    flags = {"max_steps": max_steps}
-    training = TrainingConfig.from_dict({**run.get("training", {}), **(overrides or {}),
-                                         **{k: v for k, v in flags.items() if v is not None}},
-                                        source=f"{run['_path']}: training")
+    training = TrainingConfig.from_run(run, overrides, max_steps=max_steps)
     set_seed(training.seed)  # python, numpy and torch, before the model is built
     model = build_model(run)
     tok = load_tokenizer(tokenizer, vfm_weights) if tokenizer is not None else None

@@ -146,10 +146,7 @@ def train_flow(config: str | Path, output_dir: str | Path, latents: Optional[str
         raise ValueError("--data needs --tokenizer (to encode the images online) and --latent-stats (a "
                          "latent_stats.safetensors from `vfmtok latent-stats`)")
     run = load_config(config)
-    flags = {"max_steps": max_steps}
-    training = TrainingConfig.from_dict({**run.get("training", {}), **(overrides or {}),
-                                         **{k: v for k, v in flags.items() if v is not None}},
-                                        source=f"{run['_path']}: training")
+    training = TrainingConfig.from_run(run, overrides, max_steps=max_steps)
     options = {**FLOW_OPTIONS, **run.get("flow", {})}
     unknown = sorted(set(options) - set(FLOW_OPTIONS))
     if unknown:

@@ -106,10 +106,8 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
     from tokenizer.vfmtok import VFMTokModel
 
     run = load_config(config)
-    flags = {"max_steps": max_steps, "feature_cache": feature_cache, "streaming": streaming}
-    training_options = {**run.get("training", {}), **(overrides or {}),
-                        **{name: value for name, value in flags.items() if value is not None}}
-    training = TrainingConfig.from_dict(training_options, source=f"{run['_path']}: training")
+    training = TrainingConfig.from_run(run, overrides, max_steps=max_steps, feature_cache=feature_cache,
+                                       streaming=streaming)
     set_seed(training.seed)  # python, numpy and torch, before the model is built
     model = build_model(run)
     if not isinstance(model, VFMTokModel):

@@ -101,6 +101,15 @@ class TrainingConfig:
         config.validate(source)
         return config
 
+    @classmethod
+    def from_run(cls, run: dict[str, Any], overrides: Optional[dict[str, Any]] = None,
+                 **flags: Any) -> "TrainingConfig":
+        """The ``training:`` section of a loaded config file, then ``overrides``, then the command-line ``flags``
+        that were given (None = not given)."""
+        values = {**run.get("training", {}), **(overrides or {}),
+                  **{name: value for name, value in flags.items() if value is not None}}
+        return cls.from_dict(values, source=f"{run['_path']}: training")
+
     def validate(self, source: str = "training") -> None:
         for name, choices in self._CHOICES.items():
             if getattr(self, name) not in choices:

@@ -172,9 +172,10 @@ def strip_wrapper_prefixes(key: str) -> str:
     return key
 
 
-def _rename(key: str) -> tuple[bool, Optional[str]]:
-    """-> (matched, new name or None when dropped)."""
-    for pattern, replacement in _RULES:
+def rename_by_rules(key: str, rules: Sequence[tuple[str, Optional[str]]]) -> tuple[bool, Optional[str]]:
+    """Apply the first ``(pattern, replacement)`` rule whose pattern matches ``key`` -> (matched, new name, or None
+    when the rule drops the key). Shared by every checkpoint converter of the project."""
+    for pattern, replacement in rules:
         if re.match(pattern, key):
             return True, None if replacement is None else re.sub(pattern, replacement, key)
     return False, None
@@ -196,7 +197,7 @@ def convert_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tupl
     """
     converted, dropped, unknown = {}, [], []
     for key, tensor in state_dict.items():
-        matched, new_key = _rename(strip_wrapper_prefixes(key))
+        matched, new_key = rename_by_rules(strip_wrapper_prefixes(key), _RULES)
         if not matched:
             unknown.append(key)
         elif new_key is None:
