@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from pipelines.config import build_model, load_config
+from tokenizer.utils.errors import InvalidValueError
 
 __all__ = ["speed_tokenizer", "speed_ar", "speed_flow", "time_call"]
 
@@ -40,8 +41,26 @@ def time_call(fn: Callable[[], Any], device: torch.device, steps: int, warmup: i
 def _check_device(device: str) -> torch.device:
     device_t = torch.device(device)
     if device_t.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but no CUDA device is available")
+        raise InvalidValueError("--device cuda was given but no CUDA device is available")
     return device_t
+
+
+def _build_for_speed(config_path: str, device: str, precision: str | None, batch_size: int
+                     ) -> tuple[torch.nn.Module, torch.device, str, dict[str, Any]]:
+    """The shared set-up of every measurement: checked arguments, the config's model with seeded random weights
+    on the device, and the fields every result row carries."""
+    device_t = _check_device(device)
+    precision = precision or ("bf16" if device_t.type == "cuda" else "fp32")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise InvalidValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if batch_size < 1:
+        raise InvalidValueError(f"batch size must be >= 1, got {batch_size}")
+    config = load_config(config_path)
+    torch.manual_seed(0)
+    model = build_model(config).to(device_t)
+    common = {"config": str(config_path), "device": device_t.type, "batch_size": batch_size, "precision": precision,
+              "threads": torch.get_num_threads()}
+    return model, device_t, precision, common
 
 
 def _autocast(device: torch.device, precision: str):
@@ -109,19 +128,9 @@ def speed_tokenizer(config_path: str, device: str = "cpu", batch_size: int = 4, 
     (:mod:`tokenizer.feature_cache`, built in a temporary directory; reading is part of the timed step). Train rows
     carry ``"feature_cache": false / true``.
     """
-    device_t = _check_device(device)
-    precision = precision or ("bf16" if device_t.type == "cuda" else "fp32")
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    config = load_config(config_path)
-    torch.manual_seed(0)
-    model = build_model(config).to(device_t)
-    size = model.config.image_size
+    model, device_t, precision, common = _build_for_speed(config_path, device, precision, batch_size)
+    size = model.input_size
     images = torch.rand(batch_size, 3, size, size, device=device_t) * 2 - 1
-    common = {"config": str(config_path), "device": device_t.type, "batch_size": batch_size, "precision": precision,
-              "threads": torch.get_num_threads()}
     results = []
 
     if "train" in modes:
@@ -166,13 +175,8 @@ def speed_ar(config_path: str, device: str = "cpu", batch_size: int = 8, cfg: bo
              warmup: int = 1, windows: int = 3, precision: str | None = None) -> dict[str, Any]:
     """Class-conditional generation throughput of a GPT config (random weights): every call samples ``num_tokens``
     tokens for ``batch_size`` images (CFG doubles the model batch but not the counted tokens)."""
-    device_t = _check_device(device)
-    precision = precision or ("bf16" if device_t.type == "cuda" else "fp32")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    config = load_config(config_path)
-    torch.manual_seed(0)
-    model = build_model(config).to(device_t).eval()
+    model, device_t, precision, common = _build_for_speed(config_path, device, precision, batch_size)
+    model.eval()
     labels = torch.arange(batch_size, device=device_t) % model.config.num_classes
     generator = torch.Generator(device=device_t).manual_seed(0)
 
@@ -183,9 +187,8 @@ def speed_ar(config_path: str, device: str = "cpu", batch_size: int = 8, cfg: bo
 
     seconds = time_call(generate, device_t, steps, warmup, windows=windows)
     tokens = batch_size * model.config.num_tokens
-    return {"config": str(config_path), "device": device_t.type, "batch_size": batch_size, "cfg": cfg,
-            "kv_cache": kv_cache, "compiled": compile, "precision": precision, "threads": torch.get_num_threads(),
-            "tokens_per_s": tokens / seconds, "images_per_s": batch_size / seconds, "seconds_per_batch": seconds}
+    return {**common, "cfg": cfg, "kv_cache": kv_cache, "compiled": compile, "tokens_per_s": tokens / seconds,
+            "images_per_s": batch_size / seconds, "seconds_per_batch": seconds}
 
 
 def speed_flow(config_path: str, device: str = "cpu", batch_size: int = 8, sampler: str = "euler", steps: int = 50,
@@ -195,15 +198,12 @@ def speed_flow(config_path: str, device: str = "cpu", batch_size: int = 8, sampl
     per image, the conditional and unconditional ones of CFG separately."""
     from generators.transport import guided_model, sample_ode, sample_sde
 
-    device_t = _check_device(device)
-    precision = precision or ("bf16" if device_t.type == "cuda" else "fp32")
-    if batch_size < 1 or steps < 1:
-        raise ValueError(f"batch size and steps must be >= 1, got {batch_size} and {steps}")
+    if steps < 1:
+        raise InvalidValueError(f"steps must be >= 1, got {steps}")
     if sampler not in ("euler", "heun", "sde"):
-        raise ValueError(f"sampler must be euler, heun or sde, got {sampler!r}")
-    config = load_config(config_path)
-    torch.manual_seed(0)
-    model = build_model(config).to(device_t).eval()
+        raise InvalidValueError(f"sampler must be euler, heun or sde, got {sampler!r}")
+    model, device_t, precision, common = _build_for_speed(config_path, device, precision, batch_size)
+    model.eval()
     labels = torch.arange(batch_size, device=device_t) % model.config.num_classes
     noise = torch.randn((batch_size, *model.latent_shape), device=device_t)
     generator = torch.Generator(device=device_t).manual_seed(0)
@@ -225,6 +225,5 @@ def speed_flow(config_path: str, device: str = "cpu", batch_size: int = 8, sampl
     sample()  # counts the model calls of one sampling run
     nfe = calls[0] * (2 if cfg else 1)
     seconds = time_call(sample, device_t, 1, warmup, windows=windows)
-    return {"config": str(config_path), "device": device_t.type, "batch_size": batch_size, "sampler": sampler,
-            "steps": steps, "cfg": cfg, "nfe": nfe, "precision": precision, "threads": torch.get_num_threads(),
+    return {**common, "sampler": sampler, "steps": steps, "cfg": cfg, "nfe": nfe,
             "images_per_s": batch_size / seconds, "seconds_per_batch": seconds}

@@ -36,17 +36,18 @@ from typing import Mapping, Optional
 import torch
 
 from generators.dit import sincos_2d_pos_embed
-from generators.gpt import rope_2d_table
-from tokenizer.convert import (CheckpointLoadError, read_training_checkpoint, rename_by_rules,
-                               strip_wrapper_prefixes)
+from generators.layers import rope_2d_table
+from tokenizer.utils.errors import CheckpointError, InvalidValueError
+from tokenizer.utils.loading import (RenameRules, read_state_dict, read_training_checkpoint, rename_by_rules,
+                                     rename_state_dict, strip_wrapper_prefixes)
 
-__all__ = ["CheckpointLoadError", "load_ddt_checkpoint", "convert_ddt_state_dict", "convert_ddt_checkpoint"]
+__all__ = ["CheckpointError", "load_ddt_checkpoint", "convert_ddt_state_dict", "convert_ddt_checkpoint", "read_latent_statistics"]
 
 _BLOCK_INNER = (r"(norm[12]\.weight|attn\.qkv\.(weight|bias)|attn\.[qk]_norm\.(weight|bias)|attn\.proj\.(weight|bias)"
                 r"|mlp\.(w12|w3|fc1|fc2)\.(weight|bias)|adaLN_modulation\.1\.(weight|bias))")
 _BLOCK = re.compile(r"^blocks\.(\d+)\." + _BLOCK_INNER + r"$")
 # (pattern, replacement) for the non-block keys; ``None`` drops the key (checked in _check_tables).
-_RULES: list[tuple[str, Optional[str]]] = [
+_RULES: RenameRules = [
     (r"^pos_embed$", None),
     (r"^(enc|dec)_feat_rope\.freqs_(cos|sin)$", None),
     (r"^s_embedder\.proj\.(weight|bias)$", r"x_embedder.\1"),
@@ -71,13 +72,13 @@ def load_ddt_checkpoint(path: str | Path, prefer: str = "ema") -> dict[str, torc
 def _infer_trunk_depth(state: Mapping[str, torch.Tensor], num_blocks: int) -> int:
     """Trunk blocks have the trunk width (``s_embedder``'s output); head blocks the head width."""
     if "s_projector.weight" not in state:
-        raise ValueError("trunk and head have the same width, so the number of trunk blocks cannot be read from the "
+        raise InvalidValueError("trunk and head have the same width, so the number of trunk blocks cannot be read from the "
                          "checkpoint: pass depth= (the model's config.depth)")
     width = state["s_embedder.proj.weight"].shape[0]
     widths = [state[f"blocks.{i}.attn.qkv.weight"].shape[1] for i in range(num_blocks)]
     depth = sum(w == width for w in widths)
     if widths[:depth] != [width] * depth:
-        raise ValueError(f"block widths {widths} are not a trunk of width {width} followed by a head")
+        raise InvalidValueError(f"block widths {widths} are not a trunk of width {width} followed by a head")
     return depth
 
 
@@ -94,9 +95,9 @@ def _check_tables(dropped: Mapping[str, torch.Tensor]) -> None:
             ours = table[..., 0 if key.endswith("cos") else 1]
             got = tensor.float()[:, ::2]
             if not torch.equal(tensor.float()[:, ::2], tensor.float()[:, 1::2]):
-                raise ValueError(f"{key}: the RoPE table does not repeat each angle over a channel pair")
+                raise InvalidValueError(f"{key}: the RoPE table does not repeat each angle over a channel pair")
         if ours.shape != got.shape or not torch.allclose(got, ours, atol=1e-5, rtol=0):
-            raise ValueError(f"{key}: the checkpoint's fixed table differs from the one DiTModel recomputes "
+            raise InvalidValueError(f"{key}: the checkpoint's fixed table differs from the one DiTModel recomputes "
                              f"(max |diff| {(got - ours).abs().max().item() if ours.shape == got.shape else 'shape'})")
 
 
@@ -108,39 +109,48 @@ def convert_ddt_state_dict(state_dict: Mapping[str, torch.Tensor], depth: Option
     differ, as in every released model). The dropped sin-cos / RoPE tables are checked against ours
     (``check_tables``). Raises ValueError listing every key no rule knows (a wrong file is never half-converted).
     """
-    original = {strip_wrapper_prefixes(key): key for key in state_dict}
-    state = {name: state_dict[key] for name, key in original.items()}
-    converted, dropped, unknown = {}, {}, []
+    state = {strip_wrapper_prefixes(key): tensor for key, tensor in state_dict.items()}
     block_ids = sorted({int(m.group(1)) for key in state if (m := _BLOCK.match(key))})
     if block_ids != list(range(len(block_ids))):
-        raise ValueError(f"the checkpoint's block indices {block_ids} are not 0..{len(block_ids) - 1}")
+        raise CheckpointError(f"the checkpoint's block indices {block_ids} are not 0..{len(block_ids) - 1}")
     if depth is None and block_ids:
         depth = _infer_trunk_depth(state, len(block_ids))
-    for key, tensor in state.items():
-        if m := _BLOCK.match(key):
+
+    def rename(key: str) -> tuple[bool, Optional[str]]:
+        if m := _BLOCK.match(key):  # the first ``depth`` blocks are the trunk, the others the head
             i = int(m.group(1))
-            converted[f"blocks.{i}.{m.group(2)}" if i < depth else f"head_blocks.{i - depth}.{m.group(2)}"] = tensor
-            continue
-        matched, new_key = rename_by_rules(key, _RULES)
-        if not matched:
-            unknown.append(original[key])
-        elif new_key is None:
-            dropped[key] = tensor
-        else:
-            converted[new_key] = tensor
-    if unknown:
-        raise ValueError(f"{len(unknown)} key(s) of the checkpoint are not DiT^DH (DiTwDDTHead) weights: "
-                         f"{unknown[:20]}")
+            return True, f"blocks.{i}.{m.group(2)}" if i < depth else f"head_blocks.{i - depth}.{m.group(2)}"
+        return rename_by_rules(key, _RULES)
+
+    converted, dropped = rename_state_dict(state_dict, rename, "DiT^DH (DiTwDDTHead)")
     if check_tables:
-        _check_tables(dropped)
-    return converted, [original[name] for name in dropped]
+        _check_tables({strip_wrapper_prefixes(key): tensor for key, tensor in dropped.items()})
+    return converted, list(dropped)
 
 
-def convert_ddt_checkpoint(path: str | Path, model, prefer: str = "ema") -> list[str]:
+def read_latent_statistics(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) from a statistics file: keys ``mean`` and ``std`` (this project's ``latent_stats.safetensors``) or
+    ``mean`` and ``var`` (RAE's ``stat.pt`` layout), read safely."""
+    stats = read_state_dict(path)
+    if "mean" not in stats or not ({"std", "var"} & set(stats)):
+        raise CheckpointError(f"latent statistics {str(path)!r} need 'mean' and 'std' (or 'var'), found "
+                              f"{sorted(stats)}")
+    std = stats["std"] if "std" in stats else stats["var"].clamp_min(0).sqrt()
+    return stats["mean"].float().squeeze(0), std.float().squeeze(0)
+
+
+def convert_ddt_checkpoint(path: str | Path, model, prefer: str = "ema",
+                           latent_stats: Optional[str | Path] = None) -> list[str]:
     """Load an official checkpoint file into ``model`` (a DiTModel built from the matching config), strictly.
 
-    Returns the dropped keys. A missing, unexpected or mis-shaped weight raises ValueError naming it.
+    The released checkpoints keep the latent normalisation statistics in a separate file: ``latent_stats`` (see
+    :func:`read_latent_statistics`) stores them in the model; without it the model keeps the identity (mean 0,
+    std 1). Returns the dropped keys. A missing, unexpected or mis-shaped weight raises CheckpointError naming it.
     """
     converted, dropped = convert_ddt_state_dict(load_ddt_checkpoint(path, prefer), depth=model.config.depth)
+    for name in ("latent_mean", "latent_std"):
+        converted.setdefault(name, getattr(model, name).detach().clone())
     model.load_state_dict(converted, strict=True)
+    if latent_stats is not None:
+        model.set_latent_statistics(*read_latent_statistics(latent_stats))
     return dropped

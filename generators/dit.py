@@ -1,4 +1,5 @@
-"""Class-conditional diffusion / flow transformer over continuous tokenizer latents (REFERENCE.md section 5).
+"""Class-conditional diffusion / flow transformer over continuous tokenizer latents (DiT: Peebles & Xie 2023,
+facebookresearch/DiT; SiT: Ma et al. 2024, willisma/SiT).
 
 One class covers DiT / SiT, LightningDiT and DiT^DH (RAE / VFMTok2's ``DiTwDDTHead``):
 
@@ -14,7 +15,7 @@ One class covers DiT / SiT, LightningDiT and DiT^DH (RAE / VFMTok2's ``DiTwDDTHe
   ``int(2/3 * mlp_ratio * dim)``, as LightningDiT), ``qk_norm`` (per-head norm of the same kind on q and k) and
   ``rope`` (2D RoPE in every block: the first half of each head's interleaved channel pairs rotates by the row, the
   second half by the column, with ``f_j = rope_base ** (-2j / (head_dim / 2))``; EVA's ``VisionRotaryEmbeddingFast``,
-  the same table as ``generators.gpt.rope_2d_table``). RoPE and the sin-cos embedding can be combined (VFMTok2 does).
+  the same table as ``generators.layers.rope_2d_table``). RoPE and the sin-cos embedding can be combined (VFMTok2 does).
 * **DiT^DH wide shallow head** (``head_depth > 0``). My reading of DDT / RAE's ``DiTwDDTHead``: the trunk
   (``depth`` blocks at width ``dim``) has no final layer; its output ``s`` (B, N, dim) becomes a *per-token* condition
   ``z = head_projection(SiLU(t_emb + s))`` (B, N, head_width) (``head_projection`` is the identity when the widths are
@@ -50,8 +51,11 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from generators.gpt import apply_rotary_embedding, rope_2d_table
-from tokenizer.convert import StrictLoadingMixin
+from tokenizer.utils.errors import InvalidValueError
+from tokenizer.utils.layers import FusedSwiGLU
+from tokenizer.utils.loading import StrictLoadingMixin
+
+from .layers import RMSNorm, apply_rotary_embedding, rope_2d_table
 
 __all__ = ["DiTModel", "sincos_2d_pos_embed", "timestep_embedding", "gaussian_fourier_embedding",
            "swiglu_hidden_dim"]
@@ -72,7 +76,7 @@ def sincos_2d_pos_embed(dim: int, grid_size: int, device=None) -> torch.Tensor:
     channels encode the column, the last ``dim / 2`` the row; each half is ``[sin(pos * w), cos(pos * w)]`` with
     ``w_k = 10000 ** (-k / (dim / 4))``)."""
     if dim % 4:
-        raise ValueError(f"the sin-cos position embedding needs a width divisible by 4, got {dim}")
+        raise InvalidValueError(f"the sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim / 4))
     coords = torch.arange(grid_size, device=device, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
@@ -104,20 +108,9 @@ def gaussian_fourier_embedding(t: torch.Tensor, frequencies: torch.Tensor) -> to
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
 def make_norm(kind: str, dim: int, affine_layernorm: bool = False) -> nn.Module:
     if kind == "rmsnorm":
-        return RMSNorm(dim)
+        return RMSNorm(dim, eps=1e-6)
     return nn.LayerNorm(dim, elementwise_affine=affine_layernorm, eps=1e-6)
 
 
@@ -131,19 +124,6 @@ class GeluMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class SwiGLU(nn.Module):
-    """LightningDiT's SwiGLU: ``w3(silu(a) * b)`` with ``(a, b) = w12(x).chunk(2)``."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
 
 
 class Attention(nn.Module):
@@ -191,7 +171,7 @@ class DiTBlock(nn.Module):
         self.norm1 = make_norm(norm, dim)
         self.attn = Attention(dim, num_heads, qk_norm, norm)
         self.norm2 = make_norm(norm, dim)
-        self.mlp = SwiGLU(dim, swiglu_hidden_dim(dim, mlp_ratio)) if mlp == "swiglu" else \
+        self.mlp = FusedSwiGLU(dim, swiglu_hidden_dim(dim, mlp_ratio)) if mlp == "swiglu" else \
             GeluMLP(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -283,43 +263,43 @@ class DiTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     ):
         super().__init__()
         if (repa_layer is None) != (repa_dim is None):
-            raise ValueError(f"repa_layer and repa_dim go together (REPA alignment), got {repa_layer!r} and "
+            raise InvalidValueError(f"repa_layer and repa_dim go together (REPA alignment), got {repa_layer!r} and "
                              f"{repa_dim!r}")
         if repa_layer is not None and not (isinstance(repa_layer, int) and 1 <= repa_layer <= depth):
-            raise ValueError(f"repa_layer must be a block count in [1, depth={depth}], got {repa_layer!r}")
+            raise InvalidValueError(f"repa_layer must be a block count in [1, depth={depth}], got {repa_layer!r}")
         for name, value in (("in_channels", in_channels), ("latent_size", latent_size), ("patch_size", patch_size),
                             ("num_classes", num_classes), ("dim", dim), ("depth", depth), ("num_heads", num_heads)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InvalidValueError(f"{name} must be a positive integer, got {value!r}")
         if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+            raise InvalidValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if mlp not in MLPS:
-            raise ValueError(f"mlp must be one of {MLPS}, got {mlp!r}")
+            raise InvalidValueError(f"mlp must be one of {MLPS}, got {mlp!r}")
         if pos_embed not in POS_EMBEDS:
-            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
+            raise InvalidValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
         if time_embedding not in TIME_EMBEDDINGS:
-            raise ValueError(f"time_embedding must be one of {TIME_EMBEDDINGS}, got {time_embedding!r}")
+            raise InvalidValueError(f"time_embedding must be one of {TIME_EMBEDDINGS}, got {time_embedding!r}")
         if not isinstance(time_frequency_dim, int) or time_frequency_dim < 1:
-            raise ValueError(f"time_frequency_dim must be a positive integer, got {time_frequency_dim!r}")
+            raise InvalidValueError(f"time_frequency_dim must be a positive integer, got {time_frequency_dim!r}")
         if not 0.0 <= class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+            raise InvalidValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
         if latent_size % patch_size:
-            raise ValueError(f"latent_size ({latent_size}) must be divisible by patch_size ({patch_size})")
+            raise InvalidValueError(f"latent_size ({latent_size}) must be divisible by patch_size ({patch_size})")
         if not isinstance(head_depth, int) or head_depth < 0:
-            raise ValueError(f"head_depth must be a non-negative integer, got {head_depth!r}")
+            raise InvalidValueError(f"head_depth must be a non-negative integer, got {head_depth!r}")
         head_width = head_width or dim
         head_num_heads = head_num_heads or num_heads
         head_patch_size = head_patch_size or patch_size
         if head_depth and (latent_size % head_patch_size or patch_size % head_patch_size):
-            raise ValueError(f"head_patch_size ({head_patch_size}) must divide patch_size ({patch_size}) and "
+            raise InvalidValueError(f"head_patch_size ({head_patch_size}) must divide patch_size ({patch_size}) and "
                              f"latent_size ({latent_size})")
         for name, width, heads in (("dim", dim, num_heads), ("head_width", head_width, head_num_heads)):
             if width % heads:
-                raise ValueError(f"{name} ({width}) must be divisible by its number of heads ({heads})")
+                raise InvalidValueError(f"{name} ({width}) must be divisible by its number of heads ({heads})")
             if rope and (width // heads) % 4:
-                raise ValueError(f"rope needs a head dimension divisible by 4; {name} {width} / {heads} heads")
+                raise InvalidValueError(f"rope needs a head dimension divisible by 4; {name} {width} / {heads} heads")
         if pos_embed == "sincos" and dim % 4:
-            raise ValueError(f"the sin-cos position embedding needs dim divisible by 4, got {dim}")
+            raise InvalidValueError(f"the sin-cos position embedding needs dim divisible by 4, got {dim}")
 
         self.grid_size = latent_size // patch_size
         self.head_grid_size = latent_size // head_patch_size
@@ -340,6 +320,11 @@ class DiTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         self.repa_projector = None if repa_layer is None else nn.Sequential(
             nn.Linear(dim, repa_projector_dim), nn.SiLU(), nn.Linear(repa_projector_dim, repa_projector_dim),
             nn.SiLU(), nn.Linear(repa_projector_dim, repa_dim))
+        # The per-element statistics that normalise the tokenizer's latents for this model (set from the training
+        # data with set_latent_statistics; identity until then). Persistent state: saved and loaded with the weights,
+        # so a saved denoiser needs no side file to de-normalise what it generates. Kept in fp32 (see _apply).
+        self.register_buffer("latent_mean", torch.zeros(in_channels, latent_size, latent_size))
+        self.register_buffer("latent_std", torch.ones(in_channels, latent_size, latent_size))
         # Not weights: rebuilt in fp32 whenever the module is moved or cast (see _apply).
         self._register_tables(None)
         self._init_weights()
@@ -367,7 +352,34 @@ class DiTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         super()._apply(fn, *args, **kwargs)
         for name, table in self._tables(self.pos_table.device).items():
             setattr(self, name, table)
+        for name in ("latent_mean", "latent_std"):  # .half() / .to(bfloat16) would round the statistics
+            if self._buffers[name].is_floating_point() and self._buffers[name].dtype != torch.float32:
+                self._buffers[name] = self._buffers[name].float()
         return self
+
+    # -- latent normalisation -----------------------------------------------------------------------------------
+    def set_latent_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store the per-element mean / std (each ``latent_shape``) of the tokenizer's latents over the training
+        data: the model is trained on and generates ``(latents - mean) / std``."""
+        for name, value in (("mean", mean), ("std", std)):
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(self.latent_shape):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise InvalidValueError(f"latent {name} must have shape {list(self.latent_shape)}, got {got}")
+            if not torch.isfinite(value).all():
+                raise InvalidValueError(f"latent {name} has non-finite values")
+        if not (std > 0).all():
+            raise InvalidValueError(f"latent std must be > 0 everywhere, got a minimum of {float(std.min())}")
+        with torch.no_grad():
+            self.latent_mean.copy_(mean)
+            self.latent_std.copy_(std)
+
+    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Tokenizer latents -> the normalised space the model works in."""
+        return ((latents.float() - self.latent_mean) / self.latent_std).to(latents.dtype)
+
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The model's normalised latents -> tokenizer latents (what the tokenizer decodes)."""
+        return (latents.float() * self.latent_std + self.latent_mean).to(latents.dtype)
 
     def _init_weights(self) -> None:
         """DiT's initialisation: xavier-uniform linears, patch embeddings like linears, N(0, 0.02) for the class
@@ -404,18 +416,18 @@ class DiTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     # -- core ---------------------------------------------------------------------------------------------------
     def _check_inputs(self, latents: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> None:
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape[1:]) != self.latent_shape:
-            raise ValueError(f"latents must be (B, {', '.join(map(str, self.latent_shape))}), got "
+            raise InvalidValueError(f"latents must be (B, {', '.join(map(str, self.latent_shape))}), got "
                              f"{tuple(getattr(latents, 'shape', ())) or type(latents)}")
         b = latents.shape[0]
         if not isinstance(timesteps, torch.Tensor) or timesteps.shape != (b,):
-            raise ValueError(f"timesteps must be a ({b},) tensor, got {getattr(timesteps, 'shape', type(timesteps))}")
+            raise InvalidValueError(f"timesteps must be a ({b},) tensor, got {getattr(timesteps, 'shape', type(timesteps))}")
         if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (b,) or \
                 class_labels.is_floating_point():
-            raise ValueError(f"class_labels must be a ({b},) integer tensor, got "
+            raise InvalidValueError(f"class_labels must be a ({b},) integer tensor, got "
                              f"{getattr(class_labels, 'shape', type(class_labels))}")
         bad = class_labels[(class_labels < 0) | (class_labels > self.null_class)]
         if bad.numel():
-            raise ValueError(f"class ids {bad.unique().tolist()[:10]} are outside [0, {self.null_class}] "
+            raise InvalidValueError(f"class ids {bad.unique().tolist()[:10]} are outside [0, {self.null_class}] "
                              f"(the null class is num_classes)")
 
     def drop_labels(self, class_labels: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -445,7 +457,7 @@ class DiTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         for label dropout and ``force_drop_ids``. ``return_alignment``: also return the REPA projection (B, tokens,
         repa_dim) of the trunk's tokens after block ``repa_layer``."""
         if return_alignment and self.repa_projector is None:
-            raise ValueError("return_alignment=True needs a model built with repa_layer and repa_dim")
+            raise InvalidValueError("return_alignment=True needs a model built with repa_layer and repa_dim")
         self._check_inputs(latents, timesteps, class_labels)
         labels = self.drop_labels(class_labels, force_drop_ids)
         if self.config.reverse_time:  # the network was trained with t = 1 at the noise (RAE / VFMTok2)

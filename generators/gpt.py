@@ -1,4 +1,5 @@
-"""Class-conditional autoregressive transformer over tokenizer codes, in the LlamaGen design (REFERENCE.md section 4).
+"""Class-conditional autoregressive transformer over tokenizer codes, in the LlamaGen design (Sun et al. 2024,
+"Autoregressive Model Beats Diffusion"; FoundationVision/LlamaGen).
 
 Sequence layout. Position 0 holds the class token (a row of ``class_embedding``: ``num_classes`` rows for the classes
 plus one for the null class, id ``num_classes``); position ``p >= 1`` holds image token ``p - 1`` of the
@@ -31,9 +32,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from tokenizer.convert import StrictLoadingMixin
+from tokenizer.utils.errors import InvalidValueError
+from tokenizer.utils.loading import StrictLoadingMixin
 
-__all__ = ["GPTModel", "KVCache", "GUIDANCE_SCHEDULES", "filter_logits", "ffn_hidden_dim", "rope_2d_table"]
+from .layers import RMSNorm, apply_rotary_embedding, rope_2d_table
+
+__all__ = ["GPTModel", "KVCache", "GUIDANCE_SCHEDULES", "filter_logits", "ffn_hidden_dim"]
 
 GUIDANCE_SCHEDULES = ("constant", "linear", "cosine_power", "interval")
 CLASS_TOKEN_ROPE = ("zero", "none")
@@ -45,30 +49,6 @@ def ffn_hidden_dim(dim: int, multiple_of: int = 256, dim_multiplier: Optional[fl
     if dim_multiplier is not None:
         hidden = int(dim_multiplier * hidden)
     return -(-hidden // multiple_of) * multiple_of
-
-
-def rope_2d_table(grid_size: int, head_dim: int, base: float = 10000.0, class_token_rope: str = "zero",
-                  device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
-    """(1 + grid_size**2, head_dim // 2, 2) float32 table of (cos, sin): row 0 for the class token, then the grid."""
-    half = head_dim // 2
-    freqs = 1.0 / (base ** (torch.arange(0, half, 2, device=device)[: half // 2].float() / half))
-    angles = torch.outer(torch.arange(grid_size, device=device), freqs)  # (grid, head_dim // 4)
-    grid_angles = torch.cat([angles[:, None, :].expand(-1, grid_size, -1),  # rows
-                             angles[None, :, :].expand(grid_size, -1, -1)], dim=-1)  # columns
-    table = torch.stack([torch.cos(grid_angles), torch.sin(grid_angles)], dim=-1).flatten(0, 1)
-    class_row = torch.zeros(1, half, 2, device=device)
-    if class_token_rope == "none":
-        class_row[..., 0] = 1.0
-    return torch.cat([class_row, table])
-
-
-def apply_rotary_embedding(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate the channel pairs of ``x`` (B, S, H, head_dim) by ``rope`` (S, head_dim // 2, 2), in fp32."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
-    rotated = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin,
-                           pairs[..., 1] * cos + pairs[..., 0] * sin], dim=-1)
-    return rotated.flatten(-2).type_as(x)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -94,18 +74,6 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
-
-
 class FeedForward(nn.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))`` (LlamaGen's w1 = gate, w3 = up, w2 = down)."""
 
@@ -200,7 +168,7 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     """
 
     config_name = "config.json"
-    converter = "generators.convert"  # named in loading errors (StrictLoadingMixin)
+    converter = "generators.convert_gpt"  # named in loading errors (StrictLoadingMixin)
 
     @register_to_config
     def __init__(
@@ -228,20 +196,20 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
                             ("dim", dim), ("depth", depth), ("num_heads", num_heads),
                             ("ffn_multiple_of", ffn_multiple_of)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InvalidValueError(f"{name} must be a positive integer, got {value!r}")
         grid = math.isqrt(num_tokens)
         if grid * grid != num_tokens:
-            raise ValueError(f"num_tokens ({num_tokens}) must be a square number (a grid_size x grid_size grid)")
+            raise InvalidValueError(f"num_tokens ({num_tokens}) must be a square number (a grid_size x grid_size grid)")
         if dim % num_heads != 0 or (dim // num_heads) % 4 != 0:
-            raise ValueError(f"dim ({dim}) must be num_heads ({num_heads}) x a head_dim divisible by 4 (2D RoPE "
+            raise InvalidValueError(f"dim ({dim}) must be num_heads ({num_heads}) x a head_dim divisible by 4 (2D RoPE "
                              f"splits each head into row and column pairs)")
         for name, value in (("class_dropout_prob", class_dropout_prob), ("token_dropout", token_dropout),
                             ("residual_dropout", residual_dropout), ("ffn_dropout", ffn_dropout),
                             ("attention_dropout", attention_dropout)):
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
+                raise InvalidValueError(f"{name} must be in [0, 1), got {value}")
         if class_token_rope not in CLASS_TOKEN_ROPE:
-            raise ValueError(f"class_token_rope must be one of {CLASS_TOKEN_ROPE}, got {class_token_rope!r}")
+            raise InvalidValueError(f"class_token_rope must be one of {CLASS_TOKEN_ROPE}, got {class_token_rope!r}")
 
         self.grid_size = grid
         self.head_dim = dim // num_heads
@@ -288,22 +256,22 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     # -- core ---------------------------------------------------------------------------------------------------
     def _check_labels(self, class_labels: torch.Tensor, allow_null: bool) -> None:
         if not isinstance(class_labels, torch.Tensor) or class_labels.ndim != 1 or class_labels.is_floating_point():
-            raise ValueError(f"class_labels must be a 1-D integer tensor, got "
+            raise InvalidValueError(f"class_labels must be a 1-D integer tensor, got "
                              f"{getattr(class_labels, 'shape', type(class_labels))}")
         high = self.config.num_classes + int(allow_null)
         bad = class_labels[(class_labels < 0) | (class_labels >= high)]
         if bad.numel():
-            raise ValueError(f"class ids {bad.unique().tolist()[:10]} are outside [0, {high})"
+            raise InvalidValueError(f"class ids {bad.unique().tolist()[:10]} are outside [0, {high})"
                              + (" (the null class is num_classes)" if allow_null else ""))
 
     def _check_tokens(self, tokens: torch.Tensor, max_length: int) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
-            raise ValueError(f"tokens must be a (B, T) integer tensor, got {getattr(tokens, 'shape', type(tokens))}")
+            raise InvalidValueError(f"tokens must be a (B, T) integer tensor, got {getattr(tokens, 'shape', type(tokens))}")
         if tokens.shape[1] > max_length:
-            raise ValueError(f"got {tokens.shape[1]} tokens; at most {max_length} fit here")
+            raise InvalidValueError(f"got {tokens.shape[1]} tokens; at most {max_length} fit here")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)].unique().tolist()[:10]
-            raise ValueError(f"token ids {bad} are outside [0, {self.config.vocab_size})")
+            raise InvalidValueError(f"token ids {bad} are outside [0, {self.config.vocab_size})")
 
     def _embed(self, class_labels: Optional[torch.Tensor], tokens: Optional[torch.Tensor]) -> torch.Tensor:
         parts = []
@@ -346,7 +314,7 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         self._check_tokens(tokens, self.num_tokens)
         self._check_labels(class_labels, allow_null=True)
         if len(class_labels) != len(tokens):
-            raise ValueError(f"class_labels has {len(class_labels)} entries for a batch of {len(tokens)} sequences")
+            raise InvalidValueError(f"class_labels has {len(class_labels)} entries for a batch of {len(tokens)} sequences")
         if force_drop_ids is not None:
             class_labels = torch.where(force_drop_ids.to(class_labels.device).bool(), self.null_class, class_labels)
         elif self.training and self.config.class_dropout_prob > 0:
@@ -364,9 +332,9 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         every image token but the last, all that sampling needs; at most ``num_tokens + 1``)."""
         max_length = self.num_tokens if max_length is None else max_length
         if not 1 <= max_length <= self.num_tokens + 1:
-            raise ValueError(f"max_length must be in [1, {self.num_tokens + 1}], got {max_length}")
+            raise InvalidValueError(f"max_length must be in [1, {self.num_tokens + 1}], got {max_length}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InvalidValueError(f"batch_size must be >= 1, got {batch_size}")
         weight = self.token_embedding.weight
         shape = (batch_size, self.config.num_heads, max_length, self.head_dim)
         kwargs = dict(dtype=dtype or weight.dtype, device=device or weight.device)
@@ -385,19 +353,19 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         """
         if class_labels is not None:
             if start != 0:
-                raise ValueError(f"the class token sits at position 0; got start={start} with class_labels")
+                raise InvalidValueError(f"the class token sits at position 0; got start={start} with class_labels")
             self._check_labels(class_labels, allow_null=True)
         elif start < 1:
-            raise ValueError(f"start must be >= 1 for a chunk of image tokens (position 0 is the class token), "
+            raise InvalidValueError(f"start must be >= 1 for a chunk of image tokens (position 0 is the class token), "
                              f"got {start}")
         if tokens is not None:
             self._check_tokens(tokens, cache.max_length)
         x = self._embed(class_labels, tokens)
         if start + x.shape[1] > cache.max_length:
-            raise ValueError(f"positions {start}..{start + x.shape[1] - 1} do not fit a cache of "
+            raise InvalidValueError(f"positions {start}..{start + x.shape[1] - 1} do not fit a cache of "
                              f"{cache.max_length} positions")
         if x.shape[0] != cache.batch_size:
-            raise ValueError(f"batch of {x.shape[0]} for a cache of batch size {cache.batch_size}")
+            raise InvalidValueError(f"batch of {x.shape[0]} for a cache of batch size {cache.batch_size}")
         positions = torch.arange(start, start + x.shape[1], device=x.device)
         return self._run(x, positions, cache)
 
@@ -411,7 +379,7 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         host sync, one compiled graph for every step)."""
         if isinstance(position, int):
             if not 1 <= position < cache.max_length:
-                raise ValueError(f"position must be in [1, {cache.max_length - 1}], got {position}")
+                raise InvalidValueError(f"position must be in [1, {cache.max_length - 1}], got {position}")
             position = torch.tensor([position], device=tokens.device)
         return self._decode(tokens, position.reshape(1), cache.keys, cache.values)
 
@@ -461,15 +429,15 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
 
     def _check_guidance(self, guidance_scale, guidance_schedule, guidance_power, guidance_interval) -> None:
         if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+            raise InvalidValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+            raise InvalidValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
         if guidance_power <= 0:
-            raise ValueError(f"guidance_power must be > 0, got {guidance_power}")
+            raise InvalidValueError(f"guidance_power must be > 0, got {guidance_power}")
         if guidance_schedule == "interval" and guidance_interval is None:
-            raise ValueError("guidance_schedule='interval' needs guidance_interval (the number of guided tokens)")
+            raise InvalidValueError("guidance_schedule='interval' needs guidance_interval (the number of guided tokens)")
         if guidance_interval is not None and not (isinstance(guidance_interval, int) and guidance_interval >= 0):
-            raise ValueError(f"guidance_interval must be an integer >= 0 (number of guided tokens), "
+            raise InvalidValueError(f"guidance_interval must be an integer >= 0 (number of guided tokens), "
                              f"got {guidance_interval!r}")
 
     @torch.no_grad()
@@ -511,13 +479,13 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         self._check_labels(class_labels, allow_null=False)
         scales = self.guidance_scales(guidance_scale, guidance_schedule, guidance_power, guidance_interval)
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise InvalidValueError(f"temperature must be > 0, got {temperature}")
         if not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+            raise InvalidValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
         if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            raise InvalidValueError(f"top_p must be in (0, 1], got {top_p}")
         if compile_decode and not use_kv_cache:
-            raise ValueError("compile_decode=True compiles the KV-cached decode step: it needs use_kv_cache=True")
+            raise InvalidValueError("compile_decode=True compiles the KV-cached decode step: it needs use_kv_cache=True")
 
         total, batch = self.num_tokens, len(class_labels)
         device = self.token_embedding.weight.device

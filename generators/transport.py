@@ -1,6 +1,6 @@
 """Model-agnostic flow-matching transport: training loss, time schedules, ODE/SDE samplers, guidance.
 
-Convention (SiT, see REFERENCE.md section 5)
+Convention (SiT, Ma et al. 2024; willisma/SiT)
 --------------------------------------------
 Linear interpolant between Gaussian noise ``x0 ~ N(0, I)`` and data ``x1``::
 
@@ -37,6 +37,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from tokenizer.utils.errors import InvalidValueError
+
 Model = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 __all__ = [
@@ -63,9 +65,9 @@ def _expand(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def interpolate(data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Return ``(x_t, v)`` with ``x_t = t * data + (1 - t) * noise`` and target velocity ``v = data - noise``."""
     if data.shape != noise.shape:
-        raise ValueError(f"data shape {tuple(data.shape)} != noise shape {tuple(noise.shape)}")
+        raise InvalidValueError(f"data shape {tuple(data.shape)} != noise shape {tuple(noise.shape)}")
     if t.shape != (data.shape[0],):
-        raise ValueError(f"t must have shape ({data.shape[0]},), got {tuple(t.shape)}")
+        raise InvalidValueError(f"t must have shape ({data.shape[0]},), got {tuple(t.shape)}")
     te = _expand(t, data)
     return te * data + (1.0 - te) * noise, data - noise
 
@@ -88,15 +90,15 @@ def sample_training_times(
     time convention up to ``mean -> -mean``.
     """
     if batch <= 0:
-        raise ValueError(f"batch must be positive, got {batch}")
+        raise InvalidValueError(f"batch must be positive, got {batch}")
     if schedule == "uniform":
         return torch.rand(batch, generator=generator, device=device)
     if schedule == "logit_normal":
         if std <= 0:
-            raise ValueError(f"std must be positive, got {std}")
+            raise InvalidValueError(f"std must be positive, got {std}")
         z = torch.randn(batch, generator=generator, device=device)
         return torch.sigmoid(mean + std * z)
-    raise ValueError(f"schedule must be 'uniform' or 'logit_normal', got {schedule!r}")
+    raise InvalidValueError(f"schedule must be 'uniform' or 'logit_normal', got {schedule!r}")
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -107,7 +109,7 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     ``shift > 1`` gives ``t' <= t`` (more time near noise).
     """
     if shift <= 0:
-        raise ValueError(f"shift must be positive, got {shift}")
+        raise InvalidValueError(f"shift must be positive, got {shift}")
     if shift == 1.0:
         return t
     sigma = 1.0 - t
@@ -118,9 +120,9 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
 def shift_for_dimension(dim: int, base_dim: int = 4096) -> float:
     """Dimension-dependent shift of RAE: ``sqrt(dim / base_dim)`` with ``dim`` the latent size (e.g. C*H*W)."""
     if dim <= 0:
-        raise ValueError(f"dim must be positive, got {dim}")
+        raise InvalidValueError(f"dim must be positive, got {dim}")
     if base_dim <= 0:
-        raise ValueError(f"base_dim must be positive, got {base_dim}")
+        raise InvalidValueError(f"base_dim must be positive, got {base_dim}")
     return math.sqrt(dim / base_dim)
 
 
@@ -144,7 +146,7 @@ def flow_matching_loss(
     Returns ``(loss, logs)`` with detached floats ``logs = {"loss", "mse", "cosine"}``.
     """
     if cosine_weight < 0:
-        raise ValueError(f"cosine_weight must be non-negative, got {cosine_weight}")
+        raise InvalidValueError(f"cosine_weight must be non-negative, got {cosine_weight}")
     batch = data.shape[0]
     if times is None:
         times = sample_training_times(batch, generator, time_schedule, time_mean, time_std, device=data.device)
@@ -155,7 +157,7 @@ def flow_matching_loss(
     x_t, target = interpolate(data, noise, times)
     pred = model(x_t, times, class_labels)
     if pred.shape != target.shape:
-        raise ValueError(f"model output shape {tuple(pred.shape)} != data shape {tuple(target.shape)}")
+        raise InvalidValueError(f"model output shape {tuple(pred.shape)} != data shape {tuple(target.shape)}")
     mse = (pred.float() - target.float()).pow(2).mean()
     cos = 1.0 - F.cosine_similarity(pred.float().flatten(1), target.float().flatten(1), dim=1, eps=1e-8)
     cos = cos.mean()
@@ -170,20 +172,20 @@ def flow_matching_loss(
 def time_grid(steps: int, shift: float = 1.0, t_end: float = 1.0, device=None) -> torch.Tensor:
     """Increasing grid ``shift_time(linspace(0, t_end, steps + 1), shift)`` (float64 for accurate steps)."""
     if steps <= 0:
-        raise ValueError(f"steps must be positive, got {steps}")
+        raise InvalidValueError(f"steps must be positive, got {steps}")
     if not 0.0 < t_end <= 1.0:
-        raise ValueError(f"t_end must be in (0, 1], got {t_end}")
+        raise InvalidValueError(f"t_end must be in (0, 1], got {t_end}")
     return shift_time(torch.linspace(0.0, t_end, steps + 1, dtype=torch.float64, device=device), shift)
 
 
 def _check_grid(times: torch.Tensor) -> torch.Tensor:
     times = torch.as_tensor(times, dtype=torch.float64)
     if times.dim() != 1 or times.numel() < 2:
-        raise ValueError(f"times must be a 1-D grid with at least 2 points, got shape {tuple(times.shape)}")
+        raise InvalidValueError(f"times must be a 1-D grid with at least 2 points, got shape {tuple(times.shape)}")
     if not bool((times[1:] > times[:-1]).all()):
-        raise ValueError("times must be strictly increasing (t = 0 noise -> t = 1 data)")
+        raise InvalidValueError("times must be strictly increasing (t = 0 noise -> t = 1 data)")
     if float(times[0]) < 0.0 or float(times[-1]) > 1.0:
-        raise ValueError(f"times must lie in [0, 1], got [{float(times[0])}, {float(times[-1])}]")
+        raise InvalidValueError(f"times must lie in [0, 1], got [{float(times[0])}, {float(times[-1])}]")
     return times
 
 
@@ -208,7 +210,7 @@ def sample_ode(
     ``method="euler"`` uses ``steps`` model calls, ``"heun"`` (explicit trapezoid) ``2 * steps``.
     """
     if method not in ("euler", "heun"):
-        raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
+        raise InvalidValueError(f"method must be 'euler' or 'heun', got {method!r}")
     grid = time_grid(steps, shift) if times is None else _check_grid(times)
     x = noise
     for i in range(grid.numel() - 1):
@@ -228,7 +230,7 @@ def velocity_to_score(v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> to
     """``score = (t v - x_t) / (1 - t)`` for the linear interpolant (``t < 1`` required)."""
     te = _expand(t, x_t)
     if bool((te >= 1.0).any()):
-        raise ValueError("the score is undefined at t = 1 (data end); use a deterministic last step")
+        raise InvalidValueError("the score is undefined at t = 1 (data end); use a deterministic last step")
     return (te * v - x_t) / (1.0 - te)
 
 
@@ -239,14 +241,14 @@ def diffusion_coefficient(t: torch.Tensor, kind: str = "sigma", norm: float = 1.
     ``"decreasing"``: ``norm * (1 - t)^2``. Any ``w >= 0`` leaves the marginals of the interpolant unchanged.
     """
     if norm < 0:
-        raise ValueError(f"norm must be non-negative, got {norm}")
+        raise InvalidValueError(f"norm must be non-negative, got {norm}")
     if kind == "constant":
         return torch.full_like(t, norm)
     if kind == "sigma":
         return norm * (1.0 - t)
     if kind == "decreasing":
         return norm * (1.0 - t) ** 2
-    raise ValueError(f"diffusion kind must be 'constant', 'sigma' or 'decreasing', got {kind!r}")
+    raise InvalidValueError(f"diffusion kind must be 'constant', 'sigma' or 'decreasing', got {kind!r}")
 
 
 @torch.no_grad()
@@ -270,7 +272,7 @@ def sample_sde(
     ``diffusion`` is a name for ``diffusion_coefficient`` or a callable ``w(t)``; total model calls ``steps + 1``.
     """
     if not 0.0 < last_step_size < 1.0:
-        raise ValueError(f"last_step_size must be in (0, 1), got {last_step_size}")
+        raise InvalidValueError(f"last_step_size must be in (0, 1), got {last_step_size}")
     grid = time_grid(steps, shift, t_end=1.0 - last_step_size)
     x = noise
     for i in range(grid.numel() - 1):
@@ -283,7 +285,7 @@ def sample_sde(
             w = diffusion_coefficient(t, diffusion, diffusion_norm)
         w = _expand(w, x)
         if bool((w < 0).any()):
-            raise ValueError("diffusion coefficient w(t) must be non-negative")
+            raise InvalidValueError("diffusion coefficient w(t) must be non-negative")
         drift = v + 0.5 * w * velocity_to_score(v, x, t)
         dw = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * math.sqrt(h)
         x = x + h * drift + torch.sqrt(w) * dw
@@ -311,18 +313,18 @@ def guided_model(
     ``guidance_scale = 1`` reproduces the conditional model exactly.
     """
     if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be non-negative, got {guidance_scale}")
+        raise InvalidValueError(f"guidance_scale must be non-negative, got {guidance_scale}")
     if interval is not None:
         t_lo, t_hi = interval
         if not 0.0 <= t_lo <= t_hi <= 1.0:
-            raise ValueError(f"interval must satisfy 0 <= t_lo <= t_hi <= 1, got {interval}")
+            raise InvalidValueError(f"interval must satisfy 0 <= t_lo <= t_hi <= 1, got {interval}")
     if weak_model is None and null_class is None:
-        raise ValueError("null_class is required for classifier-free guidance (weak_model is None)")
+        raise InvalidValueError("null_class is required for classifier-free guidance (weak_model is None)")
 
     def guided(x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor]) -> torch.Tensor:
         if weak_model is None:
             if class_labels is None:
-                raise ValueError("class_labels are required for classifier-free guidance")
+                raise InvalidValueError("class_labels are required for classifier-free guidance")
             null = torch.full_like(class_labels, null_class)
             out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([class_labels, null]))
             v_cond, v_ref = out.chunk(2)
@@ -357,9 +359,9 @@ def diffusers_flow_sampler(
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if steps <= 0:
-        raise ValueError(f"steps must be positive, got {steps}")
+        raise InvalidValueError(f"steps must be positive, got {steps}")
     if shift <= 0:
-        raise ValueError(f"shift must be positive, got {shift}")
+        raise InvalidValueError(f"shift must be positive, got {shift}")
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     sigmas = (1.0 - torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)[:-1]).tolist()
     scheduler.set_timesteps(sigmas=sigmas, device=noise.device)
@@ -376,13 +378,13 @@ def repa_alignment_loss(projected: torch.Tensor, features: torch.Tensor) -> torc
     image region). ``projected`` (B, N, C) and ``features`` (B, M, C); when M != N both are square grids and the VFM
     grid is resized (bilinear) to the denoiser's."""
     if projected.shape[0] != features.shape[0] or projected.shape[-1] != features.shape[-1]:
-        raise ValueError(f"REPA needs (B, N, C) and (B, M, C) with equal B and C, got {tuple(projected.shape)} and "
+        raise InvalidValueError(f"REPA needs (B, N, C) and (B, M, C) with equal B and C, got {tuple(projected.shape)} and "
                          f"{tuple(features.shape)}")
     n, m = projected.shape[1], features.shape[1]
     if n != m:
         side, source = math.isqrt(n), math.isqrt(m)
         if side * side != n or source * source != m:
-            raise ValueError(f"token counts {n} and {m} must both be square grids to be matched")
+            raise InvalidValueError(f"token counts {n} and {m} must both be square grids to be matched")
         grid = features.transpose(1, 2).reshape(features.shape[0], -1, source, source)
         features = F.interpolate(grid.float(), size=(side, side), mode="bilinear", align_corners=False)
         features = features.flatten(2).transpose(1, 2)

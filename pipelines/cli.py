@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from tokenizer.utils.errors import OutputExistsError, VFMTokError
+
 __all__ = ["main"]
+
+logger = logging.getLogger("vfmtok")
 
 
 def _describe(args: argparse.Namespace) -> None:
@@ -36,13 +41,13 @@ def _speed_ar(args: argparse.Namespace) -> None:
 
 
 def _convert_tokenizer(args: argparse.Namespace) -> None:
-    from pipelines.atomic import save_pretrained_atomically
     from pipelines.config import build_model
     from tokenizer.convert import convert_reference_checkpoint
+    from tokenizer.utils.atomic import save_pretrained_atomically
 
     output = Path(args.output_dir)
     if output.exists() and any(output.iterdir()):
-        raise ValueError(f"output directory {str(output)!r} already exists and is not empty")
+        raise OutputExistsError(f"output directory {str(output)!r} already exists and is not empty")
     model = build_model(args.config)
     dropped = convert_reference_checkpoint(args.checkpoint, model, prefer=args.weights)
     save_pretrained_atomically(model, output)
@@ -51,7 +56,7 @@ def _convert_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
-    from pipelines.train_tokenizer import train_tokenizer
+    from pipelines.train.tokenizer import train_tokenizer
 
     train_tokenizer(args.config, args.data, args.output_dir, max_steps=args.max_steps, resume=args.resume,
                     feature_cache=args.feature_cache, vfm_weights=args.vfm_weights,
@@ -59,14 +64,14 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _train_ar(args: argparse.Namespace) -> None:
-    from pipelines.train_ar import train_ar
+    from pipelines.train.ar import train_ar
 
     train_ar(args.config, args.output_dir, codes=args.codes, data=args.data, tokenizer=args.tokenizer,
              vfm_weights=args.vfm_weights, max_steps=args.max_steps, resume=args.resume)
 
 
 def _train_flow(args: argparse.Namespace) -> None:
-    from pipelines.train_flow import train_flow
+    from pipelines.train.flow import train_flow
 
     train_flow(args.config, args.output_dir, latents=args.latents, data=args.data, tokenizer=args.tokenizer,
                latent_stats=args.latent_stats, vfm_weights=args.vfm_weights, max_steps=args.max_steps,
@@ -76,7 +81,7 @@ def _train_flow(args: argparse.Namespace) -> None:
 def _latent_stats(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
-    from pipelines.train_flow import write_latent_statistics
+    from pipelines.train.flow import write_latent_statistics
 
     path = write_latent_statistics(args.latents)
     stats = load_file(str(path))
@@ -94,7 +99,7 @@ def _speed_flow(args: argparse.Namespace) -> None:
 
 
 def _extract(args: argparse.Namespace) -> None:
-    from pipelines.codes import extract_tokens, load_tokenizer
+    from pipelines.train.extract import extract_tokens, load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer, args.vfm_weights, args.random_vfm)
     output = extract_tokens(tokenizer, args.data, args.output_dir, ten_crop=args.ten_crop,
@@ -104,8 +109,21 @@ def _extract(args: argparse.Namespace) -> None:
     print(json.dumps({k: meta[k] for k in ("kind", "num_images", "num_views", "shape", "unreadable")}))
 
 
+def _add_speed_arguments(parser: argparse.ArgumentParser, batch_size: int, windows: bool = True) -> None:
+    """The options every `vfmtok speed` command takes."""
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--warmup", type=int, default=1)
+    if windows:
+        parser.add_argument("--windows", type=int, default=3, help="timing windows (median)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="default: fp32 on CPU, bf16 autocast on CUDA")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vfmtok", description="VFM-based image tokenizers and generators.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of every error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     describe = commands.add_parser("describe", help="build the model a config describes (random weights) and print "
@@ -116,13 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed = commands.add_parser("speed", help="measure throughput; one JSON line per measured mode")
     speed_kinds = speed.add_subparsers(dest="kind", required=True)
     speed_tok = speed_kinds.add_parser("tokenizer", help="training step, encode and decode images/s of a tokenizer")
-    speed_tok.add_argument("--config", required=True)
-    speed_tok.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    speed_tok.add_argument("--batch-size", type=int, default=4)
+    _add_speed_arguments(speed_tok, batch_size=4, windows=False)
     speed_tok.add_argument("--steps", type=int, default=3, help="calls per timing window (3 windows, median)")
-    speed_tok.add_argument("--warmup", type=int, default=1)
-    speed_tok.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                           help="default: fp32 on CPU, bf16 autocast on CUDA")
     speed_tok.add_argument("--modes", nargs="+", choices=["train", "encode", "decode"],
                            default=["train", "encode", "decode"])
     speed_tok.add_argument("--feature-cache", action="store_true",
@@ -174,17 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_ar.set_defaults(run=_train_ar)
 
     speed_ar = speed_kinds.add_parser("ar", help="class-conditional generation throughput of a GPT config")
-    speed_ar.add_argument("--config", required=True)
-    speed_ar.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    speed_ar.add_argument("--batch-size", type=int, default=8)
+    _add_speed_arguments(speed_ar, batch_size=8)
     speed_ar.add_argument("--no-cfg", action="store_true", help="sample without classifier-free guidance")
     speed_ar.add_argument("--guidance-scale", type=float, default=2.0)
     speed_ar.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix at every step")
     speed_ar.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     speed_ar.add_argument("--steps", type=int, default=1, help="generate calls per timing window")
-    speed_ar.add_argument("--warmup", type=int, default=1)
-    speed_ar.add_argument("--windows", type=int, default=3, help="timing windows (median)")
-    speed_ar.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     speed_ar.set_defaults(run=_speed_ar)
 
     train_flow = train_kinds.add_parser("flow", help="train the flow denoiser over continuous latents; exports the EMA "
@@ -207,21 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(run=_latent_stats)
 
     speed_flow = speed_kinds.add_parser("flow", help="class-conditional sampling throughput of a denoiser config")
-    speed_flow.add_argument("--config", required=True)
-    speed_flow.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    speed_flow.add_argument("--batch-size", type=int, default=8)
+    _add_speed_arguments(speed_flow, batch_size=8)
     speed_flow.add_argument("--sampler", choices=["euler", "heun", "sde"], default="euler")
     speed_flow.add_argument("--steps", type=int, default=50, help="sampling steps")
     speed_flow.add_argument("--no-cfg", action="store_true")
-    speed_flow.add_argument("--warmup", type=int, default=1)
-    speed_flow.add_argument("--windows", type=int, default=3)
-    speed_flow.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     speed_flow.set_defaults(run=_speed_flow)
 
     convert = commands.add_parser("convert", help="convert an official checkpoint to this project's format")
     convert_kinds = convert.add_subparsers(dest="kind", required=True)
     convert_tok = convert_kinds.add_parser("tokenizer", help="official VFMTok / VFMAE checkpoint -> save_pretrained "
-                                                             "directory (see tokenizer/convert.py for the key mapping)")
+                                                             "directory (key mapping: tokenizer/convert.py)")
     convert_tok.add_argument("--checkpoint", required=True, help="the official .pt/.pth file")
     convert_tok.add_argument("--config", required=True, help="the matching config, e.g. configs/tokenizer/vfmtok-l.yaml")
     convert_tok.add_argument("--output-dir", required=True)
@@ -238,10 +241,17 @@ def _cuda_available() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A user error (:class:`tokenizer.utils.errors.VFMTokError`) prints one line naming the problem
+    and returns 2; any other exception is a bug or an environment failure and keeps its traceback. ``--debug`` shows
+    the traceback of user errors too."""
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)
-    except (ValueError, OSError, TypeError, RuntimeError) as error:
+    except VFMTokError as error:
+        if args.debug:
+            raise
         print(f"vfmtok {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

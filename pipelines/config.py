@@ -1,16 +1,41 @@
-"""Config files: ``model`` (a class name), ``params`` (its constructor arguments) and optional sections that later
-stages read (``training``, ...). Construction passes ``params`` to the constructor as they are, so a misspelt
-parameter is an error rather than a silently ignored key."""
+"""Config files, validated strictly and in one way.
+
+A config file is a YAML mapping with ``model`` (a class name), ``params`` (its constructor arguments) and the sections
+the model's stages read:
+
+==============  =====================================================  ==========================================
+section         what                                                   models
+==============  =====================================================  ==========================================
+``params``      constructor arguments of the model                     all
+``training``    :class:`TrainingConfig` (the shared trainer)           all
+``loss``        :class:`tokenizer.losses.TokenizerLoss` arguments      tokenizers
+``sampling``    :class:`ARSamplingConfig` / :class:`FlowSamplingConfig`  GPTModel / DiTModel
+``flow``        :class:`FlowConfig` (flow-matching objective)          DiTModel
+==============  =====================================================  ==========================================
+
+:func:`load_config` refuses, before any work starts, an unknown section or key anywhere (naming it and the accepted
+ones) and a value of the wrong type (naming the key, the expected type and the value: e.g. ``4e-4``, which YAML reads
+as a string). Every section goes through :func:`validate_section`, against a dataclass or a constructor signature;
+sections that a model does not have in the file get their defaults, so later code never guesses with ``.get``.
+"""
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import importlib
 import inspect
+import math
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
-__all__ = ["MODEL_CLASSES", "load_config", "build_model", "model_class"]
+from tokenizer.utils.errors import ConfigError, InvalidValueError, MissingFileError
+
+__all__ = ["MODEL_CLASSES", "load_config", "build_model", "model_class", "validate_section", "TrainingConfig",
+           "ARSamplingConfig", "FlowSamplingConfig", "FlowConfig", "SECTIONS"]
 
 # Class name in a config file -> "module:attribute". Imported lazily so that `vfmtok describe` on a tokenizer
 # config does not import the generators.
@@ -21,39 +46,292 @@ MODEL_CLASSES: dict[str, str] = {
 }
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read and validate a YAML config file."""
+# ----------------------------------------------------------------------------------------------------------------------
+# Value checking against type annotations
+# ----------------------------------------------------------------------------------------------------------------------
+def _type_name(annotation: Any) -> str:
+    if annotation is type(None):
+        return "null"
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(annotation) if a is not Ellipsis)
+        return f"a list of {args}" if origin in (tuple, list, collections.abc.Sequence) else str(annotation)
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _wrong(key: str, annotation: Any, value: Any) -> ConfigError:
+    hint = ""
+    if isinstance(value, str):
+        try:
+            float(value)
+            hint = (" (YAML reads numbers such as 4e-4 without a dot in the mantissa, and quoted numbers, as strings; "
+                    "write 4.0e-4)")
+        except ValueError:
+            pass
+    return ConfigError(f"{key}: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}{hint}")
+
+
+def check_value(key: str, value: Any, annotation: Any) -> Any:
+    """``value`` checked against ``annotation`` (int, float, bool, str, dict, Optional / unions, tuple / list /
+    Sequence of those); returns it with ints widened to floats and lists turned into tuples where annotated so.
+    Annotations it does not know accept anything."""
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return value
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return check_value(key, value, option)
+            except ConfigError:
+                continue
+        raise _wrong(key, annotation, value)
+    if annotation is type(None):
+        if value is not None:
+            raise _wrong(key, annotation, value)
+        return None
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise _wrong(key, annotation, value)
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _wrong(key, annotation, value)
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _wrong(key, annotation, value)
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise _wrong(key, annotation, value)
+        return value
+    if annotation is dict or origin in (dict, collections.abc.Mapping):
+        if not isinstance(value, dict):
+            raise _wrong(key, annotation, value)
+        return value
+    if origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise _wrong(key, annotation, value)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}: {value!r}")
+            items = [check_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item = args[0] if args else Any
+            items = [check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else list(items)
+    return value
+
+
+def _fields_of(schema: Union[type, Callable]) -> dict[str, tuple[Any, Any]]:
+    """name -> (annotation, default) of a dataclass's fields or of a callable's keyword parameters."""
+    if dataclasses.is_dataclass(schema):
+        hints = typing.get_type_hints(schema)
+        return {f.name: (hints.get(f.name, Any), f.default if f.default is not dataclasses.MISSING else
+                         (f.default_factory() if f.default_factory is not dataclasses.MISSING else
+                          inspect.Parameter.empty))
+                for f in dataclasses.fields(schema) if not f.name.startswith("_")}
+    target = schema.__init__ if isinstance(schema, type) else schema
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # an annotation that cannot be resolved here: check names only
+        hints = {}
+    return {name: (hints.get(name, Any), p.default) for name, p in inspect.signature(target).parameters.items()
+            if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def validate_section(values: Optional[dict[str, Any]], schema: Union[type, Callable], source: str,
+                     fill_defaults: bool = False) -> dict[str, Any]:
+    """The one check of a config section: ``values`` must be a mapping whose keys are fields of ``schema`` (a
+    dataclass, or a class / callable whose keyword parameters are the options), each of the annotated type.
+    Returns the checked values, with the schema's defaults added when ``fill_defaults``."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of options, got {type(values).__name__} {values!r}")
+    fields = _fields_of(schema)
+    unknown = sorted(set(values) - set(fields), key=str)
+    if unknown:
+        raise ConfigError(f"{source}: unknown option(s) {unknown}; accepted: {sorted(fields)}")
+    checked = {key: check_value(f"{source}.{key}", value, fields[key][0]) for key, value in values.items()}
+    if fill_defaults:
+        for name, (_, default) in fields.items():
+            if name not in checked and default is not inspect.Parameter.empty:
+                checked[name] = default
+    return checked
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainingConfig:
+    """The ``training:`` section of a config file. Every value can be set there; unknown keys are errors."""
+
+    max_steps: int = 400_000
+    batch_size: int = 16  # per process and micro-batch; global batch = batch_size * processes * accumulation
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    optimizer: str = "adam"  # adam | adamw (AdamW decays only >= 2-D weights)
+    learning_rate: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"  # constant | cosine | linear, after a linear warm-up
+    lr_warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0
+    ema_decay: float = 0.9999
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 5000
+    keep_last_checkpoints: int = 3
+    sample_every: int = 5000
+    num_sample_images: int = 8
+    num_workers: int = 4
+    log_with: tuple[str, ...] = ("tensorboard",)
+    augment: str = "adm"  # adm (random resize in [S, 1.25 S] + random crop) | center
+    flip: bool = True
+    streaming: bool = False  # stream a Hub dataset (resume is exact only with num_workers 0 and no shuffle buffer)
+    shuffle_buffer: int = 10000  # streaming only
+    feature_cache: Optional[str] = None  # tokenizers: directory of cached frozen-VFM features (see feature_cache.py)
+    compile: bool = False  # torch.compile the trained model (and a tokenizer's frozen VFM blocks); for GPUs
+
+    _CHOICES = {"mixed_precision": ("no", "bf16", "fp16"), "optimizer": ("adam", "adamw"),
+                "lr_scheduler": ("constant", "cosine", "linear"), "augment": ("adm", "center")}
+
+    @classmethod
+    def from_dict(cls, values: Optional[dict[str, Any]], source: str = "training") -> "TrainingConfig":
+        values = dict(values or {})
+        if isinstance(values.get("log_with"), str) or values.get("log_with", ()) is None:  # one tracker, or none
+            values["log_with"] = [values["log_with"]] if values["log_with"] else []
+        config = cls(**validate_section(values, cls, source))
+        config.validate(source)
+        return config
+
+    @classmethod
+    def from_run(cls, run: dict[str, Any], overrides: Optional[dict[str, Any]] = None,
+                 **flags: Any) -> "TrainingConfig":
+        """The ``training:`` section of a loaded config file, then ``overrides``, then the command-line ``flags``
+        that were given (None = not given)."""
+        values = {**run.get("training", {}), **(overrides or {}),
+                  **{name: value for name, value in flags.items() if value is not None}}
+        return cls.from_dict(values, source=f"{run['_path']}: training")
+
+    def validate(self, source: str = "training") -> None:
+        for name, choices in self._CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise InvalidValueError(f"{source}: {name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "checkpoint_every",
+                     "keep_last_checkpoints", "sample_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise InvalidValueError(f"{source}: {name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("num_workers", "lr_warmup_steps", "num_sample_images", "seed", "shuffle_buffer"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise InvalidValueError(f"{source}: {name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not self.learning_rate > 0:
+            raise InvalidValueError(f"{source}: learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise InvalidValueError(f"{source}: ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise InvalidValueError(f"{source}: betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise InvalidValueError(f"{source}: max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}")
+        if self.weight_decay < 0:
+            raise InvalidValueError(f"{source}: weight_decay must be >= 0, got {self.weight_decay!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass
+class ARSamplingConfig:
+    """The ``sampling:`` section of a GPT config: the defaults of sample grids and of the AR pipeline."""
+
+    guidance_scale: float = 2.0  # LlamaGen's recommendation for B / L; XL / XXL 1.75, 3B 1.65
+
+
+@dataclasses.dataclass
+class FlowSamplingConfig:
+    """The ``sampling:`` section of a denoiser config: the defaults of sample grids and of the flow pipeline."""
+
+    guidance_scale: float = 1.5
+    steps: int = 50
+
+
+@dataclasses.dataclass
+class FlowConfig:
+    """The ``flow:`` section: the flow-matching objective (see :func:`generators.transport.flow_matching_loss`)."""
+
+    time_schedule: str = "uniform"  # uniform | logit_normal
+    time_mean: float = 0.0  # logit-normal location
+    time_std: float = 1.0  # logit-normal scale
+    shift: float = 1.0  # dimension-dependent time shift (1 = none)
+    cosine_weight: float = 0.0  # weight of an extra (1 - cosine) term on the velocity
+    repa_weight: float = 0.0  # REPA alignment with the frozen encoder's features (needs repa_layer / repa_dim)
+
+
+def _tokenizer_loss_class():
+    from tokenizer.losses import TokenizerLoss
+
+    return TokenizerLoss
+
+
+# Model class -> section name -> schema (a dataclass, or a function returning the class whose constructor the section
+# holds). ``params`` is always the model's constructor.
+SECTIONS: dict[str, dict[str, Callable[[], Any]]] = {
+    "VFMTokModel": {"training": lambda: TrainingConfig, "loss": _tokenizer_loss_class},
+    "GPTModel": {"training": lambda: TrainingConfig, "sampling": lambda: ARSamplingConfig},
+    "DiTModel": {"training": lambda: TrainingConfig, "sampling": lambda: FlowSamplingConfig,
+                 "flow": lambda: FlowConfig},
+}
+# Sections checked here but filled with defaults only by the code that reads them (TrainingConfig.from_run applies
+# the command-line overrides first).
+_FILLED = {"sampling", "flow", "loss"}
+
+
+def load_config(path: Union[str, Path]) -> dict[str, Any]:
+    """Read and validate a YAML config file (see the module docstring). The result holds every section of the
+    model, checked (``sampling``, ``flow`` and ``loss`` with their defaults filled in), and ``_path``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        raise MissingFileError(f"config file {str(path)!r} does not exist")
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ValueError(f"config file {str(path)!r} is not valid YAML: {error}") from error
-    if not isinstance(config, dict) or "model" not in config or not isinstance(config.get("params", {}), dict):
-        raise ValueError(f"config file {str(path)!r} must be a mapping with 'model' (one of {sorted(MODEL_CLASSES)}) "
-                         f"and 'params' (a mapping of constructor arguments)")
-    config.setdefault("params", {})
-    config["_path"] = str(path)
-    return config
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+    if not isinstance(config, dict) or "model" not in config:
+        raise ConfigError(f"config file {str(path)!r} must be a mapping with 'model' (one of "
+                          f"{sorted(MODEL_CLASSES)}) and 'params' (a mapping of constructor arguments)")
+    name = config["model"]
+    if name not in MODEL_CLASSES:
+        raise ConfigError(f"{path}: unknown model class {name!r}; known: {sorted(MODEL_CLASSES)}")
+    sections = SECTIONS[name]
+    allowed = {"model", "params", *sections}
+    unknown = sorted(set(config) - allowed, key=str)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown} for a {name} config; accepted: {sorted(allowed)}")
+    checked: dict[str, Any] = {"model": name, "_path": str(path)}
+    checked["params"] = validate_section(config.get("params"), model_class(name), f"{path}: params")
+    for section, schema in sections.items():
+        checked[section] = validate_section(config.get(section), schema(), f"{path}: {section}",
+                                            fill_defaults=section in _FILLED)
+    return checked
 
 
 def model_class(name: str) -> type:
     if name not in MODEL_CLASSES:
-        raise ValueError(f"unknown model class {name!r}; known: {sorted(MODEL_CLASSES)}")
+        raise ConfigError(f"unknown model class {name!r}; known: {sorted(MODEL_CLASSES)}")
     module, attribute = MODEL_CLASSES[name].split(":")
     return getattr(importlib.import_module(module), attribute)
 
 
-def build_model(config: dict[str, Any] | str | Path):
+def build_model(config: Union[dict[str, Any], str, Path]):
     """Build the model a config describes, with random weights (nothing is downloaded)."""
     if not isinstance(config, dict):
         config = load_config(config)
-    cls = model_class(config["model"])
-    params = config["params"]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        raise ValueError(f"{config.get('_path', 'config')}: unknown parameter(s) {unknown} for {cls.__name__}; "
-                         f"accepted: {sorted(accepted)}")
-    return cls(**params)
+    return model_class(config["model"])(**config["params"])

@@ -31,6 +31,8 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
+from tokenizer.utils.errors import InvalidValueError, MissingFileError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "load_image_dataset",
@@ -93,11 +95,11 @@ def load_image_dataset(source: str, split: str = "train", streaming: bool = Fals
     elif path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"dataset source {source!r} is a file; expected a directory, a Hub id or one of "
+            raise InvalidValueError(f"dataset source {source!r} is a file; expected a directory, a Hub id or one of "
                              f"{sorted(FILE_BUILDERS)}")
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
     elif source.startswith(("/", "./", "../", "~")):
-        raise FileNotFoundError(f"dataset directory {source!r} does not exist")
+        raise MissingFileError(f"dataset directory {source!r} does not exist")
     else:
         dataset = datasets.load_dataset(source, split=split, streaming=streaming)
     if streaming and isinstance(dataset, datasets.Dataset):
@@ -139,7 +141,7 @@ def _load_local_directory(path: Path, split: str) -> datasets.Dataset | None:
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"split {split!r} not in the saved dataset {str(path)!r}; available: {list(loaded)}")
+                raise InvalidValueError(f"split {split!r} not in the saved dataset {str(path)!r}; available: {list(loaded)}")
             loaded = loaded[split]
         return loaded
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
@@ -148,11 +150,11 @@ def _load_local_directory(path: Path, split: str) -> datasets.Dataset | None:
     class_files = {d.name: _images_under(d) for d in class_dirs}
     if any(class_files.values()):
         if top_images:
-            raise ValueError(f"image directory {str(path)!r} has both images at its top level ({top_images[0].name}, "
+            raise InvalidValueError(f"image directory {str(path)!r} has both images at its top level ({top_images[0].name}, "
                              f"...) and class sub-folders; expected one layout or the other")
         empty = [name for name, files in class_files.items() if not files]
         if empty:
-            raise ValueError(f"class folder(s) {empty} in {str(path)!r} hold no image ({', '.join(IMAGE_EXTENSIONS)}); "
+            raise InvalidValueError(f"class folder(s) {empty} in {str(path)!r} hold no image ({', '.join(IMAGE_EXTENSIONS)}); "
                              f"remove them, or every later class id would shift")
         names = list(class_files)
         files = [f for name in names for f in class_files[name]]
@@ -168,23 +170,23 @@ def _load_labels_csv(root: Path, labels_csv: Path) -> datasets.Dataset:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         if "file" not in columns or "class_index" not in columns:
-            raise ValueError(f"{str(labels_csv)!r} has columns {columns}; expected at least 'file' and 'class_index'")
+            raise InvalidValueError(f"{str(labels_csv)!r} has columns {columns}; expected at least 'file' and 'class_index'")
         rows = list(reader)
     files, labels = [], []
     for line, row in enumerate(rows, start=2):
         try:
             labels.append(int(row["class_index"]))
         except (TypeError, ValueError):
-            raise ValueError(f"{str(labels_csv)!r} line {line}: class_index {row['class_index']!r} is not an "
+            raise InvalidValueError(f"{str(labels_csv)!r} line {line}: class_index {row['class_index']!r} is not an "
                              f"integer") from None
         if not row["file"]:
-            raise ValueError(f"{str(labels_csv)!r} line {line}: empty file name")
+            raise InvalidValueError(f"{str(labels_csv)!r} line {line}: empty file name")
         files.append(root / row["file"])
     # One directory listing per folder instead of a stat per file (ImageNet has 1.28M files).
     listed = {parent: set(os.listdir(parent)) if parent.is_dir() else set() for parent in {f.parent for f in files}}
     missing = [str(f) for f in files if f.name not in listed[f.parent]]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} file(s) listed in {str(labels_csv)!r} do not exist, e.g. "
+        raise MissingFileError(f"{len(missing)} file(s) listed in {str(labels_csv)!r} do not exist, e.g. "
                                 f"{missing[:3]}")
     return _from_files(files, labels, None)
 
@@ -202,14 +204,14 @@ def _standardize_columns(dataset: datasets.Dataset | datasets.IterableDataset, s
         if image_column is None:
             image_column = next((c for c in columns if isinstance(features[c], datasets.Image)), None)
         if image_column is None:
-            raise ValueError(f"dataset {source!r} has no image column; its columns are {columns}; expected one of "
+            raise InvalidValueError(f"dataset {source!r} has no image column; its columns are {columns}; expected one of "
                              f"{list(IMAGE_COLUMNS)} or an explicit image_column")
     elif image_column not in columns:
-        raise ValueError(f"image_column {image_column!r} is not a column of {source!r}; its columns are {columns}")
+        raise InvalidValueError(f"image_column {image_column!r} is not a column of {source!r}; its columns are {columns}")
     if label_column is None:
         label_column = next((c for c in LABEL_COLUMNS if c in columns and c != image_column), None)
     elif label_column not in columns:
-        raise ValueError(f"label_column {label_column!r} is not a column of {source!r}; its columns are {columns}")
+        raise InvalidValueError(f"label_column {label_column!r} is not a column of {source!r}; its columns are {columns}")
 
     keep = [image_column] + ([label_column] if label_column is not None else [])
     dataset = dataset.select_columns(keep)
@@ -234,7 +236,7 @@ def _standardize_columns(dataset: datasets.Dataset | datasets.IterableDataset, s
     if isinstance(label, datasets.Value) and label.dtype in ("string", "large_string") \
             and isinstance(dataset, datasets.Dataset):
         return dataset.class_encode_column("label")  # sorted unique strings -> ClassLabel
-    raise ValueError(f"label column {label_column!r} of {source!r} has type {label}; expected integers or a "
+    raise InvalidValueError(f"label column {label_column!r} of {source!r} has type {label}; expected integers or a "
                      f"ClassLabel (or strings, for a non-streamed dataset)")
 
 
@@ -248,7 +250,7 @@ def _unlabeled(example: dict[str, Any]) -> dict[str, Any]:
 
 def _check_size(size: int) -> None:
     if not isinstance(size, int) or size < 1:
-        raise ValueError(f"image size must be a positive integer, got {size!r}")
+        raise InvalidValueError(f"image size must be a positive integer, got {size!r}")
 
 
 def _resize_short_side(image: Image.Image, short_side: int) -> Image.Image:
@@ -278,7 +280,7 @@ def adm_random_crop(image: Image.Image, size: int, rng: np.random.Generator, min
     """
     _check_size(size)
     if not 1.0 <= min_scale <= max_scale:
-        raise ValueError(f"need 1 <= min_scale <= max_scale, got min_scale={min_scale}, max_scale={max_scale}")
+        raise InvalidValueError(f"need 1 <= min_scale <= max_scale, got min_scale={min_scale}, max_scale={max_scale}")
     short_side = int(rng.integers(math.ceil(size * min_scale), math.ceil(size * max_scale) + 1))
     image = _resize_short_side(image, short_side)
     top = int(rng.integers(0, image.height - size + 1))
@@ -297,7 +299,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 def _derive_seed(*keys: int) -> int:
     if any(k < 0 for k in keys):
-        raise ValueError(f"seed keys must be non-negative integers, got {keys}")
+        raise InvalidValueError(f"seed keys must be non-negative integers, got {keys}")
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]) & SEED_MASK
 
 
@@ -308,11 +310,11 @@ def decode_image(image: dict[str, Any]) -> Image.Image:
     """
     data, path = image.get("bytes"), image.get("path")
     if data is None and not path:
-        raise ValueError("image has neither bytes nor a path")
+        raise InvalidValueError("image has neither bytes nor a path")
     with Image.open(io.BytesIO(data) if data is not None else path) as opened:
         opened.load()
         if min(opened.size) == 0:
-            raise ValueError(f"image has zero size {opened.size}")
+            raise InvalidValueError(f"image has zero size {opened.size}")
         return opened.convert("RGB")
 
 
@@ -328,7 +330,7 @@ class _Augmenter:
     def __init__(self, image_size: int, augment: str, flip: bool):
         _check_size(image_size)
         if augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+            raise InvalidValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
         self.image_size, self.augment, self.flip = image_size, augment, flip
 
     def __call__(self, example: dict[str, Any], index: int, seed: int) -> dict[str, Any]:
@@ -355,7 +357,7 @@ def _check_columns(features: datasets.Features | None, what: str) -> None:
         return
     image = features.get("image")
     if not isinstance(image, datasets.Image) or image.decode or "label" not in features:
-        raise ValueError(f"{what} needs columns 'image' (datasets.Image(decode=False)) and 'label'; got "
+        raise InvalidValueError(f"{what} needs columns 'image' (datasets.Image(decode=False)) and 'label'; got "
                          f"{dict(features)}; build it with load_image_dataset")
 
 
@@ -371,7 +373,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset: datasets.Dataset, image_size: int, augment: str = "adm", flip: bool = True):
         if not isinstance(dataset, datasets.Dataset):
-            raise ValueError(f"ImageDataset needs a datasets.Dataset, got {type(dataset).__name__} (use "
+            raise InvalidValueError(f"ImageDataset needs a datasets.Dataset, got {type(dataset).__name__} (use "
                              f"StreamingImageDataset for a streamed dataset)")
         _check_columns(dataset.features, "ImageDataset")
         self.dataset = dataset
@@ -409,12 +411,12 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
     def __init__(self, dataset: datasets.IterableDataset, image_size: int, seed: int, augment: str = "adm",
                  flip: bool = True, shuffle_buffer: int = 1000, rank: int = 0, world_size: int = 1):
         if not isinstance(dataset, datasets.IterableDataset):
-            raise ValueError(f"StreamingImageDataset needs a datasets.IterableDataset, got {type(dataset).__name__}")
+            raise InvalidValueError(f"StreamingImageDataset needs a datasets.IterableDataset, got {type(dataset).__name__}")
         _check_columns(dataset.features, "StreamingImageDataset")
         if seed < 0 or shuffle_buffer < 0:
-            raise ValueError(f"seed and shuffle_buffer must be >= 0, got seed={seed}, shuffle_buffer={shuffle_buffer}")
+            raise InvalidValueError(f"seed and shuffle_buffer must be >= 0, got seed={seed}, shuffle_buffer={shuffle_buffer}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+            raise InvalidValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if shuffle_buffer > 0:
             dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
         self.source = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
@@ -450,7 +452,7 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
         """Resume from :meth:`state_dict` at the next iteration of the same epoch (see the class notes)."""
         missing = {"epoch", "num_yielded", "source"} - set(state)
         if missing:
-            raise ValueError(f"streaming state is missing {sorted(missing)}; expected the output of state_dict()")
+            raise InvalidValueError(f"streaming state is missing {sorted(missing)}; expected the output of state_dict()")
         self.source.set_epoch(state["epoch"])
         self.source.load_state_dict(state["source"])
         self._resume = (state["epoch"], state["num_yielded"])
@@ -462,7 +464,7 @@ def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
     ``images`` has shape ``(0, 3, S, S)`` when every sample in the batch failed.
     """
     if not samples:
-        raise ValueError("collate_images got an empty list of samples")
+        raise InvalidValueError("collate_images got an empty list of samples")
     good = [s for s in samples if "error" not in s]
     skipped = [s["error"] for s in samples if "error" in s]
     if good:
@@ -498,10 +500,10 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
     def __init__(self, num_samples: int, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = True,
                  num_replicas: int = 1, rank: int = 0):
         if num_samples < 1 or batch_size < 1 or seed < 0:
-            raise ValueError(f"need num_samples >= 1, batch_size >= 1, seed >= 0; got num_samples={num_samples}, "
+            raise InvalidValueError(f"need num_samples >= 1, batch_size >= 1, seed >= 0; got num_samples={num_samples}, "
                              f"batch_size={batch_size}, seed={seed}")
         if not 0 <= rank < num_replicas:
-            raise ValueError(f"need 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
+            raise InvalidValueError(f"need 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.num_replicas, self.rank = num_replicas, rank
@@ -512,7 +514,7 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
             self.samples_per_rank = math.ceil(num_samples / num_replicas)
             self.num_batches = math.ceil(self.samples_per_rank / batch_size)
         if self.num_batches == 0:
-            raise ValueError(f"{num_samples} samples give no full batch of {batch_size} on each of {num_replicas} "
+            raise InvalidValueError(f"{num_samples} samples give no full batch of {batch_size} on each of {num_replicas} "
                              f"rank(s); lower batch_size or use drop_last=False")
         self.epoch = 0
         self.start_batch = 0
@@ -520,14 +522,14 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch to iterate, and start it from its first batch."""
         if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
+            raise InvalidValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = epoch
         self.start_batch = 0
 
     def set_start_batch(self, batch: int) -> None:
         """Skip the first ``batch`` batches of the current epoch on this rank (resume); reset by :meth:`set_epoch`."""
         if not 0 <= batch <= self.num_batches:
-            raise ValueError(f"start batch must be in [0, {self.num_batches}], got {batch}")
+            raise InvalidValueError(f"start batch must be in [0, {self.num_batches}], got {batch}")
         self.start_batch = batch
 
     def __len__(self) -> int:
@@ -564,20 +566,20 @@ def build_dataloader(dataset: torch.utils.data.Dataset, batch_sampler: Resumable
     ``persistent_workers`` only applies with ``num_workers > 0``; ``pin_memory`` is only useful with CUDA.
     """
     if num_workers < 0 or batch_size < 1:
-        raise ValueError(f"need num_workers >= 0 and batch_size >= 1, got num_workers={num_workers}, "
+        raise InvalidValueError(f"need num_workers >= 0 and batch_size >= 1, got num_workers={num_workers}, "
                          f"batch_size={batch_size}")
     if isinstance(dataset, torch.utils.data.IterableDataset):
         if batch_sampler is not None:
-            raise ValueError(f"an iterable dataset ({type(dataset).__name__}) takes no batch_sampler; pass None")
+            raise InvalidValueError(f"an iterable dataset ({type(dataset).__name__}) takes no batch_sampler; pass None")
     elif isinstance(dataset, torch.utils.data.Dataset):
         if batch_sampler is None:
-            raise ValueError(f"a map-style dataset ({type(dataset).__name__}) needs a ResumableBatchSampler "
+            raise InvalidValueError(f"a map-style dataset ({type(dataset).__name__}) needs a ResumableBatchSampler "
                              f"(batch_sampler=None given)")
         if batch_sampler.batch_size != batch_size:
-            raise ValueError(f"batch_size={batch_size} differs from the sampler's batch_size="
+            raise InvalidValueError(f"batch_size={batch_size} differs from the sampler's batch_size="
                              f"{batch_sampler.batch_size}")
     else:
-        raise ValueError(f"dataset must be a torch Dataset, got {type(dataset).__name__}")
+        raise InvalidValueError(f"dataset must be a torch Dataset, got {type(dataset).__name__}")
     # Creating a DataLoader iterator draws a base seed from `generator` (the global RNG when None), which would shift
     # the model's random stream after a resume.
     generator = torch.Generator()

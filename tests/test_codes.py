@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from pipelines.cli import main
-from pipelines.codes import CodesDataset, extract_tokens
+from pipelines.train.extract import CodesDataset, extract_tokens
 from pipelines.config import build_model
 from pipelines.data import adm_center_crop
 from test_trainer import ROOT, needs_samples, small_image_folder

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pipelines.config import build_model, load_config
-from tokenizer.convert import (CheckpointLoadError, convert_reference_checkpoint, convert_reference_state_dict,
+from tokenizer.utils.errors import CheckpointError
+from tokenizer.convert import ( convert_reference_checkpoint, convert_reference_state_dict,
                                load_reference_checkpoint)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tokenizer"
@@ -156,7 +157,7 @@ def test_pickled_objects_are_refused_with_guidance(tmp_path):
     path = tmp_path / "with_args.pt"
     with open(path, "wb") as f:  # like the official files: training args pickled next to the weights
         torch.save({"ema": {"x": torch.zeros(1)}, "args": Namespace(lr=1e-4)}, f, pickle_module=pickle)
-    with pytest.raises(CheckpointLoadError, match=r"(?s)weights_only=True\) refused.*re-save just its tensors"):
+    with pytest.raises(CheckpointError, match=r"(?s)weights_only=True\) refused.*re-save just its tensors"):
         load_reference_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_reference_checkpoint(tmp_path / "nope.pt")

@@ -9,7 +9,7 @@ import torch
 
 from generators.convert_dit import convert_ddt_checkpoint, convert_ddt_state_dict
 from generators.dit import DiTModel, sincos_2d_pos_embed
-from generators.gpt import apply_rotary_embedding, rope_2d_table
+from generators.layers import apply_rotary_embedding, rope_2d_table
 from pipelines.config import build_model, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "flow"
@@ -336,7 +336,8 @@ def test_convert_ddt_state_dict_round_trip(tmp_path):
     converted, dropped = convert_ddt_state_dict({f"module._orig_mod.{k}": v for k, v in ref.items()})
     assert sorted(dropped) == sorted(["module._orig_mod.pos_embed"] + [
         f"module._orig_mod.{p}_feat_rope.freqs_{f}" for p in ("enc", "dec") for f in ("cos", "sin")])
-    ours = model.state_dict()
+    # The released checkpoints keep the latent statistics in a separate file: everything else round-trips.
+    ours = {k: v for k, v in model.state_dict().items() if k not in ("latent_mean", "latent_std")}
     assert converted.keys() == ours.keys()
     assert all(torch.equal(converted[k], ours[k]) for k in ours)
     fresh = DiTModel(**DDT_TINY).eval()
@@ -345,6 +346,14 @@ def test_convert_ddt_state_dict_round_trip(tmp_path):
     assert len(convert_ddt_checkpoint(path, fresh)) == 5  # prefer="ema"
     x, t, y = _inputs(model, 2)
     assert torch.equal(fresh(x, t, y), model(x, t, y))
+    assert torch.equal(fresh.latent_mean, torch.zeros(fresh.latent_shape))  # identity without a statistics file
+    # With the release's statistics (RAE's layout: mean and var with a batch axis), they become the model's state.
+    mean, var = torch.randn(1, *fresh.latent_shape), torch.rand(1, *fresh.latent_shape) + 0.5
+    torch.save({"mean": mean, "var": var}, tmp_path / "stat.pt")
+    with_stats = DiTModel(**DDT_TINY).eval()
+    convert_ddt_checkpoint(path, with_stats, latent_stats=tmp_path / "stat.pt")
+    torch.testing.assert_close(with_stats.latent_mean, mean[0])
+    torch.testing.assert_close(with_stats.latent_std, var[0].sqrt())
 
 
 def test_convert_ddt_state_dict_errors():

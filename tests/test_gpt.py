@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from generators import GPTModel
-from generators.convert import (CheckpointLoadError, convert_llamagen_checkpoint, convert_llamagen_state_dict,
+from generators.convert_gpt import (CheckpointError, convert_llamagen_checkpoint, convert_llamagen_state_dict,
                                 load_llamagen_checkpoint)
-from generators.gpt import apply_rotary_embedding, filter_logits, rope_2d_table
+from generators.gpt import filter_logits
+from generators.layers import apply_rotary_embedding, rope_2d_table
 from pipelines.config import build_model, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ar"
@@ -510,7 +511,7 @@ def test_converter_errors(tmp_path):
     with pytest.raises(ValueError, match=r"head.weight: checkpoint \(7, 64\)"):
         convert_llamagen_checkpoint(tmp_path / "shape.pt", model)
     torch.save({"ema": state, "args": Namespace(lr=1e-4)}, tmp_path / "pickled.pt")
-    with pytest.raises(CheckpointLoadError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="weights_only"):
         load_llamagen_checkpoint(tmp_path / "pickled.pt")
     with pytest.raises(ValueError, match="prefer"):
         load_llamagen_checkpoint(tmp_path / "missing.pt", prefer="best")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+import tokenizer.lpips
 from tokenizer import losses as L
 from tokenizer.losses import (D_LOSSES, G_LOSSES, LPIPS, DinoDiscriminator, DiscriminatorWeightsUnavailable,
                               PatchGANDiscriminator, PerceptualWeightsUnavailable, TokenizerLoss, adaptive_gan_weight,
@@ -175,7 +176,7 @@ def offline(monkeypatch):
     def no_network(url, *args, **kwargs):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
-    monkeypatch.setattr(L, "_lpips_package_lin_file", lambda: None)
+    monkeypatch.setattr(tokenizer.lpips, "_lpips_package_lin_file", lambda: None)
 
 
 def test_lpips_unavailable_message(offline, tmp_path):

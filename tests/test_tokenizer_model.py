@@ -98,20 +98,44 @@ def _save_vfm(model, directory: Path) -> str:
 
 
 def test_save_load_round_trip_is_bit_identical(model, tmp_path):
+    """A tiny config names no VFM weights, so the folder carries the (random) VFM and loads back by itself."""
     model.eval()
     model.save_pretrained(tmp_path / "tok")
     files = sorted(p.name for p in (tmp_path / "tok").iterdir())
-    assert files == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert files == ["config.json", "diffusion_pytorch_model.safetensors", "vfm.safetensors"]
     saved = load_file(tmp_path / "tok" / "diffusion_pytorch_model.safetensors")
-    assert set(saved) == set(model.state_dict())  # and so no VFM weight
-    vfm_dir = _save_vfm(model, tmp_path / "vfm")
-    loaded = VFMTokModel.from_pretrained(tmp_path / "tok", vfm_source=vfm_dir).eval()
-    for key, value in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
+    assert set(saved) == set(model.state_dict())  # the tokenizer's weights hold no VFM weight
+    assert set(load_file(tmp_path / "tok" / "vfm.safetensors")) == set(model.vfm.model.state_dict())
     images = images_for(model, seed=3)
     tokens = model.encode(images)
-    assert torch.equal(loaded.encode(images), tokens)
-    assert torch.equal(loaded.decode(tokens), model.decode(tokens))
+    for loaded in (VFMTokModel.from_pretrained(tmp_path / "tok"),  # default arguments: the bundled VFM
+                   VFMTokModel.from_pretrained(tmp_path / "tok", vfm_source=_save_vfm(model, tmp_path / "vfm"))):
+        loaded.eval()
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+        assert torch.equal(loaded.encode(images), tokens)
+        assert torch.equal(loaded.decode(tokens), model.decode(tokens))
+
+
+def test_the_vfm_is_bundled_only_when_no_config_names_its_weights(model, tmp_path):
+    vfm_dir = _save_vfm(model, tmp_path / "vfm")
+    params = {**dict(model.config), "vfm": {**model.config.vfm, "pretrained": vfm_dir}}
+    named = VFMTokModel(**{k: v for k, v in params.items() if not k.startswith("_")})
+    named.load_vfm_weights()  # the weights the config names
+    named.save_pretrained(tmp_path / "named")
+    assert not (tmp_path / "named" / "vfm.safetensors").exists()
+    assert torch.equal(VFMTokModel.from_pretrained(tmp_path / "named").vfm.model.state_dict()["layernorm.weight"],
+                       model.vfm.model.state_dict()["layernorm.weight"])
+    other = _save_vfm(model, tmp_path / "other")  # weights from elsewhere (``--vfm-weights``): bundled
+    named.load_vfm_weights(other)
+    named.save_pretrained(tmp_path / "override")
+    assert (tmp_path / "override" / "vfm.safetensors").is_file()
+    bare = {k: v for k, v in params.items() if not k.startswith("_")}
+    bare["vfm"] = dict(model.config.vfm)  # no pretrained source
+    VFMTokModel(**bare).save_pretrained(tmp_path / "bare")
+    (tmp_path / "bare" / "vfm.safetensors").unlink()
+    with pytest.raises(ValueError, match="no VFM weights.*vfm.safetensors"):
+        VFMTokModel.from_pretrained(tmp_path / "bare")
 
 
 def test_loading_a_checkpoint_with_a_missing_weight_fails_clearly(model, tmp_path):

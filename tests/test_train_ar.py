@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from generators import GPTModel
-from pipelines.codes import CodesDataset, extract_tokens
-from pipelines.train_ar import ar_validation_loss, train_ar
+from pipelines.train.extract import CodesDataset, extract_tokens
+from pipelines.train.ar import ar_validation_loss, train_ar
 from test_codes import saved_tokenizer
 from test_trainer import ROOT, SAMPLES, Interrupted, interrupt_after_checkpoint, metrics, needs_samples
 

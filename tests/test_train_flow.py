@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 import yaml
 from safetensors.torch import load_file
 
 from pipelines.cli import main
-from pipelines.codes import extract_tokens
-from pipelines.train_flow import LATENT_STATS_NAME, train_flow
+from pipelines.train.extract import extract_tokens
+from pipelines.train.flow import LATENT_STATS_NAME, train_flow
 from test_codes import saved_tokenizer
 from test_train_ar import split_folders
 from test_trainer import ROOT, SAMPLES, Interrupted, interrupt_after_checkpoint, metrics, needs_samples
@@ -78,8 +79,18 @@ def test_tiny_denoiser_lowers_its_flow_loss_and_exports_stats(latents, tmp_path)
     # perfect model keeps an irreducible error (about 1.6 under uniform times if the latents were independent unit
     # Gaussians), so "clearly lower" is a loose bound.
     assert abs(first - 2.0) < 0.3 and last < 0.85 * first, (first, last)
-    assert (exported / LATENT_STATS_NAME).is_file()
+    assert_exports_the_statistics(exported, latents["latents"] / LATENT_STATS_NAME)
     assert (tmp_path / "out" / "samples" / "step-00000120.png").is_file()
+
+
+def assert_exports_the_statistics(exported, stats_file):
+    """The exported denoiser holds the latent statistics as its own state: no side file, loaded with the model."""
+    from generators import DiTModel
+
+    assert not (exported / LATENT_STATS_NAME).exists()
+    stats = load_file(str(stats_file))
+    model = DiTModel.from_pretrained(exported)
+    assert torch.equal(model.latent_mean, stats["mean"]) and torch.equal(model.latent_std, stats["std"])
 
 
 @needs_samples
@@ -89,7 +100,8 @@ def test_online_encoding_trains_with_given_statistics(latents, tmp_path):
     data = latents["latents"].parent / "train"
     exported = train_flow(config, tmp_path / "out", data=str(data), tokenizer=str(latents["tokenizer"]),
                           latent_stats=str(latents["latents"] / LATENT_STATS_NAME), vfm_weights=str(latents["vfm"]))
-    assert (exported / LATENT_STATS_NAME).is_file() and len(metrics(tmp_path / "out")) == 2
+    assert_exports_the_statistics(exported, latents["latents"] / LATENT_STATS_NAME)
+    assert len(metrics(tmp_path / "out")) == 2
     with pytest.raises(ValueError, match="--latent-stats"):
         train_flow(config, tmp_path / "other", data=str(data), tokenizer=str(latents["tokenizer"]))
 

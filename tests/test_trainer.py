@@ -14,9 +14,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipelines import trainer as trainer_module
-from pipelines.train_tokenizer import train_tokenizer
-from pipelines.trainer import TrainingConfig, TrainingDiverged, latest_checkpoint
+from pipelines.train import trainer as trainer_module
+from pipelines.train.tokenizer import train_tokenizer
+from pipelines.config import TrainingConfig
+from pipelines.train.trainer import TrainingDiverged, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VFMTOK_SHARED", ROOT.parent / "shared"))
@@ -157,7 +158,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, monkeypatch):
 @needs_samples
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     config = tiny_config(tmp_path, max_steps=8, checkpoint_every=2)
-    from pipelines.train_tokenizer import TokenizerTask
+    from pipelines.train.tokenizer import TokenizerTask
 
     original = TokenizerTask.losses
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .utils.errors import InvalidValueError
+
 __all__ = ["multi_scale_deformable_attention", "MultiScaleDeformableAttention", "grid_reference_points"]
 
 
@@ -37,7 +39,7 @@ def multi_scale_deformable_attention(
     _, queries, _, levels, points, _ = sampling_locations.shape
     shapes = [(int(h), int(w)) for h, w in spatial_shapes]
     if len(shapes) != levels:
-        raise ValueError(f"got {len(shapes)} spatial shapes for {levels} sampling levels")
+        raise InvalidValueError(f"got {len(shapes)} spatial shapes for {levels} sampling levels")
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
 
@@ -82,7 +84,7 @@ class MultiScaleDeformableAttention(nn.Module):
     def __init__(self, dim: int = 256, num_levels: int = 4, num_heads: int = 8, num_points: int = 4):
         super().__init__()
         if dim % num_heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+            raise InvalidValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.dim = dim
         self.num_levels = num_levels
         self.num_heads = num_heads
@@ -117,9 +119,9 @@ class MultiScaleDeformableAttention(nn.Module):
         batch, queries, _ = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         if len(spatial_shapes) != levels:
-            raise ValueError(f"expected {levels} feature levels, got {len(spatial_shapes)}")
+            raise InvalidValueError(f"expected {levels} feature levels, got {len(spatial_shapes)}")
         if features.shape[1] != sum(int(h) * int(w) for h, w in spatial_shapes):
-            raise ValueError(f"features have {features.shape[1]} positions, spatial shapes {list(spatial_shapes)} "
+            raise InvalidValueError(f"features have {features.shape[1]} positions, spatial shapes {list(spatial_shapes)} "
                              f"describe {sum(int(h) * int(w) for h, w in spatial_shapes)}")
         value = self.value_proj(features).view(batch, -1, heads, self.dim // heads)
         offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)

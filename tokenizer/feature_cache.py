@@ -24,8 +24,8 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from pipelines.atomic import atomic_directory
-
+from .utils.atomic import atomic_directory
+from .utils.errors import InvalidValueError, MissingFileError
 from .vfm import FrozenVFM, VFMFeatures
 
 __all__ = ["VFMFeatureCache", "vfm_fingerprint", "cache_bytes_per_image"]
@@ -59,16 +59,16 @@ class VFMFeatureCache:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{str(self.path)!r} is not a VFM feature cache (no meta.json)")
+            raise MissingFileError(f"{str(self.path)!r} is not a VFM feature cache (no meta.json)")
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != _FORMAT:
-            raise ValueError(f"feature cache {str(self.path)!r} has format {self.meta.get('format')!r}; "
+            raise InvalidValueError(f"feature cache {str(self.path)!r} has format {self.meta.get('format')!r}; "
                              f"this version reads format {_FORMAT}")
         self.levels = np.load(self.path / "levels.npy", mmap_mode="r")
         self.cls = np.load(self.path / "cls.npy", mmap_mode="r")
         expected = (self.meta["num_images"], self.meta["num_levels"], self.meta["num_tokens"], self.meta["hidden_size"])
         if tuple(self.levels.shape) != expected or tuple(self.cls.shape) != (expected[0], expected[1], expected[3]):
-            raise ValueError(f"feature cache {str(self.path)!r} is inconsistent: levels {self.levels.shape}, "
+            raise InvalidValueError(f"feature cache {str(self.path)!r} is inconsistent: levels {self.levels.shape}, "
                              f"cls {self.cls.shape}, meta {expected}")
 
     def __len__(self) -> int:
@@ -90,7 +90,7 @@ class VFMFeatureCache:
             if value is not None and self.meta[name] != value:
                 problems.append(f"{name} {self.meta[name]!r} != {value!r}")
         if problems:
-            raise ValueError(f"feature cache {str(self.path)!r} does not match: " + "; ".join(problems))
+            raise InvalidValueError(f"feature cache {str(self.path)!r} does not match: " + "; ".join(problems))
 
     def features(self, indices: torch.Tensor | Iterable[int], device: torch.device | str = "cpu") -> VFMFeatures:
         """The cached features of dataset items ``indices`` as float32 :class:`VFMFeatures`."""

@@ -1,4 +1,4 @@
-"""The frozen vision foundation model (VFM) that feeds the tokenizers (REFERENCE.md sections 1 and 7).
+"""The frozen vision foundation model (VFM) that feeds the tokenizers (as in the VFMTok code, CVMI-Lab/VFMTok).
 
 ``FrozenVFM`` wraps a DINOv2 (with or without registers) or SigLIP vision transformer from transformers
 (``backend="hf"``) or a DINOv2 ViT from timm (``backend="timm"``) and returns multi-level patch features:
@@ -40,8 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .utils.errors import InvalidValueError
+from .utils.loading import load_state_dict_strict, read_state_dict
+
 __all__ = ["FrozenVFM", "VFMFeatures", "VFM_PRESETS", "convert_official_dinov2", "resize_images",
-           "kornia_bicubic_resize"]
+           "kornia_bicubic_resize", "build_timm_vit", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -191,37 +194,6 @@ def _fold_timm_class_pos(state_dict: dict[str, torch.Tensor]) -> None:
         state_dict["pos_embed"] = pos[:, 1:].contiguous()
 
 
-def _load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                            describe_missing: Callable[[str], str] = str) -> None:
-    """``load_state_dict(strict=True)`` that raises ValueError naming every missing, unexpected or mis-shaped key."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
-    problems = []
-    if missing:
-        problems.append("missing keys: " + ", ".join(describe_missing(k) for k in missing))
-    if unexpected:
-        problems.append("unexpected keys: " + ", ".join(unexpected))
-    if mismatched:
-        problems.append("shape mismatches: " + "; ".join(mismatched))
-    if problems:
-        raise ValueError(f"cannot load VFM weights from {source}: " + " | ".join(problems))
-    module.load_state_dict(state_dict, strict=True)
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state_dict = load_file(str(path))
-    else:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path} is not a flat state dict (name -> tensor)")
-    return state_dict
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Resizing
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,7 +205,7 @@ def kornia_gaussian_kernel1d(size: int, sigma: float, dtype: torch.dtype = torch
     """Normalised 1-D Gaussian taps ``exp(-n^2 / (2 sigma^2))`` at the integer offsets ``n`` of an odd window from
     its centre, computed in ``dtype`` with ``sigma`` rounded to ``dtype`` first (as kornia's kernel)."""
     if size < 1 or size % 2 == 0:
-        raise ValueError(f"kernel size must be a positive odd integer, got {size}")
+        raise InvalidValueError(f"kernel size must be a positive odd integer, got {size}")
     sigma_t = torch.tensor(float(sigma), dtype=dtype, device=device)
     offsets = torch.arange(size, dtype=dtype, device=device) - float(size // 2)
     gauss = torch.exp(-offsets.pow(2) / (2 * sigma_t.pow(2)))
@@ -266,7 +238,7 @@ def kornia_bicubic_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     antialias (upscaling is only that interpolation).
     """
     if x.ndim != 4:
-        raise ValueError(f"expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+        raise InvalidValueError(f"expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
     h, w = x.shape[-2:]
     out_h, out_w = int(size[0]), int(size[1])
     if (h, w) == (out_h, out_w):
@@ -300,7 +272,7 @@ def _hf_classes(model_type: str):
         "siglip_vision_model": ("SiglipVisionConfig", "SiglipVisionModel"),
     }
     if model_type not in classes:
-        raise ValueError(f"unknown hf model_type {model_type!r}; supported: {sorted(classes)}")
+        raise InvalidValueError(f"unknown hf model_type {model_type!r}; supported: {sorted(classes)}")
     config_name, model_name = classes[model_type]
     return getattr(transformers, config_name), getattr(transformers, model_name)
 
@@ -309,15 +281,15 @@ def _build_hf(architecture: dict) -> nn.Module:
     """A randomly initialised transformers model; unknown config keys are errors (configs accept anything)."""
     arch = dict(architecture)
     if "model_type" not in arch:
-        raise ValueError("hf architecture needs a 'model_type' (dinov2, dinov2_with_registers, siglip_vision_model)")
+        raise InvalidValueError("hf architecture needs a 'model_type' (dinov2, dinov2_with_registers, siglip_vision_model)")
     config_cls, model_cls = _hf_classes(arch.pop("model_type"))
     unknown = sorted(set(arch) - set(config_cls().to_dict()))
     if unknown:
-        raise ValueError(f"unknown {config_cls.__name__} option(s) in architecture: {unknown}")
+        raise InvalidValueError(f"unknown {config_cls.__name__} option(s) in architecture: {unknown}")
     return model_cls(config_cls(**arch))
 
 
-def _build_timm(architecture: dict) -> nn.Module:
+def build_timm_vit(architecture: dict) -> nn.Module:
     """A randomly initialised timm ViT. Defaults: no classifier head (``num_classes=0``, as in the official
     checkpoints) and ``dynamic_img_size=True`` (the position table is resampled to the run resolution)."""
     import timm
@@ -325,14 +297,14 @@ def _build_timm(architecture: dict) -> nn.Module:
     arch = dict(architecture)
     name = arch.pop("model_name", None)
     if name is None:
-        raise ValueError("timm architecture needs a 'model_name', e.g. 'vit_large_patch14_reg4_dinov2'")
+        raise InvalidValueError("timm architecture needs a 'model_name', e.g. 'vit_large_patch14_reg4_dinov2'")
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r}")
+        raise InvalidValueError(f"unknown timm model {name!r}")
     arch.setdefault("num_classes", 0)
     arch.setdefault("dynamic_img_size", True)
     model = timm.create_model(name, pretrained=False, **arch)
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "patch_embed"):
-        raise ValueError(f"timm model {name!r} is not a plain ViT with forward_intermediates")
+        raise InvalidValueError(f"timm model {name!r} is not a plain ViT with forward_intermediates")
     return model
 
 
@@ -352,23 +324,23 @@ class FrozenVFM(nn.Module):
                  resize: str = "antialias"):
         super().__init__()
         if resize not in RESIZE_MODES:
-            raise ValueError(f"unknown VFM resize mode {resize!r}; use one of {list(RESIZE_MODES)}")
+            raise InvalidValueError(f"unknown VFM resize mode {resize!r}; use one of {list(RESIZE_MODES)}")
         self.resize = resize
         if backend == "hf":
             self.model = _build_hf(architecture)
         elif backend == "timm":
-            self.model = _build_timm(architecture)
+            self.model = build_timm_vit(architecture)
         else:
-            raise ValueError(f"unknown VFM backend {backend!r}; use 'hf' or 'timm'")
+            raise InvalidValueError(f"unknown VFM backend {backend!r}; use 'hf' or 'timm'")
         self.backend = backend
         self.architecture = dict(architecture)
         self.pretrained = pretrained
         self.image_size = int(image_size)
         if self.image_size <= 0 or self.image_size % self.patch_size:
-            raise ValueError(f"image_size {image_size} must be a positive multiple of the patch size {self.patch_size}")
+            raise InvalidValueError(f"image_size {image_size} must be a positive multiple of the patch size {self.patch_size}")
         self.feature_layers = self._check_layers(feature_layers)
         if len(image_mean) != 3 or len(image_std) != 3:
-            raise ValueError("image_mean and image_std need 3 values (RGB)")
+            raise InvalidValueError("image_mean and image_std need 3 values (RGB)")
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1),
@@ -381,7 +353,7 @@ class FrozenVFM(nn.Module):
                     pretrained: str | None = None, resize: str | None = None) -> FrozenVFM:
         """Build a named VFM (random weights until ``load_pretrained``); None keeps the preset's value."""
         if name not in VFM_PRESETS:
-            raise ValueError(f"unknown VFM preset {name!r}; known presets: {sorted(VFM_PRESETS)}")
+            raise InvalidValueError(f"unknown VFM preset {name!r}; known presets: {sorted(VFM_PRESETS)}")
         spec = dict(VFM_PRESETS[name])
         if feature_layers is not None:
             spec["feature_layers"] = feature_layers
@@ -442,13 +414,13 @@ class FrozenVFM(nn.Module):
     def _check_layers(self, feature_layers: Sequence[int]) -> tuple[int, ...]:
         layers = tuple(int(i) for i in feature_layers)
         if not layers:
-            raise ValueError("feature_layers must not be empty")
+            raise InvalidValueError("feature_layers must not be empty")
         bad = [i for i in layers if not 0 <= i < self.num_layers]
         if bad:
-            raise ValueError(f"feature_layers {list(layers)}: {bad} out of range for a {self.num_layers}-block model "
+            raise InvalidValueError(f"feature_layers {list(layers)}: {bad} out of range for a {self.num_layers}-block model "
                              f"(0-based block indices 0..{self.num_layers - 1})")
         if any(b <= a for a, b in zip(layers, layers[1:])):
-            raise ValueError(f"feature_layers must be strictly increasing, got {list(layers)}")
+            raise InvalidValueError(f"feature_layers must be strictly increasing, got {list(layers)}")
         return layers
 
     # -- frozen ----------------------------------------------------------------------------------------------------
@@ -465,7 +437,7 @@ class FrozenVFM(nn.Module):
         """
         source = source if source is not None else self.pretrained
         if source is None:
-            raise ValueError("no pretrained source: pass one or set `pretrained` in the constructor / preset")
+            raise InvalidValueError("no pretrained source: pass one or set `pretrained` in the constructor / preset")
         path = Path(source).expanduser()
         if path.is_file():
             self._load_file(path)
@@ -477,12 +449,12 @@ class FrozenVFM(nn.Module):
         self.eval()
 
     def _load_file(self, path: Path) -> None:
-        state_dict = _read_state_dict(path)
+        state_dict = read_state_dict(path)
         if not is_official_dinov2(state_dict):
-            _load_state_dict_strict(self.model, state_dict, str(path))
+            load_state_dict_strict(self.model, state_dict, f"VFM weights {path}")
             return
         if self._hf_type == "siglip_vision_model":
-            raise ValueError(f"{path} is an official DINOv2 checkpoint, but the VFM is a SigLIP model")
+            raise InvalidValueError(f"{path} is an official DINOv2 checkpoint, but the VFM is a SigLIP model")
         rules = _HF_DINOV2_RULES if self.backend == "hf" else _TIMM_DINOV2_RULES
         converted = convert_official_dinov2(state_dict, rules)
         if self.backend == "timm" and self.model.no_embed_class:
@@ -492,7 +464,8 @@ class FrozenVFM(nn.Module):
             official = _match_rule(rules, key, backwards=True)
             return f"{official[0]} (-> {key})" if official and official[0] != key else key
 
-        _load_state_dict_strict(self.model, converted, f"official DINOv2 checkpoint {path}", describe_missing)
+        load_state_dict_strict(self.model, converted, f"official DINOv2 checkpoint {path}",
+                               describe_missing=describe_missing)
         if "register_tokens" not in state_dict and self.grid != self.native_grid:
             warnings.warn(
                 f"official DINOv2 model without registers run at grid {self.grid} (native {self.native_grid}): the "
@@ -509,13 +482,13 @@ class FrozenVFM(nn.Module):
         problems = {k: sorted(v) for k, v in info.items()
                     if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
-            raise ValueError(f"cannot load VFM weights from {source}: {problems}")
+            raise InvalidValueError(f"cannot load VFM weights from {source}: {problems}")
         differing = {k: (v, getattr(loaded.config, k, None)) for k, v in self.architecture.items()
                      if k != "model_type" and getattr(loaded.config, k, None) != v}
         if differing:
-            raise ValueError(f"the checkpoint at {source} does not match the architecture; "
+            raise InvalidValueError(f"the checkpoint at {source} does not match the architecture; "
                              f"(architecture, checkpoint) values: {differing}")
-        _load_state_dict_strict(self.model, loaded.state_dict(), source)
+        load_state_dict_strict(self.model, loaded.state_dict(), f"VFM weights {source}")
 
     def _load_timm_pretrained(self, source: str) -> None:
         import timm
@@ -525,15 +498,15 @@ class FrozenVFM(nn.Module):
         arch.setdefault("num_classes", 0)
         arch.setdefault("dynamic_img_size", True)
         loaded = timm.create_model(source, pretrained=True, **arch)
-        _load_state_dict_strict(self.model, loaded.state_dict(), source)
+        load_state_dict_strict(self.model, loaded.state_dict(), f"VFM weights {source}")
 
     # -- forward -------------------------------------------------------------------------------------------------
     def _check_images(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a (B, 3, H, W) tensor in [-1, 1], got {shape}")
+            raise InvalidValueError(f"images must be a (B, 3, H, W) tensor in [-1, 1], got {shape}")
         if not images.is_floating_point():
-            raise ValueError(f"images must be floating point in [-1, 1], got {images.dtype}")
+            raise InvalidValueError(f"images must be floating point in [-1, 1], got {images.dtype}")
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images -> normalised fp32 pixels at ``image_size`` (resize, clamp, [0, 1], mean/std)."""

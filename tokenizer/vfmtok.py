@@ -1,4 +1,6 @@
-"""VFMTok / VFMAE: image tokenizers built on a frozen vision foundation model (REFERENCE.md section 1).
+"""VFMTok / VFMAE: image tokenizers built on a frozen vision foundation model ("Vision Foundation Models as Effective
+Visual Tokenizers for Autoregressive Image Generation", 2025, and "Vision Foundation Models as Generalist Tokenizers
+for Image Generation", 2026; public code CVMI-Lab/VFMTok and CVMI-Lab/VFMTok2).
 
 Data flow:  images in [-1, 1] -> frozen VFM -> 4 feature maps (same grid, different depths)
             -> region-adaptive quantization: learnable queries on a 16x16 grid attend to the maps with deformable attention
@@ -6,8 +8,10 @@ Data flow:  images in [-1, 1] -> frozen VFM -> 4 feature maps (same grid, differ
             -> decoder transformer over [slot tokens; cls; mask tokens; registers] -> CNN pixel decoder -> image
             -> a second decoder pass predicts the VFM's last-layer features (semantic reconstruction, 1 - cosine).
 
-The frozen VFM is held outside the module tree (see ``VFMTokModel.vfm``): it is not in ``state_dict()``, not in
-``parameters()``, and not saved by ``save_pretrained``; the config records which VFM to load.
+The frozen VFM is held outside the module tree (see ``VFMTokModel.vfm``): it is not in ``state_dict()`` nor in
+``parameters()``. The config records which VFM to load; when none names the weights the model was trained with (a
+randomly initialised VFM, or weights given with ``load_vfm_weights(path)``), ``save_pretrained`` writes them next to
+the tokenizer's (``vfm.safetensors``) so that the saved folder loads back by itself.
 """
 from __future__ import annotations
 
@@ -24,79 +28,22 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .deformable_attention import MultiScaleDeformableAttention, grid_reference_points
-from .convert import describe_key_mismatch
-
-VFM_WEIGHTS_NAME = "vfm.safetensors"
+from .interface import CodeLayout, ImageTokenizerMixin
+from .layers import Attention, PixelDecoder, Transformer, VectorQuantizer, entropy_loss
+from .utils.atomic import atomic_file
+from .utils.errors import CheckpointError, InvalidValueError
+from .utils.frozen import FrozenModulesMixin
+from .utils.loading import StrictLoadingMixin, bundled_file
 from .vfm import FrozenVFM, VFM_PRESETS, VFMFeatures, resize_images
 
-__all__ = ["VFMTokModel", "VFMTokOutput", "VectorQuantizer", "resize_images"]
+__all__ = ["VFMTokModel", "VFMTokOutput", "VectorQuantizer", "entropy_loss", "resize_images", "VFM_WEIGHTS_NAME"]
+
+VFM_WEIGHTS_NAME = "vfm.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------------------
-class Attention(nn.Module):
-    """Multi-head self-attention with separate q/k/v projections (with bias), SDPA kernel."""
-
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = (proj(x).view(b, n, self.num_heads, -1).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class SwiGLU(nn.Module):
-    """SwiGLU FFN with the gate and value projections fused in one Linear (``w12``), as in DINOv2."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden_dim)
-        self.w3 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(gate) * value)
-
-
-class TransformerLayer(nn.Module):
-    """Pre-norm transformer layer: x + attn(LN(x)), then x + SwiGLU(LN(x))."""
-
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, num_heads, dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.ffnet = SwiGLU(dim, ffn_dim)
-
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), causal)
-        return x + self.ffnet(self.norm2(x))
-
-
-class Transformer(nn.Module):
-    def __init__(self, dim: int, depth: int, num_heads: int, ffn_dim: int, dropout: float):
-        super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(dim, num_heads, ffn_dim, dropout) for _ in range(depth))
-
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, causal)
-        return x
-
-
 class DeformableEncoderLayer(nn.Module):
     """Post-norm layer of the region-adaptive quantizer: deformable cross-attention to the VFM maps, self-attention
     among the queries, ReLU FFN; each followed by a residual and a LayerNorm (Deformable-DETR naming)."""
@@ -154,91 +101,6 @@ class RegionAdaptiveEncoder(nn.Module):
             x = layer(x, self.query_pos, reference, features, spatial_shapes, causal)
         return x
 
-
-class VectorQuantizer(nn.Module):
-    """Nearest-neighbour VQ with an l2-normalised codebook trained by gradient, straight-through estimator.
-
-    Losses (taming/LlamaGen): codebook ``mean((z_q - sg(z))^2)``, commitment ``beta * mean((sg(z_q) - z)^2)``, and an
-    optional entropy penalty. Usage is tracked over a rolling window of the last ``usage_window`` assigned indices.
-    """
-
-    def __init__(self, codebook_size: int, code_dim: int, commitment_beta: float = 0.25,
-                 entropy_weight: float = 0.0, entropy_temperature: float = 0.01, l2_normalize: bool = True,
-                 usage_window: int = 65536):
-        super().__init__()
-        self.codebook_size = codebook_size
-        self.code_dim = code_dim
-        self.commitment_beta = commitment_beta
-        self.entropy_weight = entropy_weight
-        self.entropy_temperature = entropy_temperature
-        self.l2_normalize = l2_normalize
-        self.embedding = nn.Embedding(codebook_size, code_dim)
-        with torch.no_grad():
-            self.embedding.weight.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
-            if l2_normalize:
-                self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
-        # -1 marks an empty slot, so that an unfilled window does not count as uses of code 0. Not persistent: a
-        # monitoring statistic, kept out of exported weights (it restarts empty after loading).
-        self.register_buffer("recent_indices", torch.full((usage_window,), -1, dtype=torch.long), persistent=False)
-
-    def codebook(self) -> torch.Tensor:
-        weight = self.embedding.weight
-        return F.normalize(weight, dim=-1) if self.l2_normalize else weight
-
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code vectors of ``indices`` (any shape) -> (*indices.shape, code_dim)."""
-        if indices.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"token indices must be integers, got {indices.dtype}")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
-            raise ValueError(f"token indices must lie in [0, {self.codebook_size}), got values in "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
-        return F.embedding(indices, self.codebook())
-
-    def usage(self) -> float:
-        """Fraction of the codebook used in the rolling window."""
-        seen = self.recent_indices[self.recent_indices >= 0]
-        return torch.unique(seen).numel() / self.codebook_size
-
-    @torch.no_grad()
-    def _record(self, indices: torch.Tensor) -> None:
-        flat = indices.flatten()[-self.recent_indices.numel():]
-        self.recent_indices.copy_(torch.cat([self.recent_indices[flat.numel():], flat]))
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """z (..., code_dim) -> (z_q with straight-through gradient, indices (...), losses)."""
-        z = z.float()
-        if self.l2_normalize:
-            z = F.normalize(z, dim=-1)
-        codebook = self.codebook().float()
-        flat = z.reshape(-1, self.code_dim)
-        # ||z - e||^2 = ||z||^2 + ||e||^2 - 2 z.e; the argmin does not need the ||z||^2 term.
-        distances = (codebook.pow(2).sum(-1)[None, :] - 2 * flat @ codebook.t())
-        indices = distances.argmin(dim=-1)
-        z_q = codebook[indices].view_as(z)
-        losses = {
-            "codebook": F.mse_loss(z_q, z.detach()),
-            "commitment": self.commitment_beta * F.mse_loss(z, z_q.detach()),
-        }
-        if self.entropy_weight > 0:
-            full = flat.pow(2).sum(-1, keepdim=True) + distances
-            losses["entropy"] = self.entropy_weight * entropy_loss(-full, self.entropy_temperature)
-        if self.training:
-            self._record(indices)
-        z_q = z + (z_q - z).detach()
-        return z_q, indices.view(z.shape[:-1]), losses
-
-
-def entropy_loss(affinity: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-sample entropy minus entropy of the batch-average assignment (MaskGIT / LlamaGen)."""
-    logits = affinity.reshape(-1, affinity.shape[-1]) / temperature
-    probs = logits.softmax(-1)
-    log_probs = logits.log_softmax(-1)
-    mean_probs = probs.mean(0)
-    batch_entropy = -(mean_probs * torch.log(mean_probs + 1e-5)).sum()
-    sample_entropy = -(probs * log_probs).sum(-1).mean()
-    return sample_entropy - batch_entropy
-
-
 class ContinuousProjection(nn.Module):
     """VFMAE bottleneck: GroupNorm(32) -> SiLU -> 1x1 conv to ``latent_channels``; deterministic (no KL, no noise)."""
 
@@ -249,7 +111,6 @@ class ContinuousProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.silu(self.norm(x)))
-
 
 class DecoderTransformer(nn.Module):
     """Turns the slot tokens into a feature map for the pixel decoder and into predicted VFM features.
@@ -328,91 +189,6 @@ class DecoderTransformer(nn.Module):
         return feature_map, self.semantic_proj(sem)
 
 
-class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(32, in_channels, eps=1e-6)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(32, out_channels, eps=1e-6)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head spatial self-attention of the taming decoder (1x1 conv projections), SDPA kernel."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        y = self.norm(x)
-        q, k, v = (conv(y).flatten(2).transpose(1, 2)[:, None] for conv in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class PixelDecoder(nn.Module):
-    """LlamaGen/taming CNN decoder: conv_in -> (res, attn, res) -> per level ``num_res_blocks`` ResBlocks + 2x upsample."""
-
-    def __init__(self, in_channels: int, channels: int, channel_mult: Sequence[int], num_res_blocks: int,
-                 out_channels: int = 3, dropout: float = 0.0):
-        super().__init__()
-        block_in = channels * channel_mult[-1]
-        self.conv_in = nn.Conv2d(in_channels, block_in, 3, padding=1)
-        self.mid = nn.ModuleList([ResnetBlock(block_in, block_in, dropout), AttnBlock(block_in),
-                                  ResnetBlock(block_in, block_in, dropout)])
-        self.conv_blocks = nn.ModuleList()
-        for level, mult in enumerate(reversed(channel_mult)):
-            block = nn.Module()
-            res = nn.ModuleList()
-            for _ in range(num_res_blocks):
-                res.append(ResnetBlock(block_in, channels * mult, dropout))
-                block_in = channels * mult
-            block.res = res
-            if level != len(channel_mult) - 1:
-                block.upsample = Upsample(block_in)
-            self.conv_blocks.append(block)
-        self.norm_out = nn.GroupNorm(32, block_in, eps=1e-6)
-        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
-
-    @property
-    def last_layer(self) -> torch.Tensor:
-        """Weight used by adaptive GAN weighting."""
-        return self.conv_out.weight
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
-        for block in self.mid:
-            h = block(h)
-        for block in self.conv_blocks:
-            for res in block.res:
-                h = res(h)
-            if hasattr(block, "upsample"):
-                h = block.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The tokenizer
 # ----------------------------------------------------------------------------------------------------------------------
@@ -444,20 +220,20 @@ def _vfm_spec(vfm: dict) -> dict:
     preset = spec.pop("preset", None)
     if preset is not None:
         if preset not in VFM_PRESETS:
-            raise ValueError(f"unknown VFM preset {preset!r}; known presets: {sorted(VFM_PRESETS)}")
+            raise InvalidValueError(f"unknown VFM preset {preset!r}; known presets: {sorted(VFM_PRESETS)}")
         spec = {**VFM_PRESETS[preset], **spec}
     allowed = {"backend", "architecture", "image_size", "feature_layers", "pretrained", "image_mean", "image_std",
                "resize"}
     unknown = set(spec) - allowed
     if unknown:
-        raise ValueError(f"unknown VFM option(s) {sorted(unknown)}; allowed: {sorted(allowed | {'preset'})}")
+        raise InvalidValueError(f"unknown VFM option(s) {sorted(unknown)}; allowed: {sorted(allowed | {'preset'})}")
     for key in ("backend", "architecture", "image_size"):
         if key not in spec:
-            raise ValueError(f"the VFM spec needs {key!r} (or a 'preset' that provides it); got {sorted(vfm)}")
+            raise InvalidValueError(f"the VFM spec needs {key!r} (or a 'preset' that provides it); got {sorted(vfm)}")
     return spec
 
 
-class VFMTokModel(ModelMixin, ConfigMixin):
+class VFMTokModel(StrictLoadingMixin, FrozenModulesMixin, ImageTokenizerMixin, ModelMixin, ConfigMixin):
     """VFMTok (``bottleneck="vq"``) and VFMAE (``bottleneck="continuous"``) tokenizers.
 
     ``encode(images)`` -> token indices (B, query_grid**2) or latents (B, latent_channels, g, g);
@@ -465,6 +241,7 @@ class VFMTokModel(ModelMixin, ConfigMixin):
     """
 
     config_name = "config.json"
+    converter = "tokenizer.convert"  # named in loading errors (StrictLoadingMixin)
 
     @register_to_config
     def __init__(
@@ -501,21 +278,21 @@ class VFMTokModel(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         if bottleneck not in ("vq", "continuous"):
-            raise ValueError(f"bottleneck must be 'vq' or 'continuous', got {bottleneck!r}")
+            raise InvalidValueError(f"bottleneck must be 'vq' or 'continuous', got {bottleneck!r}")
         if upsample_factor != 2 ** (len(pixel_channel_mult) - 1):
-            raise ValueError(f"upsample_factor ({upsample_factor}) must equal 2**(len(pixel_channel_mult) - 1) = "
+            raise InvalidValueError(f"upsample_factor ({upsample_factor}) must equal 2**(len(pixel_channel_mult) - 1) = "
                              f"{2 ** (len(pixel_channel_mult) - 1)} for pixel_channel_mult={list(pixel_channel_mult)}")
         if image_size % upsample_factor != 0:
-            raise ValueError(f"image_size ({image_size}) must be a multiple of upsample_factor ({upsample_factor})")
+            raise InvalidValueError(f"image_size ({image_size}) must be a multiple of upsample_factor ({upsample_factor})")
         for name, value in (("dim", dim), ("pixel_channels", pixel_channels)):
             if value % 32 != 0:
-                raise ValueError(f"{name} ({value}) must be a multiple of 32 (GroupNorm with 32 groups)")
+                raise InvalidValueError(f"{name} ({value}) must be a multiple of 32 (GroupNorm with 32 groups)")
         spec = _vfm_spec(vfm)
-        # Not registered as a submodule on purpose: the frozen VFM is not part of the tokenizer's weights.
-        self.__dict__["_vfm"] = FrozenVFM(**spec)
+        self.hold_frozen("vfm", FrozenVFM(**spec))  # not part of the tokenizer's weights
+        self._vfm_weights_source: Optional[str] = None  # where the VFM weights were loaded from; None: random
         vfm_dim, vfm_grid = self.vfm.hidden_size, self.vfm.grid
         if vfm_grid[0] != vfm_grid[1]:
-            raise ValueError(f"the VFM patch grid must be square, got {vfm_grid}")
+            raise InvalidValueError(f"the VFM patch grid must be square, got {vfm_grid}")
         num_levels = len(spec.get("feature_layers", (5, 11, 17, 23)))
 
         self.encoder = RegionAdaptiveEncoder(vfm_dim, dim, encoder_depth, encoder_heads, num_levels, encoder_points,
@@ -538,77 +315,91 @@ class VFMTokModel(ModelMixin, ConfigMixin):
     # -- the frozen VFM -------------------------------------------------------------------------------------------
     @property
     def vfm(self) -> FrozenVFM:
-        return self.__dict__["_vfm"]
+        return self.frozen("vfm")
 
-    def _apply(self, fn, *args, **kwargs):
-        # .to(), .cuda(), .half() ... reach the VFM although it is not a submodule.
-        super()._apply(fn, *args, **kwargs)
-        self.vfm._apply(fn, *args, **kwargs)
-        return self
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.vfm.eval()
-        return self
+    @property
+    def frozen_encoder(self) -> FrozenVFM:
+        return self.vfm
 
     def load_vfm_weights(self, source: Optional[str] = None) -> None:
         """Load the real VFM weights (Hub id, local directory or official checkpoint; default: the config's)."""
         self.vfm.load_pretrained(source)
+        self._vfm_weights_source = source if source is not None else self.vfm.pretrained
+
+    def _vfm_needs_bundling(self) -> bool:
+        """Whether a saved folder must carry the VFM weights: the config names none (a random VFM), or the weights
+        came from somewhere else than the config names (``load_vfm_weights(path)``)."""
+        return self.vfm.pretrained is None or (self._vfm_weights_source is not None and
+                                               self._vfm_weights_source != self.vfm.pretrained)
+
+    # -- persistence --------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path, is_main_process: bool = True, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained`` (config.json + safetensors weights), plus ``vfm.safetensors`` when no Hub
+        id or path in the config can reproduce the VFM weights, so that the folder loads back by itself."""
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if is_main_process and self._vfm_needs_bundling():
+            state = {k: v.detach().cpu().contiguous() for k, v in self.vfm.model.state_dict().items()}
+            with atomic_file(Path(save_directory) / VFM_WEIGHTS_NAME) as temporary:
+                save_file(state, str(temporary))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, load_vfm_weights: bool = True,
                         vfm_source: Optional[str] = None, **kwargs):
-        """diffusers loading, strict (a missing or unexpected tokenizer weight is an error), then the VFM weights.
+        """diffusers loading, strict (a missing, unexpected or mis-shaped tokenizer weight is an error), then the VFM.
 
-        ``load_vfm_weights=False`` keeps a randomly initialised VFM (offline tests); ``vfm_source`` overrides the
-        Hub id / path of the VFM recorded in the config. A local directory with a ``vfm.safetensors`` (written by
-        :meth:`save_vfm_weights` when a tokenizer was trained on VFM weights that no config names, e.g. the random
-        VFM of the tiny configs) provides the VFM when neither names one.
+        The VFM weights come from ``vfm_source`` when given, else from the folder's ``vfm.safetensors`` when it has
+        one (see :meth:`save_pretrained`), else from the Hub id / path the config names. ``load_vfm_weights=False``
+        keeps a randomly initialised VFM (offline tests). diffusers' pipeline loader passes
+        ``low_cpu_mem_usage=True``; it is accepted and mapped to a plain load, because the frozen VFM is built in the
+        constructor and would otherwise stay on the meta device (the loading stays strict either way).
         """
-        if kwargs.get("low_cpu_mem_usage", False):
-            raise ValueError("low_cpu_mem_usage=True is not supported: it would leave the frozen VFM on the meta device")
         kwargs["low_cpu_mem_usage"] = False
+        kwargs.pop("device_map", None)  # a plain load on the CPU; .to() moves the VFM together with the model
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
                                               **kwargs)
-        # diffusers only warns about these; a tokenizer with a silently random weight is never what a user wants.
-        mismatched = [f"{key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in info["mismatched_keys"]]
-        if info["missing_keys"] or info["unexpected_keys"] or mismatched:
-            raise ValueError(f"{pretrained_model_name_or_path}: " + describe_key_mismatch(
-                info["missing_keys"], info["unexpected_keys"], mismatched))
         if load_vfm_weights:
-            bundled = Path(pretrained_model_name_or_path) / VFM_WEIGHTS_NAME
-            if vfm_source is None and model.vfm.pretrained is None and bundled.is_file():
-                vfm_source = str(bundled)
+            if vfm_source is None:
+                vfm_source = bundled_file(pretrained_model_name_or_path, VFM_WEIGHTS_NAME, kwargs)
+            if vfm_source is None and model.vfm.pretrained is None:
+                raise CheckpointError(
+                    f"{pretrained_model_name_or_path}: no VFM weights: the folder has no {VFM_WEIGHTS_NAME} and its "
+                    "config names no VFM source (vfm.pretrained); pass vfm_source=, or load_vfm_weights=False for a "
+                    "random VFM")
             model.load_vfm_weights(vfm_source)
         return (model, info) if want_info else model
 
-    def save_vfm_weights(self, directory: str | Path) -> Path:
-        """Write the frozen VFM's weights next to the tokenizer's (``vfm.safetensors``), for VFMs that no config or Hub
-        id can reproduce; :meth:`from_pretrained` picks them up."""
-        path = Path(directory) / VFM_WEIGHTS_NAME
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.vfm.model.state_dict().items()}, str(path))
-        return path
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        if strict and (result.missing_keys or result.unexpected_keys):
-            raise ValueError(describe_key_mismatch(result.missing_keys, result.unexpected_keys))
-        return result
-
-    # -- properties ---------------------------------------------------------------------------------------------
+    # -- the tokenizer interface ----------------------------------------------------------------------------------
     @property
     def is_discrete(self) -> bool:
         return self.config.bottleneck == "vq"
 
     @property
-    def num_tokens(self) -> int:
-        return self.config.query_grid ** 2
+    def code_layout(self) -> CodeLayout:
+        if not self.is_discrete:
+            raise InvalidValueError("a continuous tokenizer has no code layout; use latent_shape")
+        g = self.config.query_grid
+        return CodeLayout(grid=(g, g), codebook_sizes=(self.config.codebook_size,))
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         g = self.config.query_grid
         return (self.config.latent_channels, g, g)
+
+    @property
+    def input_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def output_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def last_decoder_layer(self) -> torch.Tensor:
+        return self.pixel_decoder.last_layer
+
+    def codebook_usage(self) -> Optional[float]:
+        return self.quantizer.usage() if self.is_discrete else None
 
     # -- encoding -----------------------------------------------------------------------------------------------
     def _encode_slots(self, images: torch.Tensor, vfm_features: Optional[VFMFeatures] = None
@@ -630,11 +421,11 @@ class VFMTokModel(ModelMixin, ConfigMixin):
     def _check_features(self, features: VFMFeatures, batch_size: int) -> VFMFeatures:
         expected = (batch_size, self.vfm.grid[0] * self.vfm.grid[1], self.vfm.hidden_size)
         if len(features.levels) != len(self.vfm.feature_layers) or tuple(features.grid) != tuple(self.vfm.grid):
-            raise ValueError(f"precomputed VFM features have {len(features.levels)} levels on a {features.grid} grid; "
+            raise InvalidValueError(f"precomputed VFM features have {len(features.levels)} levels on a {features.grid} grid; "
                              f"this model expects {len(self.vfm.feature_layers)} levels on {self.vfm.grid}")
         for level in features.levels:
             if tuple(level.shape) != expected:
-                raise ValueError(f"precomputed VFM feature level of shape {tuple(level.shape)}; expected {expected}")
+                raise InvalidValueError(f"precomputed VFM feature level of shape {tuple(level.shape)}; expected {expected}")
         return features
 
     def _bottleneck(self, slots: torch.Tensor):
@@ -667,13 +458,9 @@ class VFMTokModel(ModelMixin, ConfigMixin):
         return self.pixel_decoder(feature_map), semantic_prediction
 
     def _tokens_to_decoder_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.check_tokens(tokens)
         if self.is_discrete:
-            if tokens.ndim != 2 or tokens.shape[1] != self.num_tokens:
-                raise ValueError(f"expected token indices of shape (B, {self.num_tokens}), got {tuple(tokens.shape)}")
             return self.post_quant_proj(self.quantizer.lookup(tokens))
-        if tokens.ndim != 4 or tuple(tokens.shape[1:]) != self.latent_shape:
-            raise ValueError(f"expected latents of shape (B, {', '.join(map(str, self.latent_shape))}), "
-                             f"got {tuple(tokens.shape)}")
         return self._latent_to_decoder_tokens(tokens)
 
     @torch.no_grad()
@@ -706,13 +493,14 @@ class VFMTokModel(ModelMixin, ConfigMixin):
         return VFMTokOutput(
             reconstruction=reconstruction, target=target, semantic_prediction=semantic_prediction,
             semantic_target=semantic_target, tokens=tokens, losses=losses,
-            codebook_usage=self.quantizer.usage() if self.is_discrete else None)
+            codebook_usage=self.codebook_usage())
 
     # -- reporting ----------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """Facts for ``vfmtok describe``: parameter split and token layout."""
         info: dict[str, Any] = {
             "model": type(self).__name__,
+            **self.tokenizer_summary(),
             "bottleneck": self.config.bottleneck,
             "trainable_params": sum(p.numel() for p in self.parameters() if p.requires_grad),
             "frozen_params": sum(p.numel() for p in self.vfm.parameters()),

@@ -24,8 +24,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .atomic import atomic_directory
-from .data import ImageDataset, collate_images, load_image_dataset
+from pipelines.data import ImageDataset, collate_images, load_image_dataset
+from tokenizer.interface import load_tokenizer as load_tokenizer_folder
+from tokenizer.utils.atomic import atomic_directory
+from tokenizer.utils.errors import InvalidValueError, MissingFileError
 
 __all__ = ["extract_tokens", "CodesDataset", "augmented_views", "load_tokenizer"]
 
@@ -33,13 +35,11 @@ _FORMAT = 1
 
 
 def load_tokenizer(path: str, vfm_weights: Optional[str] = None, random_vfm: bool = False):
-    """A trained tokenizer (``save_pretrained`` directory or Hub id) with its VFM: the source named in its config,
-    ``vfm_weights`` instead, or a random one (``random_vfm``, tests of tiny tokenizers only)."""
-    from tokenizer import VFMTokModel
-
+    """A trained tokenizer (``save_pretrained`` folder or Hub id, any family) with its frozen encoder: the weights the
+    folder names or carries, ``vfm_weights`` instead, or a random one (``random_vfm``, tests of tiny tokenizers)."""
     if random_vfm:
-        return VFMTokModel.from_pretrained(path, load_vfm_weights=False)
-    return VFMTokModel.from_pretrained(path, vfm_source=vfm_weights)
+        return load_tokenizer_folder(path, load_vfm_weights=False)
+    return load_tokenizer_folder(path, vfm_source=vfm_weights)
 
 
 def augmented_views(images: torch.Tensor, size: int, ten_crop: bool) -> torch.Tensor:
@@ -55,12 +55,13 @@ def augmented_views(images: torch.Tensor, size: int, ten_crop: bool) -> torch.Te
 def extract_tokens(tokenizer, data: str, output_dir: str | Path, ten_crop: bool = False, batch_size: int = 32,
                    num_workers: int = 2, device: str | torch.device = "cpu",
                    limit: Optional[int] = None) -> Path:
-    """Encode every image of ``data`` with ``tokenizer`` (a :class:`tokenizer.VFMTokModel`) into ``output_dir``."""
+    """Encode every image of ``data`` with ``tokenizer`` (any :class:`tokenizer.ImageTokenizerMixin`) into
+    ``output_dir``."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InvalidValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     tokenizer = tokenizer.to(device).eval()
-    size = tokenizer.config.image_size
+    size = tokenizer.input_size
     source = load_image_dataset(data)
     if limit is not None:
         source = source.select(range(min(limit, len(source))))
@@ -72,11 +73,10 @@ def extract_tokens(tokenizer, data: str, output_dir: str | Path, ten_crop: bool 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=collate_images, generator=torch.Generator())
     with atomic_directory(output_dir) as staging:
+        shape = (count, num_views, *tokenizer.token_shape())
         if discrete:
-            shape = (count, num_views, tokenizer.num_tokens)
             store = np.lib.format.open_memmap(staging / "codes.npy", mode="w+", dtype=np.int32, shape=shape)
         else:
-            shape = (count, num_views, *tokenizer.latent_shape)
             store = np.lib.format.open_memmap(staging / "latents.npy", mode="w+", dtype=np.float16, shape=shape)
         labels = np.full(count, -1, dtype=np.int64)
         valid = np.zeros(count, dtype=bool)
@@ -99,8 +99,9 @@ def extract_tokens(tokenizer, data: str, output_dir: str | Path, ten_crop: bool 
         np.save(staging / "valid.npy", valid)
         meta = {"format": _FORMAT, "kind": "codes" if discrete else "latents", "num_images": count,
                 "num_views": num_views, "ten_crop": ten_crop, "shape": list(shape[2:]),
-                "vocab_size": tokenizer.config.codebook_size if discrete else None, "image_size": size,
+                "vocab_size": tokenizer.code_layout.vocab_size if discrete else None, "image_size": size,
                 "source": str(data), "unreadable": int((~valid).sum()), "unreadable_examples": skipped[:20],
+                "tokenizer": tokenizer.tokenizer_summary(),
                 "tokenizer_config": dict(tokenizer.config)}
         (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
     return Path(output_dir)
@@ -115,11 +116,11 @@ class CodesDataset(torch.utils.data.Dataset):
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{str(self.path)!r} is not an extraction directory (no meta.json); create one "
+            raise MissingFileError(f"{str(self.path)!r} is not an extraction directory (no meta.json); create one "
                                     f"with `vfmtok extract`")
         self.meta: dict[str, Any] = json.loads(meta_path.read_text())
         if self.meta.get("format") != _FORMAT:
-            raise ValueError(f"{str(self.path)!r} has format {self.meta.get('format')!r}; expected {_FORMAT}")
+            raise InvalidValueError(f"{str(self.path)!r} has format {self.meta.get('format')!r}; expected {_FORMAT}")
         self.kind = self.meta["kind"]
         self.values = np.load(self.path / f"{self.kind}.npy", mmap_mode="r")
         self.labels = np.load(self.path / "labels.npy")
@@ -130,7 +131,7 @@ class CodesDataset(torch.utils.data.Dataset):
             valid = valid & chosen
         self.rows = np.flatnonzero(valid)
         if len(self.values) != self.meta["num_images"] or len(self.labels) != len(self.values):
-            raise ValueError(f"{str(self.path)!r} is inconsistent: {len(self.values)} {self.kind}, "
+            raise InvalidValueError(f"{str(self.path)!r} is inconsistent: {len(self.values)} {self.kind}, "
                              f"{len(self.labels)} labels, meta {self.meta['num_images']}")
 
     def __len__(self) -> int:

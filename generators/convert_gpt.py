@@ -30,18 +30,17 @@ are reported as unknown. Released c2i models use ``cls_token_num = 1`` and the z
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 
-from tokenizer.convert import (CheckpointLoadError, read_training_checkpoint, rename_by_rules,
-                               strip_wrapper_prefixes)
+from tokenizer.utils.errors import CheckpointError
+from tokenizer.utils.loading import RenameRules, read_training_checkpoint, rename_state_dict
 
-__all__ = ["CheckpointLoadError", "load_llamagen_checkpoint", "convert_llamagen_state_dict",
+__all__ = ["CheckpointError", "load_llamagen_checkpoint", "convert_llamagen_state_dict",
            "convert_llamagen_checkpoint"]
 
-# (pattern, replacement) applied in order; the first match wins. ``None`` drops the key.
-_RULES: list[tuple[str, Optional[str]]] = [
+_RULES: RenameRules = [
     (r"^freqs_cis$", None),
     (r"^layers\.(\d+)\.attention\.kv_cache\.[kv]_cache$", None),
     (r"^cls_embedding\.embedding_table\.weight$", r"class_embedding.weight"),
@@ -68,21 +67,10 @@ def load_llamagen_checkpoint(path: str | Path, prefer: str = "ema") -> dict[str,
 def convert_llamagen_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Rename a LlamaGen / VFMTok GPT state dict to :class:`GPTModel`'s layout. Returns (converted, dropped keys).
 
-    Raises ValueError listing every key no rule knows (a mistaken file is never half-converted).
+    Raises CheckpointError listing every key no rule knows (a mistaken file is never half-converted).
     """
-    converted, dropped, unknown = {}, [], []
-    for key, tensor in state_dict.items():
-        matched, new_key = rename_by_rules(strip_wrapper_prefixes(key), _RULES)
-        if not matched:
-            unknown.append(key)
-        elif new_key is None:
-            dropped.append(key)
-        else:
-            converted[new_key] = tensor
-    if unknown:
-        raise ValueError(f"{len(unknown)} key(s) of the checkpoint are not class-conditional LlamaGen GPT weights, "
-                         f"e.g. {unknown[:10]}")
-    return converted, dropped
+    converted, dropped = rename_state_dict(state_dict, _RULES, "class-conditional LlamaGen GPT")
+    return converted, list(dropped)
 
 
 def convert_llamagen_checkpoint(checkpoint: str | Path, model, prefer: str = "ema") -> list[str]:
@@ -91,5 +79,5 @@ def convert_llamagen_checkpoint(checkpoint: str | Path, model, prefer: str = "em
     Returns the dropped keys. A missing, unexpected or mis-shaped weight raises ValueError naming it.
     """
     converted, dropped = convert_llamagen_state_dict(load_llamagen_checkpoint(checkpoint, prefer))
-    model.load_state_dict(converted, strict=True)
+    model.load_state_dict(converted, strict=True)  # StrictLoadingMixin: names every mismatch
     return dropped

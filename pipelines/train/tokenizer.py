@@ -1,12 +1,12 @@
 """``vfmtok train tokenizer``: train a VFMTok (discrete) or VFMAE (continuous) tokenizer with the shared trainer.
 
 A config file has three sections: ``params`` (the model), ``loss`` (:class:`tokenizer.losses.TokenizerLoss`
-arguments) and ``training`` (:class:`pipelines.trainer.TrainingConfig`). The paper recipe lives in
+arguments) and ``training`` (:class:`pipelines.config.TrainingConfig`). The paper recipe lives in
 ``configs/tokenizer/vfmtok-l.yaml`` / ``vfmae-l.yaml``.
 """
 from __future__ import annotations
 
-import inspect
+import logging
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -14,22 +14,26 @@ from accelerate.utils import set_seed
 import torch
 from torch import nn
 
-from .atomic import atomic_directory
-from .config import build_model, load_config
-from .data import ImageDataset, StreamingImageDataset, collate_images, load_image_dataset
-from .trainer import Trainer, TrainingConfig, TrainingTask
+from pipelines.config import TrainingConfig, build_model, load_config
+from pipelines.data import ImageDataset, StreamingImageDataset, collate_images, load_image_dataset
+from tokenizer.utils.errors import InvalidValueError
 
-__all__ = ["TokenizerTask", "build_tokenizer_loss", "train_tokenizer"]
+from .trainer import Trainer, TrainingTask
+
+__all__ = ["TokenizerTask", "train_tokenizer"]
+
+logger = logging.getLogger(__name__)
 
 
 class TokenizerTask(TrainingTask):
-    """Reconstruction + semantic + VQ (+ perceptual, + GAN) training of a :class:`tokenizer.VFMTokModel`."""
+    """Reconstruction + semantic + VQ (+ perceptual, + GAN) training of a tokenizer (its ``forward`` returns the
+    reconstruction and its own loss terms, see :class:`tokenizer.VFMTokOutput`). The export is the model's own
+    ``save_pretrained``, which carries the frozen encoder's weights when no config names them."""
 
     export_name = "tokenizer"
 
-    def __init__(self, model: nn.Module, loss: nn.Module, feature_cache=None, vfm_weights: Optional[str] = None):
+    def __init__(self, model: nn.Module, loss: nn.Module, feature_cache=None):
         self.model = model
-        self.vfm_weights = vfm_weights
         self.loss = loss
         self.feature_cache = feature_cache
         self.discriminator = loss.discriminator
@@ -54,24 +58,16 @@ class TokenizerTask(TrainingTask):
             features = self.feature_cache.features(batch["indices"], device=images.device)
         output = self.model(images, vfm_features=features)
         unwrapped = self.accelerator.unwrap_model(self.model)
-        last_layer = unwrapped.pixel_decoder.last_layer if self.loss.use_adaptive_weight else None
+        last_layer = unwrapped.last_decoder_layer if self.loss.use_adaptive_weight else None
         loss, logs = self.loss.generator_loss(output, step, last_layer=last_layer)
         logs = {f"model/{k}": v for k, v in logs.items()}
         logs["model/loss"] = float(loss.detach())
-        if output.codebook_usage is not None:
+        if output.codebook_usage is not None:  # the model's own training statistic
             logs["model/codebook_usage"] = float(output.codebook_usage)
         yield "model", loss, logs
         if self.wrapped_discriminator is not None and self.loss.discriminator_active(step):
             d_loss, d_logs = self.loss.discriminator_loss(output, step, discriminator=self.wrapped_discriminator)
             yield "discriminator", d_loss, {f"discriminator/{k}": v for k, v in d_logs.items()}
-
-    def export(self, model: nn.Module, directory: Path) -> None:
-        """``save_pretrained``; when the VFM weights came from no Hub id or path in the config (a random VFM, or
-        ``--vfm-weights``), they are saved next to the tokenizer, so that the export loads back as it was trained."""
-        with atomic_directory(directory) as staging:
-            model.save_pretrained(staging)
-            if self.vfm_weights is not None or model.vfm.pretrained is None:
-                model.save_vfm_weights(staging)
 
     def sample_images(self, model: nn.Module, batch, count: int) -> Optional[tuple[torch.Tensor, int]]:
         """Inputs (top row) above their reconstructions (none for a streamed dataset)."""
@@ -80,18 +76,6 @@ class TokenizerTask(TrainingTask):
         images = batch["images"]
         reconstructions = model.decode(model.encode(images), output_size=images.shape[-1])
         return torch.cat([images, reconstructions]), len(images)
-
-
-def build_tokenizer_loss(options: Optional[dict[str, Any]], source: str = "loss"):
-    """:class:`TokenizerLoss` from a config's ``loss:`` section; a misspelt key is an error that names it."""
-    from tokenizer.losses import TokenizerLoss
-
-    options = dict(options or {})
-    accepted = set(inspect.signature(TokenizerLoss.__init__).parameters) - {"self"}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ValueError(f"{source}: unknown loss option(s) {unknown}; accepted: {sorted(accepted)}")
-    return TokenizerLoss(**options)
 
 
 def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_steps: Optional[int] = None,
@@ -103,28 +87,30 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
     without any (the tiny test configs) trains on a randomly initialised VFM and says so. ``overrides`` replaces
     ``training`` options. Returns the directory of the exported EMA tokenizer.
     """
-    from tokenizer.vfmtok import VFMTokModel
+    from tokenizer.interface import ImageTokenizerMixin
+    from tokenizer.losses import TokenizerLoss
 
     run = load_config(config)
     training = TrainingConfig.from_run(run, overrides, max_steps=max_steps, feature_cache=feature_cache,
                                        streaming=streaming)
     set_seed(training.seed)  # python, numpy and torch, before the model is built
     model = build_model(run)
-    if not isinstance(model, VFMTokModel):
-        raise ValueError(f"{run['_path']}: `vfmtok train tokenizer` trains VFMTokModel configs, got {run['model']}")
-    if vfm_weights is not None or model.vfm.pretrained is not None:
+    if not isinstance(model, ImageTokenizerMixin):
+        raise InvalidValueError(f"{run['_path']}: `vfmtok train tokenizer` trains tokenizer configs, got {run['model']}")
+    encoder = model.frozen_encoder
+    if encoder is not None and (vfm_weights is not None or encoder.pretrained is not None):
         model.load_vfm_weights(vfm_weights)
-    else:
-        print(f"warning: {run['_path']} names no VFM weights: training on a randomly initialised VFM")
-    if training.compile:
-        model.vfm.compile_blocks()  # the trained part is compiled by the trainer
-    loss = build_tokenizer_loss(run.get("loss"), source=f"{run['_path']}: loss")
+    elif encoder is not None:
+        logger.warning("%s names no VFM weights: training on a randomly initialised VFM", run["_path"])
+    if encoder is not None and training.compile:
+        encoder.compile_blocks()  # the trained part is compiled by the trainer
+    loss = TokenizerLoss(**run["loss"])
 
-    size = model.config.image_size
+    size = model.input_size
     cached = training.feature_cache is not None
     if training.streaming:
         if cached:
-            raise ValueError("a feature cache needs a fixed (not streamed) dataset")
+            raise InvalidValueError("a feature cache needs a fixed (not streamed) dataset")
         from accelerate import PartialState
 
         processes = PartialState()
@@ -139,11 +125,14 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
         dataset = ImageDataset(source, size, augment="center" if cached else training.augment,
                                flip=False if cached else training.flip)
         sample_dataset = ImageDataset(source, size, augment="center", flip=False)
-    run_config = {"model": run["model"], "params": run["params"], "loss": run.get("loss", {}), "data": str(data),
+    run_config = {"model": run["model"], "params": run["params"], "loss": run["loss"], "data": str(data),
                   "config_file": run["_path"]}
-    task = TokenizerTask(model, loss, vfm_weights=vfm_weights)
+    task = TokenizerTask(model, loss)
     trainer = Trainer(task, training, output_dir, dataset, sample_dataset=sample_dataset, run_config=run_config)
     if cached:
+        if encoder is None:
+            raise InvalidValueError(f"{run['_path']}: a feature cache stores a frozen encoder's features; "
+                                    f"{run['model']} has none")
         task.feature_cache = open_or_build_feature_cache(trainer.accelerator, model, sample_dataset,
                                                          training.feature_cache, str(data), training)
     return trainer.fit(resume=resume)
@@ -159,10 +148,10 @@ def open_or_build_feature_cache(accelerator, model, dataset: ImageDataset, path:
         loader = torch.utils.data.DataLoader(dataset, batch_size=training.batch_size, num_workers=training.num_workers,
                                              collate_fn=collate_images, generator=torch.Generator())
         batches = ((batch["indices"], batch["images"]) for batch in loader if len(batch["images"]))
-        accelerator.print(f"caching frozen-VFM features of {len(dataset)} images into {path}")
-        VFMFeatureCache.build(model.vfm, batches, len(dataset), path, source=source, image_size=dataset.image_size,
+        logger.info("caching frozen-VFM features of %d images into %s", len(dataset), path)
+        VFMFeatureCache.build(model.frozen_encoder, batches, len(dataset), path, source=source, image_size=dataset.image_size,
                               device=accelerator.device)
     accelerator.wait_for_everyone()
     cache = VFMFeatureCache(path)
-    cache.check_compatible(model.vfm, source=source, image_size=dataset.image_size, num_images=len(dataset))
+    cache.check_compatible(model.frozen_encoder, source=source, image_size=dataset.image_size, num_images=len(dataset))
     return cache

@@ -21,7 +21,6 @@ Output directory layout::
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -33,108 +32,27 @@ from typing import Any, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_file, save_pretrained_atomically, write_text_atomically
-from .data import ImageDataset, ResumableBatchSampler, StreamingImageDataset, build_dataloader
+from pipelines.config import TrainingConfig
+from pipelines.data import ImageDataset, ResumableBatchSampler, StreamingImageDataset, build_dataloader
+from tokenizer.utils.atomic import atomic_file, save_pretrained_atomically, write_text_atomically
+from tokenizer.utils.errors import InvalidValueError, MissingFileError, OutputExistsError, VFMTokError
 
-__all__ = ["TrainingConfig", "TrainingTask", "Trainer", "TrainingDiverged", "latest_checkpoint"]
+__all__ = ["TrainingConfig", "TrainingTask", "Trainer", "TrainingDiverged", "latest_checkpoint"]  # TrainingConfig: re-exported
+
+logger = get_logger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(VFMTokError, RuntimeError):
     """A loss became NaN or infinite; the run stops and the last good checkpoint stays as it is."""
-
-
-@dataclasses.dataclass
-class TrainingConfig:
-    """The ``training:`` section of a config file. Every value can be set there; unknown keys are errors."""
-
-    max_steps: int = 400_000
-    batch_size: int = 16  # per process and micro-batch; global batch = batch_size * processes * accumulation
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    optimizer: str = "adam"  # adam | adamw (AdamW decays only >= 2-D weights)
-    learning_rate: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    lr_scheduler: str = "constant"  # constant | cosine | linear, after a linear warm-up
-    lr_warmup_steps: int = 0
-    max_grad_norm: Optional[float] = 1.0
-    ema_decay: float = 0.9999
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 5000
-    keep_last_checkpoints: int = 3
-    sample_every: int = 5000
-    num_sample_images: int = 8
-    num_workers: int = 4
-    log_with: tuple[str, ...] = ("tensorboard",)
-    augment: str = "adm"  # adm (random resize in [S, 1.25 S] + random crop) | center
-    flip: bool = True
-    streaming: bool = False  # stream a Hub dataset (resume is exact only with num_workers 0 and no shuffle buffer)
-    shuffle_buffer: int = 10000  # streaming only
-    feature_cache: Optional[str] = None  # tokenizers: directory of cached frozen-VFM features (see feature_cache.py)
-    compile: bool = False  # torch.compile the trained model (and a tokenizer's frozen VFM blocks); for GPUs
-
-    _CHOICES = {"mixed_precision": ("no", "bf16", "fp16"), "optimizer": ("adam", "adamw"),
-                "lr_scheduler": ("constant", "cosine", "linear"), "augment": ("adm", "center")}
-
-    @classmethod
-    def from_dict(cls, values: Optional[dict[str, Any]], source: str = "training") -> "TrainingConfig":
-        values = dict(values or {})
-        names = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"{source}: unknown training option(s) {unknown}; known: {sorted(names)}")
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        if "log_with" in values:
-            log_with = values["log_with"]
-            values["log_with"] = tuple([log_with] if isinstance(log_with, str) else log_with or ())
-        config = cls(**values)
-        config.validate(source)
-        return config
-
-    @classmethod
-    def from_run(cls, run: dict[str, Any], overrides: Optional[dict[str, Any]] = None,
-                 **flags: Any) -> "TrainingConfig":
-        """The ``training:`` section of a loaded config file, then ``overrides``, then the command-line ``flags``
-        that were given (None = not given)."""
-        values = {**run.get("training", {}), **(overrides or {}),
-                  **{name: value for name, value in flags.items() if value is not None}}
-        return cls.from_dict(values, source=f"{run['_path']}: training")
-
-    def validate(self, source: str = "training") -> None:
-        for name, choices in self._CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{source}: {name} must be one of {list(choices)}, got {getattr(self, name)!r}")
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "checkpoint_every",
-                     "keep_last_checkpoints", "sample_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{source}: {name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("num_workers", "lr_warmup_steps", "num_sample_images", "seed", "shuffle_buffer"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{source}: {name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"{source}: learning_rate must be > 0, got {self.learning_rate!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"{source}: ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"{source}: betas must be two numbers in [0, 1), got {self.betas!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"{source}: max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"{source}: weight_decay must be >= 0, got {self.weight_decay!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
 
 
 class TrainingTask:
@@ -180,7 +98,7 @@ def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
 def _optimizer(module: nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(f"{type(module).__name__} has no trainable parameters")
+        raise InvalidValueError(f"{type(module).__name__} has no trainable parameters")
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.learning_rate, betas=config.betas,
                                 weight_decay=config.weight_decay)
@@ -220,7 +138,7 @@ class Trainer:
         accelerator, config = self.accelerator, self.config
         modules = self.task.modules()
         if "model" not in modules:
-            raise ValueError(f"{type(self.task).__name__}.modules() must contain 'model'")
+            raise InvalidValueError(f"{type(self.task).__name__}.modules() must contain 'model'")
         self.names = list(modules)
         optimizers = [_optimizer(modules[name], config) for name in self.names]
         schedulers = [get_scheduler(config.lr_scheduler if config.lr_scheduler != "constant" else
@@ -243,10 +161,10 @@ class Trainer:
     def _check_output_dir(self, resume: bool) -> Optional[Path]:
         checkpoint = latest_checkpoint(self.output_dir)
         if not resume and checkpoint is not None:
-            raise FileExistsError(f"{str(self.output_dir)!r} already holds checkpoints (latest {checkpoint.name}); "
+            raise OutputExistsError(f"{str(self.output_dir)!r} already holds checkpoints (latest {checkpoint.name}); "
                                   f"pass --resume to continue that run or choose another output directory")
         if resume and checkpoint is None:
-            self.accelerator.print(f"no checkpoint in {self.output_dir}/checkpoints: starting from step 0")
+            logger.info("no checkpoint in %s/checkpoints: starting from step 0", self.output_dir)
         return checkpoint if resume else None
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
@@ -309,27 +227,27 @@ class Trainer:
     def load_checkpoint(self, checkpoint: Path) -> None:
         state_path = checkpoint / "trainer_state.json"
         if not state_path.is_file():
-            raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} has no trainer_state.json")
+            raise MissingFileError(f"checkpoint {str(checkpoint)!r} has no trainer_state.json")
         state = json.loads(state_path.read_text())
         if state.get("modules") != self.names:
-            raise ValueError(f"checkpoint {str(checkpoint)!r} holds modules {state.get('modules')}; this run trains "
+            raise InvalidValueError(f"checkpoint {str(checkpoint)!r} holds modules {state.get('modules')}; this run trains "
                              f"{self.names}")
         if state.get("num_processes") != self.accelerator.num_processes:
-            raise ValueError(f"checkpoint {str(checkpoint)!r} was written by {state.get('num_processes')} process(es); "
+            raise InvalidValueError(f"checkpoint {str(checkpoint)!r} was written by {state.get('num_processes')} process(es); "
                              f"this run has {self.accelerator.num_processes}: the data position would not carry over")
         saved_model = state.get("config", {}).get("params")
         if saved_model is not None and self.run_config.get("params") is not None and \
                 saved_model != self.run_config["params"]:
-            raise ValueError(f"checkpoint {str(checkpoint)!r} was trained with other model params than the config: "
+            raise InvalidValueError(f"checkpoint {str(checkpoint)!r} was trained with other model params than the config: "
                              f"{_dict_difference(saved_model, self.run_config['params'])}")
         try:
             self.accelerator.load_state(str(checkpoint))
             ema = load_file(str(checkpoint / "ema.safetensors"))
         except (RuntimeError, OSError, ValueError) as error:
-            raise ValueError(f"cannot load checkpoint {str(checkpoint)!r}: {error}") from error
+            raise InvalidValueError(f"cannot load checkpoint {str(checkpoint)!r}: {error}") from error
         missing = [n for n in self.ema_names if n not in ema]
         if missing or len(ema) != len(self.ema_names):
-            raise ValueError(f"checkpoint {str(checkpoint)!r}: ema.safetensors does not match the model "
+            raise InvalidValueError(f"checkpoint {str(checkpoint)!r}: ema.safetensors does not match the model "
                              f"(missing {missing[:5]}, {len(ema)} tensors vs {len(self.ema_names)})")
         for shadow, name in zip(self.ema.shadow_params, self.ema_names):
             shadow.copy_(ema[name].to(shadow.device))
@@ -379,7 +297,7 @@ class Trainer:
         if self.config.num_sample_images == 0 or not self.accelerator.is_main_process:
             return None
         from torchvision.utils import save_image
-        from .data import collate_images
+        from pipelines.data import collate_images
 
         batch = None
         if self.sample_dataset is not None:
@@ -447,7 +365,7 @@ class Trainer:
                                         drop_last=True, num_replicas=accelerator.num_processes,
                                         rank=accelerator.process_index)
         if len(sampler) == 0:
-            raise ValueError(f"the dataset has {len(self.dataset)} images: too few for one batch of "
+            raise InvalidValueError(f"the dataset has {len(self.dataset)} images: too few for one batch of "
                              f"{config.batch_size} on each of {accelerator.num_processes} process(es)")
         loader = build_dataloader(self.dataset, sampler, batch_size=config.batch_size, num_workers=config.num_workers,
                                   pin_memory=accelerator.device.type == "cuda")
@@ -507,7 +425,7 @@ class Trainer:
         self._prepare()
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
-            accelerator.print(f"resumed from {checkpoint} at step {self.step}")
+            logger.info("resumed from %s at step %d", checkpoint, self.step)
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._truncate_metrics()
@@ -555,7 +473,7 @@ class Trainer:
         summary = {"step": self.step, "exported": str(exported), "last_checkpoint": str(last_good or checkpoint),
                    "images_seen": self.images_seen, "skipped_images": self._total_skipped(),
                    "skipped_examples": self.skipped_examples[:5]}
-        accelerator.print(json.dumps(summary))
+        logger.info("finished: %s", json.dumps(summary))
         accelerator.end_training()
         return exported
 

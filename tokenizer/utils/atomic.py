@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import OutputExistsError
+
 __all__ = ["atomic_directory", "atomic_file", "write_text_atomically", "save_pretrained_atomically"]
 
 
@@ -21,7 +23,7 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
     """
     target = Path(target)
     if target.exists() and not replace and any(target.iterdir()):
-        raise FileExistsError(f"{str(target)!r} already exists and is not empty")
+        raise OutputExistsError(f"{str(target)!r} already exists and is not empty")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:

@@ -1,0 +1,54 @@
+"""Layers shared by the generators: RMSNorm (in fp32, as Llama) and the 2D rotary position embedding that the GPT
+(LlamaGen's ``precompute_freqs_cis_2d``) and the LightningDiT / DiT^DH options of the denoiser (EVA's
+``VisionRotaryEmbeddingFast``) use.
+
+2D RoPE. Each head's ``head_dim`` channels form ``head_dim / 2`` interleaved pairs ``(x[2i], x[2i+1])``. The first
+half of the pairs rotate by ``row * f_j``, the second half by ``column * f_j``, with ``f_j = base ** (-2j / (head_dim
+/ 2))``, ``j = 0 .. head_dim / 4 - 1``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = ["RMSNorm", "rope_2d_table", "apply_rotary_embedding"]
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight``, the statistics computed in fp32 and the result cast back to the input's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_2d_table(grid_size: int, head_dim: int, base: float = 10000.0, class_token_rope: str = "zero",
+                  device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+    """(1 + grid_size**2, head_dim // 2, 2) float32 table of (cos, sin): row 0 for the class token, then the grid."""
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2, device=device)[: half // 2].float() / half))
+    angles = torch.outer(torch.arange(grid_size, device=device), freqs)  # (grid, head_dim // 4)
+    grid_angles = torch.cat([angles[:, None, :].expand(-1, grid_size, -1),  # rows
+                             angles[None, :, :].expand(grid_size, -1, -1)], dim=-1)  # columns
+    table = torch.stack([torch.cos(grid_angles), torch.sin(grid_angles)], dim=-1).flatten(0, 1)
+    class_row = torch.zeros(1, half, 2, device=device)
+    if class_token_rope == "none":
+        class_row[..., 0] = 1.0
+    return torch.cat([class_row, table])
+
+
+def apply_rotary_embedding(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate the channel pairs of ``x`` (B, S, H, head_dim) by ``rope`` (S, head_dim // 2, 2), in fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
+    rotated = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin,
+                           pairs[..., 1] * cos + pairs[..., 0] * sin], dim=-1)
+    return rotated.flatten(-2).type_as(x)

@@ -1,0 +1,69 @@
+"""``vfmtok train ar``: train the LlamaGen-style GPT (:class:`generators.GPTModel`) over discrete tokenizer codes with
+the shared trainer, from pre-extracted codes (``vfmtok extract``) or by tokenizing images online."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenizer.utils.errors import InvalidValueError
+
+from .extract import CodesDataset
+from .stage_two import StageTwoTask, prepare_stage_two_run
+from .trainer import Trainer
+
+__all__ = ["ARTask", "train_ar", "ar_validation_loss"]
+
+
+class ARTask(StageTwoTask):
+    """Next-token cross-entropy of a class-conditional GPT; label dropout (for CFG) happens inside the model."""
+
+    def losses(self, batch: dict[str, Any], step: int) -> Iterator[tuple[str, torch.Tensor, dict[str, float]]]:
+        tokens, labels = self.inputs(batch)
+        logits = self.wrapped(tokens, labels)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+        yield "model", loss, {"model/loss": float(loss.detach())}
+
+    def sample_images(self, model: nn.Module, batch, count: int):
+        """Images generated for ``count`` classes spread over the label range (fixed seed, CFG)."""
+        if self.tokenizer is None:
+            return None
+        _, generator, classes = self.sample_setup(model, count)
+        tokens = model.generate(classes, guidance_scale=self.sample_guidance_scale, generator=generator)
+        return self.tokenizer.decode(tokens), count
+
+
+def check_codes_fit(model: nn.Module, layout: dict[str, Any], what: str) -> None:
+    if layout["vocab_size"] != model.config.vocab_size or layout["num_tokens"] != model.config.num_tokens:
+        raise InvalidValueError(f"{what} has a vocabulary of {layout['vocab_size']} and {layout['num_tokens']} tokens "
+                                f"per image; the GPT config expects vocab_size {model.config.vocab_size} and "
+                                f"num_tokens {model.config.num_tokens}")
+
+
+def train_ar(config: str | Path, output_dir: str | Path, codes: Optional[str] = None, data: Optional[str] = None,
+             tokenizer: Optional[str] = None, vfm_weights: Optional[str] = None, max_steps: Optional[int] = None,
+             resume: bool = False, overrides: Optional[dict[str, Any]] = None) -> Path:
+    """Train the GPT a config describes on ``codes`` (an extraction directory) or on ``data`` tokenized online by
+    ``tokenizer``. A tokenizer given with codes is used for the sample grids. Returns the exported EMA model."""
+    setup = prepare_stage_two_run("codes", config, codes, data, tokenizer, vfm_weights, max_steps, overrides,
+                                  check_codes_fit)
+    task = ARTask(setup.model, setup.tokenizer, sample_guidance_scale=setup.sampling["guidance_scale"])
+    return Trainer(task, setup.training, output_dir, setup.dataset, run_config=setup.run_config).fit(resume=resume)
+
+
+@torch.no_grad()
+def ar_validation_loss(model: nn.Module, dataset: CodesDataset, batch_size: int = 64) -> float:
+    """Mean next-token cross-entropy (nats) over every image of ``dataset`` (first view), without label dropout."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        samples = [dataset[(i, 0)] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = CodesDataset.collate(samples)
+        tokens = batch["values"].to(next(model.parameters()).device)
+        logits = model(tokens, batch["labels"].to(tokens.device))
+        total += F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="sum").item()
+        count += tokens.numel()
+    return total / count

@@ -1,0 +1,241 @@
+"""Reading weights safely and loading them strictly: the one implementation every model and converter uses.
+
+* :func:`read_state_dict` reads a flat ``name -> tensor`` file (safetensors, or ``torch.load(weights_only=True)``: no
+  code in the file is ever executed).
+* :func:`read_training_checkpoint` finds the weights inside a checkpoint saved by a training script.
+* :func:`load_state_dict_strict` and :class:`StrictLoadingMixin` refuse a missing, unexpected or mis-shaped weight and
+  name every one of them, where torch stops at the first and diffusers only warns (and, with
+  ``low_cpu_mem_usage=True``, leaves a missing parameter on the meta device).
+* :func:`rename_state_dict` is the loop of every checkpoint converter: strip the ``module.`` / ``_orig_mod.`` prefixes
+  of training wrappers, rename or drop each key by ``(pattern, replacement)`` rules, and refuse a file with keys no
+  rule knows (a mistaken file is never half-converted).
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, MissingFileError
+
+__all__ = ["read_state_dict", "read_training_checkpoint", "key_mismatch_message", "load_state_dict_strict",
+           "StrictLoadingMixin", "strip_wrapper_prefixes", "rename_by_rules", "rename_state_dict", "RenameRules",
+           "meta_tensors", "download_state_dict", "DOWNLOAD_ERRORS", "bundled_file"]
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+# (pattern, replacement) applied in order; the first match wins. ``None`` drops the key.
+RenameRules = Sequence[tuple[str, Optional[str]]]
+
+
+def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """A flat ``name -> tensor`` file: ``.safetensors``, or a torch file read with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"weights file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state_dict = load_file(str(path))
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated file, a foreign format, a pickle weights_only refuses
+        raise CheckpointError(f"cannot read weights from {str(path)!r}: {type(error).__name__}: {error}") from error
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{str(path)!r} is not a flat state dict (name -> tensor)")
+    return state_dict
+
+
+def read_training_checkpoint(path: Union[str, Path], prefer: str = "ema",
+                             containers: Sequence[str] = ("ema", "model", "state_dict"),
+                             what: str = "tokenizer") -> dict[str, torch.Tensor]:
+    """Read a checkpoint saved by a training script safely and return the state dict in it.
+
+    Uses ``torch.load(weights_only=True)``: no code in the file is executed. The weights are looked up under
+    ``prefer`` (``"ema"`` or ``"model"``, when the file holds both), then under each of ``containers``, else the file
+    must itself be a flat dict of tensors. ``what`` names the weights in error messages.
+    """
+    if prefer not in ("ema", "model"):
+        raise CheckpointError(f"prefer must be 'ema' or 'model', got {prefer!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # the unpickler's message names the offending global
+        raise CheckpointError(
+            f"torch.load(weights_only=True) refused {str(path)!r}: {error}\n"
+            "The file contains Python objects besides tensors (for example argparse.Namespace training arguments). "
+            "Only if you trust where the file comes from, re-save just its tensors with\n"
+            "  python -c \"import torch; c = torch.load('IN', map_location='cpu', weights_only=False); "
+            "torch.save({k: c[k] for k in ('ema', 'model') if k in c}, 'OUT')\"\n"
+            "and convert OUT instead; or allow the specific class with torch.serialization.add_safe_globals."
+        ) from error
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{str(path)!r} holds a {type(checkpoint).__name__}, expected a dict of tensors")
+    for key in (prefer, *containers):
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            return dict(checkpoint[key])
+    if checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
+        return dict(checkpoint)
+    raise CheckpointError(f"{str(path)!r} has no {what} weights: expected one of {list(containers)} or a flat "
+                          f"state dict, found keys {sorted(checkpoint)[:10]}")
+
+
+def key_mismatch_message(missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str] = (),
+                         hint: str = "", limit: int = 10) -> str:
+    """What is missing, unexpected or mis-shaped (with counts and examples), and ``hint`` on what to do."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing weight(s), e.g. {list(missing)[:limit]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected weight(s), e.g. {list(unexpected)[:limit]}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} weight(s) of the wrong shape, e.g. {list(mismatched)[:limit]}")
+    return "checkpoint does not match the model: " + "; ".join(parts) + (f". {hint}" if hint else "")
+
+
+def _shape_mismatches(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    return [f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
+            for key, value in state_dict.items() if key in own and tuple(value.shape) != tuple(own[key].shape)]
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "",
+                           hint: str = "", describe_missing: Callable[[str], str] = str,
+                           assign: bool = False) -> None:
+    """``module.load_state_dict(state_dict, strict=True)`` that raises :class:`CheckpointError` naming every missing
+    (through ``describe_missing``, e.g. with its name in the original file), unexpected or mis-shaped key, with
+    ``source`` (where the weights come from) and ``hint`` (what to do) in the message."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = _shape_mismatches(own, state_dict)
+    if missing or unexpected or mismatched:
+        prefix = f"cannot load {source}: " if source else ""
+        raise CheckpointError(prefix + key_mismatch_message([describe_missing(k) for k in missing], unexpected,
+                                                            mismatched, hint))
+    nn.Module.load_state_dict(module, dict(state_dict), strict=True, assign=assign)
+
+
+def meta_tensors(module: nn.Module) -> list[str]:
+    """Names of parameters and buffers still on the meta device (never given a value)."""
+    return [name for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers())
+            if tensor.is_meta]
+
+
+class StrictLoadingMixin:
+    """For diffusers ``ModelMixin`` subclasses (list it first among the bases): ``from_pretrained`` and
+    ``load_state_dict`` raise :class:`CheckpointError` naming every missing, unexpected or mis-shaped weight, where
+    diffusers and torch would only warn or fail on the first. ``from_pretrained`` accepts diffusers' pipeline-loader
+    arguments (``low_cpu_mem_usage=True`` included) and refuses a model left with any tensor on the meta device.
+    ``converter`` names the module that converts official checkpoints (shown in the error)."""
+
+    converter = "tokenizer.convert"
+
+    @classmethod
+    def _loading_hint(cls) -> str:
+        return (f"Check that the config matches the checkpoint (or convert an official checkpoint with "
+                f"`{cls.converter}`).")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              **kwargs)
+        mismatched = [f"{key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in info["mismatched_keys"]]
+        if info["missing_keys"] or info["unexpected_keys"] or mismatched:
+            raise CheckpointError(f"{pretrained_model_name_or_path}: " + key_mismatch_message(
+                info["missing_keys"], info["unexpected_keys"], mismatched, cls._loading_hint()))
+        left_on_meta = meta_tensors(model)
+        if left_on_meta:
+            raise CheckpointError(f"{pretrained_model_name_or_path}: no value for {len(left_on_meta)} weight(s), "
+                                  f"e.g. {left_on_meta[:10]}. " + cls._loading_hint())
+        return (model, info) if want_info else model
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if not strict:
+            return nn.Module.load_state_dict(self, state_dict, strict=False, assign=assign)
+        load_state_dict_strict(self, state_dict, hint=self._loading_hint(), assign=assign)
+        return nn.modules.module._IncompatibleKeys([], [])
+
+
+def strip_wrapper_prefixes(key: str) -> str:
+    """Remove the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes training wrappers add to keys."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def rename_by_rules(key: str, rules: RenameRules) -> tuple[bool, Optional[str]]:
+    """Apply the first ``(pattern, replacement)`` rule whose pattern matches ``key`` -> (matched, new name, or None
+    when the rule drops the key)."""
+    for pattern, replacement in rules:
+        if re.match(pattern, key):
+            return True, None if replacement is None else re.sub(pattern, replacement, key)
+    return False, None
+
+
+def rename_state_dict(state_dict: Mapping[str, torch.Tensor],
+                      rename: Union[RenameRules, Callable[[str], tuple[bool, Optional[str]]]],
+                      what: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Rename every key of an official state dict -> (converted, dropped: original key -> tensor).
+
+    ``rename`` is a list of rules (see :func:`rename_by_rules`) or a function of the prefix-stripped key returning
+    (matched, new name or None to drop). Raises :class:`CheckpointError` listing every key it does not know, saying
+    the file is not ``what``.
+    """
+    rename_fn = rename if callable(rename) else (lambda key: rename_by_rules(key, rename))
+    converted: dict[str, torch.Tensor] = {}
+    dropped: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, tensor in state_dict.items():
+        matched, new_key = rename_fn(strip_wrapper_prefixes(key))
+        if not matched:
+            unknown.append(key)
+        elif new_key is None:
+            dropped[key] = tensor
+        else:
+            converted[new_key] = tensor
+    if unknown:
+        raise CheckpointError(f"{len(unknown)} key(s) of the checkpoint are not {what} weights, e.g. {unknown[:10]}")
+    return converted, dropped
+
+
+# Errors a failed download raises (urllib's URLError / HTTPError and socket / SSL errors are OSErrors).
+DOWNLOAD_ERRORS = (OSError, RuntimeError, ValueError)
+
+
+def download_state_dict(url: str) -> dict[str, torch.Tensor]:
+    """A state dict from ``url`` through torch.hub's cache (``$TORCH_HOME/hub/checkpoints``), tensors only."""
+    return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+
+
+def bundled_file(pretrained_model_name_or_path: Union[str, Path], filename: str,
+                 hub_kwargs: Mapping[str, object]) -> Optional[str]:
+    """The local path of ``filename`` inside a saved model folder (a directory, or a Hub repo id: downloaded through
+    huggingface_hub's cache, honouring ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``
+    and ``HF_HUB_OFFLINE``), or None when the folder has no such file."""
+    subfolder = hub_kwargs.get("subfolder") or ""
+    local = Path(pretrained_model_name_or_path) / subfolder
+    if local.is_dir():
+        path = local / filename
+        return str(path) if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(str(pretrained_model_name_or_path), filename, subfolder=subfolder or None,
+                               revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token"),
+                               cache_dir=hub_kwargs.get("cache_dir"),
+                               local_files_only=bool(hub_kwargs.get("local_files_only", False)))
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
