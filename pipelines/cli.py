@@ -121,6 +121,14 @@ def _add_speed_arguments(parser: argparse.ArgumentParser, batch_size: int, windo
                         help="default: fp32 on CPU, bf16 autocast on CUDA")
 
 
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every stage-two `vfmtok train` command takes."""
+    parser.add_argument("--vfm-weights", default=None, help="override the tokenizer's VFM source")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT_DIR")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vfmtok", description="VFM-based image tokenizers and generators.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of every error")
@@ -180,10 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_ar.add_argument("--codes", default=None, help="codes from `vfmtok extract`")
     train_ar.add_argument("--data", default=None, help="images to tokenize online (needs --tokenizer)")
     train_ar.add_argument("--tokenizer", default=None, help="the discrete tokenizer (online tokenization, samples)")
-    train_ar.add_argument("--vfm-weights", default=None, help="override the tokenizer's VFM source")
-    train_ar.add_argument("--output-dir", required=True)
-    train_ar.add_argument("--max-steps", type=int, default=None)
-    train_ar.add_argument("--resume", action="store_true")
+    _add_run_arguments(train_ar)
     train_ar.set_defaults(run=_train_ar)
 
     speed_ar = speed_kinds.add_parser("ar", help="class-conditional generation throughput of a GPT config")
@@ -196,17 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     speed_ar.set_defaults(run=_speed_ar)
 
     train_flow = train_kinds.add_parser("flow", help="train the flow denoiser over continuous latents; exports the EMA "
-                                                     "weights and latent statistics to OUTPUT_DIR/generator")
+                                                     "weights (with the latent statistics) to OUTPUT_DIR/generator")
     train_flow.add_argument("--config", required=True, help="e.g. configs/flow/ditdh-xl.yaml")
     train_flow.add_argument("--latents", default=None, help="latents from `vfmtok extract` (continuous tokenizer)")
     train_flow.add_argument("--data", default=None, help="images to encode online (needs --tokenizer, --latent-stats)")
     train_flow.add_argument("--tokenizer", default=None, help="the continuous tokenizer (online encoding, samples)")
     train_flow.add_argument("--latent-stats", default=None, help="latent_stats.safetensors (default: the one in "
                                                                   "--latents, measured if missing)")
-    train_flow.add_argument("--vfm-weights", default=None, help="override the tokenizer's VFM source")
-    train_flow.add_argument("--output-dir", required=True)
-    train_flow.add_argument("--max-steps", type=int, default=None)
-    train_flow.add_argument("--resume", action="store_true")
+    _add_run_arguments(train_flow)
     train_flow.set_defaults(run=_train_flow)
 
     stats = commands.add_parser("latent-stats", help="measure the per-element mean/std of extracted latents "
