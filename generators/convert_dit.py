@@ -41,7 +41,8 @@ from tokenizer.utils.errors import CheckpointError, InvalidValueError
 from tokenizer.utils.loading import (RenameRules, read_state_dict, read_training_checkpoint, rename_by_rules,
                                      rename_state_dict, strip_wrapper_prefixes)
 
-__all__ = ["CheckpointError", "load_ddt_checkpoint", "convert_ddt_state_dict", "convert_ddt_checkpoint", "read_latent_statistics"]
+__all__ = ["CheckpointError", "load_ddt_checkpoint", "convert_ddt_state_dict", "convert_ddt_checkpoint",
+           "read_latent_statistics"]
 
 _BLOCK_INNER = (r"(norm[12]\.weight|attn\.qkv\.(weight|bias)|attn\.[qk]_norm\.(weight|bias)|attn\.proj\.(weight|bias)"
                 r"|mlp\.(w12|w3|fc1|fc2)\.(weight|bias)|adaLN_modulation\.1\.(weight|bias))")
@@ -72,7 +73,8 @@ def load_ddt_checkpoint(path: str | Path, prefer: str = "ema") -> dict[str, torc
 def _infer_trunk_depth(state: Mapping[str, torch.Tensor], num_blocks: int) -> int:
     """Trunk blocks have the trunk width (``s_embedder``'s output); head blocks the head width."""
     if "s_projector.weight" not in state:
-        raise InvalidValueError("trunk and head have the same width, so the number of trunk blocks cannot be read from the "
+        raise InvalidValueError("trunk and head have the same width, so the number of trunk blocks cannot be read "
+                                "from the "
                          "checkpoint: pass depth= (the model's config.depth)")
     width = state["s_embedder.proj.weight"].shape[0]
     widths = [state[f"blocks.{i}.attn.qkv.weight"].shape[1] for i in range(num_blocks)]

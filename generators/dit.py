@@ -420,7 +420,8 @@ class DiTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
                              f"{tuple(getattr(latents, 'shape', ())) or type(latents)}")
         b = latents.shape[0]
         if not isinstance(timesteps, torch.Tensor) or timesteps.shape != (b,):
-            raise InvalidValueError(f"timesteps must be a ({b},) tensor, got {getattr(timesteps, 'shape', type(timesteps))}")
+            raise InvalidValueError(f"timesteps must be a ({b},) tensor, got "
+                                    f"{getattr(timesteps, 'shape', type(timesteps))}")
         if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (b,) or \
                 class_labels.is_floating_point():
             raise InvalidValueError(f"class_labels must be a ({b},) integer tensor, got "

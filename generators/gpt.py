@@ -266,7 +266,8 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
 
     def _check_tokens(self, tokens: torch.Tensor, max_length: int) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
-            raise InvalidValueError(f"tokens must be a (B, T) integer tensor, got {getattr(tokens, 'shape', type(tokens))}")
+            raise InvalidValueError(f"tokens must be a (B, T) integer tensor, got "
+                                    f"{getattr(tokens, 'shape', type(tokens))}")
         if tokens.shape[1] > max_length:
             raise InvalidValueError(f"got {tokens.shape[1]} tokens; at most {max_length} fit here")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
@@ -314,7 +315,8 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         self._check_tokens(tokens, self.num_tokens)
         self._check_labels(class_labels, allow_null=True)
         if len(class_labels) != len(tokens):
-            raise InvalidValueError(f"class_labels has {len(class_labels)} entries for a batch of {len(tokens)} sequences")
+            raise InvalidValueError(f"class_labels has {len(class_labels)} entries for a batch of {len(tokens)} "
+                                    "sequences")
         if force_drop_ids is not None:
             class_labels = torch.where(force_drop_ids.to(class_labels.device).bool(), self.null_class, class_labels)
         elif self.training and self.config.class_dropout_prob > 0:
@@ -435,7 +437,8 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         if guidance_power <= 0:
             raise InvalidValueError(f"guidance_power must be > 0, got {guidance_power}")
         if guidance_schedule == "interval" and guidance_interval is None:
-            raise InvalidValueError("guidance_schedule='interval' needs guidance_interval (the number of guided tokens)")
+            raise InvalidValueError("guidance_schedule='interval' needs guidance_interval (the number of guided "
+                                    "tokens)")
         if guidance_interval is not None and not (isinstance(guidance_interval, int) and guidance_interval >= 0):
             raise InvalidValueError(f"guidance_interval must be an integer >= 0 (number of guided tokens), "
                              f"got {guidance_interval!r}")
@@ -485,7 +488,8 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         if not 0.0 < top_p <= 1.0:
             raise InvalidValueError(f"top_p must be in (0, 1], got {top_p}")
         if compile_decode and not use_kv_cache:
-            raise InvalidValueError("compile_decode=True compiles the KV-cached decode step: it needs use_kv_cache=True")
+            raise InvalidValueError("compile_decode=True compiles the KV-cached decode step: it needs "
+                                    "use_kv_cache=True")
 
         total, batch = self.num_tokens, len(class_labels)
         device = self.token_embedding.weight.device

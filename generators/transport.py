@@ -378,7 +378,8 @@ def repa_alignment_loss(projected: torch.Tensor, features: torch.Tensor) -> torc
     image region). ``projected`` (B, N, C) and ``features`` (B, M, C); when M != N both are square grids and the VFM
     grid is resized (bilinear) to the denoiser's."""
     if projected.shape[0] != features.shape[0] or projected.shape[-1] != features.shape[-1]:
-        raise InvalidValueError(f"REPA needs (B, N, C) and (B, M, C) with equal B and C, got {tuple(projected.shape)} and "
+        raise InvalidValueError(f"REPA needs (B, N, C) and (B, M, C) with equal B and C, got "
+                                f"{tuple(projected.shape)} and "
                          f"{tuple(features.shape)}")
     n, m = projected.shape[1], features.shape[1]
     if n != m:

@@ -121,7 +121,8 @@ class MultiScaleDeformableAttention(nn.Module):
         if len(spatial_shapes) != levels:
             raise InvalidValueError(f"expected {levels} feature levels, got {len(spatial_shapes)}")
         if features.shape[1] != sum(int(h) * int(w) for h, w in spatial_shapes):
-            raise InvalidValueError(f"features have {features.shape[1]} positions, spatial shapes {list(spatial_shapes)} "
+            raise InvalidValueError(f"features have {features.shape[1]} positions, spatial shapes "
+                                    f"{list(spatial_shapes)} "
                              f"describe {sum(int(h) * int(w) for h, w in spatial_shapes)}")
         value = self.value_proj(features).view(batch, -1, heads, self.dim // heads)
         offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)

@@ -153,7 +153,8 @@ class DinoDiscriminator(FrozenModulesMixin, nn.Module):
         layers = tuple(int(i) for i in feature_layers)
         if not layers or any(not 0 <= i < len(vit.blocks) for i in layers) or \
                 any(b <= a for a, b in zip(layers, layers[1:])):
-            raise InvalidValueError(f"feature_layers {list(feature_layers)} must be strictly increasing block indices in "
+            raise InvalidValueError(f"feature_layers {list(feature_layers)} must be strictly increasing block "
+                                    "indices in "
                              f"0..{len(vit.blocks) - 1}")
         self.feature_layers = layers
         if kernel_size < 1 or kernel_size % 2 == 0:

@@ -207,7 +207,8 @@ class TokenizerLoss(FrozenModulesMixin, nn.Module):
         reconstruction, target = output.reconstruction, output.target
         if reconstruction is None or target is None or reconstruction.shape != target.shape:
             shapes = [None if t is None else tuple(t.shape) for t in (reconstruction, target)]
-            raise InvalidValueError(f"output.reconstruction and output.target must be images of the same shape, got {shapes}")
+            raise InvalidValueError(f"output.reconstruction and output.target must be images of the same shape, got "
+                                    f"{shapes}")
         return reconstruction.float(), target.float()
 
     def generator_loss(self, output: VFMTokOutput, step: int,
@@ -239,9 +240,11 @@ class TokenizerLoss(FrozenModulesMixin, nn.Module):
             g_loss = self.g_loss_fn(logits_fake.float())
             if self.use_adaptive_weight:
                 if last_layer is None:
-                    raise InvalidValueError("adaptive_gan_weight=True needs `last_layer` (model.pixel_decoder.last_layer)")
+                    raise InvalidValueError("adaptive_gan_weight=True needs `last_layer` "
+                                            "(model.pixel_decoder.last_layer)")
                 if not torch.is_tensor(nll):
-                    raise InvalidValueError("adaptive_gan_weight=True needs a reconstruction loss (l2, l1 or perceptual)")
+                    raise InvalidValueError("adaptive_gan_weight=True needs a reconstruction loss (l2, l1 or "
+                                            "perceptual)")
                 weight = adaptive_gan_weight(nll, g_loss, last_layer)
                 logs["adaptive_gan_weight"] = weight.item()
                 terms["gan"] = weight * self.gan_weight * g_loss

@@ -281,7 +281,8 @@ def _build_hf(architecture: dict) -> nn.Module:
     """A randomly initialised transformers model; unknown config keys are errors (configs accept anything)."""
     arch = dict(architecture)
     if "model_type" not in arch:
-        raise InvalidValueError("hf architecture needs a 'model_type' (dinov2, dinov2_with_registers, siglip_vision_model)")
+        raise InvalidValueError("hf architecture needs a 'model_type' (dinov2, dinov2_with_registers, "
+                                "siglip_vision_model)")
     config_cls, model_cls = _hf_classes(arch.pop("model_type"))
     unknown = sorted(set(arch) - set(config_cls().to_dict()))
     if unknown:
@@ -337,7 +338,8 @@ class FrozenVFM(nn.Module):
         self.pretrained = pretrained
         self.image_size = int(image_size)
         if self.image_size <= 0 or self.image_size % self.patch_size:
-            raise InvalidValueError(f"image_size {image_size} must be a positive multiple of the patch size {self.patch_size}")
+            raise InvalidValueError(f"image_size {image_size} must be a positive multiple of the patch size "
+                                    f"{self.patch_size}")
         self.feature_layers = self._check_layers(feature_layers)
         if len(image_mean) != 3 or len(image_std) != 3:
             raise InvalidValueError("image_mean and image_std need 3 values (RGB)")
@@ -417,7 +419,8 @@ class FrozenVFM(nn.Module):
             raise InvalidValueError("feature_layers must not be empty")
         bad = [i for i in layers if not 0 <= i < self.num_layers]
         if bad:
-            raise InvalidValueError(f"feature_layers {list(layers)}: {bad} out of range for a {self.num_layers}-block model "
+            raise InvalidValueError(f"feature_layers {list(layers)}: {bad} out of range for a "
+                                    f"{self.num_layers}-block model "
                              f"(0-based block indices 0..{self.num_layers - 1})")
         if any(b <= a for a, b in zip(layers, layers[1:])):
             raise InvalidValueError(f"feature_layers must be strictly increasing, got {list(layers)}")

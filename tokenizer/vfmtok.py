@@ -280,10 +280,12 @@ class VFMTokModel(StrictLoadingMixin, FrozenModulesMixin, ImageTokenizerMixin, M
         if bottleneck not in ("vq", "continuous"):
             raise InvalidValueError(f"bottleneck must be 'vq' or 'continuous', got {bottleneck!r}")
         if upsample_factor != 2 ** (len(pixel_channel_mult) - 1):
-            raise InvalidValueError(f"upsample_factor ({upsample_factor}) must equal 2**(len(pixel_channel_mult) - 1) = "
+            raise InvalidValueError(f"upsample_factor ({upsample_factor}) must equal 2**(len(pixel_channel_mult) - "
+                                    "1) = "
                              f"{2 ** (len(pixel_channel_mult) - 1)} for pixel_channel_mult={list(pixel_channel_mult)}")
         if image_size % upsample_factor != 0:
-            raise InvalidValueError(f"image_size ({image_size}) must be a multiple of upsample_factor ({upsample_factor})")
+            raise InvalidValueError(f"image_size ({image_size}) must be a multiple of upsample_factor "
+                                    f"({upsample_factor})")
         for name, value in (("dim", dim), ("pixel_channels", pixel_channels)):
             if value % 32 != 0:
                 raise InvalidValueError(f"{name} ({value}) must be a multiple of 32 (GroupNorm with 32 groups)")
@@ -421,11 +423,13 @@ class VFMTokModel(StrictLoadingMixin, FrozenModulesMixin, ImageTokenizerMixin, M
     def _check_features(self, features: VFMFeatures, batch_size: int) -> VFMFeatures:
         expected = (batch_size, self.vfm.grid[0] * self.vfm.grid[1], self.vfm.hidden_size)
         if len(features.levels) != len(self.vfm.feature_layers) or tuple(features.grid) != tuple(self.vfm.grid):
-            raise InvalidValueError(f"precomputed VFM features have {len(features.levels)} levels on a {features.grid} grid; "
+            raise InvalidValueError(f"precomputed VFM features have {len(features.levels)} levels on a "
+                                    f"{features.grid} grid; "
                              f"this model expects {len(self.vfm.feature_layers)} levels on {self.vfm.grid}")
         for level in features.levels:
             if tuple(level.shape) != expected:
-                raise InvalidValueError(f"precomputed VFM feature level of shape {tuple(level.shape)}; expected {expected}")
+                raise InvalidValueError(f"precomputed VFM feature level of shape {tuple(level.shape)}; expected "
+                                        f"{expected}")
         return features
 
     def _bottleneck(self, slots: torch.Tensor):

@@ -96,7 +96,8 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
     set_seed(training.seed)  # python, numpy and torch, before the model is built
     model = build_model(run)
     if not isinstance(model, ImageTokenizerMixin):
-        raise InvalidValueError(f"{run['_path']}: `vfmtok train tokenizer` trains tokenizer configs, got {run['model']}")
+        raise InvalidValueError(f"{run['_path']}: `vfmtok train tokenizer` trains tokenizer configs, got "
+                                f"{run['model']}")
     encoder = model.frozen_encoder
     if encoder is not None and (vfm_weights is not None or encoder.pretrained is not None):
         model.load_vfm_weights(vfm_weights)
@@ -149,7 +150,8 @@ def open_or_build_feature_cache(accelerator, model, dataset: ImageDataset, path:
                                              collate_fn=collate_images, generator=torch.Generator())
         batches = ((batch["indices"], batch["images"]) for batch in loader if len(batch["images"]))
         logger.info("caching frozen-VFM features of %d images into %s", len(dataset), path)
-        VFMFeatureCache.build(model.frozen_encoder, batches, len(dataset), path, source=source, image_size=dataset.image_size,
+        VFMFeatureCache.build(model.frozen_encoder, batches, len(dataset), path, source=source,
+                              image_size=dataset.image_size,
                               device=accelerator.device)
     accelerator.wait_for_everyone()
     cache = VFMFeatureCache(path)
