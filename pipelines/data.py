@@ -41,6 +41,9 @@ __all__ = [
     "adm_random_crop",
     "sample_seed",
     "decode_image",
+    "to_rgb",
+    "check_image_size",
+    "check_labels",
     "ImageDataset",
     "StreamingImageDataset",
     "collate_images",
@@ -182,6 +185,7 @@ def _load_labels_csv(root: Path, labels_csv: Path) -> datasets.Dataset:
         if not row["file"]:
             raise InvalidValueError(f"{str(labels_csv)!r} line {line}: empty file name")
         files.append(root / row["file"])
+    check_labels(labels, repr(str(labels_csv)), row_name=lambda r: f"line {r + 2} ({rows[r]['file']})")
     # One directory listing per folder instead of a stat per file (ImageNet has 1.28M files).
     listed = {parent: set(os.listdir(parent)) if parent.is_dir() else set() for parent in {f.parent for f in files}}
     missing = [str(f) for f in files if f.name not in listed[f.parent]]
@@ -230,9 +234,12 @@ def _standardize_columns(dataset: datasets.Dataset | datasets.IterableDataset, s
         return dataset
     label = dataset.features["label"]
     if isinstance(label, datasets.ClassLabel):
+        _check_dataset_labels(dataset, source, label.num_classes)
         return dataset
     if isinstance(label, datasets.Value) and label.dtype in INTEGER_DTYPES:
-        return dataset if label.dtype == "int64" else dataset.cast_column("label", datasets.Value("int64"))
+        dataset = dataset if label.dtype == "int64" else dataset.cast_column("label", datasets.Value("int64"))
+        _check_dataset_labels(dataset, source, None)
+        return dataset
     if isinstance(label, datasets.Value) and label.dtype in ("string", "large_string") \
             and isinstance(dataset, datasets.Dataset):
         return dataset.class_encode_column("label")  # sorted unique strings -> ClassLabel
@@ -242,6 +249,51 @@ def _standardize_columns(dataset: datasets.Dataset | datasets.IterableDataset, s
 
 def _unlabeled(example: dict[str, Any]) -> dict[str, Any]:
     return {"label": -1}
+
+
+def _dataset_labels(dataset: datasets.Dataset) -> np.ndarray:
+    return np.asarray(dataset.with_format("numpy", columns=["label"])["label"], dtype=np.int64)
+
+
+def _check_dataset_labels(dataset: datasets.Dataset | datasets.IterableDataset, source: str,
+                          num_classes: int | None) -> None:
+    """Labels of a non-streamed dataset, checked once at load (a stream is checked batch by batch by its user)."""
+    if isinstance(dataset, datasets.Dataset):
+        check_labels(_dataset_labels(dataset), f"dataset {source!r}", num_classes)
+
+
+def check_labels(labels: Any, source: str, num_classes: int | None = None, allow_unlabeled: bool = True,
+                 row_name: Any = None) -> None:
+    """Refuse class ids that would be read as something else, naming ``source`` and the first offending rows.
+
+    -1 is the "unlabeled" convention of :func:`load_image_dataset` (allowed when ``allow_unlabeled``); any other
+    negative id is an error. With ``num_classes``, ids must be below it: the generators reserve the id
+    ``num_classes`` for the null (unconditional) class, so such a label would silently train as "no class".
+    ``row_name(row)`` describes a row (default ``"row N"``).
+    """
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    bad = labels < (-1 if allow_unlabeled else 0)
+    if num_classes is not None:
+        bad |= labels >= num_classes
+    if not bad.any():
+        return
+    rows = np.flatnonzero(bad)
+    values = labels[rows]
+    describe = row_name or (lambda r: f"row {r}")
+    examples = ", ".join(f"{describe(int(r))}: {int(labels[r])}" for r in rows[:5]) + (" ..." if len(rows) > 5 else "")
+    reasons = []
+    if (values < -1).any():
+        reasons.append("negative ids other than -1 (= unlabeled) are not class ids")
+    if not allow_unlabeled and (values == -1).any():
+        reasons.append("-1 marks an unlabeled image, and class-conditional training needs a label for every image")
+    if num_classes is not None and (values == num_classes).any():
+        reasons.append(f"{num_classes} = num_classes is the generators' null (unconditional) class id")
+    if num_classes is not None and (values > num_classes).any():
+        reasons.append(f"ids above {num_classes} do not exist")
+    expected = (f"[{-1 if allow_unlabeled else 0}, {num_classes})" if num_classes is not None
+                else "-1 (unlabeled) or >= 0")
+    raise InvalidValueError(f"{source}: {len(rows)} label(s) outside {expected}: {examples} "
+                            f"({'; '.join(reasons)})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,16 +358,82 @@ def _derive_seed(*keys: int) -> int:
 def decode_image(image: dict[str, Any]) -> Image.Image:
     """Decode an undecoded ``datasets.Image`` value (``bytes`` or ``path``) to an RGB PIL image.
 
-    The whole file is decoded here (``load()``), so a truncated file raises instead of failing later.
+    The whole file is decoded here (``load()``), so a truncated file raises instead of failing later. Before any
+    pixel is decoded, an image larger than ``MAX_IMAGE_PIXELS`` or with an aspect ratio above ``MAX_ASPECT_RATIO``
+    is refused (the augmenter's work grows with both: a 1 x 100000 strip would be resized to 256 x 25.6M pixels).
+
+    Every mode is converted with its real value range (see :func:`to_rgb`): 8-bit modes by PIL, 16-bit and 32-bit
+    integer grayscale scaled from [0, 65535], float grayscale from [0, 1].
     """
     data, path = image.get("bytes"), image.get("path")
     if data is None and not path:
         raise InvalidValueError("image has neither bytes nor a path")
     with Image.open(io.BytesIO(data) if data is not None else path) as opened:
+        check_image_size(opened.size)
         opened.load()
-        if min(opened.size) == 0:
-            raise InvalidValueError(f"image has zero size {opened.size}")
-        return opened.convert("RGB")
+        return to_rgb(opened)
+
+
+# Bounds on the work one image may cost (decode + resize), checked from the header before decoding. Images beyond
+# them are treated as unreadable (skipped and counted, with the reason). 1:25 keeps the resized strip of a 256-pixel
+# crop under 256 x 8000 pixels; 2**27 pixels (134 megapixels) is well above any photo dataset.
+MAX_IMAGE_PIXELS = 2 ** 27
+MAX_ASPECT_RATIO = 25.0
+
+
+def check_image_size(size: tuple[int, int]) -> None:
+    """Refuse an empty image, one of more than ``MAX_IMAGE_PIXELS`` pixels or an aspect ratio above
+    ``MAX_ASPECT_RATIO``."""
+    width, height = size
+    if min(width, height) <= 0:
+        raise InvalidValueError(f"image has zero size {size}")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InvalidValueError(f"image of {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels "
+                                f"(pipelines.data.MAX_IMAGE_PIXELS)")
+    aspect = max(width, height) / min(width, height)
+    if aspect > MAX_ASPECT_RATIO:
+        raise InvalidValueError(f"image of {width}x{height} pixels has an aspect ratio of {aspect:.0f}:1, above the "
+                                f"limit of {MAX_ASPECT_RATIO:g}:1 (pipelines.data.MAX_ASPECT_RATIO)")
+
+
+# Integer modes wider than 8 bits: PIL's RGB conversion clips them at 255 (a 16-bit PNG becomes all white).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I;16S")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB image of ``image``, each mode read with its real value range.
+
+    * ``I;16*`` (16-bit grayscale, e.g. 16-bit PNG / TIFF): ``round(v * 255 / 65535)``;
+    * ``I`` (32-bit integer grayscale; PIL also opens some 16-bit files so): assumed to hold 16-bit data, scaled the
+      same way; values outside [0, 65535] are refused (their range is unknown);
+    * ``F`` (32-bit float grayscale): assumed to be in [0, 1], ``round(v * 255)``; NaN / inf or values outside
+      [0, 1] are refused;
+    * every other mode (1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, LAB, HSV, ...) is 8 bits per channel and converted
+      by PIL (alpha dropped, palettes looked up).
+
+    Refused images raise :class:`InvalidValueError` (the datasets then count them as unreadable, with the reason).
+    """
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise InvalidValueError(f"32-bit integer image with values in [{values.min()}, {values.max()}]; only "
+                                    f"[0, 65535] (16-bit data) is understood")
+        return _gray_to_rgb(values.astype(np.float64) * (255.0 / 65535.0))
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise InvalidValueError("float image holds NaN or infinite values")
+        if values.size and (values.min() < 0.0 or values.max() > 1.0):
+            raise InvalidValueError(f"float image with values in [{values.min():g}, {values.max():g}]; expected "
+                                    f"[0, 1]")
+        return _gray_to_rgb(values * 255.0)
+    return image.convert("RGB")
+
+
+def _gray_to_rgb(values: np.ndarray) -> Image.Image:
+    gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -371,7 +489,9 @@ class ImageDataset(torch.utils.data.Dataset):
     ``augment="adm"``: ADM random crop (training); ``"center"``: ADM centre crop (evaluation; pass ``flip=False``).
     """
 
-    def __init__(self, dataset: datasets.Dataset, image_size: int, augment: str = "adm", flip: bool = True):
+    def __init__(self, dataset: datasets.Dataset, image_size: int, augment: str = "adm", flip: bool = True,
+                 num_classes: int | None = None):
+        """``num_classes``: check every label once, now (see :meth:`check_labels`)."""
         if not isinstance(dataset, datasets.Dataset):
             raise InvalidValueError(f"ImageDataset needs a datasets.Dataset, got {type(dataset).__name__} (use "
                              f"StreamingImageDataset for a streamed dataset)")
@@ -379,6 +499,17 @@ class ImageDataset(torch.utils.data.Dataset):
         self.dataset = dataset
         self.image_size = image_size
         self.augmenter = _Augmenter(image_size, augment, flip)
+        if num_classes is not None:
+            self.check_labels(num_classes)
+
+    def check_labels(self, num_classes: int, allow_unlabeled: bool = False, source: str = "image dataset") -> None:
+        """Refuse (all at once, naming the files) labels outside ``[0, num_classes)`` (``[-1, ...)`` when
+        ``allow_unlabeled``); see :func:`check_labels`."""
+        def row_name(row: int) -> str:
+            path = self.dataset[row]["image"].get("path")
+            return f"row {row} ({path})" if path else f"row {row}"
+
+        check_labels(_dataset_labels(self.dataset), source, num_classes, allow_unlabeled, row_name)
 
     def __len__(self) -> int:
         return len(self.dataset)

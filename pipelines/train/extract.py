@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from pipelines.data import ImageDataset, collate_images, load_image_dataset
+from pipelines.data import ImageDataset, check_labels, collate_images, load_image_dataset
 from tokenizer.interface import load_tokenizer as load_tokenizer_folder
 from tokenizer.utils.atomic import atomic_directory
 from tokenizer.utils.errors import InvalidValueError, MissingFileError
@@ -59,6 +59,8 @@ def extract_tokens(tokenizer, data: str, output_dir: str | Path, ten_crop: bool 
     ``output_dir``."""
     if batch_size < 1:
         raise InvalidValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidValueError(f"limit must be a positive number of images (or none for all), got {limit!r}")
     device = torch.device(device)
     tokenizer = tokenizer.to(device).eval()
     size = tokenizer.input_size
@@ -111,8 +113,10 @@ class CodesDataset(torch.utils.data.Dataset):
     """Map-style dataset over an extraction directory; keys are ``index`` or ``(index, sample_seed)`` as for
     :class:`pipelines.data.ImageDataset`. Unreadable source images are left out."""
 
-    def __init__(self, path: str | Path, rows: Optional[Sequence[int]] = None):
-        """``rows``: use only these images (e.g. a train / validation split); unreadable ones are still left out."""
+    def __init__(self, path: str | Path, rows: Optional[Sequence[int]] = None, num_classes: Optional[int] = None):
+        """``rows``: use only these images (e.g. a train / validation split); unreadable ones are still left out.
+        The labels are checked once, here: -1 (unlabeled) or >= 0, and below ``num_classes`` when given (see
+        :meth:`check_labels`)."""
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
@@ -133,6 +137,15 @@ class CodesDataset(torch.utils.data.Dataset):
         if len(self.values) != self.meta["num_images"] or len(self.labels) != len(self.values):
             raise InvalidValueError(f"{str(self.path)!r} is inconsistent: {len(self.values)} {self.kind}, "
                              f"{len(self.labels)} labels, meta {self.meta['num_images']}")
+        self.check_labels(num_classes, allow_unlabeled=True)
+
+    def check_labels(self, num_classes: Optional[int], allow_unlabeled: bool = False,
+                     source: Optional[str] = None) -> None:
+        """Refuse labels (of the rows in use) outside ``[0, num_classes)`` (-1 allowed when ``allow_unlabeled``),
+        naming ``labels.npy`` and the rows; see :func:`pipelines.data.check_labels`."""
+        where = repr(str(self.path / "labels.npy")) + (f" (of {source})" if source else "")
+        check_labels(self.labels[self.rows], where, num_classes, allow_unlabeled,
+                     row_name=lambda r: f"row {int(self.rows[r])}")
 
     def __len__(self) -> int:
         return len(self.rows)

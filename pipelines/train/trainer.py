@@ -12,19 +12,34 @@ step k and resumed follows the uninterrupted run's loss trajectory (bitwise on C
 
 Output directory layout::
 
+    .vfmtok.lock                 held (``fcntl.flock``) by the run training in this directory; holds its pid and host
     checkpoints/step-00001000/   accelerate state (model*.safetensors, optimizer*.bin, scheduler*.bin,
                                  random_states_*.pkl), ema.safetensors, trainer_state.json
     metrics.jsonl                one JSON object per logged step
     logs/                        tracker files (TensorBoard)
     samples/step-00001000.png    sample grids (EMA weights)
     <export name>/               the final EMA model, ``save_pretrained`` format
+
+Safety checks. One run at a time per output directory: :meth:`Trainer.fit` takes an exclusive ``flock`` on
+``.vfmtok.lock`` (the operating system releases it when the process ends, however it ends, so a killed run never
+leaves a stuck lock; the pid and host written into the file only name the holder in the error). With the lock held,
+staging directories and temporary files left by a killed run are removed. Labels are checked once before training
+(class-conditional tasks: all in ``[0, num_classes)``). Unreadable images are skipped and counted, but an epoch
+without a single readable image, or with more than ``max_unreadable_fraction`` of them unreadable, stops the run. A
+non-finite loss or gradient norm stops the run (:class:`TrainingDiverged`), or, for gradients and with
+``skip_nonfinite_gradients``, skips that update and counts it; with fp16 loss scaling, overflowing steps are the
+GradScaler's to skip (that is how it finds its scale), so they are not errors.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import math
 import os
 import re
 import shutil
+import socket
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -49,10 +64,75 @@ __all__ = ["TrainingConfig", "TrainingTask", "Trainer", "TrainingDiverged", "lat
 logger = get_logger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+LOCK_NAME = ".vfmtok.lock"
+# Unreadable-image fraction checked once this many images of an epoch were drawn (or at the epoch's end).
+UNREADABLE_CHECK_AFTER = 1000
+# What a killed run can leave behind (tokenizer.utils.atomic's staging names, the checkpoint staging directory and
+# atomic_file's temporaries of what the trainer writes), per sub-directory of the output directory.
+_LEFTOVERS = {
+    ".": (re.compile(r"^\..+\.(staging|old)-[^/]+$"), re.compile(r"^\.(run_config\.json|metrics\.jsonl)\..+$")),
+    "checkpoints": (re.compile(r"^\.staging-.+$"),),
+    "samples": (re.compile(r"^\.step-\d{8}\.png\..+$"),),
+}
 
 
 class TrainingDiverged(VFMTokError, RuntimeError):
-    """A loss became NaN or infinite; the run stops and the last good checkpoint stays as it is."""
+    """A loss or gradient norm became NaN or infinite; the run stops and the last good checkpoint stays as it is."""
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str | Path) -> Iterator[Path]:
+    """Hold the exclusive lock of a run's output directory (created if needed) for the ``with`` block.
+
+    ``fcntl.flock`` on ``<output_dir>/.vfmtok.lock``: the kernel releases it when the holder exits or is killed, so a
+    lock is never stale; the pid, host and start time written into the file only serve the error message. (On a
+    network file system, flock is as reliable as the file system's lock support.)
+    """
+    directory = Path(output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "an unknown process"
+            raise OutputExistsError(f"{str(directory)!r} is in use by another training run ({holder}); wait for it "
+                                    f"to finish or choose another output directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(output_dir: str | Path) -> list[Path]:
+    """Remove the staging directories and temporary files that a killed run left in ``output_dir`` (call it only
+    while holding :func:`output_lock`: nothing else writes there then). Returns what was removed."""
+    removed = []
+    for sub, patterns in _LEFTOVERS.items():
+        folder = Path(output_dir) / sub
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.name != LOCK_NAME and any(p.match(entry.name) for p in patterns):
+                old = re.match(r"^\.(.+)\.old-[^/]+$", entry.name)
+                if old and not (folder / old.group(1)).exists():
+                    # Killed between the two renames of atomic_directory: this is the only copy; keep it.
+                    logger.warning("keeping %s: it holds the previous %s, which is missing", entry, old.group(1))
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        entry.unlink()
+                removed.append(entry)
+    return removed
 
 
 class TrainingTask:
@@ -84,6 +164,14 @@ class TrainingTask:
 
     def export(self, model: nn.Module, directory: Path) -> None:
         save_pretrained_atomically(model, directory)
+
+    def num_classes(self, model: nn.Module) -> Optional[int]:
+        """Class-conditional tasks: the number of classes of ``model`` (the unwrapped ``model`` module); every label
+        of a map-style dataset is then checked once, before training, to be in ``[0, num_classes)``. None: labels
+        are not used. Default: ``model.config.num_classes`` when the model has one."""
+        config = getattr(model, "config", None)
+        value = config.get("num_classes") if isinstance(config, dict) else getattr(config, "num_classes", None)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
@@ -132,6 +220,7 @@ class Trainer:
         self.images_seen = 0
         self.skipped_images = 0
         self.skipped_examples: list[str] = []
+        self.skipped_updates = 0  # updates skipped for a non-finite gradient norm (skip_nonfinite_gradients)
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -171,6 +260,7 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "images_seen": self.images_seen, "skipped_images": self.skipped_images,
+                "skipped_updates": self.skipped_updates,
                 "skipped_examples": self.skipped_examples[:20], "ema_optimization_step": self.ema.optimization_step,
                 "num_processes": self.accelerator.num_processes, "modules": self.names,
                 "config": self.run_config, "stream_state": self._stream_state()}
@@ -265,6 +355,7 @@ class Trainer:
         for key in ("step", "epoch", "batch_in_epoch", "images_seen", "skipped_images"):
             setattr(self, key, state[key])
         self.skipped_examples = list(state.get("skipped_examples", []))
+        self.skipped_updates = int(state.get("skipped_updates", 0))
         if isinstance(self.dataset, StreamingImageDataset) and state.get("stream_state"):
             self.dataset.load_state_dict(state["stream_state"]["per_process"][self.accelerator.process_index])
 
@@ -349,11 +440,7 @@ class Trainer:
         while True:
             if self.dataset.epoch != self.epoch:
                 self.dataset.set_epoch(self.epoch)
-            for batch in loader:
-                self.batch_in_epoch += 1
-                yield batch
-            self.epoch += 1
-            self.batch_in_epoch = 0
+            yield from self._epoch_pass(loader, UNREADABLE_CHECK_AFTER)
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         """Batches from the stored data position onwards, epoch after epoch."""
@@ -369,14 +456,58 @@ class Trainer:
                              f"{config.batch_size} on each of {accelerator.num_processes} process(es)")
         loader = build_dataloader(self.dataset, sampler, batch_size=config.batch_size, num_workers=config.num_workers,
                                   pin_memory=accelerator.device.type == "cuda")
+        epoch_images = len(sampler) * config.batch_size
         while True:
             sampler.set_epoch(self.epoch)
             sampler.set_start_batch(self.batch_in_epoch)
-            for batch in loader:
-                self.batch_in_epoch += 1
-                yield batch
-            self.epoch += 1
-            self.batch_in_epoch = 0
+            yield from self._epoch_pass(loader, min(epoch_images, UNREADABLE_CHECK_AFTER))
+
+    def _dataset_name(self) -> str:
+        data = self.run_config.get("data")
+        return repr(str(data)) if data is not None else f"the {type(self.dataset).__name__}"
+
+    def _epoch_pass(self, loader: Iterator[dict[str, Any]], check_after: int) -> Iterator[dict[str, Any]]:
+        """The rest of the current epoch from ``loader``, then the next epoch's position. Unreadable images are
+        counted on this process: a whole epoch without one readable image is an error (it would never make a
+        step), and so is an unreadable fraction above ``max_unreadable_fraction`` once ``check_after`` images were
+        drawn (or at the end of the epoch); any unreadable image is reported at the end of the epoch."""
+        from_start = self.batch_in_epoch == 0
+        drawn = unreadable = 0
+        for batch in loader:
+            self.batch_in_epoch += 1
+            skipped = int(batch.get("num_skipped", 0))
+            drawn += len(batch["indices"]) + skipped
+            unreadable += skipped
+            if skipped and drawn >= check_after:
+                self._check_unreadable(drawn, unreadable, batch)
+            yield batch
+        name, limit = self._dataset_name(), self.config.max_unreadable_fraction
+        if from_start and drawn == 0:
+            raise InvalidValueError(f"dataset {name} gave no image in a whole epoch (epoch {self.epoch})")
+        if from_start and unreadable == drawn:
+            raise InvalidValueError(
+                f"no image of dataset {name} could be read in a whole epoch (epoch {self.epoch}): all {unreadable} "
+                f"drawn image(s) were skipped as unreadable ({self.skipped_images} in this run), e.g. "
+                f"{self.skipped_examples[:3]}")
+        if unreadable:
+            self._check_unreadable(drawn, unreadable, None)
+            fraction = unreadable / drawn
+            logger.warning("%s%d of %d images (%.1f%%) drawn from dataset %s in epoch %d were unreadable and "
+                           "skipped (limit: training.max_unreadable_fraction = %g), e.g. %s",
+                           "MOST IMAGES ARE UNREADABLE: " if fraction > 0.5 else "", unreadable, drawn,
+                           100 * fraction, name, self.epoch, limit, self.skipped_examples[:3])
+        self.epoch += 1
+        self.batch_in_epoch = 0
+
+    def _check_unreadable(self, drawn: int, unreadable: int, batch: Optional[dict[str, Any]]) -> None:
+        limit = self.config.max_unreadable_fraction
+        if unreadable / drawn > limit:
+            examples = (batch or {}).get("skipped") or self.skipped_examples
+            raise InvalidValueError(
+                f"{unreadable} of the {drawn} images drawn from dataset {self._dataset_name()} in epoch {self.epoch} "
+                f"were unreadable ({unreadable / drawn:.0%}), more than training.max_unreadable_fraction = {limit:g}; "
+                f"e.g. {list(examples[:3])}. Fix or remove those files, or raise max_unreadable_fraction (1.0: "
+                f"stop only when no image can be read)")
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
@@ -408,21 +539,66 @@ class Trainer:
                         f"{str(last) if last else '(none yet)'}. Lower the learning rate or use bf16/fp32 and "
                         f"resume with --resume.")
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and self.config.max_grad_norm is not None:
-                    norm = accelerator.clip_grad_norm_(self.modules[name].parameters(), self.config.max_grad_norm)
-                    logs = {**logs, f"{name}/grad_norm": float(norm)}
-                self.optimizers[name].step()
+                update = True
+                if accelerator.sync_gradients:
+                    norm = self._gradient_norm(name)
+                    if norm is not None and math.isfinite(norm):
+                        logs = {**logs, f"{name}/grad_norm": norm}
+                    elif norm is not None:
+                        update = self._nonfinite_gradients(name, norm, loss)
+                if update:
+                    self.optimizers[name].step()
                 self.optimizers[name].zero_grad(set_to_none=True)
                 if accelerator.sync_gradients:
                     self.schedulers[name].step()
                 for key, value in logs.items():
                     window[key].append(value)
 
+    def _gradient_norm(self, name: str) -> Optional[float]:
+        """The total gradient norm of module ``name`` (after unscaling), clipped to ``max_grad_norm`` if set. None
+        where accelerate does not report it (DeepSpeed clips internally)."""
+        limit = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
+        norm = self.accelerator.clip_grad_norm_(self.modules[name].parameters(), limit)
+        return None if norm is None else float(norm)
+
+    def _nonfinite_gradients(self, name: str, norm: float, loss: torch.Tensor) -> bool:
+        """What to do with a non-finite gradient norm; returns whether the optimizer should still step."""
+        if self.accelerator.scaler is not None:
+            # fp16 loss scaling: an overflow is how the GradScaler finds its scale; it skips this step itself.
+            return True
+        if self.config.skip_nonfinite_gradients:
+            self.skipped_updates += 1
+            logger.warning("skipped the %s update of step %d: its gradient norm is %s (%d update(s) skipped so far)",
+                           name, self.step + 1, norm, self.skipped_updates)
+            return False
+        last = latest_checkpoint(self.output_dir)
+        raise TrainingDiverged(
+            f"the {name} gradient norm became {norm} at step {self.step + 1} (loss {loss.item():g}); nothing was saved "
+            f"after the last good checkpoint {str(last) if last else '(none yet)'}. Lower the learning rate or the "
+            f"loss weights, or set training.skip_nonfinite_gradients: true to skip such updates, and resume with "
+            f"--resume.")
+
+    def _check_labels(self) -> None:
+        """Class-conditional tasks: every label of a map-style dataset in [0, num_classes), checked once."""
+        num_classes = self.task.num_classes(self.model)
+        if num_classes is not None and hasattr(self.dataset, "check_labels"):
+            self.dataset.check_labels(num_classes, allow_unlabeled=False, source=f"dataset {self._dataset_name()}")
+
     def fit(self, resume: bool = False) -> Path:
-        """Train to ``max_steps`` (resuming from the newest checkpoint if asked) and export the EMA model."""
+        """Train to ``max_steps`` (resuming from the newest checkpoint if asked) and export the EMA model, holding
+        the output directory's lock (:func:`output_lock`) throughout."""
+        with output_lock(self.output_dir) if self.accelerator.is_main_process else contextlib.nullcontext():
+            if self.accelerator.is_main_process:
+                for leftover in remove_leftovers(self.output_dir):
+                    logger.info("removed %s, left by an interrupted run", leftover)
+            self.accelerator.wait_for_everyone()
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> Path:
         accelerator, config = self.accelerator, self.config
         checkpoint = self._check_output_dir(resume)
         self._prepare()
+        self._check_labels()
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
             logger.info("resumed from %s at step %d", checkpoint, self.step)
@@ -457,8 +633,10 @@ class Trainer:
             self.ema.step(self.ema_parameters)
             progress.update(1)
             if self.step % config.log_every == 0 or self.step == config.max_steps:
-                record = self._log(window, time.perf_counter() - window_start, window_images,
-                                   {"skipped_images": float(self._total_skipped())})
+                extra = {"skipped_images": float(self._total_skipped())}
+                if config.skip_nonfinite_gradients:
+                    extra["skipped_updates"] = float(self.skipped_updates)
+                record = self._log(window, time.perf_counter() - window_start, window_images, extra)
                 progress.set_postfix(loss=f"{record.get('model/loss', float('nan')):.4f}",
                                      img_s=f"{record['images_per_s']:.1f}")
                 window, window_start, window_images = defaultdict(list), time.perf_counter(), 0
@@ -472,7 +650,7 @@ class Trainer:
         exported = self.export()
         summary = {"step": self.step, "exported": str(exported), "last_checkpoint": str(last_good or checkpoint),
                    "images_seen": self.images_seen, "skipped_images": self._total_skipped(),
-                   "skipped_examples": self.skipped_examples[:5]}
+                   "skipped_examples": self.skipped_examples[:5], "skipped_updates": self.skipped_updates}
         logger.info("finished: %s", json.dumps(summary))
         accelerator.end_training()
         return exported

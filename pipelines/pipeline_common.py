@@ -1,0 +1,329 @@
+"""What the class-conditional pipelines share: class labels, argument checks, chunking, output conversion, Hub
+loading and the model card.
+
+:class:`VFMTokPipelineBase` is a ``diffusers.DiffusionPipeline``; the concrete pipelines
+(:mod:`pipelines.pipeline_vfmtok_ar`, :mod:`pipelines.pipeline_vfmtok_flow`) add their components and the sampling loop.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import math
+import numbers
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+from tokenizer.utils.atomic import atomic_file
+from tokenizer.utils.errors import CheckpointError, InvalidValueError, WeightsUnavailableError
+
+__all__ = ["VFMTokPipelineBase", "ClassLabels", "imagenet_id2label", "load_pipeline", "PIPELINE_CLASSES"]
+
+ClassLabels = Union[int, str, Sequence[int], Sequence[str], torch.Tensor]
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+# Pipeline class name in model_index.json -> "module:attribute" (imported on demand).
+PIPELINE_CLASSES: dict[str, str] = {
+    "VFMTokARPipeline": "pipelines.pipeline_vfmtok_ar:VFMTokARPipeline",
+    "VFMTokFlowPipeline": "pipelines.pipeline_vfmtok_flow:VFMTokFlowPipeline",
+}
+
+
+def imagenet_id2label() -> dict[str, str]:
+    """The standard 1000 ImageNet class names as torchvision ships them (one name per class, no synonyms)."""
+    from torchvision.models import ResNet50_Weights
+
+    return {str(i): name for i, name in enumerate(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])}
+
+
+def default_id2label(num_classes: int) -> dict[str, str]:
+    """ImageNet names for a 1000-class generator, else no names (class ids only)."""
+    return imagenet_id2label() if num_classes == 1000 else {}
+
+
+def _check_id2label(id2label: dict, num_classes: int) -> dict[str, str]:
+    if not isinstance(id2label, dict):
+        raise InvalidValueError(f"id2label must be a dict {{class id: name}}, got {type(id2label).__name__}")
+    clean = {}
+    for key, name in id2label.items():
+        if not (str(key).isdigit() and 0 <= int(key) < num_classes) or not isinstance(name, str) or not name.strip():
+            raise InvalidValueError(f"id2label entry {key!r}: {name!r} is not a class id in [0, {num_classes}) with "
+                                    f"a non-empty name")
+        clean[str(int(key))] = name
+    return clean
+
+
+def _synonyms(name: str) -> list[str]:
+    """A label may list synonyms separated by commas (``"tench, Tinca tinca"``)."""
+    return [part.strip().lower() for part in name.split(",") if part.strip()]
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class VFMTokPipelineBase(DiffusionPipeline):
+    """Shared behaviour of the class-conditional pipelines. Subclasses set ``_image_tokenizer_name`` (the component
+    that decodes), ``_raw_output_type`` ("codes" / "latent") and implement ``_sample_chunk``."""
+
+    _image_tokenizer_name: str = ""
+    _raw_output_type: str = ""
+    _callback_tensor_inputs: list[str] = []
+
+    # -- construction ---------------------------------------------------------------------------------------------
+    def _register_labels(self, id2label: Optional[dict], evaluation: Optional[dict], num_classes: int) -> None:
+        id2label = default_id2label(num_classes) if id2label is None else _check_id2label(id2label, num_classes)
+        if evaluation is not None and not isinstance(evaluation, dict):
+            raise InvalidValueError(f"evaluation must be a dict of results, got {type(evaluation).__name__}")
+        self.register_to_config(id2label=id2label, evaluation=evaluation)
+        self._label2id: dict[str, list[int]] = {}
+        for key, name in id2label.items():
+            for synonym in {name.strip().lower(), *_synonyms(name)}:
+                self._label2id.setdefault(synonym, []).append(int(key))
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Class id -> name (from the pipeline's config)."""
+        return {int(k): v for k, v in self.config.id2label.items()}
+
+    @property
+    def num_classes(self) -> int:
+        return self.transformer.config.num_classes
+
+    # -- class labels ---------------------------------------------------------------------------------------------
+    def get_label_ids(self, label: Union[str, Sequence[str]]) -> list[int]:
+        """Class name(s) -> ids, case-insensitively against every synonym; unknown names suggest close matches."""
+        names = [label] if isinstance(label, str) else list(label)
+        ids = []
+        for name in names:
+            if not isinstance(name, str):
+                raise InvalidValueError(f"class names must be strings, got {name!r}")
+            found = self._label2id.get(name.strip().lower())
+            if found is None:
+                if not self._label2id:
+                    raise InvalidValueError(f"unknown class name {name!r}: this pipeline has no class names "
+                                            f"(id2label is empty); pass class ids in [0, {self.num_classes})")
+                close = difflib.get_close_matches(name.strip().lower(), list(self._label2id), n=3, cutoff=0.6)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise InvalidValueError(f"unknown class name {name!r}{hint}")
+            if len(found) > 1:
+                raise InvalidValueError(f"class name {name!r} is ambiguous: classes {sorted(found)}; pass an id")
+            ids.append(found[0])
+        return ids
+
+    def resolve_class_labels(self, class_labels: ClassLabels) -> list[int]:
+        """An int, a list of ints, a 0-/1-D integer tensor, a class name or a list of names -> a list of class ids."""
+        if isinstance(class_labels, torch.Tensor):
+            if class_labels.dtype.is_floating_point or class_labels.dtype.is_complex or class_labels.ndim > 1:
+                raise InvalidValueError(f"a class-label tensor must be 0-D or 1-D integers, got dtype "
+                                        f"{class_labels.dtype} and shape {tuple(class_labels.shape)}")
+            ids = class_labels.reshape(-1).tolist()
+        elif isinstance(class_labels, str):
+            ids = self.get_label_ids(class_labels)
+        elif isinstance(class_labels, (bool, np.bool_)) or class_labels is None:
+            raise InvalidValueError(f"class labels must be ids or names, got {class_labels!r}")
+        elif isinstance(class_labels, (numbers.Integral, np.integer)):
+            ids = [int(class_labels)]
+        elif isinstance(class_labels, (list, tuple)):
+            if all(isinstance(x, str) for x in class_labels) and class_labels:
+                ids = self.get_label_ids(class_labels)
+            elif all(isinstance(x, (numbers.Integral, np.integer)) and not isinstance(x, bool) for x in class_labels):
+                ids = [int(x) for x in class_labels]
+            else:
+                raise InvalidValueError(f"a list of class labels must hold only ints or only names, got "
+                                        f"{[type(x).__name__ for x in class_labels][:5]}")
+        else:
+            raise InvalidValueError(f"class labels must be an int, a str, a list of them or an integer tensor, got "
+                                    f"{type(class_labels).__name__}")
+        if not ids:
+            raise InvalidValueError("class labels are empty: pass at least one class id or name")
+        bad = sorted({i for i in ids if not 0 <= i < self.num_classes})
+        if bad:
+            raise InvalidValueError(f"class ids {bad[:10]} are outside [0, {self.num_classes})")
+        return ids
+
+    # -- argument checks ------------------------------------------------------------------------------------------
+    def _check_call(self, guidance_scale: float, num_images_per_class: int, batch_size: Optional[int],
+                    output_type: str, output_size: Optional[int], callback_on_step_end: Optional[Callable],
+                    callback_on_step_end_tensor_inputs: Sequence[str]) -> None:
+        if not _is_finite_number(guidance_scale) or guidance_scale < 0:
+            raise InvalidValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got "
+                                    f"{guidance_scale!r}")
+        for name, value in (("num_images_per_class", num_images_per_class), ("batch_size", batch_size),
+                            ("output_size", output_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                      or value < 1):
+                raise InvalidValueError(f"{name} must be a positive integer, got {value!r}")
+        allowed = (*OUTPUT_TYPES, self._raw_output_type)
+        if output_type not in allowed:
+            raise InvalidValueError(f"output_type must be one of {allowed}, got {output_type!r}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise InvalidValueError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise InvalidValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among "
+                                    f"{self._callback_tensor_inputs}")
+
+    @staticmethod
+    def _run_callback(callback: Optional[Callable], pipe: "VFMTokPipelineBase", step: int, timestep: Any,
+                      tensors: dict[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """diffusers' ``callback_on_step_end(pipe, i, t, callback_kwargs)``: returned tensors replace the inputs."""
+        if callback is None:
+            return tensors
+        returned = callback(pipe, step, timestep, {k: tensors[k] for k in names}) or {}
+        return {**tensors, **{k: v for k, v in returned.items() if k in tensors}}
+
+    # -- the call ---------------------------------------------------------------------------------------------------
+    def _generate(self, class_labels: ClassLabels, num_images_per_class: int, batch_size: Optional[int],
+                  output_type: str, output_size: Optional[int], return_dict: bool,
+                  sample_chunk: Callable[[torch.Tensor], torch.Tensor]):
+        """Resolve labels, sample in chunks of ``batch_size`` with ``sample_chunk(labels) -> codes / latents``,
+        decode and convert to ``output_type``."""
+        ids = self.resolve_class_labels(class_labels)
+        labels = torch.tensor(ids, dtype=torch.long).repeat_interleave(num_images_per_class)
+        size = batch_size or len(labels)
+        raw = torch.cat([sample_chunk(chunk.to(self.device)) for chunk in labels.split(size)])
+        if output_type == self._raw_output_type:
+            images: Any = raw
+        else:
+            tokenizer = getattr(self, self._image_tokenizer_name)
+            decoded = torch.cat([tokenizer.decode(chunk, output_size=output_size) for chunk in raw.split(size)])
+            images = self._convert(decoded, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _convert(self, images: torch.Tensor, output_type: str) -> Any:
+        """Decoded images in [-1, 1] -> "pt" (B, 3, H, W) in [0, 1], "np" (B, H, W, 3) in [0, 1] or PIL images."""
+        images = (images.float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images.cpu()
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        return array if output_type == "np" else self.numpy_to_pil(array)
+
+    # -- saving, loading, model card ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any):
+        """Load from a ``save_pretrained`` folder or a Hub repo id. A repo id is first downloaded (or found in the
+        cache; ``HF_HUB_OFFLINE`` respected) with ``huggingface_hub.snapshot_download`` using ``revision``,
+        ``token``, ``cache_dir`` and ``local_files_only``; the rest of ``kwargs`` go to diffusers (e.g.
+        ``torch_dtype``). Components that do not fit each other are refused."""
+        path = _local_snapshot(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(path, **kwargs)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
+        """diffusers' folder (model_index.json, one subfolder per component) plus a model card (README.md)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        self._write_model_card(save_directory)
+
+    def _upload_folder(self, working_dir, repo_id, *args: Any, **kwargs: Any):
+        # diffusers writes a generic card just before uploading (save_pretrained(push_to_hub=True), push_to_hub):
+        # put ours back.
+        self._write_model_card(working_dir)
+        return super()._upload_folder(working_dir, repo_id, *args, **kwargs)
+
+    def _write_model_card(self, directory: Union[str, os.PathLike]) -> None:
+        with atomic_file(Path(directory) / "README.md") as tmp:
+            self.model_card().save(str(tmp))
+
+    def component_summaries(self) -> dict[str, dict[str, Any]]:
+        """One JSON-ready summary per registered component (for the model card)."""
+        summaries = {}
+        for name, component in self.components.items():
+            if component is None:
+                continue
+            if hasattr(component, "tokenizer_summary"):
+                summary = component.tokenizer_summary()
+            elif hasattr(component, "describe"):
+                summary = component.describe()
+            else:
+                summary = {"class": type(component).__name__, **dict(getattr(component, "config", {}))}
+            summaries[name] = summary
+        return summaries
+
+    def model_card(self):
+        """A ``huggingface_hub.ModelCard``: components, how to load and sample, evaluation results (or none)."""
+        from huggingface_hub import ModelCard, ModelCardData
+
+        name = type(self).__name__
+        rows = "\n".join(f"| `{component}` | `{summary.get('class') or summary.get('model')}` | "
+                         f"`{json.dumps(summary, default=str)}` |"
+                         for component, summary in self.component_summaries().items())
+        evaluation = self.config.get("evaluation")
+        if evaluation:
+            protocol = evaluation.get("protocol", "not recorded") if isinstance(evaluation, dict) else "not recorded"
+            results = "\n".join(f"| {k} | {v} |" for k, v in evaluation.items() if k != "protocol")
+            evaluation_text = f"Protocol: {protocol}\n\n| metric | value |\n|---|---|\n{results}"
+        else:
+            evaluation_text = "Not evaluated."
+        data = ModelCardData(library_name="diffusers", tags=["vfmtok", "class-conditional", "image-generation",
+                                                             name])
+        content = f"""---
+{data.to_yaml()}
+---
+
+# {name}
+
+A class-conditional image generator of the vfmtok suite ({len(self.config.id2label)} named classes).
+
+## Components
+
+| component | class | summary |
+|---|---|---|
+{rows}
+
+Training: the components were trained with the `vfmtok train` commands; their configs are in each subfolder's
+`config.json`.
+
+## Usage
+
+```python
+import torch
+from pipelines import {name}
+
+pipe = {name}.from_pretrained("<this folder or repo id>")
+image = pipe("golden retriever", generator=torch.Generator().manual_seed(0)).images[0]
+```
+
+or `vfmtok sample --pipeline <folder or repo id> --class-names "golden retriever" --output grid.png`.
+
+## Evaluation
+
+{evaluation_text}
+"""
+        return ModelCard(content)
+
+
+def _local_snapshot(path_or_id: Union[str, os.PathLike], kwargs: dict[str, Any]) -> str:
+    """A local folder as is; a Hub repo id through ``snapshot_download`` (hub keywords are taken out of ``kwargs``)."""
+    hub = {k: kwargs.pop(k, None) for k in ("revision", "token", "cache_dir")}
+    local_files_only = kwargs.pop("local_files_only", False)
+    path = str(path_or_id)
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(path, local_files_only=local_files_only, **hub)
+    except (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError) as error:
+        raise WeightsUnavailableError(f"{path!r} is neither a local pipeline folder nor a Hub repo that can be "
+                                      f"downloaded or found in the cache: {error}") from error
+
+
+def load_pipeline(path_or_id: Union[str, os.PathLike], **kwargs: Any) -> VFMTokPipelineBase:
+    """Load a saved pipeline of any of this project's classes (dispatch on model_index.json's ``_class_name``)."""
+    path = _local_snapshot(path_or_id, kwargs)
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise CheckpointError(f"{str(path_or_id)!r} has no model_index.json: not a saved pipeline")
+    name = json.loads(index.read_text()).get("_class_name")
+    if name not in PIPELINE_CLASSES:
+        raise CheckpointError(f"{str(path_or_id)!r} holds a {name!r} pipeline; expected one of {sorted(PIPELINE_CLASSES)}")
+    module, attribute = PIPELINE_CLASSES[name].split(":")
+    return getattr(importlib.import_module(module), attribute).from_pretrained(path, **kwargs)

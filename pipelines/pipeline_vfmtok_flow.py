@@ -1,0 +1,136 @@
+"""Class-conditional generation with a continuous tokenizer and a flow-matching denoiser over its latents."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from generators.transport import guided_model, sample_sde
+from tokenizer.utils.errors import CheckpointError, InvalidValueError
+
+from .pipeline_common import ClassLabels, VFMTokPipelineBase
+
+__all__ = ["VFMTokFlowPipeline", "SAMPLERS"]
+
+SAMPLERS = ("scheduler", "sde")
+
+
+class VFMTokFlowPipeline(VFMTokPipelineBase):
+    """``vae`` (any continuous tokenizer of the interface) + ``transformer`` (a :class:`generators.DiTModel`,
+    SiT convention, with the latent statistics it was trained with) + ``scheduler`` (a diffusers flow-matching
+    scheduler; FlowMatchEulerDiscreteScheduler by default, FlowMatchHeunDiscreteScheduler works too) and an optional
+    ``weak_transformer`` for autoguidance (``scheduler=None`` builds the default). Scheduler time ``sigma`` is SiT's ``1 - t``; its model output is ``-v``."""
+
+    model_cpu_offload_seq = "transformer->vae"
+    _optional_components = ["weak_transformer"]
+    _image_tokenizer_name = "vae"
+    _raw_output_type = "latent"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, vae, transformer, scheduler, weak_transformer=None, id2label: Optional[dict] = None,
+                 evaluation: Optional[dict] = None):
+        super().__init__()
+        if getattr(vae, "is_discrete", True):
+            raise CheckpointError(f"the flow pipeline needs a continuous tokenizer (latents); {type(vae).__name__} "
+                                  f"encodes to discrete codes")
+        for name, model in (("transformer", transformer), ("weak_transformer", weak_transformer)):
+            if model is not None and tuple(vae.latent_shape) != tuple(model.latent_shape):
+                raise CheckpointError(f"the tokenizer's latent shape {list(vae.latent_shape)} does not fit the "
+                                      f"{name}'s latent shape {list(model.latent_shape)}")
+        if weak_transformer is not None and weak_transformer.config.num_classes != transformer.config.num_classes:
+            raise CheckpointError(f"weak_transformer has {weak_transformer.config.num_classes} classes, transformer "
+                                  f"{transformer.config.num_classes}")
+        scheduler = scheduler if scheduler is not None else FlowMatchEulerDiscreteScheduler()
+        self.register_modules(vae=vae, transformer=transformer, scheduler=scheduler,
+                              weak_transformer=weak_transformer)
+        self._register_labels(id2label, evaluation, transformer.config.num_classes)
+
+    def _velocity(self, guidance_scale: float, guidance_interval: Optional[tuple[float, float]]) -> Callable:
+        """The (guided) velocity ``v(x, t, y)`` in SiT time."""
+        def model(x, t, y):
+            return self.transformer(x, t.to(x.dtype), y)
+
+        if guidance_scale == 1.0:
+            return model
+        weak = None
+        if self.weak_transformer is not None:
+            def weak(x, t, y):
+                return self.weak_transformer(x, t.to(x.dtype), y)
+        return guided_model(model, guidance_scale, interval=guidance_interval, weak_model=weak,
+                            null_class=self.transformer.null_class)
+
+    def _set_timesteps(self, num_inference_steps: int) -> None:
+        """Uniform sigmas ``1, 1 - 1/N, ..., 1/N`` (then the scheduler's shift and terminal 0) where the scheduler
+        takes explicit sigmas, else its own ``num_inference_steps`` grid."""
+        if "sigmas" in inspect.signature(self.scheduler.set_timesteps).parameters:
+            sigmas = (1.0 - torch.linspace(0.0, 1.0, num_inference_steps + 1, dtype=torch.float64)[:-1]).tolist()
+            self.scheduler.set_timesteps(sigmas=sigmas, device=self.device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: ClassLabels,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        guidance_interval: Optional[tuple[float, float]] = None,
+        sampler: str = "scheduler",
+        num_images_per_class: int = 1,
+        batch_size: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        output_size: Optional[int] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[Callable[..., dict]] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> Any:
+        """Sample images of ``class_labels`` (ids, names, a list or a tensor of them).
+
+        ``guidance_scale``: CFG (or autoguidance with ``weak_transformer``), 1 = none; ``guidance_interval``
+        ``(t_lo, t_hi)`` in SiT time (0 = noise) limits it. ``sampler``: "scheduler" (the ``scheduler`` component,
+        ``num_inference_steps`` steps; callback after each scheduler step with ``{"latents": ...}``) or "sde"
+        (the project's Euler–Maruyama SDE sampler, ``num_inference_steps`` + 1 model calls, shift from the
+        scheduler config; no callback). Labels are repeated ``num_images_per_class`` times and sampled in chunks
+        of ``batch_size``. ``output_type`` "pil", "np", "pt" (in [0, 1]) or "latent" (the tokenizer's latents).
+        """
+        self._check_call(guidance_scale, num_images_per_class, batch_size, output_type, output_size,
+                         callback_on_step_end, callback_on_step_end_tensor_inputs)
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise InvalidValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if sampler not in SAMPLERS:
+            raise InvalidValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if sampler == "sde" and callback_on_step_end is not None:
+            raise InvalidValueError("callback_on_step_end works with sampler='scheduler' only")
+        velocity = self._velocity(guidance_scale, guidance_interval)  # checks the interval
+
+        def sample_chunk(labels: torch.Tensor) -> torch.Tensor:
+            shape = (len(labels), *self.transformer.latent_shape)
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.transformer.dtype)
+            if sampler == "sde":
+                latents = sample_sde(velocity, latents, labels, num_inference_steps, generator=generator,
+                                     shift=float(self.scheduler.config.get("shift", 1.0)))
+            else:
+                latents = self._scheduler_loop(velocity, latents, labels, num_inference_steps,
+                                               callback_on_step_end, callback_on_step_end_tensor_inputs)
+            return self.transformer.denormalize_latents(latents).to(self.vae.dtype)
+
+        return self._generate(class_labels, num_images_per_class, batch_size, output_type, output_size,
+                              return_dict, sample_chunk)
+
+    def _scheduler_loop(self, velocity: Callable, latents: torch.Tensor, labels: torch.Tensor, steps: int,
+                        callback: Optional[Callable], tensor_inputs: Sequence[str]) -> torch.Tensor:
+        self._set_timesteps(steps)
+        timesteps = self.scheduler.timesteps
+        scale = float(self.scheduler.config.num_train_timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                sit_time = torch.full((len(latents),), 1.0 - float(t) / scale, device=latents.device)
+                v = velocity(latents, sit_time, labels)
+                latents = self.scheduler.step(-v, t, latents, return_dict=False)[0]
+                latents = self._run_callback(callback, self, i, t, {"latents": latents}, tensor_inputs)["latents"]
+                progress.update()
+        return latents

@@ -1,0 +1,120 @@
+"""FID / sFID / precision-recall of image sets with the real FID Inception weights, and tokenizer reconstruction
+metrics, on the shared ImageNet samples."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation.fid import InceptionFeatures, compare_sources, load_source, save_statistics, source_features
+from evaluation.metrics import frechet_distance, feature_statistics
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VFMTOK_SHARED", ROOT.parent / "shared"))
+WEIGHTS = SHARED / "weights" / "fid-inception" / "pt_inception-2015-12-05-pool3-nofc.pth"
+SAMPLES = SHARED / "data" / "imagenet-1k-samples-256"
+needs_shared = pytest.mark.skipif(not (WEIGHTS.is_file() and (SAMPLES / "labels.csv").is_file()),
+                                  reason="the shared Inception weights or ImageNet samples are missing")
+
+
+@pytest.fixture(scope="module")
+def extractor(tmp_path_factory):
+    # one feature cache for the module: a reference's features are extracted once
+    os.environ["VFMTOK_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield InceptionFeatures(str(WEIGHTS))
+    del os.environ["VFMTOK_CACHE"]
+
+
+def image_npz(path: Path, files: list[Path]) -> Path:
+    from PIL import Image
+
+    np.savez(path, arr_0=np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def halves(tmp_path_factory):
+    """Two disjoint sets of 32 shared ImageNet samples, as ADM-style .npz batches."""
+    files = sorted(SAMPLES.glob("*.JPEG")) or sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in
+                                                      (".jpg", ".jpeg", ".png"))
+    root = tmp_path_factory.mktemp("halves")
+    return image_npz(root / "a.npz", files[0:64:2]), image_npz(root / "b.npz", files[1:64:2])
+
+
+@needs_shared
+def test_fid_of_disjoint_halves_is_finite_and_far_above_a_half_against_itself(extractor, halves):
+    a, b = (load_source(p) for p in halves)
+    across = compare_sources(a, b, extractor, batch_size=16)
+    itself = compare_sources(a, a, extractor, batch_size=16)
+    print(json.dumps({"fid_disjoint_halves_32": across["fid"], "fid_half_with_itself": itself["fid"]}))
+    assert np.isfinite(across["fid"]) and across["fid"] > 50
+    assert abs(itself["fid"]) < 1e-3 and abs(itself["sfid"]) < 1e-3
+    assert itself["precision"] == 1.0 and itself["recall"] == 1.0
+    assert across["num_samples"] == across["num_reference"] == 32
+    assert any("32 samples" in w for w in across["warnings"])  # fewer than 2048: the report says so
+    # The shared weights have no classification layer: IS is unavailable, with the reason, never made up
+    assert across["inception_score"] is None and "classification layer" in across["inception_score_unavailable"]
+    assert across["extractor_sha256"] == extractor.sha256 and len(across["reference_hash"]) == 64
+
+
+@needs_shared
+def test_features_do_not_depend_on_the_batch_size(extractor, halves):
+    source = load_source(halves[0])
+    source.array = source.array[:15]
+    small, large = source_features(source, extractor, batch_size=4), source_features(source, extractor, batch_size=15)
+    for name in ("pool", "spatial"):
+        assert small[name].shape == large[name].shape
+        np.testing.assert_allclose(small[name], large[name], rtol=1e-4, atol=1e-5)
+    fid = frechet_distance(*(lambda s: (s.mu, s.sigma))(feature_statistics(small["pool"])),
+                           *(lambda s: (s.mu, s.sigma))(feature_statistics(large["pool"])))
+    assert abs(fid) < 1e-3
+    assert small["spatial"].shape[1] == 17 * 17 * 7  # sFID features: mixed_6/conv[..., :7]
+
+
+@needs_shared
+def test_a_statistics_file_gives_the_same_fid_as_its_images(extractor, halves, tmp_path):
+    from evaluation.fid import _cached_features
+
+    a, b = (load_source(p) for p in halves)
+    stats = save_statistics(_cached_features(b, extractor, 16), tmp_path / "b-stats.npz", extractor.sha256)
+    from_images = compare_sources(a, b, extractor, batch_size=16)
+    from_stats = compare_sources(a, load_source(stats), extractor, batch_size=16)
+    assert from_stats["fid"] == pytest.approx(from_images["fid"], rel=1e-9)
+    assert from_stats["sfid"] == pytest.approx(from_images["sfid"], rel=1e-9)
+    assert from_stats["precision"] is None  # no reference images: precision / recall unavailable, and said so
+
+
+def test_bad_sources_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_source(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        load_source(tmp_path / "empty")
+    np.savez(tmp_path / "floats.npz", arr_0=np.zeros((2, 8, 8, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        load_source(tmp_path / "floats.npz")
+
+
+@needs_shared
+def test_reconstruction_metrics_of_a_tiny_tokenizer(tmp_path, monkeypatch):
+    from evaluation.recon import reconstruction_metrics
+    from pipelines.config import build_model
+
+    monkeypatch.setenv("VFMTOK_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    tokenizer = build_model(ROOT / "configs" / "tokenizer" / "vfmtok-tiny.yaml")
+    report = reconstruction_metrics(tokenizer, str(SAMPLES), tmp_path / "recon", batch_size=8, eval_size=64, limit=12,
+                                    inception_weights=str(WEIGHTS))
+    saved = json.loads((tmp_path / "recon" / "report.json").read_text())
+    assert saved["num_images"] == report["num_images"] == 12
+    assert np.isfinite(saved["rfid"]) and saved["rfid"] > 0
+    assert 0 < saved["psnr"] < 40 and -1 <= saved["ssim"] <= 1
+    (codebook,) = saved["codebooks"]
+    assert 0 < codebook["usage"] <= 1 and 1 <= codebook["perplexity"] <= 512
+    assert "data_range 1.0" in saved["protocol"]["pixel_range"] and saved["protocol"]["uint8_conversion"] == "round"
+    assert (tmp_path / "recon" / "reconstructions.png").is_file()
+    assert saved["lpips"] is not None or "lpips_unavailable" in saved

@@ -1,0 +1,298 @@
+"""The diffusers pipelines with tiny random models: save / load round trips, class labels, argument errors, strict
+loading, scheduler equivalence with the project's samplers, Hub-id loading from an offline cache, `vfmtok sample`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from generators.transport import guided_model, sample_ode, sample_sde
+from pipelines import VFMTokARPipeline, VFMTokFlowPipeline, load_pipeline
+from pipelines.config import build_model
+from tokenizer.utils.errors import CheckpointError, InvalidValueError, WeightsUnavailableError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(kind: str, name: str) -> Path:
+    return ROOT / "configs" / kind / f"{name}.yaml"
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def ar_pipe():
+    torch.manual_seed(0)
+    return VFMTokARPipeline(build_model(config("tokenizer", "vfmtok-tiny")).eval(),
+                            build_model(config("ar", "gpt-tiny")).eval())
+
+
+@pytest.fixture(scope="module")
+def flow_pipe():
+    torch.manual_seed(0)
+    dit = build_model(config("flow", "dit-tiny")).eval()
+    dit.set_latent_statistics(torch.randn(dit.latent_shape), torch.rand(dit.latent_shape) + 0.5)
+    with torch.no_grad():  # adaLN-Zero starts at a zero velocity: make the output depend on x, t and y
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return VFMTokFlowPipeline(build_model(config("tokenizer", "vfmae-tiny")).eval(), dit, None)
+
+
+@pytest.fixture(scope="module")
+def ar_dir(ar_pipe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ar") / "pipe"
+    ar_pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def flow_dir(flow_pipe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("flow") / "pipe"
+    flow_pipe.save_pretrained(path)
+    return path
+
+
+# -- round trips ---------------------------------------------------------------------------------------------------
+def test_ar_round_trip_gives_identical_images(ar_pipe, ar_dir):
+    assert {p.name for p in ar_dir.iterdir()} >= {"model_index.json", "README.md", "vqvae", "transformer"}
+    loaded = VFMTokARPipeline.from_pretrained(ar_dir)
+    kw = dict(guidance_scale=2.0, top_k=50, output_type="pt")
+    ours = ar_pipe(["golden retriever", "otter"], generator=seeded(), **kw).images
+    theirs = loaded(["golden retriever", "otter"], generator=seeded(), **kw).images
+    assert ours.shape == (2, 3, 64, 64) and torch.equal(ours, theirs)
+    assert loaded.id2label[207] == "golden retriever"
+
+
+def test_flow_round_trip_gives_identical_images(flow_pipe, flow_dir):
+    assert (flow_dir / "scheduler" / "scheduler_config.json").is_file()
+    loaded = VFMTokFlowPipeline.from_pretrained(flow_dir)
+    kw = dict(num_inference_steps=3, guidance_scale=1.5, output_type="np", output_size=32)
+    ours, theirs = flow_pipe(207, generator=seeded(), **kw).images, loaded(207, generator=seeded(), **kw).images
+    assert ours.shape == (1, 32, 32, 3) and (ours == theirs).all()
+    assert torch.equal(flow_pipe.transformer.latent_std, loaded.transformer.latent_std)
+
+
+def test_output_types_chunks_and_callback(ar_pipe):
+    pil = ar_pipe(207, generator=seeded()).images
+    assert len(pil) == 1 and isinstance(pil[0], Image.Image) and pil[0].size == (64, 64)
+    seen = []
+
+    def callback(pipe, i, t, kwargs):
+        seen.append((i, tuple(kwargs["codes"].shape)))
+        return {"codes": torch.zeros_like(kwargs["codes"])}
+
+    codes = ar_pipe([1, 2, 3], num_images_per_class=2, batch_size=4, generator=seeded(), output_type="codes",
+                    callback_on_step_end=callback).images
+    assert codes.shape == (6, 16) and seen == [(0, (4, 16)), (1, (2, 16))] and not codes.any()
+    images, = ar_pipe(5, generator=seeded(), output_type="np", return_dict=False)
+    assert images.shape == (1, 64, 64, 3) and 0 <= images.min() <= images.max() <= 1
+
+
+# -- class labels ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("labels,ids", [
+    (207, [207]), ([207, 360], [207, 360]), (torch.tensor([1, 2]), [1, 2]), (torch.tensor(3), [3]),
+    ("golden retriever", [207]), ("Golden RETRIEVER ", [207]), (["golden retriever", "otter"], [207, 360]),
+])
+def test_names_and_ids_resolve(ar_pipe, labels, ids):
+    assert ar_pipe.resolve_class_labels(labels) == ids
+
+
+def test_synonyms_of_a_configured_label_resolve(ar_pipe, tmp_path):
+    pipe = VFMTokARPipeline(ar_pipe.vqvae, ar_pipe.transformer, id2label={0: "tench, Tinca tinca", 1: "goldfish"})
+    assert pipe.resolve_class_labels(["Tinca Tinca", "tench", "goldfish"]) == [0, 0, 1]
+    pipe.save_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "model_index.json").read_text())["id2label"]["0"] == "tench, Tinca tinca"
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda p: p("golden retreiver"), r"unknown class name 'golden retreiver'; did you mean 'golden retriever'"),
+    (lambda p: p(1000), r"outside \[0, 1000\)"),
+    (lambda p: p([-1, 3]), r"outside \[0, 1000\)"),
+    (lambda p: p([]), "empty"),
+    (lambda p: p(2.5), "must be an int"),
+    (lambda p: p(True), "ids or names"),
+    (lambda p: p([1, "otter"]), "only ints or only names"),
+    (lambda p: p(torch.tensor([1.0])), "integers"),
+    (lambda p: p(1, guidance_scale=float("nan")), r"guidance_scale must be a finite number >= 0.*nan"),
+    (lambda p: p(1, guidance_scale=-1.0), r"guidance_scale must be a finite number >= 0.*-1"),
+    (lambda p: p(1, output_type="latent"), r"output_type must be one of .*'latent'"),
+    (lambda p: p(1, num_images_per_class=0), "num_images_per_class must be a positive integer"),
+    (lambda p: p(1, batch_size=1.5), "batch_size must be a positive integer"),
+    (lambda p: p(1, temperature=0.0), "temperature must be > 0"),
+    (lambda p: p(1, guidance_schedule="wavy"), "guidance_schedule must be one of"),
+    (lambda p: p(1, callback_on_step_end_tensor_inputs=["latents"]), r"\['latents'\] are not among \['codes'\]"),
+])
+def test_bad_ar_inputs_raise_clear_errors(ar_pipe, call, match):
+    with pytest.raises(InvalidValueError, match=match):
+        call(ar_pipe)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(output_type="codes"), r"output_type must be one of"), (dict(sampler="dpm"), "sampler must be one of"),
+    (dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
+    (dict(guidance_scale=2.0, guidance_interval=(0.8, 0.2)), "interval"),
+    (dict(sampler="sde", callback_on_step_end=lambda *a: {}), "sampler='scheduler' only"),
+])
+def test_bad_flow_inputs_raise_clear_errors(flow_pipe, kwargs, match):
+    with pytest.raises(InvalidValueError, match=match):
+        flow_pipe("otter", **kwargs)
+
+
+# -- mismatched components, strict loading ---------------------------------------------------------------------------
+def test_mismatched_components_are_refused_at_construction(ar_pipe, flow_pipe):
+    small = build_model({"model": "GPTModel", "params": {**ar_pipe.transformer.config, "vocab_size": 256}})
+    with pytest.raises(CheckpointError, match=r"vocab_size 512, num_tokens 16\) do not fit the GPT \(vocab_size 256"):
+        VFMTokARPipeline(ar_pipe.vqvae, small)
+    with pytest.raises(CheckpointError, match="discrete tokenizer"):
+        VFMTokARPipeline(flow_pipe.vae, ar_pipe.transformer)
+    other = build_model({"model": "DiTModel", "params": {**flow_pipe.transformer.config, "in_channels": 4}})
+    with pytest.raises(CheckpointError, match=r"\[8, 4, 4\] does not fit the transformer's latent shape \[4, 4, 4\]"):
+        VFMTokFlowPipeline(flow_pipe.vae, other, None)
+    with pytest.raises(CheckpointError, match=r"weak_transformer's latent shape \[4, 4, 4\]"):
+        VFMTokFlowPipeline(flow_pipe.vae, flow_pipe.transformer, None, weak_transformer=other)
+
+
+def test_mismatched_components_are_refused_at_load_time(ar_dir, tmp_path):
+    folder = tmp_path / "pipe"
+    shutil.copytree(ar_dir, folder)
+    path = folder / "transformer" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_tokens": 9}))
+    with pytest.raises(CheckpointError, match=r"num_tokens 16\) do not fit the GPT \(vocab_size 512, num_tokens 9\)"):
+        VFMTokARPipeline.from_pretrained(folder)
+
+
+def test_a_missing_weight_fails_loading_naming_it(flow_dir, tmp_path):
+    folder = tmp_path / "pipe"
+    shutil.copytree(flow_dir, folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    del state["final_layer.linear.weight"]
+    save_file(state, weights)
+    with pytest.raises(CheckpointError, match=r"final_layer\.linear\.weight"):
+        VFMTokFlowPipeline.from_pretrained(folder)
+
+
+# -- schedulers and samplers -----------------------------------------------------------------------------------------
+def _project_velocity(pipe, scale):
+    return guided_model(lambda x, t, y: pipe.transformer(x, t, y), scale, null_class=pipe.transformer.null_class)
+
+
+def test_diffusers_euler_scheduler_matches_sample_ode_euler(flow_pipe):
+    flow_pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(flow_pipe.scheduler.config, shift=2.0)
+    labels = torch.tensor([3, 207])
+    ours = flow_pipe(labels, num_inference_steps=5, guidance_scale=1.5, generator=seeded(), output_type="latent")
+    noise = torch.randn(2, *flow_pipe.transformer.latent_shape, generator=seeded())
+    reference = sample_ode(_project_velocity(flow_pipe, 1.5), noise, labels, 5, method="euler", shift=2.0)
+    torch.testing.assert_close(ours.images, flow_pipe.transformer.denormalize_latents(reference), atol=1e-5, rtol=1e-5)
+    flow_pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(flow_pipe.scheduler.config, shift=1.0)
+
+
+def test_diffusers_heun_scheduler_matches_sample_ode_heun(flow_pipe):
+    """diffusers' Heun takes no explicit sigmas: its grid is ``linspace(1, 1/1000, N)`` then 0, Heun steps on the
+    grid and a final Euler step to 0, i.e. ``sample_ode(heun)`` on that grid plus one ``sample_ode(euler)`` step."""
+    euler = flow_pipe.scheduler
+    flow_pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(euler.config)
+    try:
+        labels = torch.tensor([11])
+        steps = []
+        ours = flow_pipe(labels, num_inference_steps=4, guidance_scale=1.5, generator=seeded(), output_type="latent",
+                         callback_on_step_end=lambda p, i, t, kw: steps.append(i) or kw).images
+        assert steps == list(range(2 * 4 - 1))  # 2N - 1 model calls
+        sigmas = torch.unique_consecutive(flow_pipe.scheduler.sigmas.double())
+        times = 1.0 - sigmas
+        noise = torch.randn(1, *flow_pipe.transformer.latent_shape, generator=seeded())
+        velocity = _project_velocity(flow_pipe, 1.5)
+        x = sample_ode(velocity, noise, labels, 0, method="heun", times=times[:-1])
+        x = sample_ode(velocity, x, labels, 0, method="euler", times=times[-2:])
+        torch.testing.assert_close(ours, flow_pipe.transformer.denormalize_latents(x), atol=1e-5, rtol=1e-5)
+    finally:
+        flow_pipe.scheduler = euler
+
+
+def test_sde_sampler_is_selectable_and_deterministic(flow_pipe):
+    first = flow_pipe(5, sampler="sde", num_inference_steps=4, generator=seeded(), output_type="latent").images
+    again = flow_pipe(5, sampler="sde", num_inference_steps=4, generator=seeded(), output_type="latent").images
+    g = seeded()
+    noise = torch.randn(1, *flow_pipe.transformer.latent_shape, generator=g)
+    reference = sample_sde(lambda x, t, y: flow_pipe.transformer(x, t, y), noise, torch.tensor([5]), 4, generator=g)
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, flow_pipe.transformer.denormalize_latents(reference))
+
+
+def test_autoguidance_with_a_weak_transformer(flow_pipe):
+    pipe = VFMTokFlowPipeline(flow_pipe.vae, flow_pipe.transformer, flow_pipe.scheduler,
+                              weak_transformer=flow_pipe.transformer)
+    # the weak model is the main one: v_weak + s (v - v_weak) = v, whatever the scale
+    guided = pipe(7, num_inference_steps=2, guidance_scale=3.0, generator=seeded(), output_type="latent").images
+    plain = pipe(7, num_inference_steps=2, guidance_scale=1.0, generator=seeded(), output_type="latent").images
+    torch.testing.assert_close(guided, plain)
+
+
+# -- model card, Hub, command line -----------------------------------------------------------------------------------
+def test_model_card_lists_components_and_evaluation(ar_pipe, ar_dir, tmp_path):
+    card = (ar_dir / "README.md").read_text()
+    assert "library_name: diffusers" in card and "`vqvae`" in card and "`transformer`" in card
+    assert "Not evaluated." in card and "VFMTokARPipeline.from_pretrained" in card
+    pipe = VFMTokARPipeline(ar_pipe.vqvae, ar_pipe.transformer,
+                            evaluation={"protocol": "ADM, 50k samples, 256 px", "FID": 2.07})
+    pipe.save_pretrained(tmp_path / "p")
+    card = (tmp_path / "p" / "README.md").read_text()
+    assert "Protocol: ADM, 50k samples, 256 px" in card and "| FID | 2.07 |" in card
+
+
+def _hub_cache(folder: Path, cache: Path, repo_id: str, commit: str = "a" * 40) -> None:
+    """Lay ``folder`` out as huggingface_hub's cache does: blobs named by hash, snapshot symlinks, refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        if file.suffix == ".safetensors":  # LFS files: sha256; regular files: the git blob sha1
+            digest = hashlib.sha256(data).hexdigest()
+        else:
+            digest = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        blob = repo / "blobs" / digest
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / file.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+
+
+def test_loading_by_hub_id_from_an_offline_cache(ar_pipe, ar_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    _hub_cache(ar_dir, tmp_path / "hub", "vfmtok/tiny-ar")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    loaded = VFMTokARPipeline.from_pretrained("vfmtok/tiny-ar", cache_dir=tmp_path / "hub")
+    kw = dict(guidance_scale=2.0, output_type="codes")
+    assert torch.equal(loaded(207, generator=seeded(), **kw).images, ar_pipe(207, generator=seeded(), **kw).images)
+    assert type(load_pipeline("vfmtok/tiny-ar", cache_dir=tmp_path / "hub")) is VFMTokARPipeline
+    with pytest.raises(WeightsUnavailableError, match="vfmtok/not-cached"):
+        VFMTokARPipeline.from_pretrained("vfmtok/not-cached", cache_dir=tmp_path / "hub")
+
+
+def test_vfmtok_sample_writes_a_png_grid(flow_dir, tmp_path, capsys):
+    from pipelines.cli import main
+
+    output = tmp_path / "grid.png"
+    assert main(["sample", "--pipeline", str(flow_dir), "--class-names", "golden retriever", "otter",
+                 "--num-images-per-class", "2", "--num-inference-steps", "2", "--guidance-scale", "1.5",
+                 "--output", str(output)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["class_ids"] == [207, 360]
+    grid = Image.open(output)
+    assert grid.format == "PNG" and grid.size == (2 * 64, 2 * (64 + 14))
+    assert main(["sample", "--pipeline", str(flow_dir), "--class-names", "golden retreiver",
+                 "--output", str(tmp_path / "x.png")]) == 2
+    assert "did you mean 'golden retriever'" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
