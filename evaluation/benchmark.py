@@ -170,7 +170,7 @@ def run_benchmark(pipeline: str, output_dir: str | Path, num_samples: int, guida
     results = []
     for scale, settings, settings_hash, folder, num_shards, generated, seconds in runs:
         paths = [folder / f"shard-{i:05d}.npz" for i in range(num_shards)]
-        missing = [str(p) for p in paths if not _shard_is_complete(
+        missing = [str(p) for i, p in enumerate(paths) if not _shard_is_complete(
             p, settings_hash, len(all_labels[i * shard_size:(i + 1) * shard_size]))]
         if missing:
             raise InvalidValueError(f"shards missing or corrupt after generation: {missing[:5]}")

@@ -118,3 +118,56 @@ def test_reconstruction_metrics_of_a_tiny_tokenizer(tmp_path, monkeypatch):
     assert "data_range 1.0" in saved["protocol"]["pixel_range"] and saved["protocol"]["uint8_conversion"] == "round"
     assert (tmp_path / "recon" / "reconstructions.png").is_file()
     assert saved["lpips"] is not None or "lpips_unavailable" in saved
+
+
+@pytest.fixture(scope="module")
+def tiny_ar_pipeline(tmp_path_factory):
+    from pipelines import VFMTokARPipeline
+    from pipelines.config import build_model
+
+    torch.manual_seed(0)
+    gpt = build_model(ROOT / "configs" / "ar" / "gpt-tiny.yaml").eval()
+    with torch.no_grad():  # the head starts at zero (uniform logits): make guidance change the samples
+        gpt.head.weight.normal_(0, 0.5)
+    pipe = VFMTokARPipeline(build_model(ROOT / "configs" / "tokenizer" / "vfmtok-tiny.yaml").eval(), gpt)
+    path = tmp_path_factory.mktemp("bench") / "pipe"
+    pipe.save_pretrained(path)
+    return path
+
+
+@needs_shared
+def test_benchmark_reports_every_setting_with_its_protocol_and_resumes_without_regenerating(
+        extractor, halves, tiny_ar_pipeline, tmp_path):
+    from evaluation.benchmark import run_benchmark
+
+    out = tmp_path / "bench"
+    kwargs = dict(num_samples=8, guidance_scales=[1.0, 3.0], reference=str(halves[1]), labels="balanced", seed=5,
+                  batch_size=4, shard_size=3, output_size=64, inception_weights=str(WEIGHTS),
+                  sampler_options={"top_k": 50})
+    first = run_benchmark(str(tiny_ar_pipeline), out, **kwargs)
+    assert [r["setting"] for r in first["settings"]] == ["cfg-1", "cfg-3"]
+    for row in first["settings"]:
+        assert np.isfinite(row["fid"]) and row["num_samples"] == 8 and row["num_reference"] == 32
+        protocol = row["protocol"]
+        for key in ("num_samples", "labels", "seed", "guidance_scale", "guided_channels", "sampler_options",
+                    "resolution", "uint8_conversion", "reference", "reference_sha256", "extractor_sha256",
+                    "package_versions", "reference_statistics"):
+            assert key in protocol, key
+        assert protocol["sampler_options"]["top_k"] == 50 and protocol["labels"] == "balanced"
+        assert row["inception_score"] is None and "classification layer" in row["inception_score_unavailable"]
+        assert "wall_seconds" in row["generation"]
+    assert first["settings"][0]["fid"] != first["settings"][1]["fid"]  # guidance changes the samples
+    assert (out / "report.md").read_text().count("| cfg-") == 2 and (out / "samples.png").is_file()
+    assert json.loads((out / "report.json").read_text())["settings"][1]["guidance_scale"] == 3.0
+
+    shards = sorted((out / "samples" / "cfg-3").glob("shard-*.npz"))
+    assert len(shards) == 3  # 8 samples in shards of 3
+    kept = {p: p.stat().st_mtime_ns for p in shards}
+    shards[0].unlink()  # a shard an interrupted run never wrote
+    record = shards[1].with_suffix(".json")
+    record.write_text(record.read_text().replace('"sha256": "', '"sha256": "0'))  # a shard whose content is wrong
+    second = run_benchmark(str(tiny_ar_pipeline), out, **kwargs)
+    assert shards[2].stat().st_mtime_ns == kept[shards[2]]  # a finished, intact shard is not generated again
+    assert shards[1].stat().st_mtime_ns != kept[shards[1]] and shards[0].is_file()
+    for a, b in zip(first["settings"], second["settings"]):
+        assert b["fid"] == pytest.approx(a["fid"], rel=1e-9)  # regenerated shards are the same images
