@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -458,6 +458,7 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         use_kv_cache: bool = True,
         compile_decode: bool = False,
         return_logits: bool = False,
+        step_callback: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Sample ``num_tokens`` image tokens per class label (B,) (a tensor or a list of ints) -> LongTensor
         (B, num_tokens), raster order.
@@ -474,7 +475,10 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         use_kv_cache: static cache, prefill of the class token then one token per step; False recomputes the full
         prefix every step (reference / speed comparison). compile_decode: wrap the one-token decode step in
         torch.compile (static shapes; meant for GPUs). return_logits: also return the guided logits (B, num_tokens,
-        vocab_size) each token was sampled from (before temperature and filtering).
+        vocab_size) each token was sampled from (before temperature and filtering). step_callback(t, tokens): called
+        after token ``t`` is sampled with the (B, num_tokens) buffer (positions after ``t`` are 0); a returned
+        tensor replaces the buffer, so the next tokens condition on a replaced token ``t`` (with the KV cache,
+        earlier positions are already encoded and a change there only affects the output).
         The model is put in eval mode for the call and restored afterwards.
         """
         if not isinstance(class_labels, torch.Tensor):
@@ -532,6 +536,11 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
                 if all_logits is not None:
                     all_logits[:, t] = logits
                 tokens[:, t] = self._sample(logits, temperature, top_k, top_p, generator)
+                if step_callback is not None:
+                    replaced = step_callback(t, tokens)
+                    if replaced is not None:
+                        self._check_tokens(replaced, total)
+                        tokens.copy_(replaced)
         finally:
             self.train(was_training)
         return (tokens, all_logits) if return_logits else tokens

@@ -59,8 +59,9 @@ class VFMTokARPipeline(VFMTokPipelineBase):
 
         ``guidance_*``, ``temperature``, ``top_k``, ``top_p``: as :meth:`generators.GPTModel.generate`
         (``guidance_scale = 1`` is no guidance). Labels are repeated ``num_images_per_class`` times and sampled in
-        chunks of ``batch_size`` (default: all at once); the callback runs after each chunk (step = chunk index,
-        ``t`` = None) with ``{"codes": (B, num_tokens)}`` and may return replaced codes. ``output_size`` is the
+        chunks of ``batch_size`` (default: all at once); the callback runs after every sampled token (step = token
+        index in the chunk, ``t`` = the same) with ``{"codes": (B, num_tokens)}`` (not yet sampled positions 0) and
+        may return replaced codes, which the following tokens condition on. ``output_size`` is the
         decoded side (default: the tokenizer's); ``output_type`` "pil", "np", "pt" (in [0, 1]) or "codes".
         """
         self._check_call(guidance_scale, num_images_per_class, batch_size, output_type, output_size,
@@ -68,13 +69,16 @@ class VFMTokARPipeline(VFMTokPipelineBase):
         self.transformer.guidance_scales(guidance_scale, guidance_schedule, guidance_power, guidance_interval)
         chunks = []
 
+        def on_token(t: int, codes: torch.Tensor) -> torch.Tensor:
+            return self._run_callback(callback_on_step_end, self, t, t, {"codes": codes},
+                                      callback_on_step_end_tensor_inputs)["codes"]
+
         def sample_chunk(labels: torch.Tensor) -> torch.Tensor:
             codes = self.transformer.generate(
                 labels, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
                 guidance_power=guidance_power, guidance_interval=guidance_interval, temperature=temperature,
-                top_k=top_k, top_p=top_p, generator=generator, use_kv_cache=use_kv_cache)
-            codes = self._run_callback(callback_on_step_end, self, len(chunks), None, {"codes": codes},
-                                       callback_on_step_end_tensor_inputs)["codes"]
+                top_k=top_k, top_p=top_p, generator=generator, use_kv_cache=use_kv_cache,
+                step_callback=on_token if callback_on_step_end is not None else None)
             self.vqvae.check_tokens(codes)
             chunks.append(len(codes))
             progress.update()

@@ -574,3 +574,33 @@ def test_matches_the_reference_gpt_code():
     ref_tokens = reference_generate(reference, conditions, 16, cfg_scale=1.75, temperature=1.0, top_k=0, top_p=1.0)
     torch.manual_seed(123)
     assert torch.equal(model.generate(conditions, guidance_scale=1.75), ref_tokens.long())
+
+
+def test_step_callback_sees_every_token_and_a_replaced_token_conditions_the_rest():
+    model = tiny_model()
+    labels = torch.tensor([1, 2])
+    plain = model.generate(labels, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    seen = []
+    observed = model.generate(labels, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+                              step_callback=lambda t, tokens: seen.append((t, tokens[:, :t + 1].clone())))
+    assert torch.equal(observed, plain) and [t for t, _ in seen] == list(range(model.num_tokens))
+    assert all(torch.equal(prefix, plain[:, :t + 1]) for t, prefix in seen)
+
+    def force_first(t, tokens):  # replace token 0; the rest is sampled after it
+        if t == 0:
+            tokens = tokens.clone()
+            tokens[:, 0] = 3
+            return tokens
+        return None
+
+    forced = model.generate(labels, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+                            step_callback=force_first)
+    assert (forced[:, 0] == 3).all()
+    # greedy decoding after the forced token equals greedy decoding from full forward passes with it
+    greedy = model.generate(labels, top_k=1, step_callback=force_first)
+    prefix = greedy[:, :1]
+    with torch.no_grad():
+        for t in range(1, model.num_tokens):
+            logits = model.eval()(torch.cat([prefix, torch.zeros_like(prefix[:, :1])], 1), labels)[:, t]
+            prefix = torch.cat([prefix, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(greedy, prefix)

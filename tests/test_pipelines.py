@@ -87,13 +87,17 @@ def test_output_types_chunks_and_callback(ar_pipe):
     assert len(pil) == 1 and isinstance(pil[0], Image.Image) and pil[0].size == (64, 64)
     seen = []
 
-    def callback(pipe, i, t, kwargs):
+    def callback(pipe, i, t, kwargs):  # after every token: the codes so far; replace the newest one by 7
         seen.append((i, tuple(kwargs["codes"].shape)))
-        return {"codes": torch.zeros_like(kwargs["codes"])}
+        assert not kwargs["codes"][:, i + 1:].any()  # positions not sampled yet
+        codes = kwargs["codes"].clone()
+        codes[:, i] = 7
+        return {"codes": codes}
 
     codes = ar_pipe([1, 2, 3], num_images_per_class=2, batch_size=4, generator=seeded(), output_type="codes",
                     callback_on_step_end=callback).images
-    assert codes.shape == (6, 16) and seen == [(0, (4, 16)), (1, (2, 16))] and not codes.any()
+    assert seen == [(i, (4, 16)) for i in range(16)] + [(i, (2, 16)) for i in range(16)]
+    assert codes.shape == (6, 16) and (codes == 7).all()
     images, = ar_pipe(5, generator=seeded(), output_type="np", return_dict=False)
     assert images.shape == (1, 64, 64, 3) and 0 <= images.min() <= images.max() <= 1
 
