@@ -55,6 +55,15 @@ def _convert_tokenizer(args: argparse.Namespace) -> None:
                       "dropped": len(dropped), "dropped_prefixes": sorted({k.rsplit('.', 2)[0] for k in dropped})[:5]}))
 
 
+def _convert_pipeline(args: argparse.Namespace) -> None:
+    from pipelines.convert import convert_official_pipeline
+
+    output = convert_official_pipeline(args.kind_of_pipeline, args.tokenizer_checkpoint, args.tokenizer_config,
+                                       args.generator_checkpoint, args.generator_config, args.output_dir,
+                                       latent_stats=args.latent_stats, prefer=args.weights)
+    print(json.dumps({"output_dir": str(output), "kind": args.kind_of_pipeline}))
+
+
 def _train_tokenizer(args: argparse.Namespace) -> None:
     from pipelines.train.tokenizer import train_tokenizer
 
@@ -317,6 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert_tok.add_argument("--weights", choices=["ema", "model"], default="ema",
                              help="which weights to take when the file holds both")
     convert_tok.set_defaults(run=_convert_tokenizer)
+    convert_pipe = convert_kinds.add_parser("pipeline", help="official tokenizer + generator checkpoints -> a pipeline "
+                                                             "folder (VFMTokARPipeline or VFMTokFlowPipeline)")
+    convert_pipe.add_argument("kind_of_pipeline", choices=["ar", "flow"], metavar="{ar,flow}")
+    convert_pipe.add_argument("--tokenizer-checkpoint", required=True, help="VFMTok (ar) / VFMAE (flow) .pt file")
+    convert_pipe.add_argument("--tokenizer-config", required=True, help="e.g. configs/tokenizer/vfmtok-l.yaml")
+    convert_pipe.add_argument("--generator-checkpoint", required=True, help="GPT (ar) / DiT^DH (flow) .pt file")
+    convert_pipe.add_argument("--generator-config", required=True, help="e.g. configs/ar/gpt-xl.yaml")
+    convert_pipe.add_argument("--latent-stats", default=None, help="flow: the release's latent statistics file")
+    convert_pipe.add_argument("--output-dir", required=True)
+    convert_pipe.add_argument("--weights", choices=["ema", "model"], default="ema")
+    convert_pipe.set_defaults(run=_convert_pipeline)
 
     sample = commands.add_parser("sample", help="sample class-conditional images with a saved pipeline (folder or Hub "
                                                 "id) and write them as a PNG grid captioned with the class names")

@@ -300,3 +300,25 @@ def test_vfmtok_sample_writes_a_png_grid(flow_dir, tmp_path, capsys):
     assert main(["sample", "--pipeline", str(flow_dir), "--class-names", "golden retreiver",
                  "--output", str(tmp_path / "x.png")]) == 2
     assert "did you mean 'golden retriever'" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_convert_pipeline_from_official_layout_checkpoints(tmp_path, capsys):
+    from pipelines.cli import main
+    from pipelines.config import load_config
+    from test_convert import reference_state_dict
+    from test_gpt import reference_layout
+
+    tok_config, gpt_config = config("tokenizer", "vfmtok-tiny"), config("ar", "gpt-tiny")
+    tok_ref = reference_state_dict(build_model(tok_config), load_config(tok_config)["params"], seed=1)
+    gpt_ref = reference_layout(load_config(gpt_config)["params"], seed=2)
+    torch.save({"ema": tok_ref}, tmp_path / "tok.pt")
+    torch.save({"model": gpt_ref}, tmp_path / "gpt.pt")
+    argv = ["convert", "pipeline", "ar", "--tokenizer-checkpoint", str(tmp_path / "tok.pt"), "--tokenizer-config",
+            str(tok_config), "--generator-checkpoint", str(tmp_path / "gpt.pt"), "--generator-config",
+            str(gpt_config), "--output-dir", str(tmp_path / "pipe")]
+    assert main(argv) == 0, capsys.readouterr().err
+    pipe = VFMTokARPipeline.from_pretrained(tmp_path / "pipe")
+    assert torch.equal(pipe.transformer.state_dict()["head.weight"], gpt_ref["output.weight"])
+    assert torch.equal(pipe.vqvae.state_dict()["encoder.queries"], tok_ref["encode_transformer.carrier_tokens"])
+    assert pipe(207, generator=seeded(), output_type="pt").images.shape == (1, 3, 64, 64)
+    assert main(argv) == 2 and "not empty" in capsys.readouterr().err  # never overwrites

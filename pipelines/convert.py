@@ -1,0 +1,53 @@
+"""``vfmtok convert pipeline``: a pipeline folder from the official releases, through the existing converters.
+
+* ``ar``: a VFMTok tokenizer checkpoint (CVMI-Lab/VFMTok ``VQModel``, :mod:`tokenizer.convert`) and a VFMTok / LlamaGen
+  GPT checkpoint (:mod:`generators.convert_gpt`) -> :class:`VFMTokARPipeline`;
+* ``flow``: a VFMAE checkpoint (CVMI-Lab/VFMTok2 ``AutoencoderAE``) and a DiT^DH checkpoint
+  (:mod:`generators.convert_dit`), with the latent statistics file the release ships -> :class:`VFMTokFlowPipeline`.
+
+Each model is built from the matching config file, loaded strictly, and the pipeline checks that the two fit.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from tokenizer.utils.atomic import atomic_directory
+from tokenizer.utils.errors import InvalidValueError, OutputExistsError
+
+from .config import build_model
+
+__all__ = ["convert_official_pipeline"]
+
+
+def convert_official_pipeline(kind: str, tokenizer_checkpoint: str, tokenizer_config: str, generator_checkpoint: str,
+                              generator_config: str, output_dir: str | Path, latent_stats: Optional[str] = None,
+                              prefer: str = "ema") -> Path:
+    """Convert both checkpoints and save the pipeline (``save_pretrained``, atomically) into ``output_dir``."""
+    from generators.convert_dit import convert_ddt_checkpoint
+    from generators.convert_gpt import convert_llamagen_checkpoint
+    from tokenizer.convert import convert_reference_checkpoint
+
+    if kind not in ("ar", "flow"):
+        raise InvalidValueError(f"kind must be 'ar' or 'flow', got {kind!r}")
+    if kind == "ar" and latent_stats is not None:
+        raise InvalidValueError("--latent-stats belongs to a flow pipeline (the denoiser's latent statistics)")
+    output = Path(output_dir)
+    if output.exists() and any(output.iterdir()):
+        raise OutputExistsError(f"output directory {str(output)!r} already exists and is not empty")
+    tokenizer = build_model(tokenizer_config)
+    convert_reference_checkpoint(tokenizer_checkpoint, tokenizer, prefer=prefer)
+    generator = build_model(generator_config)
+    if kind == "ar":
+        from .pipeline_vfmtok_ar import VFMTokARPipeline
+
+        convert_llamagen_checkpoint(generator_checkpoint, generator, prefer=prefer)
+        pipe = VFMTokARPipeline(tokenizer.eval(), generator.eval())
+    else:
+        from .pipeline_vfmtok_flow import VFMTokFlowPipeline
+
+        convert_ddt_checkpoint(generator_checkpoint, generator, prefer=prefer, latent_stats=latent_stats)
+        pipe = VFMTokFlowPipeline(tokenizer.eval(), generator.eval(), None)
+    with atomic_directory(output) as staging:
+        pipe.save_pretrained(staging)
+    return output
