@@ -118,9 +118,11 @@ def _protocol(pipe, settings: dict[str, Any], reference: ImageSource, extractor:
 def run_benchmark(pipeline: str, output_dir: str | Path, num_samples: int, guidance_scales: Sequence[float],
                   reference: str, labels: str = "random", seed: int = 0, batch_size: int = 32,
                   shard_size: int = 1000, output_size: int = 256, inception_weights: Optional[str] = None,
-                  sampler_options: Optional[dict[str, Any]] = None, device: Optional[str] = None) -> dict[str, Any]:
+                  sampler_options: Optional[dict[str, Any]] = None, device: Optional[str] = None,
+                  update_model_card: bool = False) -> dict[str, Any]:
     """Generate, shard by shard (resumable, sharded across processes), and evaluate every guidance setting; returns
-    the report (on the main process; other processes return an empty dict)."""
+    the report (on the main process; other processes return an empty dict). ``update_model_card``: record the
+    results in the (local) pipeline folder's ``model_index.json`` and model card."""
     from accelerate import PartialState
 
     from pipelines.pipeline_common import load_pipeline
@@ -187,7 +189,27 @@ def run_benchmark(pipeline: str, output_dir: str | Path, num_samples: int, guida
                                        "images_per_s": generated / seconds if generated else None}})
     report = {"pipeline": str(pipeline), "settings": results}
     _write_reports(report, output_dir, [r["setting"] for r in results])
+    if update_model_card:
+        if not Path(pipeline).is_dir():
+            raise InvalidValueError(f"--update-model-card needs a local pipeline folder, got {pipeline!r}")
+        pipe.record_evaluation(_card_results(report), pipeline)
     return report
+
+
+def _card_results(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a benchmark report for a model card, with a one-line protocol."""
+    results: dict[str, Any] = {}
+    for row in report["settings"]:
+        results[f"gFID ({row['setting']})"] = round(row["fid"], 4)
+        for key in ("sfid", "precision", "recall", "inception_score"):
+            if row.get(key) is not None:
+                results[f"{key} ({row['setting']})"] = round(row[key], 4)
+    p = report["settings"][0]["protocol"]
+    results["protocol"] = (f"{p['num_samples']} samples, {p['labels']} labels, seed {p['seed']}, sampler "
+                           f"{json.dumps(p['sampler_options'])}, {p['resolution']}, uint8 by rounding, reference "
+                           f"{p['reference']} (sha256 {p['reference_sha256'][:16]}), torch-fidelity Inception "
+                           f"(sha256 {p['extractor_sha256'][:16]})")
+    return results
 
 
 def _write_reports(report: dict[str, Any], output_dir: Path, settings: list[str]) -> None:

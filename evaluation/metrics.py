@@ -134,7 +134,8 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     """(mean, std over splits) of ``exp(E_x KL(p(y|x) || p(y)))`` from classifier logits (N, classes)."""
     x = torch.from_numpy(_as_float64(logits))
     if len(x) < splits:
-        raise InvalidValueError(f"the Inception Score with {splits} splits needs at least {splits} samples, got {len(x)}")
+        raise InvalidValueError(f"the Inception Score with {splits} splits needs at least {splits} samples, got "
+                                f"{len(x)}")
     probs = x.softmax(dim=1)
     scores = []
     for part in probs.tensor_split(splits):

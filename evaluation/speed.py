@@ -15,7 +15,7 @@ import torch
 from pipelines.config import build_model, load_config
 from tokenizer.utils.errors import InvalidValueError
 
-__all__ = ["speed_tokenizer", "speed_ar", "speed_flow", "time_call"]
+__all__ = ["speed_tokenizer", "speed_ar", "speed_flow", "speed_eval", "time_call"]
 
 
 def _sync(device: torch.device) -> None:
@@ -227,3 +227,45 @@ def speed_flow(config_path: str, device: str = "cpu", batch_size: int = 8, sampl
     seconds = time_call(sample, device_t, 1, warmup, windows=windows)
     return {**common, "sampler": sampler, "steps": steps, "cfg": cfg, "nfe": nfe,
             "images_per_s": batch_size / seconds, "seconds_per_batch": seconds}
+
+
+def speed_eval(samples: str, reference: str, inception_weights: str | None = None, batch_size: int = 50,
+               device: str = "cpu") -> dict[str, Any]:
+    """FID of two image folders through this suite (:mod:`evaluation.fid`) and through torch-fidelity's own
+    ``calculate_metrics`` on the same images, the same network and weights, side by side in one run: images/s of
+    each (feature extraction of both sets plus the distance) and both FIDs.
+
+    torch-fidelity loads its weights strictly, with the classification layer: it gets a temporary copy of the same
+    weights whose missing fc layer is filled with zeros (used for timing and FID only, which never read it)."""
+    import tempfile
+
+    import torch_fidelity
+
+    from .fid import InceptionFeatures, compare_sources, load_source
+    from .inception_weights import resolve_inception_weights
+
+    device_t = _check_device(device)
+    weights = resolve_inception_weights(inception_weights)
+    a, b = load_source(samples), load_source(reference)
+    if a.kind != "folder" or b.kind != "folder":
+        raise InvalidValueError("speed eval compares two image folders (what torch-fidelity reads directly)")
+    count = a.num_images + b.num_images
+    start = time.perf_counter()
+    ours = compare_sources(a, b, InceptionFeatures(inception_weights, device=device_t), batch_size=batch_size,
+                           cache=False)["fid"]
+    ours_seconds = time.perf_counter() - start
+    state = torch.load(weights.path, map_location="cpu", weights_only=True)
+    state.setdefault("fc.weight", torch.zeros(1008, 2048))
+    state.setdefault("fc.bias", torch.zeros(1008))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/inception.pth"
+        torch.save(state, path)  # our own file, read back by torch-fidelity
+        start = time.perf_counter()
+        theirs = torch_fidelity.calculate_metrics(
+            input1=str(a.path), input2=str(b.path), fid=True, batch_size=batch_size, cuda=device_t.type == "cuda",
+            feature_extractor_weights_path=path, cache=False, verbose=False, samples_find_deep=True)
+        theirs_seconds = time.perf_counter() - start
+    return {"images": count, "batch_size": batch_size, "device": device_t.type, "threads": torch.get_num_threads(),
+            "vfmtok_images_per_s": count / ours_seconds, "torch_fidelity_images_per_s": count / theirs_seconds,
+            "ratio": theirs_seconds / ours_seconds, "fid_vfmtok": ours,
+            "fid_torch_fidelity": theirs["frechet_inception_distance"]}

@@ -107,6 +107,12 @@ def _speed_flow(args: argparse.Namespace) -> None:
     print(json.dumps(row), flush=True)
 
 
+def _speed_eval(args: argparse.Namespace) -> None:
+    from evaluation.speed import speed_eval
+
+    print(json.dumps(speed_eval(args.samples, args.reference, args.inception_weights, args.batch_size, args.device)))
+
+
 def _extract(args: argparse.Namespace) -> None:
     from pipelines.train.extract import extract_tokens, load_tokenizer
 
@@ -152,7 +158,7 @@ def _benchmark(args: argparse.Namespace) -> None:
     report = run_benchmark(args.pipeline, args.output_dir, args.num_samples, args.guidance_scales, args.reference,
                            labels=args.labels, seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size,
                            output_size=args.output_size, inception_weights=args.inception_weights,
-                           sampler_options=options)
+                           sampler_options=options, update_model_card=args.update_model_card)
     for row in report.get("settings", []):
         print(json.dumps({k: row[k] for k in ("setting", "fid", "sfid", "precision", "recall", "inception_score",
                                               "num_samples")}))
@@ -316,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     speed_flow.add_argument("--no-cfg", action="store_true")
     speed_flow.set_defaults(run=_speed_flow)
 
+    speed_ev = speed_kinds.add_parser("eval", help="FID feature extraction images/s, this suite vs torch-fidelity's "
+                                                   "calculate_metrics on the same two image folders")
+    speed_ev.add_argument("--samples", required=True)
+    speed_ev.add_argument("--reference", required=True)
+    speed_ev.add_argument("--inception-weights", default=None)
+    speed_ev.add_argument("--batch-size", type=int, default=50)
+    speed_ev.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    speed_ev.set_defaults(run=_speed_eval)
+
     convert = commands.add_parser("convert", help="convert an official checkpoint to this project's format")
     convert_kinds = convert.add_subparsers(dest="kind", required=True)
     convert_tok = convert_kinds.add_parser("tokenizer", help="official VFMTok / VFMAE checkpoint -> save_pretrained "
@@ -371,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--top-p", type=float, default=None, help="AR pipelines")
     bench.add_argument("--guidance-schedule", default=None, help="AR pipelines: constant, linear, cosine_power, "
                                                                  "interval")
+    bench.add_argument("--update-model-card", action="store_true", help="record the results in the (local) "
+                                                                       "pipeline folder's model card")
     bench.set_defaults(run=_benchmark)
 
     evaluate = commands.add_parser("eval", help="evaluation metrics (ADM protocol, torch-fidelity's Inception)")

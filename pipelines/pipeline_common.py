@@ -227,6 +227,21 @@ class VFMTokPipelineBase(DiffusionPipeline):
         self._write_model_card(working_dir)
         return super()._upload_folder(working_dir, repo_id, *args, **kwargs)
 
+    def record_evaluation(self, evaluation: dict[str, Any], directory: Optional[Union[str, os.PathLike]] = None
+                          ) -> None:
+        """Attach evaluation results (with a ``protocol`` entry) to the pipeline's config; with ``directory`` (its
+        saved folder) also rewrite ``model_index.json`` and the model card there, atomically, weights untouched."""
+        if not isinstance(evaluation, dict):
+            raise InvalidValueError(f"evaluation must be a dict of results, got {type(evaluation).__name__}")
+        self.register_to_config(evaluation=evaluation)
+        if directory is not None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(dir=directory) as staging:
+                self.save_config(staging)
+                os.replace(Path(staging) / "model_index.json", Path(directory) / "model_index.json")
+            self._write_model_card(directory)
+
     def _write_model_card(self, directory: Union[str, os.PathLike]) -> None:
         with atomic_file(Path(directory) / "README.md") as tmp:
             self.model_card().save(str(tmp))

@@ -166,8 +166,14 @@ def test_benchmark_reports_every_setting_with_its_protocol_and_resumes_without_r
     shards[0].unlink()  # a shard an interrupted run never wrote
     record = shards[1].with_suffix(".json")
     record.write_text(record.read_text().replace('"sha256": "', '"sha256": "0'))  # a shard whose content is wrong
-    second = run_benchmark(str(tiny_ar_pipeline), out, **kwargs)
+    second = run_benchmark(str(tiny_ar_pipeline), out, **kwargs, update_model_card=True)
     assert shards[2].stat().st_mtime_ns == kept[shards[2]]  # a finished, intact shard is not generated again
     assert shards[1].stat().st_mtime_ns != kept[shards[1]] and shards[0].is_file()
     for a, b in zip(first["settings"], second["settings"]):
         assert b["fid"] == pytest.approx(a["fid"], rel=1e-9)  # regenerated shards are the same images
+    card = (tiny_ar_pipeline / "README.md").read_text()
+    assert "gFID (cfg-3)" in card and "8 samples, balanced labels" in card and "Not evaluated" not in card
+    from pipelines import load_pipeline
+
+    recorded = load_pipeline(str(tiny_ar_pipeline)).config.evaluation
+    assert recorded["gFID (cfg-1)"] == round(second["settings"][0]["fid"], 4)
