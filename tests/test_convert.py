@@ -153,11 +153,27 @@ def test_missing_unknown_and_misshaped_weights_are_errors(tmp_path):
         convert_reference_checkpoint(tmp_path / "shape.pt", model)
 
 
-def test_pickled_objects_are_refused_with_guidance(tmp_path):
+class _RunsCode:
+    """A pickle that would run code when loaded (it writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_official_training_arguments_load_but_code_never_runs(tmp_path):
     path = tmp_path / "with_args.pt"
-    with open(path, "wb") as f:  # like the official files: training args pickled next to the weights
-        torch.save({"ema": {"x": torch.zeros(1)}, "args": Namespace(lr=1e-4)}, f, pickle_module=pickle)
+    with open(path, "wb") as f:  # exactly like the official scripts: training args pickled next to the weights
+        torch.save({"model": {"x": torch.ones(1)}, "ema": {"x": torch.zeros(1)}, "optimizer": {},
+                    "steps": 10, "args": Namespace(lr=1e-4, results_dir="out", image_size=256)}, f,
+                   pickle_module=pickle)
+    assert torch.equal(load_reference_checkpoint(path)["x"], torch.zeros(1))  # the EMA weights
+    marker = tmp_path / "ran"
+    torch.save({"ema": {"x": torch.zeros(1)}, "args": _RunsCode(marker)}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match=r"(?s)weights_only=True\) refused.*re-save just its tensors"):
-        load_reference_checkpoint(path)
+        load_reference_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_reference_checkpoint(tmp_path / "nope.pt")

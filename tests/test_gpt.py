@@ -510,9 +510,11 @@ def test_converter_errors(tmp_path):
     torch.save({"ema": {**state, "output.weight": torch.zeros(7, 64)}}, tmp_path / "shape.pt")
     with pytest.raises(ValueError, match=r"head.weight: checkpoint \(7, 64\)"):
         convert_llamagen_checkpoint(tmp_path / "shape.pt", model)
-    torch.save({"ema": state, "args": Namespace(lr=1e-4)}, tmp_path / "pickled.pt")
+    torch.save({"ema": state, "args": Namespace(lr=1e-4)}, tmp_path / "pickled.pt")  # as train_c2i.py saves
+    assert load_llamagen_checkpoint(tmp_path / "pickled.pt").keys() == state.keys()
+    torch.save({"ema": state, "args": Path("x")}, tmp_path / "other-object.pt")  # any other class: refused
     with pytest.raises(CheckpointError, match="weights_only"):
-        load_llamagen_checkpoint(tmp_path / "pickled.pt")
+        load_llamagen_checkpoint(tmp_path / "other-object.pt")
     with pytest.raises(ValueError, match="prefer"):
         load_llamagen_checkpoint(tmp_path / "missing.pt", prefer="best")
     with pytest.raises(FileNotFoundError):

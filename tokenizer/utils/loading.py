@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import re
 from pathlib import Path
@@ -56,7 +57,10 @@ def read_training_checkpoint(path: Union[str, Path], prefer: str = "ema",
                              what: str = "tokenizer") -> dict[str, torch.Tensor]:
     """Read a checkpoint saved by a training script safely and return the state dict in it.
 
-    Uses ``torch.load(weights_only=True)``: no code in the file is executed. The weights are looked up under
+    Uses ``torch.load(weights_only=True)``: no code in the file is executed. The one non-tensor class the official
+    training scripts (VFMTok's, LlamaGen's ``train_c2i.py``) store, the ``argparse.Namespace`` of their arguments
+    under ``"args"``, is allowed through torch's safe-globals mechanism (it holds plain values and runs nothing);
+    anything else that is not a tensor or a container is refused. The weights are looked up under
     ``prefer`` (``"ema"`` or ``"model"``, when the file holds both), then under each of ``containers``, else the file
     must itself be a flat dict of tensors. ``what`` names the weights in error messages.
     """
@@ -66,12 +70,12 @@ def read_training_checkpoint(path: Union[str, Path], prefer: str = "ema",
     if not path.is_file():
         raise MissingFileError(f"checkpoint {str(path)!r} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # the unpickler's message names the offending global
         raise CheckpointError(
             f"torch.load(weights_only=True) refused {str(path)!r}: {error}\n"
-            "The file contains Python objects besides tensors (for example argparse.Namespace training arguments). "
-            "Only if you trust where the file comes from, re-save just its tensors with\n"
+            "The file contains Python objects besides tensors and training arguments. Only if you trust where the file comes from, re-save just its tensors with\n"
             "  python -c \"import torch; c = torch.load('IN', map_location='cpu', weights_only=False); "
             "torch.save({k: c[k] for k in ('ema', 'model') if k in c}, 'OUT')\"\n"
             "and convert OUT instead; or allow the specific class with torch.serialization.add_safe_globals."
