@@ -8,6 +8,9 @@ Sources (:func:`load_source`):
 
 * an image folder (PNG / JPEG / ..., all of one size) or an ``.npz`` of uint8 images (``arr_0``, NHWC: ADM sample
   batches and the ADM reference batch);
+* a dataset (a folder with ``labels.csv`` or class sub-folders, a ``save_to_disk`` folder, or a Hub dataset id, as
+  :func:`pipelines.data.load_image_dataset` reads them): every image ADM-centre-cropped to ``dataset_size``
+  (256 by default), as the ADM reference batches were made;
 * an ADM reference batch such as ``VIRTUAL_imagenet256_labeled.npz``: its precomputed ``mu`` / ``sigma`` (the full
   training set) give FID, ``mu_s`` / ``sigma_s`` sFID, and its 10k images precision / recall;
 * a statistics file written by :func:`save_statistics` (``.npz`` with ``mu``, ``sigma``, ``mu_s``, ``sigma_s``,
@@ -88,21 +91,28 @@ class ImageSource:
     """Images (lazily, as uint8 batches) and/or precomputed statistics, with a content hash."""
 
     path: Path
-    kind: str  # "folder" | "npz" | "statistics"
+    kind: str  # "folder" | "npz" | "statistics" | "dataset"
     files: list[Path] = field(default_factory=list)
+    dataset: Any = None  # kind "dataset": a datasets.Dataset (undecoded images), centre-cropped to dataset_size
+    dataset_size: int = 256
     array: Optional[np.ndarray] = None  # (N, H, W, 3) uint8
     statistics: dict[str, GaussianStatistics] = field(default_factory=dict)  # "pool", "spatial"
     content_hash: str = ""
 
     @property
     def num_images(self) -> int:
+        if self.kind == "dataset":
+            return len(self.dataset)
         return len(self.files) if self.kind == "folder" else (0 if self.array is None else len(self.array))
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """uint8 (B, 3, H, W) batches of every image, in a fixed order."""
         size = None
         for start in range(0, self.num_images, batch_size):
-            if self.kind == "folder":
+            if self.kind == "dataset":
+                chunk = np.stack([_dataset_image(self.dataset[i]["image"], self.dataset_size)
+                                  for i in range(start, min(start + batch_size, self.num_images))])
+            elif self.kind == "folder":
                 arrays = []
                 for path in self.files[start:start + batch_size]:
                     arrays.append(_read_rgb(path))
@@ -125,6 +135,28 @@ def _read_rgb(path: Path) -> np.ndarray:
         raise InvalidValueError(f"cannot read image {str(path)!r}: {error}") from error
 
 
+def _dataset_image(image: dict[str, Any], size: int) -> np.ndarray:
+    from pipelines.data import adm_center_crop, decode_image
+
+    return np.asarray(adm_center_crop(decode_image(image), size), dtype=np.uint8)
+
+
+def _dataset_source(source: str, size: int) -> ImageSource:
+    from pipelines.data import load_image_dataset
+
+    dataset = load_image_dataset(source)
+    if not hasattr(dataset, "__len__"):
+        raise InvalidValueError(f"{source!r}: a streamed dataset cannot be a reference; download it first")
+    digest = hashlib.sha256(f"{dataset._fingerprint}/{size}".encode()).hexdigest()
+    return ImageSource(Path(source), "dataset", dataset=dataset, dataset_size=size, content_hash=digest)
+
+
+def _is_dataset_folder(path: Path) -> bool:
+    """A labelled image folder or a ``save_to_disk`` dataset, rather than a plain folder of generated images."""
+    return (path / "labels.csv").is_file() or (path / "dataset_info.json").is_file() or \
+        (path / "state.json").is_file() or any(p.is_dir() for p in path.iterdir())
+
+
 def _hash_files(files: Sequence[Path]) -> str:
     digest = hashlib.sha256()
     for path in files:
@@ -133,11 +165,16 @@ def _hash_files(files: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def load_source(path: str | Path) -> ImageSource:
-    """An image folder, an ``.npz`` of images / ADM reference batch, or a statistics file (see the module docstring)."""
-    path = Path(path)
+def load_source(path: str | Path, dataset_size: int = 256) -> ImageSource:
+    """An image folder, an ``.npz`` of images / ADM reference batch, a statistics file or a dataset (see the module
+    docstring). A string that is no local path is read as a Hub dataset id."""
+    source, path = str(path), Path(path)
     if not path.exists():
+        if "/" in source and not source.startswith((".", "/", "~")) and not path.suffix:
+            return _dataset_source(source, dataset_size)
         raise MissingFileError(f"image source {str(path)!r} does not exist")
+    if path.is_dir() and _is_dataset_folder(path):
+        return _dataset_source(source, dataset_size)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:

@@ -68,6 +68,23 @@ def _is_finite_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# The packages whose component classes a saved pipeline may name (diffusers refuses to import modules itself).
+_COMPONENT_PACKAGES = ("tokenizer", "generators")
+
+
+def _import_component_modules(folder: Path) -> None:
+    """Import this project's modules that ``model_index.json`` names for the components: diffusers only resolves
+    classes from modules already imported (in a fresh process, e.g. each rank of ``accelerate launch``, they are not).
+    Only modules of this project's own packages are imported; anything else is left to diffusers' checks."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return  # diffusers reports the missing file
+    for value in json.loads(index.read_text()).values():
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and \
+                value[0].split(".")[0] in _COMPONENT_PACKAGES:
+            importlib.import_module(value[0])
+
+
 class VFMTokPipelineBase(DiffusionPipeline):
     """Shared behaviour of the class-conditional pipelines. Subclasses set ``_image_tokenizer_name`` (the component
     that decodes), ``_raw_output_type`` ("codes" / "latent") and implement ``_sample_chunk``."""
@@ -214,6 +231,7 @@ class VFMTokPipelineBase(DiffusionPipeline):
         ``token``, ``cache_dir`` and ``local_files_only``; the rest of ``kwargs`` go to diffusers (e.g.
         ``torch_dtype``). Components that do not fit each other are refused."""
         path = _local_snapshot(pretrained_model_name_or_path, kwargs)
+        _import_component_modules(Path(path))
         return super().from_pretrained(path, **kwargs)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:

@@ -177,3 +177,49 @@ def test_benchmark_reports_every_setting_with_its_protocol_and_resumes_without_r
 
     recorded = load_pipeline(str(tiny_ar_pipeline)).config.evaluation
     assert recorded["gFID (cfg-1)"] == round(second["settings"][0]["fid"], 4)
+
+
+@needs_shared
+def test_a_labelled_dataset_folder_is_a_reference_of_centre_crops(tmp_path):
+    from PIL import Image
+
+    from test_trainer import small_image_folder
+
+    folder = small_image_folder(tmp_path / "data", 6)
+    Image.open(next(folder.glob("*.jpg"))).resize((300, 260)).save(folder / "odd.png")  # another size: centre-cropped
+    (folder / "labels.csv").write_text((folder / "labels.csv").read_text() + "odd.png,0\n")
+    source = load_source(folder, dataset_size=128)
+    assert source.kind == "dataset" and source.num_images == 7
+    batch = next(source.batches(7))
+    assert batch.shape == (7, 3, 128, 128) and batch.dtype == torch.uint8
+    assert load_source(folder, dataset_size=128).content_hash == source.content_hash
+    assert load_source(folder, dataset_size=64).content_hash != source.content_hash
+
+
+@needs_shared
+def test_benchmark_shards_across_processes_and_gives_the_single_process_images(extractor, halves, tiny_ar_pipeline,
+                                                                                tmp_path):
+    import subprocess
+    import sys
+
+    from evaluation.benchmark import run_benchmark
+
+    settings = dict(num_samples=8, guidance_scales=[2.0], reference=str(halves[1]), seed=1, batch_size=2,
+                    shard_size=2, output_size=64, inception_weights=str(WEIGHTS))
+    single = run_benchmark(str(tiny_ar_pipeline), tmp_path / "one", **settings)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29533", "-m", "pipelines.cli", "benchmark", "--pipeline",
+               str(tiny_ar_pipeline), "--num-samples", "8", "--guidance-scales", "2.0", "--reference", str(halves[1]),
+               "--seed", "1", "--batch-size", "2", "--shard-size", "2", "--output-size", "64",
+               "--inception-weights", str(WEIGHTS), "--output-dir", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    # the same images; the Inception of another process (other thread count) agrees to float rounding
+    assert two["settings"][0]["fid"] == pytest.approx(single["settings"][0]["fid"], rel=1e-6)
+    for shard in range(4):  # every shard, whichever process made it, holds the single-process images
+        name = f"samples/cfg-2/shard-{shard:05d}.npz"
+        with np.load(tmp_path / "one" / name) as a, np.load(tmp_path / "two" / name) as b:
+            assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
