@@ -423,9 +423,10 @@ class DiTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             raise InvalidValueError(f"timesteps must be a ({b},) tensor, got "
                                     f"{getattr(timesteps, 'shape', type(timesteps))}")
         if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (b,) or \
-                class_labels.is_floating_point():
+                class_labels.is_floating_point() or class_labels.dtype == torch.bool:
             raise InvalidValueError(f"class_labels must be a ({b},) integer tensor, got "
-                             f"{getattr(class_labels, 'shape', type(class_labels))}")
+                             f"{getattr(class_labels, 'shape', type(class_labels))}"
+                             + (f" of dtype {class_labels.dtype}" if isinstance(class_labels, torch.Tensor) else ""))
         bad = class_labels[(class_labels < 0) | (class_labels > self.null_class)]
         if bad.numel():
             raise InvalidValueError(f"class ids {bad.unique().tolist()[:10]} are outside [0, {self.null_class}] "

@@ -33,6 +33,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from tokenizer.utils.errors import InvalidValueError
+from tokenizer.utils.types import class_label_tensor, finite_number
 from tokenizer.utils.loading import StrictLoadingMixin
 
 from .layers import RMSNorm, apply_rotary_embedding, rope_2d_table
@@ -255,9 +256,11 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
 
     # -- core ---------------------------------------------------------------------------------------------------
     def _check_labels(self, class_labels: torch.Tensor, allow_null: bool) -> None:
-        if not isinstance(class_labels, torch.Tensor) or class_labels.ndim != 1 or class_labels.is_floating_point():
+        if not isinstance(class_labels, torch.Tensor) or class_labels.ndim != 1 or class_labels.is_floating_point() \
+                or class_labels.dtype == torch.bool:
             raise InvalidValueError(f"class_labels must be a 1-D integer tensor, got "
-                             f"{getattr(class_labels, 'shape', type(class_labels))}")
+                             f"{getattr(class_labels, 'shape', type(class_labels))}"
+                             + (f" of dtype {class_labels.dtype}" if isinstance(class_labels, torch.Tensor) else ""))
         high = self.config.num_classes + int(allow_null)
         bad = class_labels[(class_labels < 0) | (class_labels >= high)]
         if bad.numel():
@@ -415,6 +418,7 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         ``cfg_interval = k`` guides tokens 0 .. k + 1, i.e. ``guidance_interval = k + 2``.
         """
         self._check_guidance(guidance_scale, guidance_schedule, guidance_power, guidance_interval)
+        guidance_scale, guidance_power = float(guidance_scale), float(guidance_power)
         total = self.num_tokens
         scales = []
         for t in range(total):
@@ -430,6 +434,8 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         return scales
 
     def _check_guidance(self, guidance_scale, guidance_schedule, guidance_power, guidance_interval) -> None:
+        guidance_scale = finite_number("guidance_scale", guidance_scale)
+        guidance_power = finite_number("guidance_power", guidance_power)
         if guidance_scale < 0:
             raise InvalidValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         if guidance_schedule not in GUIDANCE_SCHEDULES:
@@ -481,10 +487,12 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         earlier positions are already encoded and a change there only affects the output).
         The model is put in eval mode for the call and restored afterwards.
         """
-        if not isinstance(class_labels, torch.Tensor):
-            class_labels = torch.as_tensor(class_labels, dtype=torch.long)
+        class_labels = class_label_tensor(class_labels)  # refuses floats (no silent truncation of 1.5) and bools
         self._check_labels(class_labels, allow_null=False)
         scales = self.guidance_scales(guidance_scale, guidance_schedule, guidance_power, guidance_interval)
+        guidance_scale = float(guidance_scale)
+        temperature = finite_number("temperature", temperature)
+        top_p = finite_number("top_p", top_p)
         if temperature <= 0:
             raise InvalidValueError(f"temperature must be > 0, got {temperature}")
         if not isinstance(top_k, int) or top_k < 0:
@@ -540,6 +548,9 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
                     replaced = step_callback(t, tokens)
                     if replaced is not None:
                         self._check_tokens(replaced, total)
+                        if tuple(replaced.shape) != tuple(tokens.shape):
+                            raise InvalidValueError(f"step_callback returned tokens of shape "
+                                                    f"{tuple(replaced.shape)}, expected {tuple(tokens.shape)}")
                         tokens.copy_(replaced)
         finally:
             self.train(was_training)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer.utils.errors import InvalidValueError
+from tokenizer.utils.types import finite_number, positive_int
 
 Model = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -108,6 +109,7 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     returned as ``t' = 1 - sigma'``. Monotone increasing in ``t``, fixes 0 and 1, identity for ``shift = 1``;
     ``shift > 1`` gives ``t' <= t`` (more time near noise).
     """
+    shift = finite_number("shift", shift)
     if shift <= 0:
         raise InvalidValueError(f"shift must be positive, got {shift}")
     if shift == 1.0:
@@ -171,8 +173,8 @@ def flow_matching_loss(
 # ----------------------------------------------------------------------------------------------------------------
 def time_grid(steps: int, shift: float = 1.0, t_end: float = 1.0, device=None) -> torch.Tensor:
     """Increasing grid ``shift_time(linspace(0, t_end, steps + 1), shift)`` (float64 for accurate steps)."""
-    if steps <= 0:
-        raise InvalidValueError(f"steps must be positive, got {steps}")
+    steps = positive_int("steps", steps)
+    shift = finite_number("shift", shift)
     if not 0.0 < t_end <= 1.0:
         raise InvalidValueError(f"t_end must be in (0, 1], got {t_end}")
     return shift_time(torch.linspace(0.0, t_end, steps + 1, dtype=torch.float64, device=device), shift)
@@ -211,6 +213,8 @@ def sample_ode(
     """
     if method not in ("euler", "heun"):
         raise InvalidValueError(f"method must be 'euler' or 'heun', got {method!r}")
+    if times is None:
+        steps, shift = positive_int("steps", steps), finite_number("shift", shift)
     grid = time_grid(steps, shift) if times is None else _check_grid(times)
     x = noise
     for i in range(grid.numel() - 1):
@@ -271,6 +275,8 @@ def sample_sde(
     Euler step of the velocity from ``1 - last_step_size`` to ``1`` (the score is singular at ``t = 1``).
     ``diffusion`` is a name for ``diffusion_coefficient`` or a callable ``w(t)``; total model calls ``steps + 1``.
     """
+    steps, shift = positive_int("steps", steps), finite_number("shift", shift)
+    diffusion_norm = finite_number("diffusion_norm", diffusion_norm)
     if not 0.0 < last_step_size < 1.0:
         raise InvalidValueError(f"last_step_size must be in (0, 1), got {last_step_size}")
     grid = time_grid(steps, shift, t_end=1.0 - last_step_size)
@@ -312,10 +318,11 @@ def guided_model(
       elsewhere the plain conditional ``model`` output is returned.
     ``guidance_scale = 1`` reproduces the conditional model exactly.
     """
+    guidance_scale = finite_number("guidance_scale", guidance_scale)
     if guidance_scale < 0:
         raise InvalidValueError(f"guidance_scale must be non-negative, got {guidance_scale}")
     if interval is not None:
-        t_lo, t_hi = interval
+        t_lo, t_hi = (finite_number("interval[0]", interval[0]), finite_number("interval[1]", interval[1]))
         if not 0.0 <= t_lo <= t_hi <= 1.0:
             raise InvalidValueError(f"interval must satisfy 0 <= t_lo <= t_hi <= 1, got {interval}")
     if weak_model is None and null_class is None:
@@ -325,6 +332,13 @@ def guided_model(
         if weak_model is None:
             if class_labels is None:
                 raise InvalidValueError("class_labels are required for classifier-free guidance")
+            # Checked here, before the batch is doubled, so that errors name the caller's batch size.
+            if not isinstance(class_labels, torch.Tensor) or tuple(class_labels.shape) != (x.shape[0],) or \
+                    class_labels.is_floating_point() or class_labels.dtype == torch.bool:
+                raise InvalidValueError(
+                    f"class_labels must be a ({x.shape[0]},) integer tensor, got "
+                    f"{getattr(class_labels, 'shape', type(class_labels))}"
+                    + (f" of dtype {class_labels.dtype}" if isinstance(class_labels, torch.Tensor) else ""))
             null = torch.full_like(class_labels, null_class)
             out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([class_labels, null]))
             v_cond, v_ref = out.chunk(2)
@@ -358,8 +372,7 @@ def diffusers_flow_sampler(
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    if steps <= 0:
-        raise InvalidValueError(f"steps must be positive, got {steps}")
+    steps, shift = positive_int("steps", steps), finite_number("shift", shift)
     if shift <= 0:
         raise InvalidValueError(f"shift must be positive, got {shift}")
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)

@@ -68,7 +68,8 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
     from pipelines.train.tokenizer import train_tokenizer
 
     train_tokenizer(args.config, args.data, args.output_dir, max_steps=args.max_steps, resume=args.resume,
-                    feature_cache=args.feature_cache, vfm_weights=args.vfm_weights,
+                    allow_changes=args.resume_allow_change, feature_cache=args.feature_cache,
+                    vfm_weights=args.vfm_weights,
                     streaming=True if args.streaming else None)
 
 
@@ -76,7 +77,8 @@ def _train_ar(args: argparse.Namespace) -> None:
     from pipelines.train.ar import train_ar
 
     train_ar(args.config, args.output_dir, codes=args.codes, data=args.data, tokenizer=args.tokenizer,
-             vfm_weights=args.vfm_weights, max_steps=args.max_steps, resume=args.resume)
+             vfm_weights=args.vfm_weights, max_steps=args.max_steps, resume=args.resume,
+             allow_changes=args.resume_allow_change)
 
 
 def _train_flow(args: argparse.Namespace) -> None:
@@ -84,7 +86,7 @@ def _train_flow(args: argparse.Namespace) -> None:
 
     train_flow(args.config, args.output_dir, latents=args.latents, data=args.data, tokenizer=args.tokenizer,
                latent_stats=args.latent_stats, vfm_weights=args.vfm_weights, max_steps=args.max_steps,
-               resume=args.resume)
+               resume=args.resume, allow_changes=args.resume_allow_change)
 
 
 def _latent_stats(args: argparse.Namespace) -> None:
@@ -226,6 +228,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT_DIR")
+    parser.add_argument("--resume-allow-change", nargs="+", default=(), metavar="KEY",
+                        help="with --resume: options that deliberately differ from the checkpoint's run (e.g. "
+                             "learning_rate, data, params.depth); any other difference is refused")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_tok.add_argument("--output-dir", required=True)
     train_tok.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
     train_tok.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT_DIR")
+    train_tok.add_argument("--resume-allow-change", nargs="+", default=(), metavar="KEY",
+                        help="with --resume: options that deliberately differ from the checkpoint's run (e.g. "
+                             "learning_rate, data, params.depth); any other difference is refused")
     train_tok.add_argument("--feature-cache", default=None,
                            help="directory of cached frozen-VFM features (built on first use; centre crops only)")
     train_tok.add_argument("--streaming", action="store_true", help="stream a Hub dataset instead of downloading it")

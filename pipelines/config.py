@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional, Union
 import yaml
 
 from tokenizer.utils.errors import ConfigError, InvalidValueError, MissingFileError
+from tokenizer.utils.types import _type_name, _wrong, check_value  # noqa: F401  (re-exported)
 
 __all__ = ["MODEL_CLASSES", "load_config", "build_model", "model_class", "validate_section", "TrainingConfig",
            "ARSamplingConfig", "FlowSamplingConfig", "FlowConfig", "SECTIONS"]
@@ -44,88 +45,6 @@ MODEL_CLASSES: dict[str, str] = {
     "GPTModel": "generators.gpt:GPTModel",
     "DiTModel": "generators.dit:DiTModel",
 }
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Value checking against type annotations
-# ----------------------------------------------------------------------------------------------------------------------
-def _type_name(annotation: Any) -> str:
-    if annotation is type(None):
-        return "null"
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
-    if origin is not None:
-        args = ", ".join(_type_name(a) for a in typing.get_args(annotation) if a is not Ellipsis)
-        return f"a list of {args}" if origin in (tuple, list, collections.abc.Sequence) else str(annotation)
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping"}.get(
-        annotation, getattr(annotation, "__name__", str(annotation)))
-
-
-def _wrong(key: str, annotation: Any, value: Any) -> ConfigError:
-    hint = ""
-    if isinstance(value, str):
-        try:
-            float(value)
-            hint = (" (YAML reads numbers such as 4e-4 without a dot in the mantissa, and quoted numbers, as strings; "
-                    "write 4.0e-4)")
-        except ValueError:
-            pass
-    return ConfigError(f"{key}: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}{hint}")
-
-
-def check_value(key: str, value: Any, annotation: Any) -> Any:
-    """``value`` checked against ``annotation`` (int, float, bool, str, dict, Optional / unions, tuple / list /
-    Sequence of those); returns it with ints widened to floats and lists turned into tuples where annotated so.
-    Annotations it does not know accept anything."""
-    if annotation is Any or annotation is inspect.Parameter.empty:
-        return value
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return check_value(key, value, option)
-            except ConfigError:
-                continue
-        raise _wrong(key, annotation, value)
-    if annotation is type(None):
-        if value is not None:
-            raise _wrong(key, annotation, value)
-        return None
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise _wrong(key, annotation, value)
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _wrong(key, annotation, value)
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _wrong(key, annotation, value)
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise _wrong(key, annotation, value)
-        return value
-    if annotation is dict or origin in (dict, collections.abc.Mapping):
-        if not isinstance(value, dict):
-            raise _wrong(key, annotation, value)
-        return value
-    if origin in (tuple, list, collections.abc.Sequence):
-        if not isinstance(value, (list, tuple)):
-            raise _wrong(key, annotation, value)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}: {value!r}")
-            items = [check_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args))]
-        else:
-            item = args[0] if args else Any
-            items = [check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else list(items)
-    return value
 
 
 def _fields_of(schema: Union[type, Callable]) -> dict[str, tuple[Any, Any]]:

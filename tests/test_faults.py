@@ -388,3 +388,252 @@ def test_leftovers_of_a_killed_run_are_removed_on_the_next_start(tmp_path):
     trainer(output, images(8)).fit()
     assert [p for p in leftovers if p.exists()] == []
     assert all(p.exists() for p in kept)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 9: config.json of a saved model
+# ----------------------------------------------------------------------------------------------------------------
+def _saved_gpt(tmp_path: Path, **edits) -> Path:
+    from test_gpt import tiny_model
+
+    folder = tmp_path / "gpt"
+    tiny_model().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in edits.items():
+        if value is _DELETE:
+            config.pop(key)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+_DELETE = object()
+
+
+def test_saved_config_with_a_misspelt_parameter_is_refused_naming_it(tmp_path):
+    from generators.gpt import GPTModel
+    from tokenizer.utils.errors import CheckpointError
+
+    folder = _saved_gpt(tmp_path, num_head=4)  # misspelt num_heads: diffusers only warns
+    with pytest.raises(CheckpointError, match=r"unknown parameter\(s\) \['num_head'\]"):
+        GPTModel.from_pretrained(folder)
+
+
+def test_saved_config_with_a_value_of_the_wrong_type_is_refused_naming_the_key(tmp_path):
+    from generators.gpt import GPTModel
+    from tokenizer.utils.errors import CheckpointError
+
+    folder = _saved_gpt(tmp_path, depth="2")
+    with pytest.raises(CheckpointError, match=r"config.json: depth: expected an integer, got str '2'"):
+        GPTModel.from_pretrained(folder)
+    folder = _saved_gpt(tmp_path, norm_eps=[1e-5])
+    with pytest.raises(CheckpointError, match=r"norm_eps: expected a number, got list"):
+        GPTModel.from_pretrained(folder)
+
+
+def test_saved_models_with_a_correct_config_still_load(tmp_path):
+    from generators.dit import DiTModel
+    from generators.gpt import GPTModel
+    from test_dit import TINY as DIT_TINY
+
+    assert isinstance(GPTModel.from_pretrained(_saved_gpt(tmp_path)), GPTModel)
+    DiTModel(**DIT_TINY).save_pretrained(tmp_path / "dit")
+    assert isinstance(DiTModel.from_pretrained(tmp_path / "dit"), DiTModel)
+
+
+def test_type_checking_lives_below_the_models_and_config_files_use_the_same_function():
+    from pipelines import config as config_module
+    from tokenizer.utils import types as types_module
+
+    assert config_module.check_value is types_module.check_value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 10: non-finite and mistyped sampling arguments
+# ----------------------------------------------------------------------------------------------------------------
+NONFINITE = [float("nan"), float("inf"), -float("inf")]
+
+
+@pytest.mark.parametrize("value", NONFINITE)
+@pytest.mark.parametrize("argument", ["guidance_scale", "temperature", "guidance_power"])
+def test_gpt_generate_refuses_nonfinite_arguments(argument, value):
+    from test_gpt import tiny_model
+
+    model = tiny_model()
+    extra = {"guidance_schedule": "cosine_power", "guidance_scale": 2.0} if argument == "guidance_power" else {}
+    with pytest.raises(InvalidValueError, match=f"{argument} must be a finite number"):
+        model.generate(torch.tensor([1, 2]), **{**extra, argument: value})
+    if argument != "temperature":
+        with pytest.raises(InvalidValueError, match=f"{argument} must be a finite number"):
+            model.guidance_scales(**{"guidance_scale": 2.0, "guidance_schedule": "cosine_power", argument: value})
+
+
+@pytest.mark.parametrize("labels, needle", [([1.5], r"must be integers, got \[1.5\]"), ([1.0], "must be integers"),
+                                            ([True], "must be integers"),
+                                            (torch.tensor([True, False]), "dtype torch.bool")])
+def test_gpt_generate_refuses_float_and_bool_labels_instead_of_truncating(labels, needle):
+    from test_gpt import tiny_model
+
+    with pytest.raises(InvalidValueError, match=needle):
+        tiny_model().generate(labels)
+
+
+def _velocity(x, t, y):
+    return -x
+
+
+@pytest.mark.parametrize("value", NONFINITE)
+def test_transport_samplers_refuse_a_nonfinite_shift_and_guidance(value):
+    from generators import transport
+
+    noise = torch.randn(2, 3)
+    for sampler in (transport.sample_ode, transport.sample_sde):
+        with pytest.raises(InvalidValueError, match="shift must be a finite number"):
+            sampler(_velocity, noise, None, 4, shift=value)
+    with pytest.raises(InvalidValueError, match="shift must be a finite number"):
+        transport.shift_time(torch.linspace(0, 1, 3), value)
+    with pytest.raises(InvalidValueError, match="guidance_scale must be a finite number"):
+        transport.guided_model(_velocity, value, null_class=10)
+
+
+@pytest.mark.parametrize("steps", [2.5, 2.0, True, "4"])
+def test_transport_samplers_refuse_a_non_integer_step_count(steps):
+    from generators import transport
+
+    noise = torch.randn(2, 3)
+    for sampler in (transport.sample_ode, transport.sample_sde):
+        with pytest.raises(InvalidValueError, match="steps must be a positive integer"):
+            sampler(_velocity, noise, None, steps)
+
+
+def test_guided_denoiser_errors_name_the_callers_batch_size_and_refuse_bool_labels():
+    from generators import transport
+    from generators.dit import DiTModel
+    from test_dit import TINY as DIT_TINY
+
+    model = DiTModel(**DIT_TINY).eval()
+    guided = transport.guided_model(model, 1.5, null_class=model.null_class)
+    noise = torch.randn(2, *model.latent_shape)
+    with pytest.raises(InvalidValueError, match=r"class_labels must be a \(2,\) integer tensor, got torch.Size\(\[3\]\)"):
+        transport.sample_ode(guided, noise, torch.tensor([1, 2, 3]), 2)
+    with pytest.raises(InvalidValueError, match="dtype torch.bool"):
+        transport.sample_ode(guided, noise, torch.tensor([True, False]), 2)
+    with pytest.raises(InvalidValueError, match="dtype torch.bool"):
+        model(noise, torch.zeros(2), torch.tensor([True, False]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 4: resume only into the same run
+# ----------------------------------------------------------------------------------------------------------------
+def run_trainer(output: Path, dataset=None, run_config=None, **values) -> Trainer:
+    return Trainer(TinyTask(), training(**values), output, dataset if dataset is not None else images(8),
+                   run_config=run_config if run_config is not None else {"data": "tiny-images", "loss": {"w": 1.0}})
+
+
+def test_resume_refuses_a_different_run_naming_every_difference(tmp_path):
+    output = tmp_path / "out"
+    run_trainer(output, max_steps=2).fit()
+    with pytest.raises(InvalidValueError) as error:
+        run_trainer(output, run_config={"data": "other-images", "loss": {"w": 2.0}}, max_steps=4, learning_rate=2e-4,
+                    seed=3).fit(resume=True)
+    message = str(error.value)
+    for needle in ("data: 'tiny-images' in the checkpoint, 'other-images' now", "loss.w: 1.0", "training.seed: 0",
+                   "training.learning_rate: 0.0001", "--resume-allow-change"):
+        assert needle in message
+    assert "max_steps" not in message  # options that never change the trajectory may differ
+    with pytest.raises(InvalidValueError, match="dataset_size: 8 in the checkpoint, 10 now"):
+        run_trainer(output, dataset=images(10), max_steps=4).fit(resume=True)
+
+
+def test_resume_with_a_larger_batch_size_is_a_clear_error(tmp_path):
+    output = tmp_path / "out"
+    run_trainer(output, max_steps=3, checkpoint_every=3).fit()
+    with pytest.raises(InvalidValueError, match=r"training.batch_size: 2 in the checkpoint, 4 now"):
+        run_trainer(output, max_steps=4, batch_size=4).fit(resume=True)
+    # allowed deliberately: the data position carries over in images (no start-batch error)
+    run_trainer(output, max_steps=4, batch_size=4).fit(resume=True, allow_changes=("batch_size",))
+    assert trainer_state(output, 4)["training"]["batch_size"] == 4
+
+
+def test_resume_with_an_allowed_change_uses_the_new_value_and_free_options_may_differ(tmp_path):
+    output = tmp_path / "out"
+    run_trainer(output, max_steps=2).fit()
+    run_trainer(output, max_steps=4, learning_rate=3e-3, log_every=2, num_workers=0, keep_last_checkpoints=4,
+                sample_every=7).fit(resume=True, allow_changes=("learning_rate",))
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [round(line["lr"], 6) for line in lines if line["step"] > 2] == [3e-3]
+    run_config = json.loads((output / "run_config.json").read_text())
+    assert run_config["training"]["learning_rate"] == 3e-3
+    assert any("learning_rate" in change for change in run_config["resumed_with_changes"])
+    with pytest.raises(InvalidValueError, match="not an option of the run"):
+        run_trainer(output, max_steps=6).fit(resume=True, allow_changes=("learning_rat",))
+
+
+def test_cli_train_commands_take_resume_allow_change():
+    from pipelines.cli import build_parser
+
+    for kind in (["tokenizer", "--data", "d"], ["ar"], ["flow"]):
+        args = build_parser().parse_args(["train", *kind, "--config", "c.yaml", "--output-dir", "o", "--resume",
+                                          "--resume-allow-change", "learning_rate", "data"])
+        assert args.resume_allow_change == ["learning_rate", "data"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 5: every part of a checkpoint is restored, or resuming is an error naming the file
+# ----------------------------------------------------------------------------------------------------------------
+def _two_checkpoints(tmp_path: Path) -> Path:
+    output = tmp_path / "out"
+    run_trainer(output, max_steps=4, checkpoint_every=2).fit()
+    return output
+
+
+@pytest.mark.parametrize("name, content", [("random_states_0.pkl", b"garbage, not a pickle"),
+                                           ("random_states_0.pkl", None),  # a pickle without the RNG states
+                                           ("random_states_0.pkl", b""),
+                                           ("optimizer.bin", b"truncated"),
+                                           ("scheduler.bin", b"truncated"),
+                                           ("model.safetensors", b"truncated"),
+                                           ("ema.safetensors", b"truncated"),
+                                           ("buffers.safetensors", b"truncated"),
+                                           ("trainer_state.json", b"{\"step\": ")])
+def test_unrestorable_checkpoint_file_is_an_error_naming_it_and_the_older_checkpoint(tmp_path, name, content):
+    from tokenizer.utils.errors import CheckpointError
+
+    output = _two_checkpoints(tmp_path)
+    newest = output / "checkpoints" / "step-00000004"
+    if content is None:
+        torch.save({"step": 4}, newest / name)
+    else:
+        (newest / name).write_bytes(content)
+    with pytest.raises(CheckpointError) as error:
+        run_trainer(output, max_steps=6, checkpoint_every=2).fit(resume=True)
+    message = str(error.value)
+    assert name in message and "step-00000004" in message
+    assert "older checkpoint" in message and "step-00000002" in message and "delete or move" in message
+    # following the advice resumes from the older checkpoint
+    newest.rename(output / "checkpoints" / "corrupt-step-00000004")
+    run_trainer(output, max_steps=6, checkpoint_every=2).fit(resume=True)
+    assert trainer_state(output, 6)["step"] == 6
+
+
+def test_unrestorable_only_checkpoint_says_there_is_no_older_one(tmp_path):
+    from tokenizer.utils.errors import CheckpointError
+
+    output = tmp_path / "out"
+    run_trainer(output, max_steps=2, checkpoint_every=2).fit()
+    (output / "checkpoints" / "step-00000002" / "random_states_0.pkl").unlink()
+    with pytest.raises(CheckpointError, match=r"random_states_0.pkl cannot be read .*No older checkpoint"):
+        run_trainer(output, max_steps=4).fit(resume=True)
+
+
+def test_resume_restores_the_rng_states_of_the_checkpoint(tmp_path):
+    output = tmp_path / "out"
+    run_trainer(output, max_steps=2, checkpoint_every=2).fit()
+    saved = torch.load(output / "checkpoints" / "step-00000002" / "random_states_0.pkl", weights_only=False)
+    resumed = run_trainer(output, max_steps=2)
+    torch.manual_seed(12345)  # whatever the state before resuming
+    resumed._check_output_dir(True)
+    resumed._prepare()
+    resumed.load_checkpoint(output / "checkpoints" / "step-00000002")
+    assert torch.equal(torch.get_rng_state(), saved["torch_manual_seed"])

@@ -3,7 +3,7 @@ the shared trainer, from pre-extracted codes (``vfmtok extract``) or by tokenizi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +45,15 @@ def check_codes_fit(model: nn.Module, layout: dict[str, Any], what: str) -> None
 
 def train_ar(config: str | Path, output_dir: str | Path, codes: Optional[str] = None, data: Optional[str] = None,
              tokenizer: Optional[str] = None, vfm_weights: Optional[str] = None, max_steps: Optional[int] = None,
-             resume: bool = False, overrides: Optional[dict[str, Any]] = None) -> Path:
+             resume: bool = False, overrides: Optional[dict[str, Any]] = None,
+             allow_changes: Sequence[str] = ()) -> Path:
     """Train the GPT a config describes on ``codes`` (an extraction directory) or on ``data`` tokenized online by
     ``tokenizer``. A tokenizer given with codes is used for the sample grids. Returns the exported EMA model."""
     setup = prepare_stage_two_run("codes", config, codes, data, tokenizer, vfm_weights, max_steps, overrides,
                                   check_codes_fit)
     task = ARTask(setup.model, setup.tokenizer, sample_guidance_scale=setup.sampling["guidance_scale"])
-    return Trainer(task, setup.training, output_dir, setup.dataset, run_config=setup.run_config).fit(resume=resume)
+    trainer = Trainer(task, setup.training, output_dir, setup.dataset, run_config=setup.run_config)
+    return trainer.fit(resume=resume, allow_changes=tuple(allow_changes))
 
 
 @torch.no_grad()

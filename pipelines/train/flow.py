@@ -8,7 +8,7 @@ Latents are normalised per element with statistics measured over the extracted d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -109,7 +109,8 @@ def check_latents_fit(model: nn.Module, layout: dict[str, Any], what: str) -> No
 def train_flow(config: str | Path, output_dir: str | Path, latents: Optional[str] = None, data: Optional[str] = None,
                tokenizer: Optional[str] = None, latent_stats: Optional[str] = None, vfm_weights: Optional[str] = None,
                max_steps: Optional[int] = None, resume: bool = False,
-               overrides: Optional[dict[str, Any]] = None) -> Path:
+               overrides: Optional[dict[str, Any]] = None,
+               allow_changes: Sequence[str] = ()) -> Path:
     """Train the denoiser a config describes on extracted ``latents``, or on images ``data`` encoded online by
     ``tokenizer`` (then ``latent_stats``, a ``latent_stats.safetensors`` measured with ``vfmtok latent-stats`` on
     extracted latents, is required). The ``flow:`` section of the config sets the time sampling (``time_schedule``
@@ -136,4 +137,5 @@ def train_flow(config: str | Path, output_dir: str | Path, latents: Optional[str
     setup.run_config["flow"] = options
     task = FlowTask(model, options, setup.tokenizer, sample_guidance_scale=setup.sampling["guidance_scale"],
                     sample_steps=setup.sampling["steps"])
-    return Trainer(task, setup.training, output_dir, setup.dataset, run_config=setup.run_config).fit(resume=resume)
+    trainer = Trainer(task, setup.training, output_dir, setup.dataset, run_config=setup.run_config)
+    return trainer.fit(resume=resume, allow_changes=tuple(allow_changes))

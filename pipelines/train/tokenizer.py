@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from accelerate.utils import set_seed
 import torch
@@ -80,7 +80,8 @@ class TokenizerTask(TrainingTask):
 
 def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_steps: Optional[int] = None,
                     resume: bool = False, feature_cache: Optional[str] = None, vfm_weights: Optional[str] = None,
-                    streaming: Optional[bool] = None, overrides: Optional[dict[str, Any]] = None) -> Path:
+                    streaming: Optional[bool] = None, overrides: Optional[dict[str, Any]] = None,
+                    allow_changes: Sequence[str] = ()) -> Path:
     """Train the tokenizer a config describes on ``data`` (see :func:`pipelines.data.load_image_dataset`).
 
     ``vfm_weights`` overrides the VFM source of the config (Hub id, local directory or official ``.pth``); a config
@@ -136,7 +137,7 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
                                     f"{run['model']} has none")
         task.feature_cache = open_or_build_feature_cache(trainer.accelerator, model, sample_dataset,
                                                          training.feature_cache, str(data), training)
-    return trainer.fit(resume=resume)
+    return trainer.fit(resume=resume, allow_changes=tuple(allow_changes))
 
 
 def open_or_build_feature_cache(accelerator, model, dataset: ImageDataset, path: str, source: str,

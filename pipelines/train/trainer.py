@@ -8,7 +8,14 @@ precision, gradient accumulation and clipping, EMA weights, learning-rate schedu
 Exact resume. A checkpoint holds the models, EMA, optimizers, schedulers, GradScaler, every process's RNG states, the
 step and the data position (epoch and batch within it). The data order and augmentations are pure functions of
 (seed, epoch, index) (see :mod:`pipelines.data`) and the data loader never touches the global RNG, so a run stopped at
-step k and resumed follows the uninterrupted run's loss trajectory (bitwise on CPU).
+step k and resumed follows the uninterrupted run's loss trajectory (bitwise on CPU). So a checkpoint resumes only
+into the same run: the run config (model, params, loss, data, tokenizer, flow, ...), every training option that
+affects the trajectory (not max_steps with a constant schedule, log_every, checkpoint_every, keep_last_checkpoints,
+sample_every, num_sample_images, num_workers, log_with) and the dataset's size must match, else the error names each
+difference; ``fit(resume=True, allow_changes=("learning_rate",))`` (``--resume-allow-change``) continues deliberately
+with the new values. Every file of the checkpoint must be restored (accelerate's ``load_state`` skips an unreadable
+RNG file silently, so the trainer checks them itself); one that cannot be is an error naming the file and the older
+checkpoint to fall back to.
 
 Output directory layout::
 
@@ -57,7 +64,8 @@ from torch import nn
 from pipelines.config import TrainingConfig
 from pipelines.data import ImageDataset, ResumableBatchSampler, StreamingImageDataset, build_dataloader
 from tokenizer.utils.atomic import atomic_file, save_pretrained_atomically, write_text_atomically
-from tokenizer.utils.errors import InvalidValueError, MissingFileError, OutputExistsError, VFMTokError
+from tokenizer.utils.errors import (CheckpointError, InvalidValueError, MissingFileError, OutputExistsError,
+                                    VFMTokError)
 
 __all__ = ["TrainingConfig", "TrainingTask", "Trainer", "TrainingDiverged", "latest_checkpoint"]  # TrainingConfig: re-exported
 
@@ -65,6 +73,12 @@ logger = get_logger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 LOCK_NAME = ".vfmtok.lock"
+# Training options that never change the trajectory of a run: a resumed run may set them differently. (max_steps
+# only while the schedule does not depend on it: cosine / linear decay to max_steps.)
+RESUME_FREE_OPTIONS = frozenset({"max_steps", "log_every", "checkpoint_every", "keep_last_checkpoints", "sample_every",
+                                 "num_workers", "log_with", "num_sample_images"})
+# Run-config keys that only name things (the config file's path: its contents are compared).
+RESUME_FREE_RUN_KEYS = frozenset({"config_file"})
 # Unreadable-image fraction checked once this many images of an epoch were drawn (or at the epoch's end).
 UNREADABLE_CHECK_AFTER = 1000
 # What a killed run can leave behind (tokenizer.utils.atomic's staging names, the checkpoint staging directory and
@@ -221,6 +235,7 @@ class Trainer:
         self.skipped_images = 0
         self.skipped_examples: list[str] = []
         self.skipped_updates = 0  # updates skipped for a non-finite gradient norm (skip_nonfinite_gradients)
+        self.resume_changes: list[str] = []  # deliberate differences from the resumed checkpoint's run
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -263,7 +278,78 @@ class Trainer:
                 "skipped_updates": self.skipped_updates,
                 "skipped_examples": self.skipped_examples[:20], "ema_optimization_step": self.ema.optimization_step,
                 "num_processes": self.accelerator.num_processes, "modules": self.names,
-                "config": self.run_config, "stream_state": self._stream_state()}
+                "config": self.run_config, "training": self.config.to_dict(), "dataset_size": self._dataset_size(),
+                "stream_state": self._stream_state()}
+
+    def _dataset_size(self) -> Optional[int]:
+        if isinstance(self.dataset, StreamingImageDataset):
+            return None
+        try:
+            return len(self.dataset)
+        except TypeError:
+            return None
+
+    def _run_differences(self, state: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+        """(key, checkpoint's value, this run's value) for everything that determines the run and differs: the run
+        config (model, params, loss, data, tokenizer, flow, ...), the training options that affect the trajectory
+        and the dataset's size. Checkpoints of older versions lack some of these; what they hold is compared."""
+        differences: list[tuple[str, Any, Any]] = []
+
+        def compare(prefix: str, saved: Any, current: Any) -> None:
+            if isinstance(saved, dict) and isinstance(current, dict):
+                for key in sorted(set(saved) | set(current), key=str):
+                    compare(f"{prefix}.{key}" if prefix else str(key), saved.get(key, "<absent>"),
+                            current.get(key, "<absent>"))
+            elif saved != current:
+                differences.append((prefix, saved, current))
+
+        saved_config = state.get("config")
+        if isinstance(saved_config, dict):
+            current_config = json.loads(json.dumps(self.run_config, default=str))  # as the checkpoint stores it
+            compare("", {k: v for k, v in saved_config.items() if k not in RESUME_FREE_RUN_KEYS},
+                    {k: v for k, v in current_config.items() if k not in RESUME_FREE_RUN_KEYS})
+        saved_training = state.get("training")
+        if isinstance(saved_training, dict):
+            current = self.config.to_dict()
+            free = set(RESUME_FREE_OPTIONS)
+            if "constant" not in (saved_training.get("lr_scheduler"), current["lr_scheduler"]):
+                free.discard("max_steps")  # a cosine / linear decay is stretched over max_steps
+            compare("training", {k: v for k, v in saved_training.items() if k not in free},
+                    {k: v for k, v in current.items() if k not in free})
+        if state.get("dataset_size") is not None and self._dataset_size() is not None and \
+                state["dataset_size"] != self._dataset_size():
+            differences.append(("dataset_size", state["dataset_size"], self._dataset_size()))
+        return differences
+
+    def _check_same_run(self, checkpoint: Path, state: dict[str, Any], allow_changes: tuple[str, ...]) -> list[str]:
+        """Refuse to resume ``checkpoint`` into a different run, naming every difference, except those named in
+        ``allow_changes`` (a training option such as ``learning_rate``, a run-config key such as ``data`` or
+        ``params``, or a dotted path such as ``params.depth``). Returns the allowed differences that were found."""
+        training_keys = set(self.config.to_dict())
+        config_keys = set(self.run_config) | set(state.get("config") or {}) | {"dataset_size"}
+        allowed = set()
+        for key in map(str, allow_changes):
+            if key.split(".")[0] in config_keys:
+                allowed.add(key)
+            elif key.removeprefix("training.") in training_keys:
+                allowed.add("training." + key.removeprefix("training."))
+            else:
+                raise InvalidValueError(f"--resume-allow-change {key}: not an option of the run; known: "
+                                        f"{sorted(training_keys | config_keys)}")
+        refused, accepted = [], []
+        for key, saved, current in self._run_differences(state):
+            is_allowed = any(key == a or key.startswith(a + ".") for a in allowed)
+            (accepted if is_allowed else refused).append(f"{key}: {saved!r} in the checkpoint, {current!r} now")
+        if refused:
+            names = sorted({entry.split(":")[0].removeprefix("training.") for entry in refused})
+            raise InvalidValueError(
+                f"checkpoint {str(checkpoint)!r} belongs to a different run; resuming it would not continue that "
+                f"run: " + "; ".join(refused[:20]) + ". Resume with the settings it was trained with, or, to "
+                f"continue deliberately with the new ones, pass --resume-allow-change {' '.join(names)} "
+                f"(Trainer.fit(resume=True, allow_changes={tuple(names)!r}))")
+        for entry in accepted:
+            logger.warning("resuming %s with a deliberate change: %s", checkpoint, entry)
+        return accepted
 
     def _stream_state(self) -> Optional[dict[str, Any]]:
         """Position in a streamed dataset, per process (gathered so that every rank can resume its own shard)."""
@@ -314,27 +400,38 @@ class Trainer:
         for old in complete[:-self.config.keep_last_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load_checkpoint(self, checkpoint: Path) -> None:
+    def load_checkpoint(self, checkpoint: Path, allow_changes: tuple[str, ...] = ()) -> None:
+        """Restore the exact training state of ``checkpoint``, after checking that it belongs to this run (see
+        :meth:`_check_same_run`; ``allow_changes`` names deliberate differences)."""
         state_path = checkpoint / "trainer_state.json"
         if not state_path.is_file():
-            raise MissingFileError(f"checkpoint {str(checkpoint)!r} has no trainer_state.json")
-        state = json.loads(state_path.read_text())
+            raise MissingFileError(f"checkpoint {str(checkpoint)!r} has no trainer_state.json"
+                                   + self._older_checkpoint_hint(checkpoint))
+        try:
+            state = json.loads(state_path.read_text())
+            if not isinstance(state, dict):
+                raise ValueError(f"expected a JSON object, got {type(state).__name__}")
+        except (ValueError, UnicodeDecodeError, OSError) as error:
+            raise self._unrestorable(checkpoint, state_path.name, error) from error
         if state.get("modules") != self.names:
             raise InvalidValueError(f"checkpoint {str(checkpoint)!r} holds modules {state.get('modules')}; this run trains "
                              f"{self.names}")
         if state.get("num_processes") != self.accelerator.num_processes:
             raise InvalidValueError(f"checkpoint {str(checkpoint)!r} was written by {state.get('num_processes')} process(es); "
                              f"this run has {self.accelerator.num_processes}: the data position would not carry over")
-        saved_model = state.get("config", {}).get("params")
-        if saved_model is not None and self.run_config.get("params") is not None and \
-                saved_model != self.run_config["params"]:
-            raise InvalidValueError(f"checkpoint {str(checkpoint)!r} was trained with other model params than the config: "
-                             f"{_dict_difference(saved_model, self.run_config['params'])}")
+        changes = self._check_same_run(checkpoint, state, tuple(allow_changes))
+        self.resume_changes = changes
+        random_states = self._check_checkpoint_files(checkpoint)
         try:
             self.accelerator.load_state(str(checkpoint))
+        except Exception as error:  # a truncated or foreign file: find which one
+            raise self._unrestorable(checkpoint, self._unreadable_part(checkpoint) or "(accelerate state)",
+                                     error) from error
+        self._restore_random_states(random_states)  # accelerate skips an unusable RNG file silently
+        try:
             ema = load_file(str(checkpoint / "ema.safetensors"))
-        except (RuntimeError, OSError, ValueError) as error:
-            raise InvalidValueError(f"cannot load checkpoint {str(checkpoint)!r}: {error}") from error
+        except Exception as error:
+            raise self._unrestorable(checkpoint, "ema.safetensors", error) from error
         missing = [n for n in self.ema_names if n not in ema]
         if missing or len(ema) != len(self.ema_names):
             raise InvalidValueError(f"checkpoint {str(checkpoint)!r}: ema.safetensors does not match the model "
@@ -343,7 +440,10 @@ class Trainer:
             shadow.copy_(ema[name].to(shadow.device))
         buffers_path = checkpoint / "buffers.safetensors"
         if buffers_path.is_file():
-            saved = load_file(str(buffers_path))
+            try:
+                saved = load_file(str(buffers_path))
+            except Exception as error:
+                raise self._unrestorable(checkpoint, buffers_path.name, error) from error
             current = self._non_persistent_buffers()
             for name, module in self.modules.items():
                 module = self.accelerator.unwrap_model(module)
@@ -354,10 +454,122 @@ class Trainer:
         self.ema.optimization_step = state["ema_optimization_step"]
         for key in ("step", "epoch", "batch_in_epoch", "images_seen", "skipped_images"):
             setattr(self, key, state[key])
+        saved_batch = (state.get("training") or {}).get("batch_size", self.config.batch_size)
+        if saved_batch != self.config.batch_size:  # allowed above: keep the position in images, not in batches
+            self.batch_in_epoch = self.batch_in_epoch * saved_batch // self.config.batch_size
+        if changes:
+            self._apply_optimizer_options()
         self.skipped_examples = list(state.get("skipped_examples", []))
         self.skipped_updates = int(state.get("skipped_updates", 0))
         if isinstance(self.dataset, StreamingImageDataset) and state.get("stream_state"):
             self.dataset.load_state_dict(state["stream_state"]["per_process"][self.accelerator.process_index])
+
+    # Every part of a checkpoint must be restored, or the resumed run is not the interrupted one.
+    def _expected_files(self) -> list[str]:
+        """The files of a checkpoint that this process restores (accelerate's names)."""
+        k = len(self.names)
+        suffix = lambda i: "" if i == 0 else f"_{i}"  # noqa: E731
+        files = [f"optimizer{suffix(i)}.bin" for i in range(k)] + [f"scheduler{suffix(i)}.bin" for i in range(k)]
+        if self.accelerator.scaler is not None:
+            files.append("scaler.pt")
+        files += [f"random_states_{self.accelerator.process_index}.pkl", "ema.safetensors"]
+        return files
+
+    def _model_file(self, checkpoint: Path, index: int) -> Path:
+        suffix = "" if index == 0 else f"_{index}"
+        safe = checkpoint / f"model{suffix}.safetensors"
+        return safe if safe.exists() else checkpoint / f"pytorch_model{suffix}.bin"
+
+    def _older_checkpoint_hint(self, checkpoint: Path) -> str:
+        root = checkpoint.parent
+        older = sorted(p for p in root.iterdir() if CHECKPOINT_PATTERN.match(p.name) and p.name < checkpoint.name) \
+            if root.is_dir() else []
+        if not older:
+            return ". No older checkpoint exists in this run; start again without --resume in a new output directory"
+        return (f". The older checkpoint {str(older[-1])!r} exists: to resume from it, delete or move away the "
+                f"corrupt one (e.g. `mv {checkpoint} {checkpoint.parent / ('corrupt-' + checkpoint.name)}`) and run "
+                f"again with --resume")
+
+    def _unrestorable(self, checkpoint: Path, name: str, error: BaseException) -> CheckpointError:
+        return CheckpointError(f"cannot restore checkpoint {str(checkpoint)!r}: {name} cannot be read "
+                               f"({type(error).__name__}: {str(error)[:300]})" + self._older_checkpoint_hint(checkpoint))
+
+    def _check_checkpoint_files(self, checkpoint: Path) -> dict[str, Any]:
+        """Before accelerate loads the state (it ignores an unreadable RNG file): every file this process restores
+        exists and is not empty, and the RNG file loads and holds the states this machine needs. Returns them."""
+        names = [self._model_file(checkpoint, i).name for i in range(len(self.names))] + self._expected_files()
+        for name in names:
+            path = checkpoint / name
+            if not path.is_file():
+                raise self._unrestorable(checkpoint, name, FileNotFoundError("missing"))
+            if path.stat().st_size == 0:
+                raise self._unrestorable(checkpoint, name, ValueError("empty file"))
+        name = f"random_states_{self.accelerator.process_index}.pkl"
+        try:
+            # Our own file (accelerate's save_state), read the way accelerate reads it.
+            states = torch.load(checkpoint / name, map_location="cpu", weights_only=False)
+            needed = ["random_state", "numpy_random_seed", "torch_manual_seed"]
+            if torch.cuda.is_available():
+                needed.append("torch_cuda_manual_seed")
+            if not isinstance(states, dict) or any(key not in states for key in needed):
+                raise ValueError(f"expected the RNG states {needed}, found "
+                                 f"{sorted(states) if isinstance(states, dict) else type(states).__name__}")
+        except Exception as error:
+            raise self._unrestorable(checkpoint, name, error) from error
+        return states
+
+    @staticmethod
+    def _restore_random_states(states: dict[str, Any]) -> None:
+        import random
+
+        import numpy as np
+
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+        if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
+            torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+
+    def _unreadable_part(self, checkpoint: Path) -> Optional[str]:
+        """After a failed ``load_state``: the first file of the checkpoint that cannot be read (None: all can)."""
+        from safetensors import safe_open
+
+        for index in range(len(self.names)):
+            path = self._model_file(checkpoint, index)
+            try:
+                if path.suffix == ".safetensors":
+                    with safe_open(str(path), framework="pt") as handle:
+                        for key in handle.keys():
+                            handle.get_tensor(key)
+                else:
+                    torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:
+                return path.name
+        for name in self._expected_files()[:-2]:  # optimizers, schedulers, scaler
+            try:
+                torch.load(checkpoint / name, map_location="cpu", weights_only=False)
+            except Exception:
+                return name
+        return None
+
+    def _apply_optimizer_options(self) -> None:
+        """After a resume with deliberate changes: the restored optimizer and scheduler states carry the checkpoint's
+        learning rate, betas and weight decay; set this run's (the schedule's position is kept)."""
+        config = self.config
+        for name in self.names:
+            optimizer, scheduler = self.optimizers[name], self.schedulers[name]
+            inner = getattr(scheduler, "scheduler", scheduler)
+            module = self.accelerator.unwrap_model(self.modules[name])
+            fresh = _optimizer(module, config).param_groups  # this run's hyperparameters, group by group
+            for group, reference in zip(optimizer.param_groups, fresh):
+                group["betas"] = reference["betas"]
+                group["weight_decay"] = reference["weight_decay"]
+                group["initial_lr"] = reference["lr"]
+            if hasattr(inner, "base_lrs"):
+                inner.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+                for group, base, fn in zip(optimizer.param_groups, inner.base_lrs, getattr(inner, "lr_lambdas", [])):
+                    group["lr"] = base * fn(inner.last_epoch)
+                inner._last_lr = [group["lr"] for group in optimizer.param_groups]
 
     # -- logging ----------------------------------------------------------------------------------------------------
     def _truncate_metrics(self) -> None:
@@ -457,6 +669,11 @@ class Trainer:
         loader = build_dataloader(self.dataset, sampler, batch_size=config.batch_size, num_workers=config.num_workers,
                                   pin_memory=accelerator.device.type == "cuda")
         epoch_images = len(sampler) * config.batch_size
+        if self.batch_in_epoch > len(sampler):
+            raise InvalidValueError(
+                f"the stored data position (batch {self.batch_in_epoch} of epoch {self.epoch}) is past the "
+                f"{len(sampler)} batches of {config.batch_size} that an epoch of this dataset has: the checkpoint was "
+                f"written with another batch size or dataset")
         while True:
             sampler.set_epoch(self.epoch)
             sampler.set_start_batch(self.batch_in_epoch)
@@ -584,29 +801,32 @@ class Trainer:
         if num_classes is not None and hasattr(self.dataset, "check_labels"):
             self.dataset.check_labels(num_classes, allow_unlabeled=False, source=f"dataset {self._dataset_name()}")
 
-    def fit(self, resume: bool = False) -> Path:
+    def fit(self, resume: bool = False, allow_changes: tuple[str, ...] = ()) -> Path:
         """Train to ``max_steps`` (resuming from the newest checkpoint if asked) and export the EMA model, holding
-        the output directory's lock (:func:`output_lock`) throughout."""
+        the output directory's lock (:func:`output_lock`) throughout. A resumed checkpoint must come from the same
+        run (run config, training options that affect the trajectory, dataset size); ``allow_changes`` names the
+        options or run-config keys the user deliberately changed (e.g. ``("learning_rate",)``)."""
         with output_lock(self.output_dir) if self.accelerator.is_main_process else contextlib.nullcontext():
             if self.accelerator.is_main_process:
                 for leftover in remove_leftovers(self.output_dir):
                     logger.info("removed %s, left by an interrupted run", leftover)
             self.accelerator.wait_for_everyone()
-            return self._fit(resume)
+            return self._fit(resume, tuple(allow_changes or ()))
 
-    def _fit(self, resume: bool) -> Path:
+    def _fit(self, resume: bool, allow_changes: tuple[str, ...] = ()) -> Path:
         accelerator, config = self.accelerator, self.config
         checkpoint = self._check_output_dir(resume)
         self._prepare()
         self._check_labels()
         if checkpoint is not None:
-            self.load_checkpoint(checkpoint)
+            self.load_checkpoint(checkpoint, allow_changes)
             logger.info("resumed from %s at step %d", checkpoint, self.step)
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._truncate_metrics()
+            changes = {"resumed_with_changes": self.resume_changes} if self.resume_changes else {}
             write_text_atomically(self.output_dir / "run_config.json", json.dumps(
-                {**self.run_config, "training": config.to_dict()}, indent=1, default=str))
+                {**self.run_config, "training": config.to_dict(), **changes}, indent=1, default=str))
         accelerator.init_trackers("vfmtok", config={k: v for k, v in config.to_dict().items()
                                                     if isinstance(v, (int, float, str, bool))})
         from tqdm.auto import tqdm
@@ -668,7 +888,3 @@ def _parse_step(line: str) -> Optional[int]:
     except (ValueError, KeyError, TypeError):
         return None
 
-
-def _dict_difference(a: dict, b: dict) -> str:
-    keys = sorted(set(a) | set(b), key=str)
-    return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))[:500]

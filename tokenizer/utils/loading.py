@@ -13,15 +13,18 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import re
+import typing
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, MissingFileError
+from .errors import CheckpointError, ConfigError, MissingFileError
+from .types import check_value
 
 __all__ = ["read_state_dict", "read_training_checkpoint", "key_mismatch_message", "load_state_dict_strict",
            "StrictLoadingMixin", "strip_wrapper_prefixes", "rename_by_rules", "rename_state_dict", "RenameRules",
@@ -146,8 +149,44 @@ class StrictLoadingMixin:
         return (f"Check that the config matches the checkpoint (or convert an official checkpoint with "
                 f"`{cls.converter}`).")
 
+    # from_pretrained arguments that say where config.json is (passed on to ``load_config``).
+    _HUB_KWARGS = ("subfolder", "cache_dir", "force_download", "proxies", "token", "local_files_only", "revision")
+
+    @classmethod
+    def check_saved_config(cls, pretrained_model_name_or_path, **kwargs) -> dict:
+        """The ``config.json`` of a saved model, checked against the constructor: an unknown (e.g. misspelt) key,
+        which diffusers would only warn about, and a value of the wrong type raise :class:`CheckpointError` naming
+        the key (and the expected type and the value). Keys starting with ``_`` (diffusers' own) are ignored."""
+        hub = {k: kwargs[k] for k in cls._HUB_KWARGS if kwargs.get(k) is not None}
+        config = cls.load_config(pretrained_model_name_or_path, **hub)
+        where = f"{pretrained_model_name_or_path}: {cls.config_name}"
+        target = cls.__init__
+        parameters = {name: p for name, p in inspect.signature(target).parameters.items()
+                      if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        try:
+            hints = typing.get_type_hints(target)
+        except Exception:  # an annotation that cannot be resolved here: check names only
+            hints = {}
+        unknown = sorted(k for k in config if not k.startswith("_") and k not in parameters)
+        if unknown:
+            raise CheckpointError(f"{where}: unknown parameter(s) {unknown} for {cls.__name__}; accepted: "
+                                  f"{sorted(parameters)}")
+        for key, value in config.items():
+            if key.startswith("_"):
+                continue
+            try:
+                check_value(key, value, hints.get(key, typing.Any))
+            except ConfigError as error:
+                raise CheckpointError(f"{where}: {error}") from None
+        missing = sorted(name for name, p in parameters.items() if p.default is inspect.Parameter.empty
+                         and name not in config)
+        if missing:
+            raise CheckpointError(f"{where}: missing required parameter(s) {missing} for {cls.__name__}")
+        return config
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        cls.check_saved_config(pretrained_model_name_or_path, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
                                               **kwargs)
