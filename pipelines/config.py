@@ -20,12 +20,9 @@ sections that a model does not have in the file get their defaults, so later cod
 """
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import importlib
 import inspect
-import math
-import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -33,7 +30,7 @@ from typing import Any, Callable, Optional, Union
 import yaml
 
 from tokenizer.utils.errors import ConfigError, InvalidValueError, MissingFileError
-from tokenizer.utils.types import _type_name, _wrong, check_value  # noqa: F401  (re-exported)
+from tokenizer.utils.types import check_value
 
 __all__ = ["MODEL_CLASSES", "load_config", "build_model", "model_class", "validate_section", "TrainingConfig",
            "ARSamplingConfig", "FlowSamplingConfig", "FlowConfig", "SECTIONS"]
