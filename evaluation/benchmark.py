@@ -47,19 +47,21 @@ def _settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _shard_is_complete(path: Path, settings_hash: str, count: int) -> bool:
-    """A shard is kept only when its record names these settings and its images are what the record says."""
+def _checked_shard(path: Path, settings_hash: str, count: int) -> Optional[np.ndarray]:
+    """The shard's images when its record names these settings and its images are what the record says; else None
+    (missing, truncated, foreign or from other settings: generate it again)."""
     record_path = path.with_suffix(".json")
     if not (path.is_file() and record_path.is_file()):
-        return False
+        return None
     try:
         record = json.loads(record_path.read_text())
         with np.load(path, allow_pickle=False) as data:
             images = data["arr_0"]
-        return (record.get("settings") == settings_hash and len(images) == count == record.get("count")
-                and hashlib.sha256(images.tobytes()).hexdigest() == record.get("sha256"))
-    except (OSError, ValueError, KeyError):  # truncated or foreign file: generate it again
-        return False
+        complete = (record.get("settings") == settings_hash and len(images) == count == record.get("count")
+                    and hashlib.sha256(images.tobytes()).hexdigest() == record.get("sha256"))
+    except (OSError, ValueError, KeyError):
+        return None
+    return images if complete else None
 
 
 def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray, settings_hash: str) -> None:
@@ -157,7 +159,7 @@ def run_benchmark(pipeline: str, output_dir: str | Path, num_samples: int, guida
                 continue
             path = folder / f"shard-{shard:05d}.npz"
             shard_labels = all_labels[start:start + shard_size]
-            if _shard_is_complete(path, settings_hash, len(shard_labels)):
+            if _checked_shard(path, settings_hash, len(shard_labels)) is not None:
                 continue
             shard_seed = int.from_bytes(hashlib.sha256(f"{seed}/{scale}/{shard}".encode()).digest()[:8], "little")
             images = _generate_shard(pipe, shard_labels, scale, shard_seed, batch_size, output_size, options)
@@ -172,14 +174,11 @@ def run_benchmark(pipeline: str, output_dir: str | Path, num_samples: int, guida
     results = []
     for scale, settings, settings_hash, folder, num_shards, generated, seconds in runs:
         paths = [folder / f"shard-{i:05d}.npz" for i in range(num_shards)]
-        missing = [str(p) for i, p in enumerate(paths) if not _shard_is_complete(
-            p, settings_hash, len(all_labels[i * shard_size:(i + 1) * shard_size]))]
+        arrays = [_checked_shard(p, settings_hash, len(all_labels[i * shard_size:(i + 1) * shard_size]))
+                  for i, p in enumerate(paths)]  # each shard read and verified once
+        missing = [str(p) for p, images in zip(paths, arrays) if images is None]
         if missing:
             raise InvalidValueError(f"shards missing or corrupt after generation: {missing[:5]}")
-        arrays = []
-        for p in paths:
-            with np.load(p, allow_pickle=False) as data:
-                arrays.append(data["arr_0"])
         digest = hashlib.sha256(b"".join(hashlib.sha256(a.tobytes()).digest() for a in arrays)).hexdigest()
         samples = ImageSource(folder, "npz", array=np.concatenate(arrays), content_hash=digest)
         metrics = compare_sources(samples, reference_source, extractor, batch_size=50)
