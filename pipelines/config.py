@@ -39,6 +39,8 @@ __all__ = ["MODEL_CLASSES", "load_config", "build_model", "model_class", "valida
 # config does not import the generators.
 MODEL_CLASSES: dict[str, str] = {
     "VFMTokModel": "tokenizer.vfmtok:VFMTokModel",
+    "DINOTokModel": "tokenizer.dinotok:DINOTokModel",
+    "GloTokModel": "tokenizer.glotok:GloTokModel",
     "GPTModel": "generators.gpt:GPTModel",
     "DiTModel": "generators.dit:DiTModel",
 }
@@ -210,6 +212,8 @@ def _tokenizer_loss_class():
 # holds). ``params`` is always the model's constructor.
 SECTIONS: dict[str, dict[str, Callable[[], Any]]] = {
     "VFMTokModel": {"training": lambda: TrainingConfig, "loss": _tokenizer_loss_class},
+    "DINOTokModel": {"training": lambda: TrainingConfig, "loss": _tokenizer_loss_class},
+    "GloTokModel": {"training": lambda: TrainingConfig, "loss": _tokenizer_loss_class},
     "GPTModel": {"training": lambda: TrainingConfig, "sampling": lambda: ARSamplingConfig},
     "DiTModel": {"training": lambda: TrainingConfig, "sampling": lambda: FlowSamplingConfig,
                  "flow": lambda: FlowConfig},

@@ -163,6 +163,8 @@ class ImageTokenizerMixin:
 # Class name in a tokenizer's config.json (``_class_name``) -> "module:attribute"; imported on demand.
 TOKENIZER_CLASSES: dict[str, str] = {
     "VFMTokModel": "tokenizer.vfmtok:VFMTokModel",
+    "DINOTokModel": "tokenizer.dinotok:DINOTokModel",
+    "GloTokModel": "tokenizer.glotok:GloTokModel",
 }
 
 

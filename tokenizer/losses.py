@@ -4,12 +4,19 @@ The generator objective (:meth:`TokenizerLoss.generator_loss`) is
 
     l2_weight * MSE + l1_weight * L1 + perceptual_weight * LPIPS(VGG)
     + codebook_weight * codebook + commitment_weight * commitment + entropy_weight * entropy
-    + semantic_weight * semantic + [step >= gan_start_step] * adaptive * gan_weight * G-loss(D(reconstruction))
+    + semantic_weight * semantic + refinement_weight * refinement + histogram_weight * histogram
+    + [step >= gan_start_step] * adaptive * gan_weight * G-loss(D(reconstruction))
 
 where codebook / commitment / entropy / semantic are the model's own terms (``VFMTokOutput.losses``, which already
 include the quantizer's beta and entropy weight) and ``adaptive`` is 1 unless ``adaptive_gan_weight=True`` (taming's
 gradient-norm ratio). The paper recipe (the defaults): 2x MSE, LPIPS 1.0, GAN 0.5 from step 20k with a hinge D loss
 and a non-saturating G loss, the discriminator being a frozen DINO ViT-S/16 with trainable spectral-norm heads.
+
+GloTok's terms (only models that produce them, :mod:`tokenizer.glotok`): ``refinement`` is the model's residual
+refinement loss (paper weight 0.5, the default); ``histogram`` is the codebook-wise histogram relation loss
+``KL(H(teacher) || H(output.semantic_codebook))`` (paper weight 0.01, the default), computed here from the teacher
+file ``histogram_teacher`` (``vfmtok glotok-teacher``: ``centroids`` (K, D), and ``histogram`` with the bins /
+sharpness it was made with); the teacher histogram is computed once, so no image passes through the pretrained model.
 
 Contents: GAN loss functions on logits (``D_LOSSES``, ``G_LOSSES``), :func:`adaptive_gan_weight` and
 :class:`TokenizerLoss`. The perceptual network is in :mod:`tokenizer.lpips`, the discriminators in
@@ -152,6 +159,12 @@ class TokenizerLoss(FrozenModulesMixin, nn.Module):
         discriminator_weights: str | None = None,
         patchgan_channels: int = 64,
         patchgan_layers: int = 3,
+        refinement_weight: float = 0.5,
+        histogram_weight: float = 0.01,
+        histogram_teacher: str | None = None,
+        histogram_bins: int = 40,
+        histogram_sharpness: float | None = None,
+        histogram_block_elements: int = 1 << 24,
     ):
         super().__init__()
         self.l2_weight = _check_weight("l2_weight", l2_weight)
@@ -159,7 +172,15 @@ class TokenizerLoss(FrozenModulesMixin, nn.Module):
         self.perceptual_weight = _check_weight("perceptual_weight", perceptual_weight)
         self.model_loss_weights = {name: _check_weight(f"{name}_weight", value) for name, value in (
             ("codebook", codebook_weight), ("commitment", commitment_weight), ("entropy", entropy_weight),
-            ("semantic", semantic_weight))}
+            ("semantic", semantic_weight), ("refinement", refinement_weight))}
+        self.histogram_weight = _check_weight("histogram_weight", histogram_weight)
+        if int(histogram_bins) != histogram_bins or histogram_bins < 2:
+            raise InvalidValueError(f"histogram_bins must be an integer >= 2, got {histogram_bins}")
+        self.histogram_bins = int(histogram_bins)
+        self.histogram_sharpness = histogram_sharpness
+        self.histogram_block_elements = int(histogram_block_elements)
+        self.histogram_teacher = histogram_teacher
+        self.register_buffer("teacher_histogram", self._teacher_histogram(histogram_teacher), persistent=False)
         self.gan_weight = _check_weight("gan_weight", gan_weight)
         if int(gan_start_step) != gan_start_step or gan_start_step < 0:
             raise InvalidValueError(f"gan_start_step must be an integer >= 0, got {gan_start_step}")
@@ -194,6 +215,40 @@ class TokenizerLoss(FrozenModulesMixin, nn.Module):
         else:
             self.discriminator = None
 
+    def _teacher_histogram(self, path: str | None) -> torch.Tensor:
+        """The teacher's similarity histogram (bins,) from a teacher file, or an empty tensor without one."""
+        if path is None:
+            return torch.zeros(0)
+        from .glotok import default_sharpness, similarity_histogram
+        from .utils.loading import read_state_dict
+
+        teacher = read_state_dict(path)
+        sharpness = (default_sharpness(self.histogram_bins) if self.histogram_sharpness is None
+                     else float(self.histogram_sharpness))
+        stored = teacher.get("histogram")
+        made_with = teacher.get("histogram_settings")  # (bins, sharpness) the stored histogram was computed with
+        if stored is not None and made_with is not None and int(made_with[0]) == self.histogram_bins and \
+                abs(float(made_with[1]) - sharpness) <= 1e-9 * max(1.0, sharpness):
+            return stored.float()
+        if "centroids" not in teacher:
+            raise InvalidValueError(f"histogram_teacher {path!r} holds no 'centroids' (build it with "
+                                    f"`vfmtok glotok-teacher`)")
+        with torch.no_grad():
+            return similarity_histogram(teacher["centroids"].double(), self.histogram_bins, sharpness,
+                                        self.histogram_block_elements).float()
+
+    def histogram_loss(self, codebook: torch.Tensor) -> torch.Tensor:
+        """``KL(H(teacher) || H(codebook))`` (unweighted)."""
+        from .glotok import histogram_relation_loss, similarity_histogram
+
+        if self.teacher_histogram.numel() == 0:
+            raise InvalidValueError("the model has a semantic codebook and histogram_weight > 0, but the loss has no "
+                                    "teacher: set loss.histogram_teacher to a file of `vfmtok glotok-teacher`, or "
+                                    "histogram_weight: 0")
+        student = similarity_histogram(codebook, self.histogram_bins, self.histogram_sharpness,
+                                       self.histogram_block_elements)
+        return histogram_relation_loss(student, self.teacher_histogram.to(student.device))
+
     @property
     def perceptual_loss(self) -> LPIPS | None:
         return self.frozen("perceptual")
@@ -214,7 +269,8 @@ class TokenizerLoss(FrozenModulesMixin, nn.Module):
     def generator_loss(self, output: VFMTokOutput, step: int,
                        last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Total generator loss (fp32 scalar) and the weighted terms as floats (keys: the terms present among
-        l2, l1, perceptual, codebook, commitment, entropy, semantic, gan; total; adaptive_gan_weight when used).
+        l2, l1, perceptual, codebook, commitment, entropy, semantic, refinement, histogram, gan; total;
+        adaptive_gan_weight when used).
 
         ``last_layer``: the decoder's last weight (``model.pixel_decoder.last_layer``), needed only with
         ``adaptive_gan_weight``. The discriminator's parameters are switched to requires_grad=False while it scores
@@ -233,6 +289,9 @@ class TokenizerLoss(FrozenModulesMixin, nn.Module):
         for name, weight in self.model_loss_weights.items():
             if name in model_losses and weight > 0:
                 terms[name] = weight * model_losses[name].float()
+        codebook = getattr(output, "semantic_codebook", None)
+        if codebook is not None and self.histogram_weight > 0:
+            terms["histogram"] = self.histogram_weight * self.histogram_loss(codebook)
         logs: dict[str, float] = {}
         if self.discriminator_active(step) and self.gan_weight > 0:
             with _parameters_frozen(self.discriminator):
