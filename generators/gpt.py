@@ -4,6 +4,11 @@
 Sequence layout. Position 0 holds the class token (a row of ``class_embedding``: ``num_classes`` rows for the classes
 plus one for the null class, id ``num_classes``); position ``p >= 1`` holds image token ``p - 1`` of the
 ``sqrt(num_tokens) x sqrt(num_tokens)`` grid in raster order. The output at position ``p`` predicts image token ``p``.
+With ``codebook_sizes`` of K > 1 codebooks (:mod:`tokenizer.interface`'s code layout: the vocabulary is the codebooks
+side by side) the grid has ``num_tokens / K`` cells and image token ``t`` is cell ``t // K``'s code of codebook
+``t % K``: the K codes of a cell follow each other and share the cell's 2D rotary position, and the logits of token
+``t`` outside codebook ``t % K``'s range are set to -1e9 (in training and sampling), so only codes of the right
+codebook are predicted.
 
 Blocks are Llama pre-norm blocks: ``x + attention(RMSNorm(x))``, then ``x + SwiGLU(RMSNorm(x))``; RMSNorm is computed
 in fp32; attention uses one fused bias-free ``qkv`` projection, 2D rotary embeddings and SDPA.
@@ -22,9 +27,10 @@ half of the pairs rotate by ``row * f_j``, the second half by ``column * f_j``, 
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +197,7 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         attention_dropout: float = 0.0,
         initializer_range: float = 0.02,
         class_token_rope: str = "zero",
+        codebook_sizes: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("num_tokens", num_tokens), ("num_classes", num_classes),
@@ -198,9 +205,16 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
                             ("ffn_multiple_of", ffn_multiple_of)):
             if not isinstance(value, int) or value < 1:
                 raise InvalidValueError(f"{name} must be a positive integer, got {value!r}")
-        grid = math.isqrt(num_tokens)
-        if grid * grid != num_tokens:
-            raise InvalidValueError(f"num_tokens ({num_tokens}) must be a square number (a grid_size x grid_size grid)")
+        sizes = tuple(codebook_sizes) if codebook_sizes is not None else (vocab_size,)
+        if not sizes or min(sizes) < 1 or sum(sizes) != vocab_size or num_tokens % len(sizes):
+            raise InvalidValueError(f"codebook_sizes {list(sizes)} must be positive, sum to vocab_size ({vocab_size}) "
+                                    f"and their number divide num_tokens ({num_tokens})")
+        tokens_per_position = len(sizes)
+        cells = num_tokens // tokens_per_position
+        grid = math.isqrt(cells)
+        if grid * grid != cells:
+            raise InvalidValueError(f"num_tokens ({num_tokens}) must be tokens_per_position ({tokens_per_position}) x "
+                                    f"a square number (a grid_size x grid_size grid)")
         if dim % num_heads != 0 or (dim // num_heads) % 4 != 0:
             raise InvalidValueError(f"dim ({dim}) must be num_heads ({num_heads}) x a head_dim divisible by 4 (2D RoPE "
                              f"splits each head into row and column pairs)")
@@ -213,6 +227,7 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             raise InvalidValueError(f"class_token_rope must be one of {CLASS_TOKEN_ROPE}, got {class_token_rope!r}")
 
         self.grid_size = grid
+        self.tokens_per_position = tokens_per_position
         self.head_dim = dim // num_heads
         self.class_embedding = nn.Embedding(num_classes + 1, dim)  # the last row is the null class
         self.token_embedding = nn.Embedding(vocab_size, dim)
@@ -225,11 +240,21 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         self.head = nn.Linear(dim, vocab_size, bias=False)
         # Not a weight: rebuilt in fp32 whenever the module is moved or cast (see _apply).
         self.register_buffer("rope", self._rope_table(None), persistent=False)
+        # (K, vocab) True where a code belongs to codebook k; None for one codebook.
+        offsets = [0, *itertools.accumulate(sizes)]
+        allowed = torch.zeros(len(sizes), vocab_size, dtype=torch.bool)
+        for k in range(len(sizes)):
+            allowed[k, offsets[k]:offsets[k + 1]] = True
+        self.register_buffer("codebook_mask", allowed if len(sizes) > 1 else None, persistent=False)
         self._init_weights()
 
     def _rope_table(self, device) -> torch.Tensor:
-        return rope_2d_table(self.grid_size, self.head_dim, self.config.rope_base, self.config.class_token_rope,
-                             device=device)
+        table = rope_2d_table(self.grid_size, self.head_dim, self.config.rope_base, self.config.class_token_rope,
+                              device=device)
+        per_cell = self.tokens_per_position
+        if per_cell == 1:
+            return table
+        return torch.cat([table[:1], table[1:].repeat_interleave(per_cell, dim=0)])  # a cell's codes share its entry
 
     def _init_weights(self) -> None:
         std = self.config.initializer_range
@@ -302,7 +327,11 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
             x = block(x, rope, layer_cache, positions, mask)
-        return self.head(self.norm(x)).float()
+        logits = self.head(self.norm(x)).float()
+        if self.codebook_mask is not None:  # token p (output at sequence position p) is of codebook p % K
+            where = torch.arange(x.shape[1], device=x.device) if positions is None else positions
+            logits = logits.masked_fill(~self.codebook_mask[where % self.tokens_per_position], -1e9)
+        return logits
 
     def forward(self, tokens: torch.Tensor, class_labels: torch.Tensor,
                 force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

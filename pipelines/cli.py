@@ -70,7 +70,7 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
     train_tokenizer(args.config, args.data, args.output_dir, max_steps=args.max_steps, resume=args.resume,
                     allow_changes=args.resume_allow_change, feature_cache=args.feature_cache,
                     vfm_weights=args.vfm_weights,
-                    streaming=True if args.streaming else None)
+                    streaming=True if args.streaming else None, init_from=args.init_from)
 
 
 def _train_ar(args: argparse.Namespace) -> None:
@@ -210,6 +210,33 @@ def _image_grid(images: list, captions: list[str], columns: int):
     return grid
 
 
+def _pca_stats(args: argparse.Namespace) -> None:
+    from pipelines.train.extract import load_tokenizer
+    from pipelines.train.tokenizer_stats import pca_statistics
+
+    tokenizer = load_tokenizer(args.tokenizer, args.vfm_weights, args.random_vfm)
+    print(json.dumps(pca_statistics(tokenizer, args.data, args.output_dir, batch_size=args.batch_size,
+                                    limit=args.limit, num_workers=args.num_workers)))
+
+
+def _glotok_teacher(args: argparse.Namespace) -> None:
+    from pipelines.train.tokenizer_stats import build_glotok_teacher
+
+    print(json.dumps(build_glotok_teacher(args.output, clusters=args.clusters, data=args.data, config=args.config,
+                                          from_codebook=args.from_codebook, vfm_weights=args.vfm_weights,
+                                          random_vfm=args.random_vfm, batch_size=args.batch_size, limit=args.limit,
+                                          seed=args.seed, bins=args.bins, device=args.device)))
+
+
+def _compare_tokenizers(args: argparse.Namespace) -> None:
+    from pipelines.train.compare import DEFAULT_PRESETS, compare_tokenizers, format_table
+
+    rows = compare_tokenizers(args.output_dir, args.data, configs=args.configs or DEFAULT_PRESETS, steps=args.steps,
+                              batch_size=args.batch_size, eval_limit=args.eval_limit,
+                              inception_weights=args.inception_weights, device=args.device)
+    print(format_table(rows, args.steps, args.batch_size, args.data))
+
+
 def _add_speed_arguments(parser: argparse.ArgumentParser, batch_size: int, windows: bool = True) -> None:
     """The options every `vfmtok speed` command takes."""
     parser.add_argument("--config", required=True)
@@ -272,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_tok.add_argument("--streaming", action="store_true", help="stream a Hub dataset instead of downloading it")
     train_tok.add_argument("--vfm-weights", default=None,
                            help="VFM weights (Hub id, local directory, official .pth); default: the config's")
+    train_tok.add_argument("--init-from", default=None,
+                           help="a saved tokenizer folder whose matching weights start the model (e.g. DINO-Tok VQ "
+                                "from the AE after `vfmtok pca-stats`)")
     train_tok.set_defaults(run=_train_tokenizer)
 
     extract = commands.add_parser("extract", help="encode a dataset with a trained tokenizer into code (AR) or latent "
@@ -425,6 +455,53 @@ def build_parser() -> argparse.ArgumentParser:
     eval_recon.add_argument("--random-vfm", action="store_true", help="keep a random VFM (tests of tiny tokenizers)")
     eval_recon.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     eval_recon.set_defaults(run=_eval_recon)
+
+    pca = commands.add_parser("pca-stats", help="DINO-Tok: measure the mean and principal directions of a tokenizer's "
+                                                "latent over a dataset (float64, sharded under `accelerate launch`) "
+                                                "and save the tokenizer with them to OUTPUT_DIR")
+    pca.add_argument("--tokenizer", required=True, help="a DINO-Tok tokenizer folder (e.g. the trained AE)")
+    pca.add_argument("--data", required=True, help="dataset, as for `vfmtok train tokenizer --data`")
+    pca.add_argument("--output-dir", required=True)
+    pca.add_argument("--batch-size", type=int, default=32)
+    pca.add_argument("--limit", type=int, default=None, help="only the first N images")
+    pca.add_argument("--num-workers", type=int, default=0)
+    pca.add_argument("--vfm-weights", default=None, help="override the VFM source named in the tokenizer config")
+    pca.add_argument("--random-vfm", action="store_true", help="keep a random VFM (tests of tiny tokenizers)")
+    pca.set_defaults(run=_pca_stats)
+
+    teacher = commands.add_parser("glotok-teacher", help="GloTok: the histogram loss's teacher, k-means centroids of "
+                                                         "a frozen VFM's features over a dataset (or a trained "
+                                                         "tokenizer's codebook), as one .safetensors file")
+    source = teacher.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", default=None, help="a tokenizer config whose params.vfm is the teacher's model")
+    source.add_argument("--from-codebook", default=None, help="a trained discrete tokenizer folder: its (semantic) "
+                                                              "codebook is the teacher")
+    teacher.add_argument("--data", default=None, help="dataset for the k-means (with --config)")
+    teacher.add_argument("--output", required=True, help="the teacher file to write (.safetensors)")
+    teacher.add_argument("--clusters", type=int, default=4096, help="k-means clusters (GloTok: the semantic "
+                                                                    "codebook size)")
+    teacher.add_argument("--bins", type=int, default=40)
+    teacher.add_argument("--batch-size", type=int, default=32)
+    teacher.add_argument("--limit", type=int, default=None, help="only the first N images")
+    teacher.add_argument("--seed", type=int, default=0)
+    teacher.add_argument("--vfm-weights", default=None, help="override the VFM source of the config")
+    teacher.add_argument("--random-vfm", action="store_true", help="a random VFM (tests of tiny configs)")
+    teacher.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    teacher.set_defaults(run=_glotok_teacher)
+
+    compare = commands.add_parser("compare-tokenizers", help="train tokenizer presets at the same steps and batch on "
+                                                             "the same data, then PSNR, SSIM, rFID, codebook usage "
+                                                             "and train images/s as a table")
+    compare.add_argument("--data", required=True)
+    compare.add_argument("--output-dir", required=True)
+    compare.add_argument("--configs", nargs="+", default=None, help="default: the tiny VFMTok, DINO-Tok AE / VQ and "
+                                                                    "GloTok presets")
+    compare.add_argument("--steps", type=int, default=200)
+    compare.add_argument("--batch-size", type=int, default=8)
+    compare.add_argument("--eval-limit", type=int, default=500, help="evaluate on the first N images")
+    compare.add_argument("--inception-weights", default=None)
+    compare.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="evaluation device")
+    compare.set_defaults(run=_compare_tokenizers)
     return parser
 
 

@@ -31,6 +31,10 @@ class VFMTokARPipeline(VFMTokPipelineBase):
             raise CheckpointError(f"the tokenizer's codes (vocab_size {layout.vocab_size}, num_tokens "
                                   f"{layout.num_tokens}) do not fit the GPT (vocab_size {config.vocab_size}, "
                                   f"num_tokens {config.num_tokens})")
+        gpt_sizes = tuple(config.get("codebook_sizes") or (config.vocab_size,))
+        if tuple(layout.codebook_sizes) != gpt_sizes:
+            raise CheckpointError(f"the tokenizer's codebooks {list(layout.codebook_sizes)} do not match the GPT's "
+                                  f"codebook_sizes {list(gpt_sizes)} (one code per codebook and grid cell)")
         self.register_modules(vqvae=vqvae, transformer=transformer)
         self._register_labels(id2label, evaluation, config.num_classes)
 

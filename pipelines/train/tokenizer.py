@@ -81,12 +81,14 @@ class TokenizerTask(TrainingTask):
 def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_steps: Optional[int] = None,
                     resume: bool = False, feature_cache: Optional[str] = None, vfm_weights: Optional[str] = None,
                     streaming: Optional[bool] = None, overrides: Optional[dict[str, Any]] = None,
-                    allow_changes: Sequence[str] = ()) -> Path:
+                    allow_changes: Sequence[str] = (), init_from: Optional[str] = None) -> Path:
     """Train the tokenizer a config describes on ``data`` (see :func:`pipelines.data.load_image_dataset`).
 
     ``vfm_weights`` overrides the VFM source of the config (Hub id, local directory or official ``.pth``); a config
     without any (the tiny test configs) trains on a randomly initialised VFM and says so. ``overrides`` replaces
-    ``training`` options. Returns the directory of the exported EMA tokenizer.
+    ``training`` options. ``init_from``: a saved tokenizer folder whose matching weights (names and shapes) start the
+    model (see :func:`pipelines.train.tokenizer_stats.init_from_pretrained`; e.g. DINO-Tok VQ from its AE with PCA
+    statistics). Returns the directory of the exported EMA tokenizer.
     """
     from tokenizer.interface import ImageTokenizerMixin
     from tokenizer.losses import TokenizerLoss
@@ -99,6 +101,10 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
     if not isinstance(model, ImageTokenizerMixin):
         raise InvalidValueError(f"{run['_path']}: `vfmtok train tokenizer` trains tokenizer configs, got "
                                 f"{run['model']}")
+    if init_from is not None:
+        from .tokenizer_stats import init_from_pretrained
+
+        init_from_pretrained(model, init_from)
     encoder = model.frozen_encoder
     if encoder is not None and (vfm_weights is not None or encoder.pretrained is not None):
         model.load_vfm_weights(vfm_weights)
@@ -129,6 +135,8 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
         sample_dataset = ImageDataset(source, size, augment="center", flip=False)
     run_config = {"model": run["model"], "params": run["params"], "loss": run["loss"], "data": str(data),
                   "config_file": run["_path"]}
+    if init_from is not None:
+        run_config["init_from"] = str(init_from)
     task = TokenizerTask(model, loss)
     trainer = Trainer(task, training, output_dir, dataset, sample_dataset=sample_dataset, run_config=run_config)
     if cached:
