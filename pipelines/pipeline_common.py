@@ -23,7 +23,8 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from tokenizer.utils.atomic import atomic_file
 from tokenizer.utils.errors import CheckpointError, InvalidValueError, WeightsUnavailableError
 
-__all__ = ["VFMTokPipelineBase", "ClassLabels", "imagenet_id2label", "load_pipeline", "PIPELINE_CLASSES"]
+__all__ = ["VFMTokPipelineBase", "ClassLabels", "imagenet_id2label", "load_pipeline", "PIPELINE_CLASSES",
+           "captioned_image_grid"]
 
 ClassLabels = Union[int, str, Sequence[int], Sequence[str], torch.Tensor]
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -330,6 +331,24 @@ or `vfmtok sample --pipeline <folder or repo id> --class-names "golden retriever
 {evaluation_text}
 """
         return ModelCard(content)
+
+
+def captioned_image_grid(images: list, captions: list[str], columns: int) -> "PIL.Image.Image":
+    """PIL images in rows of ``columns``, each with its caption below (PIL's default font, clipped to the cell)."""
+    from PIL import Image, ImageDraw
+
+    width, height = images[0].size
+    caption_height = 14
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * width, rows * (height + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (k % columns) * width, (k // columns) * (height + caption_height)
+        grid.paste(image, (x, y))
+        while caption and draw.textlength(caption) > width - 2:
+            caption = caption[:-1]
+        draw.text((x + 1, y + height + 1), caption, fill="black")
+    return grid
 
 
 def _local_snapshot(path_or_id: Union[str, os.PathLike], kwargs: dict[str, Any]) -> str:

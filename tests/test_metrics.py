@@ -8,8 +8,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from evaluation.metrics import (codebook_statistics, feature_statistics, frechet_distance, inception_score,
-                                precision_recall, psnr, ssim)
+from evaluation.metrics import (codebook_statistics, feature_statistics, frechet_distance, frechet_distance_of,
+                                inception_score, precision_recall, psnr, ssim)
 
 
 def random_spd(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -41,6 +41,25 @@ def test_fid_of_a_set_with_itself_is_zero_even_when_rank_deficient():
     stats = feature_statistics(features)
     value = frechet_distance(stats.mu, stats.sigma, stats.mu, stats.sigma)
     assert math.isfinite(value) and abs(value) < 1e-7
+
+
+def test_low_rank_frechet_distance_equals_the_dense_one_and_scipy():
+    """Statistics of fewer samples than dimensions take the N x N path of frechet_distance_of; it must give the
+    dense eigen-form's value and scipy's sqrtm-based one, whichever side (or both) is low-rank."""
+    rng = np.random.default_rng(5)
+    d = 96
+    sets = {"small": rng.normal(size=(20, d)), "other_small": rng.normal(0.3, 1.2, size=(35, d)),
+            "large": rng.normal(size=(400, d)) @ rng.normal(size=(d, d)) / 8}
+    stats = {name: feature_statistics(x) for name, x in sets.items()}
+    assert stats["small"].factor is not None and stats["large"].factor is None
+    for a, b in (("small", "large"), ("large", "small"), ("small", "other_small")):
+        sa, sb = stats[a], stats[b]
+        dense = frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
+        covmean = scipy.linalg.sqrtm(sa.sigma @ sb.sigma).real
+        reference = ((sa.mu - sb.mu) ** 2).sum() + np.trace(sa.sigma) + np.trace(sb.sigma) - 2 * np.trace(covmean)
+        assert frechet_distance_of(sa, sb) == pytest.approx(dense, rel=1e-9)
+        assert frechet_distance_of(sa, sb) == pytest.approx(reference, rel=1e-6)
+    assert abs(frechet_distance_of(stats["small"], stats["small"])) < 1e-8
 
 
 def test_feature_statistics_equal_numpy_and_do_not_depend_on_order():

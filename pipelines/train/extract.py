@@ -42,21 +42,22 @@ def load_tokenizer(path: str, vfm_weights: Optional[str] = None, random_vfm: boo
     return load_tokenizer_folder(path, vfm_source=vfm_weights)
 
 
-def augmented_views(images: torch.Tensor, size: int, ten_crop: bool) -> torch.Tensor:
-    """(B, 3, S', S') -> (B, V, 3, size, size): centre crop + flip, or LlamaGen's ten crops (5 crops and flips)."""
+def augmented_views(images: torch.Tensor, size: int, ten_crop: bool, flip: bool = True) -> torch.Tensor:
+    """(B, 3, S', S') -> (B, V, 3, size, size): centre crop + flip, or LlamaGen's ten crops (5 crops and flips);
+    without ``flip`` (data that is not mirror-symmetric, such as digits or text) only the unflipped views."""
     from torchvision.transforms.v2 import functional as TF
 
     if not ten_crop:
-        return torch.stack([images, images.flip(-1)], dim=1)
-    crops = TF.ten_crop(images, [size, size])  # 4 corners, centre, then the same of the flipped image
-    return torch.stack(list(crops), dim=1)
+        return torch.stack([images, images.flip(-1)] if flip else [images], dim=1)
+    crops = TF.ten_crop(images, [size, size]) if flip else TF.five_crop(images, [size, size])
+    return torch.stack(list(crops), dim=1)  # 4 corners, centre (then the same of the flipped image)
 
 
 def extract_tokens(tokenizer, data: str, output_dir: str | Path, ten_crop: bool = False, batch_size: int = 32,
                    num_workers: int = 2, device: str | torch.device = "cpu",
-                   limit: Optional[int] = None) -> Path:
+                   limit: Optional[int] = None, flip: bool = True) -> Path:
     """Encode every image of ``data`` with ``tokenizer`` (any :class:`tokenizer.ImageTokenizerMixin`) into
-    ``output_dir``."""
+    ``output_dir``; ``flip=False`` stores no mirrored views."""
     if batch_size < 1:
         raise InvalidValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -69,7 +70,7 @@ def extract_tokens(tokenizer, data: str, output_dir: str | Path, ten_crop: bool 
         source = source.select(range(min(limit, len(source))))
     # LlamaGen's ten-crop: the ADM centre crop at 1.1 x, then crops of the target size inside it.
     dataset = ImageDataset(source, int(size * 1.1) if ten_crop else size, augment="center", flip=False)
-    num_views = 10 if ten_crop else 2
+    num_views = (10 if ten_crop else 2) if flip else (5 if ten_crop else 1)
     discrete = tokenizer.is_discrete
     count = len(dataset)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
@@ -88,7 +89,7 @@ def extract_tokens(tokenizer, data: str, output_dir: str | Path, ten_crop: bool 
                 skipped.extend(batch["skipped"])
                 if len(batch["images"]) == 0:
                     continue
-                views = augmented_views(batch["images"].to(device), size, ten_crop)
+                views = augmented_views(batch["images"].to(device), size, ten_crop, flip)
                 encoded = tokenizer.encode(views.flatten(0, 1))
                 encoded = encoded.reshape(len(views), num_views, *encoded.shape[1:])
                 index = batch["indices"].numpy()
@@ -100,7 +101,7 @@ def extract_tokens(tokenizer, data: str, output_dir: str | Path, ten_crop: bool 
         np.save(staging / "labels.npy", labels)
         np.save(staging / "valid.npy", valid)
         meta = {"format": _FORMAT, "kind": "codes" if discrete else "latents", "num_images": count,
-                "num_views": num_views, "ten_crop": ten_crop, "shape": list(shape[2:]),
+                "num_views": num_views, "ten_crop": ten_crop, "flip": flip, "shape": list(shape[2:]),
                 "vocab_size": tokenizer.code_layout.vocab_size if discrete else None, "image_size": size,
                 "source": str(data), "unreadable": int((~valid).sum()), "unreadable_examples": skipped[:20],
                 "tokenizer": tokenizer.tokenizer_summary(),
