@@ -42,7 +42,7 @@ from tokenizer.utils.loading import (RenameRules, read_state_dict, read_training
                                      rename_state_dict, strip_wrapper_prefixes)
 
 __all__ = ["CheckpointError", "load_ddt_checkpoint", "convert_ddt_state_dict", "convert_ddt_checkpoint",
-           "read_latent_statistics"]
+           "read_latent_statistics", "check_latent_statistics"]
 
 _BLOCK_INNER = (r"(norm[12]\.weight|attn\.qkv\.(weight|bias)|attn\.[qk]_norm\.(weight|bias)|attn\.proj\.(weight|bias)"
                 r"|mlp\.(w12|w3|fc1|fc2)\.(weight|bias)|adaLN_modulation\.1\.(weight|bias))")
@@ -138,7 +138,23 @@ def read_latent_statistics(path: str | Path) -> tuple[torch.Tensor, torch.Tensor
         raise CheckpointError(f"latent statistics {str(path)!r} need 'mean' and 'std' (or 'var'), found "
                               f"{sorted(stats)}")
     std = stats["std"] if "std" in stats else stats["var"].clamp_min(0).sqrt()
-    return stats["mean"].float().squeeze(0), std.float().squeeze(0)
+    # RAE's layout (1, C, h, w) -> (C, h, w); a (C, h, w) file keeps its shape even with C = 1
+    mean, std = (t.float().squeeze(0) if t.ndim == 4 and t.shape[0] == 1 else t.float() for t in (stats["mean"], std))
+    check_latent_statistics(mean, std, f"latent statistics {str(path)!r}")
+    return mean, std
+
+
+def check_latent_statistics(mean: torch.Tensor, std: torch.Tensor, where: str) -> None:
+    """Refuse statistics that would normalise latents into NaN / inf: every element of ``mean`` finite, every element
+    of ``std`` finite and > 0. ``where`` names the file in the error, which counts the bad elements."""
+    bad_mean = ~torch.isfinite(mean)
+    bad_std = ~(torch.isfinite(std) & (std > 0))
+    if bad_mean.any() or bad_std.any():
+        first = (bad_mean | bad_std).nonzero()[0].tolist() if mean.shape == std.shape else []
+        raise InvalidValueError(
+            f"{where}: {int(bad_mean.sum())} of the {mean.numel()} elements of 'mean' are not finite and "
+            f"{int(bad_std.sum())} of the {std.numel()} elements of 'std' are not finite or not > 0 (first bad "
+            f"element at index {first}); expected finite means and positive finite standard deviations")
 
 
 def convert_ddt_checkpoint(path: str | Path, model, prefer: str = "ema",

@@ -4,10 +4,12 @@ output directory; image modes decoded with their real range; labels checked once
 Most trainer tests run a tiny linear task on a handful of in-memory images (well under a second of training)."""
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -637,3 +639,312 @@ def test_resume_restores_the_rng_states_of_the_checkpoint(tmp_path):
     resumed._prepare()
     resumed.load_checkpoint(output / "checkpoints" / "step-00000002")
     assert torch.equal(torch.get_rng_state(), saved["torch_manual_seed"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 8: a full disk, a missing --vfm-weights file, latent statistics
+# ----------------------------------------------------------------------------------------------------------------
+NO_SPACE = "No space left on device"
+
+
+def test_disk_full_during_a_checkpoint_write_says_so_and_leaves_no_staging(tmp_path, monkeypatch):
+    from tokenizer.utils.errors import DiskFullError, VFMTokError
+
+    output = tmp_path / "out"
+    original = trainer_module.save_file
+
+    def failing(tensors, filename, *args, **kwargs):
+        if "step-00000004" in str(filename):
+            raise OSError(errno.ENOSPC, NO_SPACE)
+        return original(tensors, filename, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "save_file", failing)
+        with pytest.raises(DiskFullError) as error:
+            run_trainer(output, max_steps=4, checkpoint_every=2).fit()
+    message = str(error.value)
+    assert isinstance(error.value, VFMTokError) and isinstance(error.value, OSError)
+    assert message.startswith("the disk is full") and "step-00000004" in message
+    assert "last complete checkpoint" in message and "step-00000002" in message and "--resume" in message
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000002"]  # no staging left
+    run_trainer(output, max_steps=4, checkpoint_every=2).fit(resume=True)  # space freed: the run continues
+    assert trainer_state(output, 4)["step"] == 4
+
+
+@pytest.mark.parametrize("free_bytes", [0, 10 ** 12])
+def test_a_write_error_without_errno_is_disk_full_only_when_the_disk_has_no_space(tmp_path, monkeypatch, free_bytes):
+    from accelerate import Accelerator
+
+    from tokenizer.utils import atomic as atomic_module
+    from tokenizer.utils.errors import DiskFullError
+
+    # torch.save drops the errno: "PytorchStreamWriter failed writing file data/0: file write failed"
+    def failing(self, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(Accelerator, "save_state", failing)
+    monkeypatch.setattr(atomic_module, "_free_bytes", lambda path: free_bytes)
+    output = tmp_path / "out"
+    with pytest.raises((DiskFullError, RuntimeError)) as error:
+        run_trainer(output, max_steps=2, checkpoint_every=2).fit()
+    if free_bytes == 0:
+        assert isinstance(error.value, DiskFullError), repr(error.value)
+        assert str(error.value).startswith("the disk is full") and "step-00000002" in str(error.value)
+        assert "no checkpoint was completed yet" in str(error.value)
+    else:  # another failure: its own error, not a misleading disk-full one
+        assert type(error.value) is RuntimeError and "file write failed" in str(error.value)
+    assert list((output / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, NO_SPACE), OSError(errno.EDQUOT, "Disk quota exceeded"),
+                                     # safetensors wraps the OS error in its own exception
+                                     Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                               'message: "No space left on device" })')])
+def test_disk_full_during_an_export_or_a_report_names_the_path_and_removes_the_partial(tmp_path, monkeypatch,
+                                                                                       failure):
+    from tokenizer.utils.atomic import save_pretrained_atomically, write_text_atomically
+    from tokenizer.utils.errors import DiskFullError
+
+    class Exporting:
+        def save_pretrained(self, directory):
+            (Path(directory) / "config.json").write_text("{}")
+            raise failure
+
+    target = tmp_path / "exported"
+    with pytest.raises(DiskFullError, match=f"^the disk is full: .*{target}"):
+        save_pretrained_atomically(Exporting(), target)
+    assert list(tmp_path.iterdir()) == []
+
+    def failing_write(self, *args, **kwargs):
+        raise failure
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", failing_write)
+        with pytest.raises(DiskFullError, match=r"disk is full: .*report\.json"):
+            write_text_atomically(tmp_path / "report.json", "{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_write_failures_keep_their_own_error_and_remove_the_partial(tmp_path):
+    from tokenizer.utils.atomic import save_pretrained_atomically
+
+    class Broken:
+        def save_pretrained(self, directory):
+            (Path(directory) / "config.json").write_text("{}")
+            raise ValueError("not serialisable")
+
+    with pytest.raises(ValueError, match="^not serialisable$"):
+        save_pretrained_atomically(Broken(), tmp_path / "exported")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("source", ["/nonexistent/dinov2_vitl14_reg4_pretrain.pth", "weights/dinov2.pth",
+                                    "./dinov2-folder", "~/no/such/vfm", "dinov2.safetensors", "models/vfm/dinov2"])
+def test_missing_vfm_weights_file_is_a_missing_file_error_naming_it(source):
+    from test_vfm import make_vfm
+
+    from tokenizer.utils.errors import MissingFileError
+
+    with pytest.raises(MissingFileError) as error:
+        make_vfm("dinov2").load_pretrained(source)
+    message = str(error.value)
+    assert f"file not found: {str(Path(source).expanduser())!r}" in message
+    assert "hub repo" not in message.lower() and "huggingface.co" not in message
+
+
+def test_hub_ids_and_timm_names_still_go_to_the_hub(monkeypatch):
+    from test_vfm import make_vfm
+
+    from tokenizer.vfm import FrozenVFM
+
+    asked = []
+    monkeypatch.setattr(FrozenVFM, "_load_hf_pretrained", lambda self, source: asked.append(("hf", source)))
+    monkeypatch.setattr(FrozenVFM, "_load_timm_pretrained", lambda self, source: asked.append(("timm", source)))
+    make_vfm("dinov2").load_pretrained("facebook/dinov2-with-registers-large")
+    make_vfm("timm").load_pretrained("vit_large_patch14_reg4_dinov2.lvd142m")
+    assert asked == [("hf", "facebook/dinov2-with-registers-large"), ("timm", "vit_large_patch14_reg4_dinov2.lvd142m")]
+
+
+def fake_latents(directory: Path, values: np.ndarray, valid=None) -> Path:
+    """An extraction directory of continuous latents (N, V, C, h, w) as `vfmtok extract` writes it."""
+    directory.mkdir(parents=True)
+    count = len(values)
+    np.save(directory / "latents.npy", values.astype(np.float16))
+    np.save(directory / "labels.npy", np.arange(count, dtype=np.int64) % 10)
+    np.save(directory / "valid.npy", np.asarray(valid if valid is not None else [True] * count, dtype=bool))
+    (directory / "meta.json").write_text(json.dumps({"format": 1, "kind": "latents", "num_images": count,
+                                                     "num_views": values.shape[1], "shape": list(values.shape[2:]),
+                                                     "vocab_size": None}))
+    return directory
+
+
+def test_nonfinite_latents_give_no_latent_statistics_file(tmp_path):
+    from pipelines.cli import main
+    from pipelines.train.flow import LATENT_STATS_NAME, write_latent_statistics
+
+    values = np.random.default_rng(0).standard_normal((6, 2, 8, 4, 4))
+    values[1, 0, 0, 0, 0] = np.nan
+    values[4, 1, 3, 2, 1] = np.inf
+    values[4, 0, 0, 0, 0] = -np.inf
+    values[5, 0, 0, 0, 0] = np.nan  # row 5 is an unreadable image: its placeholder is never used
+    directory = fake_latents(tmp_path / "latents", values, valid=[True] * 5 + [False])
+    with pytest.raises(InvalidValueError, match=r"latents\.npy' holds 3 non-finite .* in 2 image\(s\) \(rows \[1, 4\]\)"):
+        write_latent_statistics(directory)
+    assert main(["latent-stats", "--latents", str(directory)]) != 0
+    assert sorted(p.name for p in directory.iterdir()) == ["labels.npy", "latents.npy", "meta.json", "valid.npy"]
+    assert not (directory / LATENT_STATS_NAME).exists()
+
+
+def test_nonfinite_or_zero_statistics_are_not_written(tmp_path, monkeypatch):
+    from pipelines.train import flow as flow_module
+
+    directory = fake_latents(tmp_path / "latents", np.zeros((2, 1, 2, 2, 2)))
+    mean, std = torch.zeros(2, 2, 2), torch.ones(2, 2, 2)
+    mean[0, 0, 0] = mean[1, 1, 1] = float("nan")
+    std[0, 1, 0] = 0.0
+    monkeypatch.setattr(flow_module, "latent_statistics", lambda dataset: {"mean": mean, "std": std})
+    with pytest.raises(InvalidValueError, match=r"latent_stats\.safetensors' \(not written\): 2 of the 8 elements of "
+                                                r"'mean' are not finite and 1 of the 8 elements of 'std'"):
+        flow_module.write_latent_statistics(directory)
+    assert not (directory / flow_module.LATENT_STATS_NAME).exists()
+
+
+@pytest.mark.parametrize("stats, error, needle", [
+    ({"mean": torch.zeros(8, 4, 4)}, "CheckpointError", r"need 'mean' and 'std' \(or 'var'\), found \['mean'\]"),
+    ({"mean": torch.zeros(8, 4, 4), "std": torch.full((8, 4, 4), float("nan"))}, "InvalidValueError",
+     r"0 of the 128 elements of 'mean' are not finite and 128 of the 128 elements of 'std'"),
+    ({"mean": torch.zeros(8, 4, 4), "std": torch.zeros(8, 4, 4)}, "InvalidValueError",
+     r"128 of the 128 elements of 'std' are not finite or not > 0")])
+def test_train_flow_refuses_bad_latent_statistics_naming_the_file(tmp_path, stats, error, needle):
+    from test_train_flow import flow_config
+
+    from pipelines.train.flow import train_flow
+
+    latents = fake_latents(tmp_path / "latents", np.random.default_rng(0).standard_normal((4, 2, 8, 4, 4)))
+    stats_file = tmp_path / "stats.safetensors"
+    save_file(stats, str(stats_file))
+    with pytest.raises(InvalidValueError) as raised:
+        train_flow(flow_config(tmp_path, max_steps=1), tmp_path / "out", latents=str(latents),
+                   latent_stats=str(stats_file))
+    assert type(raised.value).__name__ == error
+    assert str(stats_file) in str(raised.value)
+    assert re.search(needle, str(raised.value)), str(raised.value)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 11: partial outputs of killed `vfmtok extract` and benchmark runs
+# ----------------------------------------------------------------------------------------------------------------
+def _left_by_a_killed_writer(path: Path, directory: bool, age_s: float = 3600) -> Path:
+    if directory:
+        path.mkdir()
+        (path / "codes.npy").write_text("partial")
+    else:
+        path.write_text("partial")
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return path
+
+
+class FakeTokenizer:
+    """What extract_tokens asks of a discrete tokenizer (4 codes per image, all zero)."""
+    input_size, is_discrete, config = 16, True, {}
+    code_layout = SimpleNamespace(vocab_size=16)
+
+    def to(self, device):
+        return self
+
+    def eval(self):
+        return self
+
+    def token_shape(self):
+        return (4,)
+
+    def encode(self, images):
+        return torch.zeros(len(images), 4, dtype=torch.long)
+
+    def tokenizer_summary(self):
+        return {}
+
+
+def test_extract_removes_the_staging_of_a_killed_extraction_but_not_a_live_one(tmp_path):
+    import fcntl
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        random_image(16, 16, i).save(data / f"{i}.png")
+    (data / "labels.csv").write_text("file,class_index\n0.png,0\n1.png,1\n2.png,2\n")
+    stale = _left_by_a_killed_writer(tmp_path / ".codes.staging-k3j4h5q1", directory=True)
+    live = _left_by_a_killed_writer(tmp_path / ".codes.staging-live0001", directory=True)
+    young = _left_by_a_killed_writer(tmp_path / ".codes.staging-young001", directory=True, age_s=0)
+    other = _left_by_a_killed_writer(tmp_path / ".other.staging-abcd1234", directory=True)  # another target's
+    holder = os.open(live, os.O_RDONLY)  # an extraction still running (its writer holds the lock)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        extract_tokens(FakeTokenizer(), str(data), tmp_path / "codes", num_workers=0)
+    finally:
+        os.close(holder)
+    assert not stale.exists() and live.exists() and young.exists() and other.exists()
+    assert json.loads((tmp_path / "codes" / "meta.json").read_text())["num_images"] == 3
+
+
+def test_benchmark_shard_removes_the_temporary_files_of_a_killed_write(tmp_path):
+    from evaluation.benchmark import _checked_shard, _write_shard
+
+    folder = tmp_path / "samples" / "cfg-1.5"
+    folder.mkdir(parents=True)
+    leftovers = [_left_by_a_killed_writer(folder / ".shard-00000.npz.a1b2c3d4.npz", directory=False),
+                 _left_by_a_killed_writer(folder / ".shard-00000.json.e5f6g7h8.json", directory=False)]
+    images, labels = np.zeros((2, 4, 4, 3), dtype=np.uint8), np.array([1, 2])
+    _write_shard(folder / "shard-00000.npz", images, labels, "settings")
+    assert [p for p in leftovers if p.exists()] == []
+    assert sorted(p.name for p in folder.iterdir()) == ["shard-00000.json", "shard-00000.npz"]
+    assert _checked_shard(folder / "shard-00000.npz", "settings", 2) is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Unreadable images under DDP: counted over all processes
+# ----------------------------------------------------------------------------------------------------------------
+def another_process(monkeypatch, unreadable_per_batch: int = 0, empty_at=()) -> list:
+    """Stand in for a second process in the trainer's sum over processes: each of its micro-batches draws 2 images,
+    ``unreadable_per_batch`` of them unreadable (both at the micro-batch numbers in ``empty_at``)."""
+    calls = []
+
+    def summed(self, values):
+        examples, skipped, empty = values
+        calls.append(list(values))
+        if len(calls) - 1 in empty_at:
+            return [examples, skipped + 2, empty + 1]
+        return [examples + 2 - unreadable_per_batch, skipped + unreadable_per_batch, empty]
+
+    monkeypatch.setattr(Trainer, "_sum_over_processes", summed)
+    return calls
+
+
+def test_unreadable_fraction_is_checked_over_all_processes(tmp_path, monkeypatch):
+    bounded_batches(monkeypatch)
+    another_process(monkeypatch, unreadable_per_batch=1)
+    # this process reads every image; with the other's, 2 of the first 8 drawn are unreadable (25% > 20%)
+    with pytest.raises(InvalidValueError, match=r"2 of the 8 images drawn .*max_unreadable_fraction = 0\.2"):
+        trainer(tmp_path / "out", images(8), max_unreadable_fraction=0.2).fit()
+
+
+def test_most_images_unreadable_on_one_process_only_is_not_the_whole_run(tmp_path, monkeypatch):
+    # 5 of this process's 8 images are unreadable, but the other process reads all of its 8
+    calls = another_process(monkeypatch)
+    trainer(tmp_path / "out", images(3, broken=5), max_steps=1, checkpoint_every=1).fit()
+    assert calls  # the counts went through the sum over processes
+
+
+def test_skipped_images_and_images_seen_are_counted_over_all_processes(tmp_path, monkeypatch):
+    calls = another_process(monkeypatch, unreadable_per_batch=1, empty_at={1})
+    output = tmp_path / "out"
+    trainer(output, images(8)).fit()
+    state = trainer_state(output, 4)
+    # 5 micro-batches for 4 steps: the other process's second one had no readable image, so both skipped it
+    assert len(calls) == 5 and (state["epoch"], state["batch_in_epoch"]) == (1, 1)
+    assert state["skipped_images"] == 4 * 1 + 2
+    assert state["images_seen"] == 4 * (2 + 1)
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_images"] == 6

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils.errors import InvalidValueError
+from .utils.errors import InvalidValueError, MissingFileError
 from .utils.loading import load_state_dict_strict, read_state_dict
 
 __all__ = ["FrozenVFM", "VFMFeatures", "VFM_PRESETS", "convert_official_dinov2", "resize_images",
@@ -316,6 +316,18 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
 
 
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
+
+
+def looks_like_local_path(source: str) -> bool:
+    """Whether a VFM source can only mean a local file or directory (not a Hub id ``org/name`` or a timm name):
+    it starts with ``/``, ``.`` or ``~``, has more than one ``/`` or a backslash, or ends with a weights-file
+    suffix."""
+    text = str(source)
+    return (text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+            or text.lower().endswith(WEIGHT_FILE_SUFFIXES))
+
+
 class FrozenVFM(nn.Module):
     """Frozen ViT feature extractor; see the module docstring. The constructor never loads weights."""
 
@@ -442,6 +454,10 @@ class FrozenVFM(nn.Module):
         if source is None:
             raise InvalidValueError("no pretrained source: pass one or set `pretrained` in the constructor / preset")
         path = Path(source).expanduser()
+        if not path.exists() and looks_like_local_path(source):
+            raise MissingFileError(f"VFM weights: file not found: {str(path)!r} (expected an existing state-dict "
+                                   f"file ({', '.join(WEIGHT_FILE_SUFFIXES)}) or directory; a Hub id has the form "
+                                   f"'org/name')")
         if path.is_file():
             self._load_file(path)
         elif self.backend == "hf":

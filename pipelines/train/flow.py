@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from generators.convert_dit import check_latent_statistics, read_latent_statistics
 from tokenizer.utils.atomic import atomic_file
 from tokenizer.utils.errors import InvalidValueError, MissingFileError
-from tokenizer.utils.loading import read_state_dict
 
 from .extract import CodesDataset
 from .stage_two import StageTwoTask, prepare_stage_two_run
@@ -34,21 +34,37 @@ def latent_statistics(dataset: CodesDataset, batch_size: int = 256) -> dict[str,
         raise InvalidValueError(f"{str(dataset.path)!r} holds {dataset.kind}; latent statistics need continuous "
                                 "latents")
     total = count = squares = 0
+    nonfinite, bad_rows = 0, []
     for start in range(0, len(dataset.rows), batch_size):
         rows = dataset.rows[start:start + batch_size]
-        values = torch.from_numpy(dataset.values[rows].astype("float64")).flatten(0, 1)
+        values = torch.from_numpy(dataset.values[rows].astype("float64"))
+        finite = torch.isfinite(values)
+        if not finite.all():  # a NaN / inf latent would make every statistic of its element NaN
+            nonfinite += int((~finite).sum())
+            bad_rows.extend(int(r) for r in rows[(~finite).flatten(1).any(1).numpy()])
+            continue
+        values = values.flatten(0, 1)
         total = total + values.sum(0)
         squares = squares + values.pow(2).sum(0)
         count += len(values)
+    if nonfinite:
+        raise InvalidValueError(
+            f"{str(dataset.path / (dataset.kind + '.npy'))!r} holds {nonfinite} non-finite (NaN / inf) value(s) in "
+            f"{len(bad_rows)} image(s) (rows {bad_rows[:10]}): latent statistics of them would be NaN. Extract "
+            f"again (a tokenizer that encodes to NaN / inf, or float16 overflow), or leave those rows out")
+    if count == 0:
+        raise InvalidValueError(f"{str(dataset.path)!r} has no readable image: no latent statistics")
     mean = total / count
     std = (squares / count - mean.pow(2)).clamp_min(0).sqrt()
     return {"mean": mean.float(), "std": std.float().clamp_min(1e-6)}
 
 
 def write_latent_statistics(latents: str | Path) -> Path:
-    """``vfmtok latent-stats``: measure and store ``latent_stats.safetensors`` in an extraction directory."""
+    """``vfmtok latent-stats``: measure and store ``latent_stats.safetensors`` in an extraction directory; statistics
+    that are not finite (or a std that is not > 0) are refused, not written."""
     stats = latent_statistics(CodesDataset(latents))
     path = Path(latents) / LATENT_STATS_NAME
+    check_latent_statistics(stats["mean"], stats["std"], f"latent statistics for {str(path)!r} (not written)")
     with atomic_file(path) as temporary:
         save_file(stats, str(temporary))
     return path
@@ -130,10 +146,7 @@ def train_flow(config: str | Path, output_dir: str | Path, latents: Optional[str
         write_latent_statistics(latents)
     if not stats_path.is_file():
         raise MissingFileError(f"latent statistics {str(stats_path)!r} do not exist")
-    stats = read_state_dict(stats_path)
-    if "mean" not in stats or "std" not in stats:
-        raise InvalidValueError(f"latent statistics {str(stats_path)!r} need 'mean' and 'std', found {sorted(stats)}")
-    model.set_latent_statistics(stats["mean"], stats["std"])
+    model.set_latent_statistics(*read_latent_statistics(stats_path))  # 'mean' and 'std', finite, std > 0
     setup.run_config["flow"] = options
     task = FlowTask(model, options, setup.tokenizer, sample_guidance_scale=setup.sampling["guidance_scale"],
                     sample_steps=setup.sampling["steps"])

@@ -31,8 +31,11 @@ Safety checks. One run at a time per output directory: :meth:`Trainer.fit` takes
 ``.vfmtok.lock`` (the operating system releases it when the process ends, however it ends, so a killed run never
 leaves a stuck lock; the pid and host written into the file only name the holder in the error). With the lock held,
 staging directories and temporary files left by a killed run are removed. Labels are checked once before training
-(class-conditional tasks: all in ``[0, num_classes)``). Unreadable images are skipped and counted, but an epoch
-without a single readable image, or with more than ``max_unreadable_fraction`` of them unreadable, stops the run. A
+(class-conditional tasks: all in ``[0, num_classes)``). Unreadable images are skipped and counted over all
+processes, but an epoch without a single readable image, or with more than ``max_unreadable_fraction`` of them
+unreadable, stops the run (a micro-batch without a readable image on any process is skipped by every process, which
+keeps DDP's gradient synchronisations paired). A full disk while writing a checkpoint is a ``DiskFullError`` that
+names it; its staging directory is removed and the last complete checkpoint is untouched. A
 non-finite loss or gradient norm stops the run (:class:`TrainingDiverged`), or, for gradients and with
 ``skip_nonfinite_gradients``, skips that update and counts it; with fp16 loss scaling, overflowing steps are the
 GradScaler's to skip (that is how it finds its scale), so they are not errors.
@@ -63,7 +66,8 @@ from torch import nn
 
 from pipelines.config import TrainingConfig
 from pipelines.data import ImageDataset, ResumableBatchSampler, StreamingImageDataset, build_dataloader
-from tokenizer.utils.atomic import atomic_file, save_pretrained_atomically, write_text_atomically
+from tokenizer.utils.atomic import (atomic_file, removed_on_failure, reporting_disk_full, save_pretrained_atomically,
+                                   write_text_atomically)
 from tokenizer.utils.errors import (CheckpointError, InvalidValueError, MissingFileError, OutputExistsError,
                                     VFMTokError)
 
@@ -365,20 +369,28 @@ class Trainer:
         root = self.output_dir / "checkpoints"
         final = root / f"step-{self.step:08d}"
         staging = root / f".staging-{final.name}"
+        last = latest_checkpoint(self.output_dir)
+        advice = (f"Free some space, then run again with --resume: the last complete checkpoint, {str(last)!r}, is "
+                  f"untouched" if last else "Free some space, then run again (no checkpoint was completed yet)")
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
+            with reporting_disk_full(final, advice):
+                staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging), safe_serialization=True)
-        trainer_state = self._trainer_state()  # collective (stream positions): every process
+        # Any failure removes the staging directory; a full disk is a DiskFullError naming the checkpoint.
+        with removed_on_failure(staging, final, advice):
+            accelerator.save_state(str(staging), safe_serialization=True)
+            trainer_state = self._trainer_state()  # collective (stream positions): every process
+            if accelerator.is_main_process:
+                ema = {name: p.detach().cpu().contiguous()
+                       for name, p in zip(self.ema_names, self.ema.shadow_params)}
+                save_file(ema, str(staging / "ema.safetensors"))
+                save_file(self._non_persistent_buffers(), str(staging / "buffers.safetensors"))
+                (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(staging, final)
         if accelerator.is_main_process:
-            ema = {name: p.detach().cpu().contiguous() for name, p in zip(self.ema_names, self.ema.shadow_params)}
-            save_file(ema, str(staging / "ema.safetensors"))
-            save_file(self._non_persistent_buffers(), str(staging / "buffers.safetensors"))
-            (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
             self._prune_checkpoints(root)
         accelerator.wait_for_everyone()
         return final
@@ -585,14 +597,15 @@ class Trainer:
         names = sorted(window)
         means = torch.tensor([sum(window[n]) / len(window[n]) for n in names], device=self.accelerator.device)
         means = self.accelerator.reduce(means, reduction="mean") if self.accelerator.num_processes > 1 else means
-        images_per_s = images * self.accelerator.num_processes / max(elapsed, 1e-9)
+        images_per_s = images / max(elapsed, 1e-9)  # images: trained on by all processes
         record = {"step": self.step, **{n: float(v) for n, v in zip(names, means.tolist())},
                   "lr": self.schedulers["model"].get_last_lr()[0], "images_per_s": images_per_s,
                   "epoch": self.epoch, **extra}
         self.accelerator.log(record, step=self.step)
         if self.accelerator.is_main_process:
-            with open(self.output_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")  # one write per line
+            path = self.output_dir / "metrics.jsonl"
+            with reporting_disk_full(path), open(path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")  # one write per line (a partial one is dropped on resume)
         return record
 
     def save_samples(self) -> Optional[Path]:
@@ -668,7 +681,7 @@ class Trainer:
                              f"{config.batch_size} on each of {accelerator.num_processes} process(es)")
         loader = build_dataloader(self.dataset, sampler, batch_size=config.batch_size, num_workers=config.num_workers,
                                   pin_memory=accelerator.device.type == "cuda")
-        epoch_images = len(sampler) * config.batch_size
+        epoch_images = len(sampler) * config.batch_size * accelerator.num_processes  # drawn by all processes
         if self.batch_in_epoch > len(sampler):
             raise InvalidValueError(
                 f"the stored data position (batch {self.batch_in_epoch} of epoch {self.epoch}) is past the "
@@ -683,17 +696,29 @@ class Trainer:
         data = self.run_config.get("data")
         return repr(str(data)) if data is not None else f"the {type(self.dataset).__name__}"
 
+    def _sum_over_processes(self, values: list[int]) -> list[int]:
+        """``values`` summed over all processes (a collective under DDP: every process calls it at the same
+        point); the values themselves with one process."""
+        if self.accelerator.num_processes == 1:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.long, device=self.accelerator.device)
+        return [int(v) for v in self.accelerator.reduce(tensor, reduction="sum").tolist()]
+
     def _epoch_pass(self, loader: Iterator[dict[str, Any]], check_after: int) -> Iterator[dict[str, Any]]:
         """The rest of the current epoch from ``loader``, then the next epoch's position. Unreadable images are
-        counted on this process: a whole epoch without one readable image is an error (it would never make a
-        step), and so is an unreadable fraction above ``max_unreadable_fraction`` once ``check_after`` images were
-        drawn (or at the end of the epoch); any unreadable image is reported at the end of the epoch."""
+        counted over all processes (each micro-batch's counts are summed, so every process sees the same numbers
+        and decides alike): a whole epoch without one readable image is an error (it would never make a step), and
+        so is an unreadable fraction above ``max_unreadable_fraction`` once ``check_after`` images were drawn (or at
+        the end of the epoch); any unreadable image is reported at the end of the epoch. Each batch gets
+        ``global_counts``: (readable, unreadable, processes whose micro-batch has no readable image)."""
         from_start = self.batch_in_epoch == 0
         drawn = unreadable = 0
         for batch in loader:
             self.batch_in_epoch += 1
-            skipped = int(batch.get("num_skipped", 0))
-            drawn += len(batch["indices"]) + skipped
+            examples, skipped = len(batch["indices"]), int(batch.get("num_skipped", 0))
+            examples, skipped, empty = self._sum_over_processes([examples, skipped, int(examples == 0)])
+            batch["global_counts"] = (examples, skipped, empty)
+            drawn += examples + skipped
             unreadable += skipped
             if skipped and drawn >= check_after:
                 self._check_unreadable(drawn, unreadable, batch)
@@ -731,7 +756,7 @@ class Trainer:
                 for k, v in batch.items()}
 
     def _count_skipped(self, batch: dict[str, Any]) -> None:
-        self.skipped_images += batch.get("num_skipped", 0)
+        self.skipped_images += batch["global_counts"][1]  # over all processes
         room = 20 - len(self.skipped_examples)
         if room > 0:
             self.skipped_examples.extend(batch.get("skipped", [])[:room])
@@ -840,20 +865,22 @@ class Trainer:
         batches = self._batches() if self.step < config.max_steps else iter(())
         for batch in batches:
             self._count_skipped(batch)
-            examples = len(batch["indices"])
-            if examples == 0:
-                continue  # every image of this micro-batch was unreadable; counted above
+            examples, _, empty = batch["global_counts"]
+            if empty:
+                # Every image of this micro-batch was unreadable (counted above) on this or another process: all
+                # processes skip it alike, so that their gradient synchronisations stay paired.
+                continue
             batch = self._to_device(batch)
             self._update(batch, window)
             window_images += examples
-            self.images_seen += examples * accelerator.num_processes
+            self.images_seen += examples
             if not accelerator.sync_gradients:
                 continue
             self.step += 1
             self.ema.step(self.ema_parameters)
             progress.update(1)
             if self.step % config.log_every == 0 or self.step == config.max_steps:
-                extra = {"skipped_images": float(self._total_skipped())}
+                extra = {"skipped_images": float(self.skipped_images)}
                 if config.skip_nonfinite_gradients:
                     extra["skipped_updates"] = float(self.skipped_updates)
                 record = self._log(window, time.perf_counter() - window_start, window_images, extra)
@@ -869,17 +896,12 @@ class Trainer:
         progress.close()
         exported = self.export()
         summary = {"step": self.step, "exported": str(exported), "last_checkpoint": str(last_good or checkpoint),
-                   "images_seen": self.images_seen, "skipped_images": self._total_skipped(),
+                   "images_seen": self.images_seen, "skipped_images": self.skipped_images,
                    "skipped_examples": self.skipped_examples[:5], "skipped_updates": self.skipped_updates}
         logger.info("finished: %s", json.dumps(summary))
         accelerator.end_training()
         return exported
 
-    def _total_skipped(self) -> int:
-        if self.accelerator.num_processes == 1:
-            return self.skipped_images
-        count = torch.tensor([self.skipped_images], device=self.accelerator.device)
-        return int(self.accelerator.reduce(count, reduction="sum").item())
 
 
 def _parse_step(line: str) -> Optional[int]:

@@ -1,17 +1,174 @@
 """Crash-safe writes: everything the project writes to disk (checkpoints, exported models, caches, reports, image
-grids) goes through these helpers, so an interrupted run never leaves a half-written file or directory behind."""
+grids) goes through these helpers, so an interrupted run never leaves a half-written file or directory behind.
+
+* A failed write removes its staging directory or temporary file; when it failed because the file system is full
+  (``ENOSPC`` / ``EDQUOT``, or a writer that drops the errno while the disk has no space left), the error is a
+  :class:`~tokenizer.utils.errors.DiskFullError` that says so and names the output.
+* A writer that was killed (``kill -9``, power loss) cannot clean up: its staging directory or temporary file stays.
+  While a write is under way, its staging entry is ``flock``-ed (the kernel drops the lock when the writer dies), so
+  the next write of the same target removes the entries that no live process holds.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
-from .errors import OutputExistsError
+from .errors import DiskFullError, OutputExistsError
 
-__all__ = ["atomic_directory", "atomic_file", "write_text_atomically", "save_pretrained_atomically"]
+__all__ = ["atomic_directory", "atomic_file", "write_text_atomically", "save_pretrained_atomically",
+           "removed_on_failure", "reporting_disk_full", "is_disk_full", "remove_stale_partials"]
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# What writers that wrap the OS error say (safetensors: "IoError(Os { code: 28, kind: StorageFull, ... })").
+_DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "storagefull", "quotaexceeded", "os error 28",
+                   "os error 122")
+# Writers that drop the errno (torch.save: "PytorchStreamWriter failed writing file ...: file write failed"): a write
+# error while the file system has less than this free counts as disk full.
+LOW_SPACE_BYTES = 1 << 20
+# Leftovers younger than this are not touched (a live writer locks its staging entry right after creating it).
+STALE_AFTER_S = 10.0
+
+
+def _free_bytes(path: Path) -> Optional[int]:
+    """Free bytes (for this user) on the file system holding ``path`` or its nearest existing parent."""
+    path = Path(path).absolute()
+    for candidate in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            if candidate.exists():
+                stats = os.statvfs(candidate)
+                return stats.f_bavail * stats.f_frsize
+    return None
+
+
+def is_disk_full(error: BaseException, where: Optional[str | Path] = None) -> bool:
+    """Whether ``error`` (or an exception it was raised from) means the file system is out of space or quota.
+    ``where``: a path on that file system, for writers that drop the errno (checked for nearly no free space)."""
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DiskFullError):
+            return True
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return True
+        text = str(current).lower()
+        if any(phrase in text or phrase.replace(" ", "") in text.replace(" ", "") for phrase in _DISK_FULL_TEXT):
+            return True
+        current = current.__cause__ or current.__context__
+    if where is not None and isinstance(error, (OSError, RuntimeError)):
+        free = _free_bytes(Path(where))
+        return free is not None and free < LOW_SPACE_BYTES
+    return False
+
+
+ADVICE = "Free some space or write to another disk, then run again"
+
+
+def _disk_full(target: Path, error: BaseException, removed: Optional[Path], advice: str = ADVICE) -> DiskFullError:
+    if isinstance(error, DiskFullError):
+        return error
+    message = f"the disk is full: no space left on the device while writing {str(target)!r}"
+    if removed is not None:
+        message += f" (the partial output {removed.name} was removed)"
+    free = _free_bytes(target)
+    if free is not None:
+        message += f"; {free / 2 ** 20:.1f} MiB free now"
+    full = DiskFullError(f"{message}. {advice} [{type(error).__name__}: {str(error)[:200]}]")
+    full.errno = errno.ENOSPC
+    return full
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def removed_on_failure(partial: str | Path, target: Optional[str | Path] = None,
+                       advice: str = ADVICE) -> Iterator[None]:
+    """Remove ``partial`` (a staging directory or temporary file) when the block fails; a failure caused by a full
+    disk becomes a :class:`DiskFullError` naming ``target`` (default: ``partial``) and giving ``advice``."""
+    partial = Path(partial)
+    try:
+        yield
+    except BaseException as error:
+        full = isinstance(error, Exception) and is_disk_full(error, partial)  # before removing frees space
+        _remove(partial)
+        if full:
+            raise _disk_full(Path(target if target is not None else partial), error, partial, advice) from error
+        raise
+
+
+@contextlib.contextmanager
+def reporting_disk_full(target: str | Path, advice: str = ADVICE) -> Iterator[None]:
+    """A write to ``target`` without staging (e.g. appending a log line): a full disk becomes a
+    :class:`DiskFullError` naming ``target``."""
+    try:
+        yield
+    except Exception as error:
+        if is_disk_full(error, target):
+            raise _disk_full(Path(target), error, None, advice) from error
+        raise
+
+
+@contextlib.contextmanager
+def _held(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (a file or a directory) for the block: marks a write in progress."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
+
+
+def _partials_pattern(target: Path) -> re.Pattern:
+    name = re.escape(target.name)
+    return re.compile(rf"^\.{name}\.(?:(staging)-[a-z0-9_]+|(old)-[a-z0-9_]+|[a-z0-9_]{{8}}{re.escape(target.suffix)})$")
+
+
+def remove_stale_partials(target: str | Path) -> list[Path]:
+    """Remove the staging directories and temporary files of ``target`` (made by :func:`atomic_directory` and
+    :func:`atomic_file`) that writers killed mid-write left beside it: those no live writer holds locked. An
+    ``.old-`` directory (the previous version, between the two renames of a replacement) is kept while ``target``
+    itself is missing: it is then the only copy. Returns what was removed."""
+    target = Path(target)
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    pattern, removed, now = _partials_pattern(target), [], time.time()
+    for entry in parent.iterdir():
+        match = pattern.match(entry.name)
+        if match is None:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if now - entry.lstat().st_mtime < STALE_AFTER_S:
+                continue
+            if match.group(2) == "old":
+                if target.exists():
+                    _remove(entry)
+                    removed.append(entry)
+                continue
+            fd = os.open(entry, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer
+            finally:
+                os.close(fd)
+            _remove(entry)
+            removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager
@@ -19,14 +176,16 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
     """Yield a staging directory next to ``target``; on success it is renamed to ``target``.
 
     ``target`` must not exist or be an empty directory unless ``replace`` is true (then the old one is removed only
-    after the new one is complete).
+    after the new one is complete). Staging directories of ``target`` left by killed writers are removed first.
     """
     target = Path(target)
+    remove_stale_partials(target)
     if target.exists() and not replace and any(target.iterdir()):
         raise OutputExistsError(f"{str(target)!r} already exists and is not empty")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
-    try:
+    with reporting_disk_full(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    with removed_on_failure(staging, target), _held(staging):
         yield staging
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -35,25 +194,24 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 @contextlib.contextmanager
 def atomic_file(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in ``target``'s directory; on success it replaces ``target``."""
+    """Yield a temporary path in ``target``'s directory; on success it replaces ``target``. Temporary files of
+    ``target`` left by killed writers are removed first."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
-    os.close(handle)
+    remove_stale_partials(target)
+    with reporting_disk_full(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
     try:
-        yield Path(name)
-        os.replace(name, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
-        raise
+        with removed_on_failure(name, target):
+            fcntl.flock(handle, fcntl.LOCK_EX)  # held until the file is in place (writers reopen it by name)
+            yield Path(name)
+            os.replace(name, target)
+    finally:
+        os.close(handle)
 
 
 def write_text_atomically(target: str | Path, text: str) -> None:

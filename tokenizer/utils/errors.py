@@ -10,7 +10,7 @@ Each subclass also derives from the built-in exception a Python user would expec
 from __future__ import annotations
 
 __all__ = ["VFMTokError", "InvalidValueError", "ConfigError", "CheckpointError", "MissingFileError",
-           "OutputExistsError", "WeightsUnavailableError"]
+           "OutputExistsError", "WeightsUnavailableError", "DiskFullError"]
 
 
 class VFMTokError(Exception):
@@ -40,3 +40,7 @@ class OutputExistsError(VFMTokError, FileExistsError):
 
 class WeightsUnavailableError(VFMTokError, RuntimeError):
     """Pretrained weights (LPIPS, a discriminator's ViT, a VFM) can neither be found locally nor downloaded."""
+
+
+class DiskFullError(VFMTokError, OSError):
+    """The file system ran out of space (or quota) while writing an output; the partial output was removed."""
