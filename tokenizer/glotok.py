@@ -127,6 +127,9 @@ def similarity_histogram(vectors: torch.Tensor, bins: int = 40, sharpness: Optio
 
 def histogram_relation_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """``KL(teacher || student) = sum t (log t - log s)`` of two normalised histograms; the teacher is detached."""
+    if student.shape != teacher.shape:
+        raise InvalidValueError(f"histograms of different bins: the student's has {student.shape[-1]} bins, the "
+                                f"teacher's {teacher.shape[-1]} bins")
     teacher = teacher.detach().to(student.dtype)
     return (teacher * (torch.log(teacher + eps) - torch.log(student + eps))).sum()
 
