@@ -948,3 +948,45 @@ def test_skipped_images_and_images_seen_are_counted_over_all_processes(tmp_path,
     assert state["images_seen"] == 4 * (2 + 1)
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["skipped_images"] == 6
+
+
+def test_two_processes_skip_empty_micro_batches_alike_and_count_unreadable_images_together(tmp_path):
+    """Under DDP (2 CPU processes): a micro-batch without a readable image on either process is skipped by both (no
+    unpaired gradient synchronisation, no hang), and skipped_images counts both processes' unreadable images."""
+    import subprocess
+    import sys
+
+    from pipelines.data import ResumableBatchSampler
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "run.py"
+    script.write_text("import sys\nfrom pathlib import Path\nfrom test_faults import images, trainer\n"
+                      "trainer(Path(sys.argv[1]), images(8, broken=8), max_unreadable_fraction=0.9, max_steps=3,\n"
+                      "        checkpoint_every=3).fit()\n")
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29519", str(script), str(output)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}",
+           "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The expected counts, from the two ranks' batches of indices (indices >= 8 are the unreadable images).
+    seed = training().seed
+    samplers = [ResumableBatchSampler(16, 2, seed=seed, num_replicas=2, rank=rank) for rank in (0, 1)]
+    steps = skipped = seen = 0
+    epoch = 0
+    while steps < 3:
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        for pair in zip(*(list(sampler) for sampler in samplers)):
+            broken = [sum(index >= 8 for index, _ in batch) for batch in pair]
+            skipped += sum(broken)
+            if all(b < len(batch) for b, batch in zip(broken, pair)):
+                steps += 1
+                seen += sum(len(batch) - b for b, batch in zip(broken, pair))
+            if steps == 3:
+                break
+        epoch += 1
+    state = trainer_state(output, 3)
+    assert (state["skipped_images"], state["images_seen"]) == (skipped, seen)
