@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .utils.errors import InvalidValueError
+from .utils.fast_conv import Conv3x3
 from .utils.layers import FusedSwiGLU
 
 __all__ = ["Attention", "TransformerLayer", "Transformer", "VectorQuantizer", "entropy_loss", "PixelDecoder",
@@ -159,10 +160,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.GroupNorm(32, in_channels, eps=1e-6)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv3x3(in_channels, out_channels)
         self.norm2 = nn.GroupNorm(32, out_channels, eps=1e-6)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv3x3(out_channels, out_channels)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,20 +194,23 @@ class AttnBlock(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv3x3(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class PixelDecoder(nn.Module):
-    """LlamaGen/taming CNN decoder: conv_in -> (res, attn, res) -> per level ``num_res_blocks`` ResBlocks + 2x upsample."""
+    """LlamaGen/taming CNN decoder: conv_in -> (res, attn, res) -> per level ``num_res_blocks`` ResBlocks + 2x upsample.
+
+    The 3x3 convolutions are :class:`~tokenizer.utils.fast_conv.Conv3x3` (plain ``nn.Conv2d`` parameters; NNPACK
+    Winograd kernels on the CPU in fp32, see :mod:`tokenizer.utils.fast_conv`)."""
 
     def __init__(self, in_channels: int, channels: int, channel_mult: Sequence[int], num_res_blocks: int,
                  out_channels: int = 3, dropout: float = 0.0):
         super().__init__()
         block_in = channels * channel_mult[-1]
-        self.conv_in = nn.Conv2d(in_channels, block_in, 3, padding=1)
+        self.conv_in = Conv3x3(in_channels, block_in)
         self.mid = nn.ModuleList([ResnetBlock(block_in, block_in, dropout), AttnBlock(block_in),
                                   ResnetBlock(block_in, block_in, dropout)])
         self.conv_blocks = nn.ModuleList()
@@ -221,7 +225,7 @@ class PixelDecoder(nn.Module):
                 block.upsample = Upsample(block_in)
             self.conv_blocks.append(block)
         self.norm_out = nn.GroupNorm(32, block_in, eps=1e-6)
-        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+        self.conv_out = Conv3x3(block_in, out_channels)
 
     @property
     def last_layer(self) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .utils.errors import InvalidValueError, WeightsUnavailableError
+from .utils.fast_conv import Conv3x3
 from .utils.loading import DOWNLOAD_ERRORS, download_state_dict, load_state_dict_strict, read_state_dict
 
 __all__ = ["LPIPS", "PerceptualWeightsUnavailable", "VGG16_URL", "LPIPS_VGG_LIN_URL"]
@@ -38,7 +39,7 @@ def _vgg16_features() -> nn.Sequential:
         if spec == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             continue
-        conv = nn.Conv2d(channels, spec, kernel_size=3, padding=1)
+        conv = Conv3x3(channels, spec)  # an nn.Conv2d (NNPACK Winograd on the CPU in fp32)
         nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(conv.bias)
         layers += [conv, nn.ReLU()]
@@ -133,13 +134,21 @@ class LPIPS(nn.Module):
             raise InvalidValueError(f"LPIPS needs two (B, 3, H, W) images of the same shape, got {tuple(input.shape)} "
                              f"and {tuple(target.shape)}")
         batch = input.shape[0]
-        x = (torch.cat([input, target]) - self.shift) / self.scale  # one trunk pass for both
+        if input.requires_grad == target.requires_grad:
+            x = (torch.cat([input, target]) - self.shift) / self.scale  # one trunk pass for both
+            y = None
+        else:  # a training loss: separate passes, so that the backward does not run through the target's
+            x, y = (input - self.shift) / self.scale, (target - self.shift) / self.scale
         distance = 0.0
         start = 0
         for lin, tap in zip(self.lins, self.taps):
             x = self.features[start:tap + 1](x)
+            if y is None:
+                a, b = _unit_normalize(x[:batch]), _unit_normalize(x[batch:])
+            else:
+                y = self.features[start:tap + 1](y)
+                a, b = _unit_normalize(x), _unit_normalize(y)
             start = tap + 1
-            a, b = _unit_normalize(x[:batch]), _unit_normalize(x[batch:])
             distance = distance + lin((a - b) ** 2).mean(dim=(2, 3))[:, 0]
         return distance
 

@@ -1,0 +1,115 @@
+"""The NNPACK Winograd 3x3 convolution (tokenizer/utils/fast_conv.py) against ATen's direct convolution and float64:
+forward, input / weight / bias gradients, the fallbacks, and the modules that use it (pixel decoder, LPIPS)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenizer.layers import PixelDecoder
+from tokenizer.lpips import LPIPS
+from tokenizer.utils.fast_conv import Conv3x3, fast_conv, fast_conv_enabled, uses_fast_path, winograd_conv3x3
+
+needs_nnpack = pytest.mark.skipif(not torch._nnpack_available(), reason="this torch build has no NNPACK")
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _conv_and_grads(x, weight, bias, fn, probe):
+    x, weight, bias = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    out = fn(x, weight, bias)
+    (out * probe.to(out.dtype)).sum().backward()
+    return out.detach(), x.grad, weight.grad, bias.grad
+
+
+@needs_nnpack
+@pytest.mark.parametrize("batch,cin,cout,size", [(1, 32, 64, 20), (3, 64, 32, 13), (2, 16, 16, 7)])
+def test_forward_and_gradients_match_direct_convolution(batch, cin, cout, size):
+    torch.manual_seed(0)
+    x = torch.randn(batch, cin, size, size)
+    weight = torch.randn(cout, cin, 3, 3) * (9 * cin) ** -0.5
+    bias = torch.randn(cout)
+    probe = torch.randn(batch, cout, size, size)
+    assert uses_fast_path(x.requires_grad_(), weight)
+    fast = _conv_and_grads(x, weight, bias, winograd_conv3x3, probe)
+    direct = _conv_and_grads(x, weight, bias, lambda a, w, b: F.conv2d(a, w, b, padding=1), probe)
+    exact = _conv_and_grads(x.double(), weight.double(), bias.double(),
+                            lambda a, w, b: F.conv2d(a, w, b, padding=1), probe.double())
+    for name, f, d, e in zip(("output", "input grad", "weight grad", "bias grad"), fast, direct, exact):
+        assert f.dtype == torch.float32 and f.shape == d.shape, name
+        # fp32 tolerance: within 1e-4 of the magnitude (Winograd: about 1e-5, the direct convolution about 3e-7)
+        assert _relative(f, e) < 1e-4, name
+        assert _relative(d, e) < 1e-5, name
+
+
+@needs_nnpack
+def test_fallbacks_are_the_plain_convolution():
+    torch.manual_seed(0)
+    conv = Conv3x3(8, 8)
+    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    assert uses_fast_path(x, conv.weight)
+    with torch.no_grad():  # inference: ATen's convolution, bit for bit
+        assert not uses_fast_path(x, conv.weight)
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    with fast_conv(False):
+        assert not fast_conv_enabled() and not uses_fast_path(x, conv.weight)
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    assert fast_conv_enabled()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not uses_fast_path(x, conv.weight)
+        assert conv(x).dtype == torch.bfloat16
+    assert not uses_fast_path(x.double(), conv.weight.double())
+    assert not uses_fast_path(x.detach(), conv.weight.detach())
+
+
+def test_conv3x3_is_a_conv2d_with_the_same_state_dict():
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(4, 6, 3, padding=1)
+    torch.manual_seed(0)
+    fast = Conv3x3(4, 6)
+    assert isinstance(fast, torch.nn.Conv2d)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), plain.state_dict().values()))
+
+
+@needs_nnpack
+def test_pixel_decoder_training_step_matches_the_plain_path():
+    """A small pixel decoder: output, input gradient and every weight gradient, fast vs direct convolutions."""
+    torch.manual_seed(0)
+    decoder = PixelDecoder(64, 32, (1, 2, 2), 1)
+    z = torch.randn(2, 64, 6, 6)
+    probe = torch.randn(2, 3, 24, 24)
+
+    def run(enabled):
+        decoder.zero_grad(set_to_none=True)
+        zz = z.clone().requires_grad_()
+        with fast_conv(enabled):
+            out = decoder(zz)
+        (out * probe).sum().backward()
+        return out.detach(), zz.grad, {n: p.grad for n, p in decoder.named_parameters()}
+
+    fast, plain = run(True), run(False)
+    assert _relative(fast[0], plain[0]) < 1e-4 and _relative(fast[1], plain[1]) < 1e-4
+    largest = max(grad.abs().max().item() for grad in plain[2].values())
+    for name, grad in plain[2].items():  # some are zero up to rounding (the attention's key bias), biases are sums
+        torch.testing.assert_close(fast[2][name], grad, rtol=1e-3, atol=1e-5 * largest, msg=name)
+
+
+@needs_nnpack
+def test_lpips_training_loss_matches_the_single_pass():
+    """Separate passes for a reconstruction that needs a gradient (and a target that does not) give the distance and
+    the input gradient of the plain one-pass LPIPS."""
+    torch.manual_seed(0)
+    lpips = LPIPS()
+    recon = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_()
+    target = torch.rand(2, 3, 32, 32) * 2 - 1
+    d = lpips(recon, target)
+    d.sum().backward()
+    grad, recon.grad = recon.grad, None
+    with fast_conv(False):
+        both = lpips(recon, target.clone().requires_grad_())  # same requires_grad: the one-pass branch
+        both.sum().backward()
+    assert _relative(d.detach(), both.detach()) < 1e-4
+    assert _relative(grad, recon.grad) < 1e-4
+    with torch.no_grad():
+        assert torch.allclose(lpips(recon, target), d.detach(), rtol=1e-4, atol=1e-6)
