@@ -3,8 +3,8 @@
 Stages (each recorded in ``O/stages/<name>.json`` when it finishes, so a rerun skips it; ``--force`` redoes all):
 
 1. ``data``: the default data are the 1797 handwritten digits that ship inside scikit-learn (8 x 8, 17 grey levels,
-   BSD licence), upscaled to 64 px RGB and saved as a ``datasets`` folder with the class names ``zero`` ... ``nine``
-   (``--data`` takes anything the trainer accepts instead). A balanced subset, centre-cropped to 64 px, is written as
+   BSD licence), upscaled to 32 px RGB and saved as a ``datasets`` folder with the class names ``zero`` ... ``nine``
+   (``--data`` takes anything the trainer accepts instead). A balanced subset, centre-cropped to 32 px, is written as
    the FID reference folder.
 2. ``tokenizer-vq`` / ``tokenizer-ae``: a discrete (VFMTok) and a continuous (VFMAE) tokenizer, trained with the
    shared trainer (``configs/quickstart/tokenizer-*.yaml``). The frozen VFM is a pretrained one when ``--vfm`` names
@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
-IMAGE_SIZE = 64  # the quickstart tokenizers' input and output size
+IMAGE_SIZE = 32  # the quickstart tokenizers' input and output size (configs/quickstart/tokenizer-*.yaml)
+GRID_CELL = 64  # pixels per image in the sample grids (upscaled, so that captions fit)
 _FORMAT = 1  # of quickstart.json; a different format is a different run
 
 
@@ -73,7 +74,7 @@ FAST = QuickstartBudget(images_per_class=12, tokenizer_steps=6, ar_steps=20, flo
 
 # -- data ------------------------------------------------------------------------------------------------------------
 def digits_dataset(directory: str | Path, images_per_class: Optional[int] = None) -> Path:
-    """scikit-learn's bundled handwritten digits as a ``datasets`` folder (``save_to_disk``): 64 px RGB PNGs, dark ink
+    """scikit-learn's bundled handwritten digits as a ``datasets`` folder (``save_to_disk``): 32 px RGB PNGs, dark ink
     on white, bicubic-upscaled from 8 x 8, with ClassLabel names ``zero`` ... ``nine``."""
     import datasets
     from PIL import Image
@@ -259,12 +260,15 @@ def _inception_or_reason(inception_weights: Optional[str]) -> tuple[Optional[str
 def _sample_grids(pipe, kind: str, classes: list[int], names: dict[int, str], per_class: int, guidance: float,
                   seed: int, output: Path, options: dict[str, Any]) -> dict[str, str]:
     """Grids (one row per class, captioned) of ``pipe(class_ids)`` without CFG and with CFG ``guidance``."""
+    from PIL import Image
+
     from pipelines.pipeline_common import captioned_image_grid
 
     written = {}
     for label, scale in (("without_cfg", 1.0), ("with_cfg", guidance)):
         images = pipe(classes, guidance_scale=scale, num_images_per_class=per_class,
                       generator=torch.Generator().manual_seed(seed), output_type="pil", **options).images
+        images = [image.resize((GRID_CELL, GRID_CELL), Image.Resampling.BICUBIC) for image in images]
         captions = [f"{names.get(c, c)}" for c in classes for _ in range(per_class)]
         path = output / f"samples_{kind}_{label}.png"
         with atomic_file(path) as temporary:
@@ -462,7 +466,7 @@ def _report(output: Path, info: dict[str, Any], vfm: Optional[str], vfm_note: st
         "flow": _gfid_entry(bench["flow"], guidance["flow"], output / "pipelines" / "flow", grids["flow"],
                             no_inception),
         "vfm": {"source": vfm, "pretrained": vfm is not None, "description": vfm_note},
-        "data": {"source": data or "scikit-learn handwritten digits (bundled, BSD licence), 64 px",
+        "data": {"source": data or f"scikit-learn handwritten digits (bundled, BSD licence), {IMAGE_SIZE} px",
                  "num_images": info["num_images"], "num_classes": info["num_classes"],
                  "reference_images": info["reference_images"]},
         "stages_seconds": {name: round(s, 1) for name, s in stages.seconds.items()},
