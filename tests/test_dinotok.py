@@ -4,6 +4,9 @@ then pca-stats, then VQ initialised from it) with exact resume, save / load, the
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from safetensors.torch import load_file
 from pipelines import VFMTokARPipeline, VFMTokFlowPipeline
 from pipelines.cli import main
 from pipelines.config import build_model
-from pipelines.train.extract import load_tokenizer
+from pipelines.train.extract import extract_tokens, load_tokenizer
 from pipelines.train.tokenizer import train_tokenizer
 from pipelines.train.tokenizer_stats import init_from_pretrained, pca_statistics
 from tokenizer.dinotok import DINOTokModel, LatentMoments
@@ -171,6 +174,29 @@ def test_ae_trains_saves_loads_and_round_trips_through_the_flow_pipeline(trained
     ours = pipe(207, generator=torch.Generator().manual_seed(0), **kw).images
     theirs = loaded(207, generator=torch.Generator().manual_seed(0), **kw).images
     assert ours.shape == (1, 64, 64, 3) and (ours == theirs).all()
+    latents = extract_tokens(ae, str(trained["data"]), trained["root"] / "latents", batch_size=4, limit=4)
+    meta = json.loads((latents / "meta.json").read_text())
+    assert meta["kind"] == "latents" and meta["shape"] == [16, 4, 4] and meta["tokenizer"]["class"] == "DINOTokModel"
+
+
+@needs_samples
+@pytest.mark.slow
+def test_pca_stats_sharded_over_two_processes_matches_one_process(trained):
+    """`accelerate launch` with 2 CPU processes: each measures half of the images, the moments are merged."""
+    output = trained["root"] / "pca-2proc"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29531", "-m", "pipelines.cli", "pca-stats", "--tokenizer", str(trained["ae"]),
+               "--data", str(trained["data"]), "--output-dir", str(output), "--batch-size", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output / "pca_stats.json").read_text())
+    assert summary["num_processes"] == 2 and summary["num_vectors"] == 8 * 16
+    one, two = DINOTokModel.from_pretrained(trained["pca"]), DINOTokModel.from_pretrained(output)
+    torch.testing.assert_close(two.pca_mean, one.pca_mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(two.pca_variances, one.pca_variances, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(two.pca_components.abs(), one.pca_components.abs(), atol=1e-3, rtol=0)
 
 
 @needs_samples
@@ -219,8 +245,7 @@ def test_init_from_refuses_a_folder_without_weights_or_shared_weights(tmp_path):
 
 
 def test_describe_reports_the_paper_presets(capsys):
-    for kind, layout in (("ae", None), ("vq", {"codebook_sizes": [16384, 16384], "num_tokens": 512,
-                                               "vocab_size": 32768})):
+    for kind, layout in (("vq", {"codebook_sizes": [16384, 16384], "num_tokens": 512, "vocab_size": 32768}),):
         assert main(["describe", str(CONFIGS / f"dinotok-{kind}.yaml")]) == 0
         info = json.loads(capsys.readouterr().out)
         assert info["latent_shape"] == [832, 16, 16] and info["vfm"]["grid"] == [16, 16]

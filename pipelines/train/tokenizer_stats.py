@@ -53,15 +53,14 @@ def pca_statistics(tokenizer: nn.Module, data: str, output_dir: str | Path, batc
     """Measure the latent statistics of ``tokenizer`` (a :class:`tokenizer.dinotok.DINOTokModel`) over ``data``,
     store them in the model and save it to ``output_dir`` (main process). Runs on every process of an
     ``accelerate launch``; returns the summary written to ``pca_stats.json``."""
-    from accelerate import PartialState
-    from accelerate.utils import gather
+    from accelerate import Accelerator
 
     from tokenizer.dinotok import LatentMoments
 
     if not hasattr(tokenizer, "set_pca_statistics"):
         raise InvalidValueError(f"`vfmtok pca-stats` measures the latent of a DINO-Tok tokenizer; got "
                                 f"{type(tokenizer).__name__}")
-    state = PartialState()
+    state = Accelerator()  # reads `accelerate launch`'s environment (ACCELERATE_USE_CPU included)
     tokenizer = tokenizer.to(state.device).eval()
     dim = tokenizer.config.latent_channels
     moments = LatentMoments(dim)
@@ -72,7 +71,7 @@ def pca_statistics(tokenizer: nn.Module, data: str, output_dir: str | Path, batc
             moments.update(latent.reshape(-1, dim))
     packed = moments.to_tensor().to(state.device)
     if state.num_processes > 1:
-        packed = gather(packed[None])  # (processes, 1 + dim + dim^2), in process order
+        packed = state.gather(packed[None])  # (processes, 1 + dim + dim^2), in process order
     merged = LatentMoments(dim)
     for row in packed.reshape(-1, packed.shape[-1]):
         merged.merge(LatentMoments.from_tensor(row, dim))
