@@ -213,8 +213,9 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         cells = num_tokens // tokens_per_position
         grid = math.isqrt(cells)
         if grid * grid != cells:
-            raise InvalidValueError(f"num_tokens ({num_tokens}) must be tokens_per_position ({tokens_per_position}) x "
-                                    f"a square number (a grid_size x grid_size grid)")
+            raise InvalidValueError(f"num_tokens ({num_tokens}) must be the number of codebooks "
+                                    f"({tokens_per_position}, from codebook_sizes) x a square number (a grid_size x "
+                                    f"grid_size grid)")
         if dim % num_heads != 0 or (dim // num_heads) % 4 != 0:
             raise InvalidValueError(f"dim ({dim}) must be num_heads ({num_heads}) x a head_dim divisible by 4 (2D RoPE "
                              f"splits each head into row and column pairs)")

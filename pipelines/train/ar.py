@@ -41,6 +41,10 @@ def check_codes_fit(model: nn.Module, layout: dict[str, Any], what: str) -> None
         raise InvalidValueError(f"{what} has a vocabulary of {layout['vocab_size']} and {layout['num_tokens']} tokens "
                                 f"per image; the GPT config expects vocab_size {model.config.vocab_size} and "
                                 f"num_tokens {model.config.num_tokens}")
+    expected = list(model.config.get("codebook_sizes") or [model.config.vocab_size])
+    if layout.get("codebook_sizes") is not None and list(layout["codebook_sizes"]) != expected:
+        raise InvalidValueError(f"{what} has codebooks {list(layout['codebook_sizes'])} (one code of each per grid "
+                                f"cell); the GPT config expects codebook_sizes {expected}")
 
 
 def train_ar(config: str | Path, output_dir: str | Path, codes: Optional[str] = None, data: Optional[str] = None,

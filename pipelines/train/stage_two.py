@@ -100,7 +100,8 @@ def prepare_stage_two_run(kind: str, config: str | Path, values: Optional[str], 
             raise InvalidValueError(f"tokenizer {tokenizer!r} is {'discrete' if tok.is_discrete else 'continuous'}; "
                                     f"this model trains on {kind} of a "
                                     f"{'discrete' if _DISCRETE[kind] else 'continuous'} tokenizer")
-        layout = ({"vocab_size": tok.code_layout.vocab_size, "num_tokens": tok.code_layout.num_tokens}
+        layout = ({"vocab_size": tok.code_layout.vocab_size, "num_tokens": tok.code_layout.num_tokens,
+                   "codebook_sizes": list(tok.code_layout.codebook_sizes)}
                   if tok.is_discrete else {"shape": list(tok.latent_shape)})
         check_fits(model, layout, f"tokenizer {tokenizer!r}")
     if values is not None:
@@ -108,7 +109,8 @@ def prepare_stage_two_run(kind: str, config: str | Path, values: Optional[str], 
         if dataset.kind != kind:
             raise InvalidValueError(f"{values!r} holds {dataset.kind}; this model trains on {kind}")
         layout = {"vocab_size": dataset.meta.get("vocab_size"), "num_tokens": dataset.meta["shape"][0],
-                  "shape": dataset.meta["shape"]}
+                  "shape": dataset.meta["shape"],
+                  "codebook_sizes": (dataset.meta.get("tokenizer") or {}).get("code_layout", {}).get("codebook_sizes")}
         check_fits(model, layout, f"{kind} {values!r}")
     else:
         dataset = ImageDataset(load_image_dataset(data), tok.input_size, augment=training.augment, flip=training.flip)

@@ -1,4 +1,5 @@
-"""``vfmtok train tokenizer``: train a VFMTok (discrete) or VFMAE (continuous) tokenizer with the shared trainer.
+"""``vfmtok train tokenizer``: train a tokenizer of any family (VFMTok / VFMAE, DINO-Tok, GloTok) with the shared
+trainer.
 
 A config file has three sections: ``params`` (the model), ``loss`` (:class:`tokenizer.losses.TokenizerLoss`
 arguments) and ``training`` (:class:`pipelines.config.TrainingConfig`). The paper recipe lives in
