@@ -77,3 +77,43 @@ def test_ten_crop_views_and_continuous_latents(tmp_path):
 def test_missing_extraction_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="vfmtok extract"):
         CodesDataset(tmp_path)
+
+
+@needs_samples
+def test_no_flip_stores_only_unflipped_views(tmp_path):
+    """`extract --no-flip` (digits, text): one centre view, or LlamaGen's five crops without their mirror images."""
+    model, _, _ = saved_tokenizer(tmp_path, "vfmtok-tiny")
+    data = small_image_folder(tmp_path / "data", count=2)
+    flipped = np.load(extract_tokens(model, str(data), tmp_path / "both", batch_size=2, num_workers=0) / "codes.npy")
+    single = extract_tokens(model, str(data), tmp_path / "one", batch_size=2, num_workers=0, flip=False)
+    codes = np.load(single / "codes.npy")
+    assert codes.shape == (2, 1, 16) and np.array_equal(codes[:, 0], flipped[:, 0])
+    assert json.loads((single / "meta.json").read_text())["flip"] is False
+    five = np.load(extract_tokens(model, str(data), tmp_path / "five", ten_crop=True, flip=False, batch_size=2,
+                                  num_workers=0) / "codes.npy")
+    ten = np.load(extract_tokens(model, str(data), tmp_path / "ten", ten_crop=True, batch_size=2,
+                                 num_workers=0) / "codes.npy")
+    assert five.shape == (2, 5, 16) and np.array_equal(five, ten[:, :5])
+
+
+@needs_samples
+def test_a_full_disk_during_extraction_is_a_disk_full_error_not_a_bus_error(tmp_path, monkeypatch):
+    """The memory-mapped outputs reserve their blocks first, so a full disk fails at creation with a clear error
+    (a sparse map would die of SIGBUS while being filled) and leaves no staging directory."""
+    import errno
+    import os
+
+    from tokenizer.utils.errors import DiskFullError
+
+    model, _, _ = saved_tokenizer(tmp_path, "vfmtok-tiny")
+    data = small_image_folder(tmp_path / "data", count=2)
+    reserved = []
+
+    def no_space(descriptor, offset, length):
+        reserved.append(length)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(DiskFullError, match=r"disk is full.*codes"):
+        extract_tokens(model, str(data), tmp_path / "out" / "codes", batch_size=2, num_workers=0)
+    assert reserved and list((tmp_path / "out").iterdir()) == []

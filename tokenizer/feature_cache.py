@@ -24,7 +24,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from .utils.atomic import atomic_directory
+from .utils.atomic import allocated_memmap, atomic_directory
 from .utils.errors import InvalidValueError, MissingFileError
 from .vfm import FrozenVFM, VFMFeatures
 
@@ -113,9 +113,8 @@ class VFMFeatureCache:
         grid = vfm.grid
         shape = (num_images, len(vfm.feature_layers), grid[0] * grid[1], vfm.hidden_size)
         with atomic_directory(path) as staging:
-            levels = np.lib.format.open_memmap(staging / "levels.npy", mode="w+", dtype=np.float16, shape=shape)
-            cls_tokens = np.lib.format.open_memmap(staging / "cls.npy", mode="w+", dtype=np.float16,
-                                                   shape=(shape[0], shape[1], shape[3]))
+            levels = allocated_memmap(staging / "levels.npy", np.float16, shape)
+            cls_tokens = allocated_memmap(staging / "cls.npy", np.float16, (shape[0], shape[1], shape[3]))
             written = np.zeros(num_images, dtype=bool)
             for indices, batch in images:
                 features = vfm(batch.to(device))

@@ -26,7 +26,7 @@ import torch
 
 from pipelines.data import ImageDataset, check_labels, collate_images, load_image_dataset
 from tokenizer.interface import load_tokenizer as load_tokenizer_folder
-from tokenizer.utils.atomic import atomic_directory
+from tokenizer.utils.atomic import allocated_memmap, atomic_directory
 from tokenizer.utils.errors import InvalidValueError, MissingFileError
 
 __all__ = ["extract_tokens", "CodesDataset", "augmented_views", "load_tokenizer"]
@@ -78,9 +78,9 @@ def extract_tokens(tokenizer, data: str, output_dir: str | Path, ten_crop: bool 
     with atomic_directory(output_dir) as staging:
         shape = (count, num_views, *tokenizer.token_shape())
         if discrete:
-            store = np.lib.format.open_memmap(staging / "codes.npy", mode="w+", dtype=np.int32, shape=shape)
+            store = allocated_memmap(staging / "codes.npy", np.int32, shape)
         else:
-            store = np.lib.format.open_memmap(staging / "latents.npy", mode="w+", dtype=np.float16, shape=shape)
+            store = allocated_memmap(staging / "latents.npy", np.float16, shape)
         labels = np.full(count, -1, dtype=np.int64)
         valid = np.zeros(count, dtype=bool)
         skipped: list[str] = []

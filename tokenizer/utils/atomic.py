@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 from .errors import DiskFullError, OutputExistsError
 
 __all__ = ["atomic_directory", "atomic_file", "write_text_atomically", "save_pretrained_atomically",
-           "removed_on_failure", "reporting_disk_full", "is_disk_full", "remove_stale_partials"]
+           "removed_on_failure", "reporting_disk_full", "is_disk_full", "remove_stale_partials", "allocated_memmap"]
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # What writers that wrap the OS error say (safetensors: "IoError(Os { code: 28, kind: StorageFull, ... })").
@@ -223,3 +223,25 @@ def save_pretrained_atomically(model, output: str | Path) -> None:
     """``model.save_pretrained`` into a staging directory renamed to ``output`` (which must be absent or empty)."""
     with atomic_directory(output) as staging:
         model.save_pretrained(staging)
+
+
+def allocated_memmap(path: str | Path, dtype, shape: tuple[int, ...]):
+    """A new ``.npy`` memory map whose blocks are reserved on disk first. A sparse memory map that runs out of disk
+    space while being filled kills the process with SIGBUS; reserving the space up front turns a full disk into an
+    ``OSError`` (ENOSPC) at creation, which the staging around the write reports as :class:`DiskFullError`."""
+    import numpy as np
+
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    size = os.path.getsize(path)
+    if size and hasattr(os, "posix_fallocate"):
+        descriptor = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(descriptor, 0, size)
+        except OSError as error:
+            if error.errno in DISK_FULL_ERRNOS:
+                raise
+            # file systems without fallocate support (EOPNOTSUPP / EINVAL) keep the sparse file
+        finally:
+            os.close(descriptor)
+    return array
+
