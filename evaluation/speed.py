@@ -11,11 +11,12 @@ from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from pipelines.config import build_model, load_config
 from tokenizer.utils.errors import InvalidValueError
 
-__all__ = ["speed_tokenizer", "speed_ar", "speed_flow", "speed_eval", "time_call"]
+__all__ = ["speed_tokenizer", "speed_ar", "speed_flow", "speed_eval", "time_call", "compare_reference_tokenizer"]
 
 
 def _sync(device: torch.device) -> None:
@@ -269,3 +270,170 @@ def speed_eval(samples: str, reference: str, inception_weights: str | None = Non
             "vfmtok_images_per_s": count / ours_seconds, "torch_fidelity_images_per_s": count / theirs_seconds,
             "ratio": theirs_seconds / ours_seconds, "fid_vfmtok": ours,
             "fid_torch_fidelity": theirs["frechet_inception_distance"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Side by side with the reference code (CVMI-Lab/VFMTok), ``vfmtok speed tokenizer --compare-reference PATH``
+# ----------------------------------------------------------------------------------------------------------------------
+_REFERENCE_ARCHS = {"dinov2-vitl14-reg": ("dinov2_vitl14_reg", 1024), "dinov2-vitb14-reg": ("dinov2_vitb14_reg", 768),
+                    "dinov2-vits14-reg": ("dinov2_vits14_reg", 384)}
+
+
+def _import_reference(path: str):
+    """Import the reference checkout's ``vfmtok`` package on the CPU: ``.cuda()`` becomes a no-op, the compiled
+    deformable-attention op is replaced by the checkout's own pure-PyTorch core, the DINOv2 / LPIPS / VGG checkpoint
+    loads are skipped (random weights), the internal ``refile`` I/O package is ``open``. Patches this process only
+    (a benchmark command); the checkout is read, never modified."""
+    import importlib
+    import sys
+    import types
+    from pathlib import Path
+
+    root = Path(path).expanduser()
+    if not (root / "vfmtok" / "tokenizer" / "vq_model.py").is_file() or not (root / "configs").is_dir():
+        raise InvalidValueError(f"--compare-reference {path!r} is not a checkout of CVMI-Lab/VFMTok (expected "
+                                "vfmtok/tokenizer/vq_model.py and configs/ under it)")
+    missing = [name for name in ("omegaconf", "einops", "kornia", "torchvision")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InvalidValueError(f"the reference code needs {missing} (pip install {' '.join(missing)}); they are not "
+                                "dependencies of this project")
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.nn.Module.cuda = lambda self, *args, **kwargs: self
+    sys.modules.setdefault("MultiScaleDeformableAttention", types.ModuleType("MultiScaleDeformableAttention"))
+    if "refile" not in sys.modules:
+        refile = types.ModuleType("refile")
+        refile.smart_open = open
+        sys.modules["refile"] = refile
+    sys.path.insert(0, str(root))
+    functions = importlib.import_module("vfmtok.modules.ops.functions.ms_deform_attn_func")
+
+    class _PyTorchCore:
+        @staticmethod
+        def apply(value, shapes, level_start, locations, weights, im2col_step):
+            return functions.ms_deform_attn_core_pytorch(value, shapes, locations, weights)
+
+    functions.MSDeformAttnFunction = _PyTorchCore
+    importlib.import_module("vfmtok.modules.ops.modules.ms_deform_attn").MSDeformAttnFunction = _PyTorchCore
+    encoders = importlib.import_module("vfmtok.modules.pretrained_enc.models_pretrained_enc")
+    encoders.load_pretrained_dino_v2 = lambda model, checkpoint: model
+    return root
+
+
+def _build_reference_step(root, arch: str, vfm_dim: int, image_size: int, images: torch.Tensor, lpips: bool):
+    """The reference tokenizer (random weights) at the paper config and its generator step: forward, the reference's
+    generator loss without the GAN term (2 x MSE + LPIPS when ``lpips`` + codebook, commitment, entropy + 1 - cosine
+    to the VFM features, as ``VQLoss.forward`` before ``disc_start``), backward, Adam step."""
+    import importlib
+    import os
+    import types
+
+    from omegaconf import OmegaConf
+
+    vq_model = importlib.import_module("vfmtok.tokenizer.vq_model")
+    cfg = OmegaConf.load(os.path.join(root, "configs", "vit_transformer.yaml"))
+    enc = cfg.encoder_config.params
+    enc.in_channels, enc.image_size, enc.dim, enc.depth, enc.n_carrier = vfm_dim, image_size, 512, 6, 256
+    enc.visual_encoder_config.params.pretrained_enc_arch = arch
+    enc.visual_encoder_config.params.proj_dim = vfm_dim
+    model = vq_model.VQModel(vq_model.ModelArgs(codebook_size=16384, codebook_embed_dim=8, z_channels=512,
+                                                transformer_config=cfg, codebook_slots_embed_dim=12))
+    for buffer in model.buffers():
+        buffer.requires_grad_(False)  # the usage buffer is registered as a Parameter object
+    model.train()
+    perceptual = None
+    if lpips:
+        import torchvision
+
+        ref_lpips = importlib.import_module("vfmtok.losses.lpips")
+        ref_lpips.models = types.SimpleNamespace(vgg16=lambda pretrained=True, **kw: torchvision.models.vgg16(weights=None))
+        ref_lpips.LPIPS.load_from_pretrained = lambda self, name="vgg_lpips": None
+        perceptual = ref_lpips.LPIPS().eval()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        (reconstruction, latent, dinov2), vq_losses, _ = model(images)
+        loss = 2 * F.mse_loss(images, reconstruction)
+        if perceptual is not None:
+            loss = loss + perceptual(images, reconstruction).mean()
+        loss = loss + vq_losses[0] + vq_losses[1] + vq_losses[2]
+        loss = loss + (1 - F.cosine_similarity(dinov2, latent, dim=2, eps=1e-6)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _build_our_step(config_path: str, images: torch.Tensor, lpips: bool):
+    """This suite's train step at ``config_path`` (random weights): forward, every model loss term, with ``lpips``
+    the config's whole generator loss before the GAN starts (2 x MSE + LPIPS + VQ + semantic), backward, Adam step.
+    LPIPS uses the config's ``lpips_vgg_weights`` / ``lpips_lin_weights`` when both are local files, else random
+    weights (the time does not depend on them)."""
+    from pathlib import Path
+
+    from tokenizer.losses import TokenizerLoss
+
+    config = load_config(config_path)
+    torch.manual_seed(0)
+    model = build_model(config)
+    model.train()
+    loss_fn, weights = None, None
+    if lpips:
+        options = dict(config.get("loss") or {})
+        local = all(options.get(key) and Path(str(options[key])).is_file()
+                    for key in ("lpips_vgg_weights", "lpips_lin_weights"))
+        options.update(lpips_pretrained=local, discriminator_pretrained=False, discriminator="none")
+        if not options.get("perceptual_weight"):
+            options["perceptual_weight"] = 1.0
+        loss_fn, weights = TokenizerLoss(**options), ("pretrained" if local else "random")
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        output = model(images)
+        loss = sum(output.losses.values()) if loss_fn is None else loss_fn.generator_loss(output, step=0)[0]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return model, step, weights
+
+
+def compare_reference_tokenizer(config_path: str, reference_path: str, batch_size: int = 1, rounds: int = 2,
+                                steps: int = 1, warmup: int = 1, lpips: bool = False) -> dict[str, Any]:
+    """Train-step images/s of this suite and of the reference VFMTok code (a checkout of CVMI-Lab/VFMTok at
+    ``reference_path``), CPU, fp32, random weights, the same images, batch and loss set, timed alternately in one
+    process: ``rounds`` rounds of (ours, reference), each ``warmup`` untimed and ``steps`` timed steps. Returns
+    both figures and their ratio per round, and the median ratio (ours / reference).
+
+    The loss set is the pixel, VQ and semantic terms, plus LPIPS-VGG with ``lpips`` (the reference's generator loss
+    before its GAN starts; the reference's ``VQLoss`` would also run its DINO discriminator at weight 0, which is
+    left out here, so the reference figure is if anything optimistic)."""
+    if rounds < 1 or steps < 1 or warmup < 0 or batch_size < 1:
+        raise InvalidValueError(f"rounds, steps and batch size must be >= 1 and warmup >= 0, got {rounds}, {steps}, "
+                                f"{batch_size}, {warmup}")
+    config = load_config(config_path)
+    preset = (config.get("params") or {}).get("vfm", {}).get("preset")
+    if config.get("model") != "VFMTokModel" or preset not in _REFERENCE_ARCHS:
+        raise InvalidValueError(f"--compare-reference needs a discrete VFMTokModel config on a DINOv2-with-registers "
+                                f"preset ({sorted(_REFERENCE_ARCHS)}), like configs/tokenizer/vfmtok-l.yaml; "
+                                f"{config_path} has model {config.get('model')!r}, vfm preset {preset!r}")
+    root = _import_reference(reference_path)
+    device = torch.device("cpu")
+    size = int(config["params"].get("image_size", 336))
+    torch.manual_seed(0)
+    images = torch.rand(batch_size, 3, size, size) * 2 - 1
+    _, ours, weights = _build_our_step(config_path, images, lpips)
+    arch, vfm_dim = _REFERENCE_ARCHS[preset]
+    torch.manual_seed(0)
+    theirs = _build_reference_step(root, arch, vfm_dim, size, images, lpips)
+    per_round = []
+    for _ in range(rounds):
+        ours_s = time_call(ours, device, steps, warmup, windows=1)
+        theirs_s = time_call(theirs, device, steps, warmup, windows=1)
+        per_round.append({"vfmtok_images_per_s": batch_size / ours_s, "reference_images_per_s": batch_size / theirs_s,
+                          "ratio": theirs_s / ours_s})
+    return {"mode": "train", "config": str(config_path), "reference": str(reference_path), "device": "cpu",
+            "precision": "fp32", "batch_size": batch_size, "lpips": lpips, "lpips_weights": weights,
+            "threads": torch.get_num_threads(), "steps": steps, "rounds": per_round,
+            "ratio": statistics.median(r["ratio"] for r in per_round)}

@@ -23,8 +23,16 @@ def _describe(args: argparse.Namespace) -> None:
 
 
 def _speed_tokenizer(args: argparse.Namespace) -> None:
-    from evaluation.speed import speed_tokenizer
+    from evaluation.speed import compare_reference_tokenizer, speed_tokenizer
+    from tokenizer.utils.errors import InvalidValueError
 
+    if args.compare_reference is not None:
+        if args.device != "cpu" or args.precision not in (None, "fp32"):
+            raise InvalidValueError("--compare-reference times the CPU fp32 train step; drop --device / --precision")
+        print(json.dumps(compare_reference_tokenizer(args.config, args.compare_reference, batch_size=args.batch_size,
+                                                     rounds=args.rounds, steps=args.steps, warmup=args.warmup,
+                                                     lpips=args.lpips)), flush=True)
+        return
     for row in speed_tokenizer(args.config, device=args.device, batch_size=args.batch_size, steps=args.steps,
                                warmup=args.warmup, precision=args.precision, modes=tuple(args.modes),
                                feature_cache=args.feature_cache):
@@ -283,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
                            default=["train", "encode", "decode"])
     speed_tok.add_argument("--feature-cache", action="store_true",
                            help="also time the training step with the frozen VFM's features read from a disk cache")
+    speed_tok.add_argument("--compare-reference", default=None, metavar="REF_CHECKOUT",
+                           help="time the CPU fp32 train step of this suite and of the reference VFMTok code (a "
+                                "checkout of CVMI-Lab/VFMTok; needs omegaconf, einops, kornia, torchvision) "
+                                "alternately in one run and print both images/s and the ratio")
+    speed_tok.add_argument("--rounds", type=int, default=2, help="with --compare-reference: alternating rounds")
+    speed_tok.add_argument("--lpips", action="store_true",
+                           help="with --compare-reference: the full generator loss incl. LPIPS-VGG (random VGG "
+                                "weights unless the config names local files)")
     speed_tok.set_defaults(run=_speed_tokenizer)
 
     train = commands.add_parser("train", help="train a model (runs under `accelerate launch` too)")

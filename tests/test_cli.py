@@ -54,6 +54,17 @@ def test_speed_tokenizer_prints_one_json_line_per_mode(capsys):
     assert 0 < rows[0]["deformable_attention_share"] < 1
 
 
+def test_speed_compare_reference_needs_a_reference_checkout(capsys, tmp_path):
+    """--compare-reference is opt-in (the reference code is no dependency): a missing checkout is a clear error."""
+    code, rows, err = run_cli(capsys, "speed", "tokenizer", "--config", CONFIGS / "vfmtok-l.yaml",
+                              "--compare-reference", tmp_path / "no-such-checkout", "--steps", 1)
+    assert code == 2 and not rows
+    assert "no-such-checkout" in err and "CVMI-Lab/VFMTok" in err
+    code, _, err = run_cli(capsys, "speed", "tokenizer", "--config", CONFIGS / "vfmtok-l.yaml", "--device", "cuda",
+                           "--compare-reference", tmp_path)
+    assert code == 2 and "CPU fp32" in err
+
+
 def test_errors_name_the_bad_value(capsys, tmp_path):
     code, _, err = run_cli(capsys, "describe", tmp_path / "missing.yaml")
     assert code == 2 and "missing.yaml" in err and "does not exist" in err
