@@ -403,7 +403,8 @@ def compare_reference_tokenizer(config_path: str, reference_path: str, batch_siz
                                 steps: int = 1, warmup: int = 1, lpips: bool = False) -> dict[str, Any]:
     """Train-step images/s of this suite and of the reference VFMTok code (a checkout of CVMI-Lab/VFMTok at
     ``reference_path``), CPU, fp32, random weights, the same images, batch and loss set, timed alternately in one
-    process: ``rounds`` rounds of (ours, reference), each ``warmup`` untimed and ``steps`` timed steps. Returns
+    process: ``rounds`` rounds of (ours, reference), each ``steps`` timed steps (``warmup`` untimed steps of each
+before the first round). Returns
     both figures and their ratio per round, and the median ratio (ours / reference).
 
     The loss set is the pixel, VQ and semantic terms, plus LPIPS-VGG with ``lpips`` (the reference's generator loss
@@ -428,9 +429,9 @@ def compare_reference_tokenizer(config_path: str, reference_path: str, batch_siz
     torch.manual_seed(0)
     theirs = _build_reference_step(root, arch, vfm_dim, size, images, lpips)
     per_round = []
-    for _ in range(rounds):
-        ours_s = time_call(ours, device, steps, warmup, windows=1)
-        theirs_s = time_call(theirs, device, steps, warmup, windows=1)
+    for index in range(rounds):  # warm-up steps before the first round only; later rounds are warm already
+        ours_s = time_call(ours, device, steps, warmup if index == 0 else 0, windows=1)
+        theirs_s = time_call(theirs, device, steps, warmup if index == 0 else 0, windows=1)
         per_round.append({"vfmtok_images_per_s": batch_size / ours_s, "reference_images_per_s": batch_size / theirs_s,
                           "ratio": theirs_s / ours_s})
     return {"mode": "train", "config": str(config_path), "reference": str(reference_path), "device": "cpu",
