@@ -360,8 +360,13 @@ class DINOTokModel(FrozenVFMHolderMixin, StrictLoadingMixin, FrozenModulesMixin,
         return self.fusion(features.levels)
 
     def quantize(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(B, N, C) latent -> (quantized latent back in latent space (B, N, C), codes (B, N * K), losses)."""
-        y = self.to_pca_space(latent.float())
+        """(B, N, C) latent -> (quantized latent back in latent space (B, N, C), codes (B, N * K), losses).
+        The PCA transform and the quantization run in fp32, also under autocast."""
+        with torch.autocast(device_type=latent.device.type, enabled=False):
+            return self._quantize(latent.float())
+
+    def _quantize(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        y = self.to_pca_space(latent)
         chunks = y.chunk(len(self.quantizers), dim=-1)
         quantized, indices, losses = [], [], {"codebook": 0.0, "commitment": 0.0}
         for quantizer, chunk in zip(self.quantizers, chunks):
@@ -384,7 +389,8 @@ class DINOTokModel(FrozenVFMHolderMixin, StrictLoadingMixin, FrozenModulesMixin,
         per_cell = codes.reshape(codes.shape[0], -1, k)
         parts = [quantizer.lookup(per_cell[..., i] - i * self.config.codebook_size)
                  for i, quantizer in enumerate(self.quantizers)]
-        return self.from_pca_space(torch.cat(parts, dim=-1))
+        with torch.autocast(device_type=codes.device.type, enabled=False):
+            return self.from_pca_space(torch.cat(parts, dim=-1).float())
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

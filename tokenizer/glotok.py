@@ -107,6 +107,12 @@ def similarity_histogram(vectors: torch.Tensor, bins: int = 40, sharpness: Optio
     if bins < 1:
         raise InvalidValueError(f"bins must be >= 1, got {bins}")
     sharpness = default_sharpness(bins) if sharpness is None else float(sharpness)
+    with torch.autocast(device_type=vectors.device.type, enabled=False):  # similarities in fp32 (or fp64)
+        return _similarity_histogram(vectors, bins, sharpness, block_elements)
+
+
+def _similarity_histogram(vectors: torch.Tensor, bins: int, sharpness: float,
+                          block_elements: Optional[int]) -> torch.Tensor:
     x = F.normalize(vectors.float() if vectors.dtype != torch.float64 else vectors, dim=-1)
     centres = histogram_bin_centres(bins, device=x.device, dtype=x.dtype)
     n = len(x)
