@@ -43,9 +43,11 @@ def _lpips_or_reason():
 @torch.no_grad()
 def reconstruction_metrics(tokenizer, data: str, output_dir: str | Path, batch_size: int = 16, eval_size: int = 256,
                            limit: Optional[int] = None, device: str | torch.device = "cpu",
-                           inception_weights: Optional[str] = None, num_workers: int = 0) -> dict[str, Any]:
+                           inception_weights: Optional[str] = None, num_workers: int = 0,
+                           lpips: bool = True) -> dict[str, Any]:
     """Reconstruct every image of ``data`` with ``tokenizer`` (any tokenizer family) and write ``report.json`` and
-    ``reconstructions.png`` (originals above reconstructions) into ``output_dir`` (atomically). Returns the report."""
+    ``reconstructions.png`` (originals above reconstructions) into ``output_dir`` (atomically). Returns the report.
+    ``lpips=False`` skips LPIPS (whose VGG weights are downloaded on first use)."""
     from .fid import InceptionFeatures
 
     if batch_size < 1 or eval_size < 1:
@@ -61,7 +63,7 @@ def reconstruction_metrics(tokenizer, data: str, output_dir: str | Path, batch_s
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=collate_images, generator=torch.Generator())
     extractor = InceptionFeatures(inception_weights, device=device)
-    lpips, lpips_reason = _lpips_or_reason()
+    lpips, lpips_reason = _lpips_or_reason() if lpips else (None, "not asked for (lpips=False)")
     if lpips is not None:
         lpips = lpips.to(device)
     real, fake, psnrs, ssims, lpipses, codes, grid = [], [], [], [], [], [], None

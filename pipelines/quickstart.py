@@ -58,18 +58,18 @@ class QuickstartBudget:
     tokenizer_steps: int
     ar_steps: int
     flow_steps: int
-    reference_per_class: int  # FID reference images per class
-    samples_per_class: int  # generated images per class and guidance setting, for gFID
+    reference_images: int  # FID reference images (balanced over the classes, at least one per class)
+    gfid_samples: int  # generated images per guidance setting, for gFID (balanced labels)
     recon_images: int  # images for the reconstruction metrics
     grid_per_class: int  # images per class in the sample grids
     flow_inference_steps: int
 
 
 FULL = QuickstartBudget(images_per_class=None, tokenizer_steps=300, ar_steps=1500, flow_steps=1500,
-                        reference_per_class=30, samples_per_class=15, recon_images=100, grid_per_class=6,
+                        reference_images=300, gfid_samples=150, recon_images=100, grid_per_class=6,
                         flow_inference_steps=50)
-FAST = QuickstartBudget(images_per_class=12, tokenizer_steps=6, ar_steps=20, flow_steps=20, reference_per_class=4,
-                        samples_per_class=3, recon_images=16, grid_per_class=2, flow_inference_steps=8)
+FAST = QuickstartBudget(images_per_class=12, tokenizer_steps=6, ar_steps=20, flow_steps=20, reference_images=40,
+                        gfid_samples=30, recon_images=16, grid_per_class=2, flow_inference_steps=8)
 
 
 # -- data ------------------------------------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ def run_quickstart(output_dir: str | Path = "quickstart", data: Optional[str] = 
         if data is None:
             digits_dataset(data_dir, budget.images_per_class)
         summary = data_summary(data_dir)
-        summary.update(reference_images(data_dir, output / "data" / "reference", budget.reference_per_class))
+        summary.update(reference_images(data_dir, output / "data" / "reference", max(1, budget.reference_images // summary["num_classes"])))
         return summary
 
     info = stages.run("data", prepare_data)
@@ -398,7 +398,8 @@ def run_quickstart(output_dir: str | Path = "quickstart", data: Optional[str] = 
             continue
         recon[kind] = stages.run(f"recon-{kind}", lambda kind=kind: _recon_summary(reconstruction_metrics(
             load_tokenizer(str(tokenizers[kind])), data_dir, output / "eval" / f"recon-{kind}",
-            batch_size=32, eval_size=IMAGE_SIZE, limit=budget.recon_images, inception_weights=weights)))
+            batch_size=32, eval_size=IMAGE_SIZE, limit=budget.recon_images, inception_weights=weights,
+            lpips=False)))  # LPIPS would download VGG16 weights (528 MB); the quickstart stays offline
     bench: dict[str, Any] = {}
     for kind, guidance, options in (("ar", ar_guidance, {}), ("flow", flow_guidance, flow_sampling)):
         if no_inception:
@@ -407,7 +408,7 @@ def run_quickstart(output_dir: str | Path = "quickstart", data: Optional[str] = 
             continue
         bench[kind] = stages.run(f"benchmark-{kind}", lambda kind=kind, guidance=guidance, options=options:
                                  run_benchmark(str(pipelines_dir[kind]), output / "eval" / f"benchmark-{kind}",
-                                               budget.samples_per_class * num_classes, [1.0, guidance],
+                                               budget.gfid_samples, [1.0, guidance],
                                                str(output / "data" / "reference"), labels="balanced", seed=seed,
                                                batch_size=64, output_size=IMAGE_SIZE, inception_weights=weights,
                                                sampler_options=options, device="cpu", update_model_card=True))
