@@ -11,6 +11,13 @@ from tokenizer.utils.fast_conv import Conv3x3, fast_conv, fast_conv_enabled, use
 needs_nnpack = pytest.mark.skipif(not torch._nnpack_available(), reason="this torch build has no NNPACK")
 
 
+@pytest.fixture(autouse=True)
+def fast_path_on():
+    """The fast path is opt-in (VFMTOK_FAST_CONV=1): these tests check it, so they turn it on."""
+    with fast_conv(True):
+        yield
+
+
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
