@@ -1,6 +1,6 @@
-"""Persistence of a tokenizer that holds a frozen VFM outside its module tree (DINO-Tok, GloTok's VFM variant).
+"""Persistence of a tokenizer that holds a frozen VFM outside its module tree.
 
-The same contract as :class:`tokenizer.vfmtok.VFMTokModel` (which keeps its own copy of this logic): the VFM is not in
+Used by every family with a frozen VFM (VFMTok / VFMAE, DINO-Tok, GloTok's VFM variant). The VFM is not in
 ``state_dict()`` nor ``parameters()``; the config records which VFM to load; when no config value can reproduce the
 weights the model was trained with (a random VFM, or weights given with ``load_vfm_weights(path)``),
 ``save_pretrained`` writes them next to the tokenizer's (``vfm.safetensors``) so that the saved folder loads back by

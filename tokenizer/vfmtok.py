@@ -16,7 +16,6 @@ the tokenizer's (``vfm.safetensors``) so that the saved folder loads back by its
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -24,21 +23,19 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
-from safetensors.torch import save_file
 from torch import nn
 
+from .frozen_encoder import VFM_WEIGHTS_NAME, FrozenVFMHolderMixin
 from .deformable_attention import MultiScaleDeformableAttention, grid_reference_points
 from .interface import CodeLayout, ImageTokenizerMixin
 from .layers import Attention, PixelDecoder, Transformer, VectorQuantizer, entropy_loss
-from .utils.atomic import atomic_file
-from .utils.errors import CheckpointError, InvalidValueError
+from .utils.errors import InvalidValueError
 from .utils.frozen import FrozenModulesMixin
-from .utils.loading import StrictLoadingMixin, bundled_file
+from .utils.loading import StrictLoadingMixin
 from .vfm import FrozenVFM, VFM_PRESETS, VFMFeatures, resize_images
 
 __all__ = ["VFMTokModel", "VFMTokOutput", "VectorQuantizer", "entropy_loss", "resize_images", "VFM_WEIGHTS_NAME"]
 
-VFM_WEIGHTS_NAME = "vfm.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -233,7 +230,8 @@ def _vfm_spec(vfm: dict) -> dict:
     return spec
 
 
-class VFMTokModel(StrictLoadingMixin, FrozenModulesMixin, ImageTokenizerMixin, ModelMixin, ConfigMixin):
+class VFMTokModel(FrozenVFMHolderMixin, StrictLoadingMixin, FrozenModulesMixin, ImageTokenizerMixin, ModelMixin,
+                  ConfigMixin):
     """VFMTok (``bottleneck="vq"``) and VFMAE (``bottleneck="continuous"``) tokenizers.
 
     ``encode(images)`` -> token indices (B, query_grid**2) or latents (B, latent_channels, g, g);
@@ -290,8 +288,7 @@ class VFMTokModel(StrictLoadingMixin, FrozenModulesMixin, ImageTokenizerMixin, M
             if value % 32 != 0:
                 raise InvalidValueError(f"{name} ({value}) must be a multiple of 32 (GroupNorm with 32 groups)")
         spec = _vfm_spec(vfm)
-        self.hold_frozen("vfm", FrozenVFM(**spec))  # not part of the tokenizer's weights
-        self._vfm_weights_source: Optional[str] = None  # where the VFM weights were loaded from; None: random
+        self.hold_vfm(FrozenVFM(**spec))  # not part of the tokenizer's weights (FrozenVFMHolderMixin)
         vfm_dim, vfm_grid = self.vfm.hidden_size, self.vfm.grid
         if vfm_grid[0] != vfm_grid[1]:
             raise InvalidValueError(f"the VFM patch grid must be square, got {vfm_grid}")
@@ -313,63 +310,6 @@ class VFMTokModel(StrictLoadingMixin, FrozenModulesMixin, ImageTokenizerMixin, M
                                           num_registers=decoder_registers, semantic_depth=semantic_depth,
                                           semantic_cls=semantic_cls)
         self.pixel_decoder = PixelDecoder(dim, pixel_channels, pixel_channel_mult, pixel_res_blocks)
-
-    # -- the frozen VFM -------------------------------------------------------------------------------------------
-    @property
-    def vfm(self) -> FrozenVFM:
-        return self.frozen("vfm")
-
-    @property
-    def frozen_encoder(self) -> FrozenVFM:
-        return self.vfm
-
-    def load_vfm_weights(self, source: Optional[str] = None) -> None:
-        """Load the real VFM weights (Hub id, local directory or official checkpoint; default: the config's)."""
-        self.vfm.load_pretrained(source)
-        self._vfm_weights_source = source if source is not None else self.vfm.pretrained
-
-    def _vfm_needs_bundling(self) -> bool:
-        """Whether a saved folder must carry the VFM weights: the config names none (a random VFM), or the weights
-        came from somewhere else than the config names (``load_vfm_weights(path)``)."""
-        return self.vfm.pretrained is None or (self._vfm_weights_source is not None and
-                                               self._vfm_weights_source != self.vfm.pretrained)
-
-    # -- persistence --------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path, is_main_process: bool = True, **kwargs: Any) -> None:
-        """diffusers' ``save_pretrained`` (config.json + safetensors weights), plus ``vfm.safetensors`` when no Hub
-        id or path in the config can reproduce the VFM weights, so that the folder loads back by itself."""
-        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
-        if is_main_process and self._vfm_needs_bundling():
-            state = {k: v.detach().cpu().contiguous() for k, v in self.vfm.model.state_dict().items()}
-            with atomic_file(Path(save_directory) / VFM_WEIGHTS_NAME) as temporary:
-                save_file(state, str(temporary))
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, load_vfm_weights: bool = True,
-                        vfm_source: Optional[str] = None, **kwargs):
-        """diffusers loading, strict (a missing, unexpected or mis-shaped tokenizer weight is an error), then the VFM.
-
-        The VFM weights come from ``vfm_source`` when given, else from the folder's ``vfm.safetensors`` when it has
-        one (see :meth:`save_pretrained`), else from the Hub id / path the config names. ``load_vfm_weights=False``
-        keeps a randomly initialised VFM (offline tests). diffusers' pipeline loader passes
-        ``low_cpu_mem_usage=True``; it is accepted and mapped to a plain load, because the frozen VFM is built in the
-        constructor and would otherwise stay on the meta device (the loading stays strict either way).
-        """
-        kwargs["low_cpu_mem_usage"] = False
-        kwargs.pop("device_map", None)  # a plain load on the CPU; .to() moves the VFM together with the model
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
-                                              **kwargs)
-        if load_vfm_weights:
-            if vfm_source is None:
-                vfm_source = bundled_file(pretrained_model_name_or_path, VFM_WEIGHTS_NAME, kwargs)
-            if vfm_source is None and model.vfm.pretrained is None:
-                raise CheckpointError(
-                    f"{pretrained_model_name_or_path}: no VFM weights: the folder has no {VFM_WEIGHTS_NAME} and its "
-                    "config names no VFM source (vfm.pretrained); pass vfm_source=, or load_vfm_weights=False for a "
-                    "random VFM")
-            model.load_vfm_weights(vfm_source)
-        return (model, info) if want_info else model
 
     # -- the tokenizer interface ----------------------------------------------------------------------------------
     @property
