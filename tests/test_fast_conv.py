@@ -1,12 +1,14 @@
 """The NNPACK Winograd 3x3 convolution (tokenizer/utils/fast_conv.py) against ATen's direct convolution and float64:
-forward, input / weight / bias gradients, the fallbacks, and the modules that use it (pixel decoder, LPIPS)."""
+forward, input / weight / bias gradients, the fallbacks, and the modules that use it (pixel decoder, LPIPS); the
+low-resolution form of upsample-then-convolve against the literal upsample + convolution in float64."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tokenizer.layers import PixelDecoder
 from tokenizer.lpips import LPIPS
-from tokenizer.utils.fast_conv import Conv3x3, fast_conv, fast_conv_enabled, uses_fast_path, winograd_conv3x3
+from tokenizer.utils.fast_conv import (Conv3x3, fast_conv, fast_conv_enabled, upsample2x_conv3x3, uses_fast_path,
+                                      winograd_conv3x3)
 
 needs_nnpack = pytest.mark.skipif(not torch._nnpack_available(), reason="this torch build has no NNPACK")
 
@@ -120,3 +122,55 @@ def test_lpips_training_loss_matches_the_single_pass():
     assert _relative(grad, recon.grad) < 1e-4
     with torch.no_grad():
         assert torch.allclose(lpips(recon, target), d.detach(), rtol=1e-4, atol=1e-6)
+
+
+def _upsample_then_conv(x, weight, bias):
+    """The literal form: build the 2x nearest-upsampled image, then convolve it."""
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+
+
+@pytest.mark.parametrize("batch,cin,cout,size,bias", [(1, 8, 16, 5, True), (2, 16, 8, 6, True), (3, 4, 4, 1, False),
+                                                      (1, 32, 32, 21, True)])
+def test_upsample_conv_at_low_resolution_is_upsample_then_conv(batch, cin, cout, size, bias):
+    """Output and input / weight / bias gradients, odd and even sizes (borders), against float64 of the literal form."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, cin, size, size)
+    weight = torch.randn(cout, cin, 3, 3) * (9 * cin) ** -0.5
+    b = torch.randn(cout) if bias else None
+    probe = torch.randn(batch, cout, 2 * size, 2 * size)
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in (x, weight, b)]
+        out = fn(*leaves)
+        (out * probe.to(dtype)).sum().backward()
+        return [out.detach()] + [t.grad for t in leaves if t is not None]
+
+    fused, literal, exact = run(upsample2x_conv3x3, torch.float32), run(_upsample_then_conv, torch.float32), \
+        run(_upsample_then_conv, torch.float64)
+    assert fused[0].shape == (batch, cout, 2 * size, 2 * size)
+    for name, f, l, e in zip(("output", "input grad", "weight grad", "bias grad"), fused, literal, exact):
+        # as close to float64 as the literal fp32 form is (both are plain fp32 sums, in another order)
+        assert _relative(f, e) < max(4 * _relative(l, e), 1e-6), name
+        assert _relative(f, e) < 1e-5, name
+
+
+def test_upsample_conv_phases_are_placed_on_the_right_pixels():
+    """A kernel with a single non-zero tap shifts the upsampled image by one pixel: compare with the shift by hand."""
+    x = torch.arange(12.0).view(1, 1, 3, 4)
+    up = x.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    for i in range(3):
+        for j in range(3):
+            weight = torch.zeros(1, 1, 3, 3)
+            weight[0, 0, i, j] = 1.0
+            expected = F.pad(up, (1, 1, 1, 1))[:, :, i:i + 6, j:j + 8]  # out(p, q) = up(p + i - 1, q + j - 1)
+            assert torch.equal(upsample2x_conv3x3(x, weight), expected), (i, j)
+
+
+def test_upsample_conv_under_bf16_autocast_sums_the_taps_in_fp32():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 8, 7, 7), torch.randn(8, 8, 3, 3) * 0.1, torch.randn(8)
+    exact = _upsample_then_conv(x.double(), weight.double(), bias.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, literal = upsample2x_conv3x3(x, weight, bias), _upsample_then_conv(x, weight, bias)
+    assert fused.dtype == literal.dtype == torch.bfloat16
+    assert _relative(fused, exact) < 2 * _relative(literal, exact) + 1e-3

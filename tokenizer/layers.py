@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .utils.errors import InvalidValueError
-from .utils.fast_conv import Conv3x3
+from .utils.fast_conv import Conv3x3, upsample2x_conv3x3
 from .utils.layers import FusedSwiGLU
 
 __all__ = ["Attention", "TransformerLayer", "Transformer", "VectorQuantizer", "entropy_loss", "PixelDecoder",
@@ -192,12 +192,14 @@ class AttnBlock(nn.Module):
 
 
 class Upsample(nn.Module):
+    """2x nearest upsampling then a 3x3 convolution, computed at the low resolution (:func:`upsample2x_conv3x3`)."""
+
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv3x3(channels, channels)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample2x_conv3x3(x, self.conv.weight, self.conv.bias)
 
 
 class PixelDecoder(nn.Module):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Conv3x3", "winograd_conv3x3", "set_fast_conv", "fast_conv_enabled", "fast_conv", "uses_fast_path"]
+__all__ = ["Conv3x3", "upsample2x_conv3x3", "winograd_conv3x3", "set_fast_conv", "fast_conv_enabled", "fast_conv", "uses_fast_path"]
 
 _ENABLED = os.environ.get("VFMTOK_FAST_CONV", "0").strip().lower() not in ("0", "false", "no", "off")
 
@@ -123,3 +123,32 @@ class Conv3x3(nn.Conv2d):
         if uses_fast_path(x, self.weight):
             return _WinogradConv3x3.apply(x, self.weight, self.bias)
         return super().forward(x)
+
+
+def _phase_taps(weight: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two 2-tap kernels, along ``dim``, that a 3-tap kernel becomes after a 2x nearest upsampling: the even
+    output rows see low-resolution rows (i-1, i) with taps (w0, w1 + w2), the odd ones rows (i, i+1) with (w0 + w1, w2)."""
+    w0, w1, w2 = weight.unbind(dim)
+    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
+
+
+def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)`` for a 3x3 kernel,
+    computed at the low resolution: each of the four output phases (even/odd row x even/odd column) is a 2x2
+    convolution of ``x`` whose taps are sums of the 3x3 taps, so the four phases run as one 2x2 convolution with
+    4x the output channels, 16 taps per input pixel instead of 36, and the upsampled input is never built.
+
+    Same function (only the order of the fp32 additions differs; against float64 it is at least as close as the
+    plain form, ``tests/test_fast_conv.py``), on every device and dtype; gradients come from autograd through it.
+    The taps are summed in the weight's own dtype before any autocast cast."""
+    batch, _, height, width = x.shape
+    out_channels = weight.shape[0]
+    rows = _phase_taps(weight, 2)
+    kernel = torch.cat([phase for row in rows for phase in _phase_taps(row, 3)])  # (a, c) -> block 2a + c
+    out = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel, None if bias is None else bias.repeat(4))
+    out = out.view(batch, 2, 2, out_channels, height + 1, width + 1)
+    y = out.new_empty(batch, out_channels, height, 2, width, 2)
+    for a in range(2):
+        for c in range(2):  # phase (a, c) of output pixel (i, j) is the 2x2 window starting at padded (i + a, j + c)
+            y[:, :, :, a, :, c] = out[:, a, c, :, a:a + height, c:c + width]
+    return y.view(batch, out_channels, 2 * height, 2 * width)
