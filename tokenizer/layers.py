@@ -205,8 +205,10 @@ class Upsample(nn.Module):
 class PixelDecoder(nn.Module):
     """LlamaGen/taming CNN decoder: conv_in -> (res, attn, res) -> per level ``num_res_blocks`` ResBlocks + 2x upsample.
 
-    The 3x3 convolutions are :class:`~tokenizer.utils.fast_conv.Conv3x3` (plain ``nn.Conv2d`` parameters; NNPACK
-    Winograd kernels on the CPU in fp32, see :mod:`tokenizer.utils.fast_conv`)."""
+    The 3x3 convolutions are :class:`~tokenizer.utils.fast_conv.Conv3x3` (plain ``nn.Conv2d`` parameters; opt-in
+    NNPACK Winograd kernels on the CPU in fp32, see :mod:`tokenizer.utils.fast_conv`); each upsampling convolution
+    runs at the low resolution (:func:`~tokenizer.utils.fast_conv.upsample2x_conv3x3`), the same function with 16
+    instead of 36 multiply-adds per input pixel and channel pair."""
 
     def __init__(self, in_channels: int, channels: int, channel_mult: Sequence[int], num_res_blocks: int,
                  out_channels: int = 3, dropout: float = 0.0):
