@@ -174,3 +174,22 @@ def test_upsample_conv_under_bf16_autocast_sums_the_taps_in_fp32():
         fused, literal = upsample2x_conv3x3(x, weight, bias), _upsample_then_conv(x, weight, bias)
     assert fused.dtype == literal.dtype == torch.bfloat16
     assert _relative(fused, exact) < 2 * _relative(literal, exact) + 1e-3
+
+
+def test_upsample_module_uses_the_low_resolution_form_only_with_gradients(monkeypatch):
+    """Training takes the fused form; no_grad (sampling, evaluation) takes the literal one, which is what makes images
+    bit-equal across thread counts. Both compute the same function."""
+    from tokenizer import layers
+
+    torch.manual_seed(0)
+    module = layers.Upsample(8)
+    x = torch.randn(2, 8, 5, 5)
+    calls = []
+    monkeypatch.setattr(layers, "upsample2x_conv3x3", lambda *a: calls.append(1) or upsample2x_conv3x3(*a))
+    trained = module(x)
+    assert calls == [1] and trained.requires_grad
+    with torch.no_grad():
+        sampled = module(x)
+    assert calls == [1]
+    assert torch.equal(sampled, module.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")))
+    assert _relative(trained.detach(), sampled) < 1e-5

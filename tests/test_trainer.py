@@ -2,6 +2,7 @@
 a 2-process accelerate run, and a short run on the real ImageNet samples that lowers the reconstruction loss."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -314,12 +315,30 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
         train_tokenizer(config, str(data), tmp_path / name / "out")
         weights[name] = load_file(str(tmp_path / name / "out" / "checkpoints" / "step-00000001" / "model.safetensors"))
     set_seed(0)  # the trainer seeds before building, so this is the initial model
-    initial = build_model(TINY).state_dict()
+    model = build_model(TINY)
+    initial = model.state_dict()
     assert max((weights["full"][k] - initial[k]).abs().max().item() for k in weights["full"]) > 1e-4
     # Adam's first step moves every weight by about +-lr (4e-4) along the gradient's sign, so a run that used only one
     # micro-batch's gradient would differ by up to 8e-4; rounding moves weights with near-zero gradients by ~1e-5.
+    # A weight whose gradient is zero in exact arithmetic gets only fp32 rounding noise, which Adam's first step
+    # scales up to as much as +-lr whatever the batching, so those are left out (found in float64, not by name).
+    pure_noise = {f"pixel_decoder.{name}" for name in zero_gradient_parameters(model.pixel_decoder)}
+    assert pure_noise and all(".bias" in name for name in pure_noise), pure_noise
     for key, value in weights["full"].items():
-        assert torch.allclose(value, weights["accumulated"][key], atol=4e-5), key
+        if key not in pure_noise:
+            assert torch.allclose(value, weights["accumulated"][key], atol=4e-5), key
+
+
+def zero_gradient_parameters(module: torch.nn.Module) -> set[str]:
+    """Parameters whose float64 gradient of a random loss is zero: in the tiny pixel decoder, biases whose output only
+    reaches GroupNorms of one channel per group (32 groups of 32 channels), which remove any per-channel constant."""
+    module = copy.deepcopy(module).double()
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(2, module.conv_in.in_channels, 4, 4, dtype=torch.float64, generator=generator)
+    out = module(z)
+    (out * torch.randn(out.shape, dtype=torch.float64, generator=generator)).sum().backward()
+    scale = max(p.grad.abs().max().item() for p in module.parameters())
+    return {name for name, p in module.named_parameters() if p.grad.abs().max().item() < 1e-12 * scale}
 
 
 @needs_samples

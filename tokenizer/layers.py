@@ -192,23 +192,28 @@ class AttnBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-    """2x nearest upsampling then a 3x3 convolution, computed at the low resolution (:func:`upsample2x_conv3x3`)."""
+    """2x nearest upsampling then a 3x3 convolution. While training it is computed at the low resolution
+    (:func:`upsample2x_conv3x3`, the same function with less than half the multiply-adds, forward and backward).
+    Without gradients it runs literally: oneDNN's kernel for the fused form splits its sums by thread count, and
+    sampled images must be bit-equal whichever process (of however many threads) made them."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample2x_conv3x3(x, self.conv.weight, self.conv.bias)
+        if torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad):
+            return upsample2x_conv3x3(x, self.conv.weight, self.conv.bias)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class PixelDecoder(nn.Module):
     """LlamaGen/taming CNN decoder: conv_in -> (res, attn, res) -> per level ``num_res_blocks`` ResBlocks + 2x upsample.
 
     The 3x3 convolutions are :class:`~tokenizer.utils.fast_conv.Conv3x3` (plain ``nn.Conv2d`` parameters; opt-in
-    NNPACK Winograd kernels on the CPU in fp32, see :mod:`tokenizer.utils.fast_conv`); each upsampling convolution
-    runs at the low resolution (:func:`~tokenizer.utils.fast_conv.upsample2x_conv3x3`), the same function with 16
-    instead of 36 multiply-adds per input pixel and channel pair."""
+    NNPACK Winograd kernels on the CPU in fp32, see :mod:`tokenizer.utils.fast_conv`); while training,
+    each upsampling convolution runs at the low resolution (:func:`~tokenizer.utils.fast_conv.upsample2x_conv3x3`),
+    the same function with 16 instead of 36 multiply-adds per input pixel and channel pair."""
 
     def __init__(self, in_channels: int, channels: int, channel_mult: Sequence[int], num_res_blocks: int,
                  out_channels: int = 3, dropout: float = 0.0):
