@@ -193,3 +193,11 @@ def test_upsample_module_uses_the_low_resolution_form_only_with_gradients(monkey
     assert calls == [1]
     assert torch.equal(sampled, module.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")))
     assert _relative(trained.detach(), sampled) < 1e-5
+
+
+def test_phase_interleave_backward_passes_gradcheck():
+    from tokenizer.utils.fast_conv import _InterleavePhases
+
+    phases = torch.randn(2, 8, 4, 5, dtype=torch.float64, requires_grad=True)  # K = 2, H = 3, W = 4
+    assert _InterleavePhases.apply(phases).shape == (2, 2, 6, 8)
+    assert torch.autograd.gradcheck(_InterleavePhases.apply, (phases,))

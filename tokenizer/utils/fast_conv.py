@@ -141,14 +141,39 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     Same function (only the order of the fp32 additions differs; against float64 it is at least as close as the
     plain form, ``tests/test_fast_conv.py``), on every device and dtype; gradients come from autograd through it.
     The taps are summed in the weight's own dtype before any autocast cast."""
-    batch, _, height, width = x.shape
-    out_channels = weight.shape[0]
     rows = _phase_taps(weight, 2)
     kernel = torch.cat([phase for row in rows for phase in _phase_taps(row, 3)])  # (a, c) -> block 2a + c
-    out = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel, None if bias is None else bias.repeat(4))
-    out = out.view(batch, 2, 2, out_channels, height + 1, width + 1)
-    y = out.new_empty(batch, out_channels, height, 2, width, 2)
-    for a in range(2):
-        for c in range(2):  # phase (a, c) of output pixel (i, j) is the 2x2 window starting at padded (i + a, j + c)
-            y[:, :, :, a, :, c] = out[:, a, c, :, a:a + height, c:c + width]
-    return y.view(batch, out_channels, 2 * height, 2 * width)
+    phases = F.conv2d(x, kernel, None if bias is None else bias.repeat(4), padding=1)  # (B, 4K, H + 1, W + 1)
+    return _InterleavePhases.apply(phases)
+
+
+class _InterleavePhases(torch.autograd.Function):
+    """(B, 4K, H + 1, W + 1) phase outputs -> (B, K, 2H, 2W): phase (a, c) of output pixel (i, j) is the 2x2 window
+    starting at padded (i + a, j + c). Written out, because autograd of four slice assignments allocates a zeroed
+    copy of the whole input per phase in the backward; here the backward writes one tensor."""
+
+    @staticmethod
+    def forward(ctx, phases: torch.Tensor) -> torch.Tensor:
+        batch, channels, rows, cols = phases.shape
+        height, width, out_channels = rows - 1, cols - 1, channels // 4
+        source = phases.view(batch, 2, 2, out_channels, rows, cols)
+        y = phases.new_empty(batch, out_channels, height, 2, width, 2)
+        for a in range(2):
+            for c in range(2):
+                y[:, :, :, a, :, c] = source[:, a, c, :, a:a + height, c:c + width]
+        ctx.shape = phases.shape
+        return y.view(batch, out_channels, 2 * height, 2 * width)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        batch, channels, rows, cols = ctx.shape
+        height, width, out_channels = rows - 1, cols - 1, channels // 4
+        grad = grad.reshape(batch, out_channels, height, 2, width, 2)
+        out = grad.new_empty(batch, 2, 2, out_channels, rows, cols)
+        for a in range(2):
+            for c in range(2):
+                phase = out[:, a, c]
+                phase[:, :, a:a + height, c:c + width] = grad[:, :, :, a, :, c]
+                phase[:, :, height if a == 0 else 0] = 0.0  # the row and the column this phase does not use
+                phase[:, :, :, width if c == 0 else 0] = 0.0
+        return out.view(ctx.shape)
