@@ -281,142 +281,193 @@ def _grid_classes(num_classes: int, count: int = 10) -> list[int]:
     return sorted({int(round(i)) for i in np.linspace(0, num_classes - 1, min(count, num_classes))})
 
 
+@dataclasses.dataclass
+class _Run:
+    """What every stage of one quickstart run needs."""
+
+    output: Path
+    stages: _Stages
+    budget: QuickstartBudget
+    seed: int
+    data_dir: str
+
+    def config(self, template: str, params: dict[str, Any], max_steps: int) -> Path:
+        """``configs/quickstart/<template>`` with ``params``, this run's seed and ``max_steps``, under ``configs/``."""
+        return _write_config(template, self.output / "configs" / template, params,
+                             {"max_steps": max_steps, "seed": self.seed})
+
+
 def run_quickstart(output_dir: str | Path = "quickstart", data: Optional[str] = None, vfm: Optional[str] = None,
                    seed: int = 0, fast: bool = False, force: bool = False,
                    inception_weights: Optional[str] = None) -> dict[str, Any]:
     """Run every stage (see the module docstring) into ``output_dir`` and return the report (also written as
     ``report.json`` and ``report.md``)."""
-    from evaluation.benchmark import run_benchmark
-    from evaluation.recon import reconstruction_metrics
-    from pipelines.pipeline_common import load_pipeline
-    from pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
-    from pipelines.pipeline_vfmtok_flow import VFMTokFlowPipeline
-    from pipelines.train.ar import train_ar
-    from pipelines.train.extract import extract_tokens, load_tokenizer
-    from pipelines.train.flow import train_flow, write_latent_statistics
-    from pipelines.train.tokenizer import train_tokenizer
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InvalidValueError(f"--seed must be an integer >= 0, got {seed!r}")
     budget = FAST if fast else FULL
     output = Path(output_dir)
     _prepare_output(output, _options_record(data, vfm, seed, fast), force)
     started = time.perf_counter()
-    stages = _Stages(output, total=14)
-    data_dir = str(output / "data" / "digits") if data is None else data
+    run = _Run(output, _Stages(output, total=14), budget, seed,
+               str(output / "data" / "digits") if data is None else data)
+    info = _data_stage(run, generate_digits=data is None)
+    tokenizers, vfm_note = _tokenizer_stages(run, vfm)
+    codes, latents = _extraction_stages(run, tokenizers)
+    generators, guidance = _generator_stages(run, info["num_classes"], codes, latents)
+    pipelines_dir = _pipeline_stage(run, tokenizers, generators, info["id2label"])
+    flow_sampling = {"num_inference_steps": budget.flow_inference_steps}
+    grids = _sample_stages(run, pipelines_dir, info, guidance, flow_sampling)
+    recon, bench, no_inception = _evaluation_stages(run, tokenizers, pipelines_dir, guidance, flow_sampling,
+                                                    inception_weights)
+    run.stages.progress.close()
+    return _report(output, info, vfm, vfm_note, tokenizers, recon, bench, grids, no_inception, guidance, run.stages,
+                   time.perf_counter() - started, seed, fast, budget, data)
 
-    # 1. data
+
+def _data_stage(run: _Run, generate_digits: bool) -> dict[str, Any]:
+    """1. The training data (the digits unless ``--data`` named some) and the FID reference images."""
+
     def prepare_data() -> dict[str, Any]:
-        if data is None:
-            digits_dataset(data_dir, budget.images_per_class)
-        summary = data_summary(data_dir)
-        summary.update(reference_images(data_dir, output / "data" / "reference", max(1, budget.reference_images // summary["num_classes"])))
+        if generate_digits:
+            digits_dataset(run.data_dir, run.budget.images_per_class)
+        summary = data_summary(run.data_dir)
+        per_class = max(1, run.budget.reference_images // summary["num_classes"])
+        summary.update(reference_images(run.data_dir, run.output / "data" / "reference", per_class))
         return summary
 
-    info = stages.run("data", prepare_data)
+    info = run.stages.run("data", prepare_data)
     info["id2label"] = {str(k): v for k, v in info["id2label"].items()}
-    num_classes = info["num_classes"]
+    return info
 
-    # 2. tokenizers
+
+def _tokenizer_stages(run: _Run, vfm: Optional[str]) -> tuple[dict[str, Path], str]:
+    """2. The discrete and the continuous tokenizer: their exported folders, and which VFM they use."""
+    from pipelines.train.tokenizer import train_tokenizer
+
     tokenizers: dict[str, Path] = {}
     vfm_notes = {}
     for kind, template in (("vq", "tokenizer-vq.yaml"), ("ae", "tokenizer-ae.yaml")):
-        spec, note = quickstart_vfm_spec(vfm, _template(template)["params"]["vfm"]["image_size"])
-        vfm_notes[kind] = note
-        params = {} if spec is None else {"vfm": spec}
-        config = _write_config(template, output / "configs" / template, params,
-                               {"max_steps": budget.tokenizer_steps, "seed": seed})
-        run_dir = output / "runs" / f"tokenizer-{kind}"
-        stages.run(f"tokenizer-{kind}", lambda config=config, run_dir=run_dir: {
-            "exported": str(train_tokenizer(config, data_dir, run_dir, resume=True))})
+        spec, vfm_notes[kind] = quickstart_vfm_spec(vfm, _template(template)["params"]["vfm"]["image_size"])
+        config = run.config(template, {} if spec is None else {"vfm": spec}, run.budget.tokenizer_steps)
+        run_dir = run.output / "runs" / f"tokenizer-{kind}"
+        run.stages.run(f"tokenizer-{kind}", lambda config=config, run_dir=run_dir: {
+            "exported": str(train_tokenizer(config, run.data_dir, run_dir, resume=True))})
         tokenizers[kind] = run_dir / "tokenizer"
     logger.info("VFM: %s", vfm_notes["vq"])
+    return tokenizers, vfm_notes["vq"]
 
-    # 3. extraction (an interrupted one left only a staging directory, which extract_tokens removes)
+
+def _extraction_stages(run: _Run, tokenizers: dict[str, Path]) -> tuple[Path, Path]:
+    """3. Every image encoded once: the codes folder and the latents folder (with its statistics)."""
+    from pipelines.train.extract import extract_tokens, load_tokenizer
+    from pipelines.train.flow import write_latent_statistics
+
     def extract(kind: str, target: Path) -> dict[str, Any]:
-        shutil.rmtree(target, ignore_errors=True)  # a finished extraction whose statistics were not written yet
-        extract_tokens(load_tokenizer(str(tokenizers[kind])), data_dir, target, batch_size=64, num_workers=0,
+        # an interrupted extraction left only a staging directory, which extract_tokens removes; a finished one
+        # whose statistics were not written yet is removed here
+        shutil.rmtree(target, ignore_errors=True)
+        extract_tokens(load_tokenizer(str(tokenizers[kind])), run.data_dir, target, batch_size=64, num_workers=0,
                        flip=False)
         if kind == "ae":
             write_latent_statistics(target)
         return {"path": str(target), "shape": json.loads((target / "meta.json").read_text())["shape"]}
 
-    codes, latents = output / "codes", output / "latents"
+    codes, latents = run.output / "codes", run.output / "latents"
     for kind, name, target in (("vq", "extract-codes", codes), ("ae", "extract-latents", latents)):
-        stages.run(name, lambda kind=kind, target=target: extract(kind, target))
+        run.stages.run(name, lambda kind=kind, target=target: extract(kind, target))
+    return codes, latents
 
-    # 4. generators
-    generator_options = {"num_classes": num_classes}
-    ar_config = _write_config("ar.yaml", output / "configs" / "ar.yaml", generator_options,
-                              {"max_steps": budget.ar_steps, "seed": seed})
-    flow_config = _write_config("flow.yaml", output / "configs" / "flow.yaml", generator_options,
-                                {"max_steps": budget.flow_steps, "seed": seed})
-    ar_run, flow_run = output / "runs" / "ar", output / "runs" / "flow"
-    stages.run("train-ar", lambda: {"exported": str(train_ar(ar_config, ar_run, codes=str(codes), resume=True))})
-    stages.run("train-flow", lambda: {"exported": str(train_flow(flow_config, flow_run, latents=str(latents),
-                                                                  resume=True))})
-    ar_guidance = float(yaml.safe_load(ar_config.read_text())["sampling"]["guidance_scale"])
-    flow_guidance = float(yaml.safe_load(flow_config.read_text())["sampling"]["guidance_scale"])
 
-    # 5. pipelines
-    pipelines_dir = {"ar": output / "pipelines" / "ar", "flow": output / "pipelines" / "flow"}
+def _generator_stages(run: _Run, num_classes: int, codes: Path, latents: Path
+                      ) -> tuple[dict[str, Path], dict[str, float]]:
+    """4. The GPT over the codes and the flow denoiser over the latents: their run folders and their configs'
+    sampling CFG scales."""
+    from pipelines.train.ar import train_ar
+    from pipelines.train.flow import train_flow
+
+    options = {"num_classes": num_classes}
+    ar_config = run.config("ar.yaml", options, run.budget.ar_steps)
+    flow_config = run.config("flow.yaml", options, run.budget.flow_steps)
+    runs = {"ar": run.output / "runs" / "ar", "flow": run.output / "runs" / "flow"}
+    run.stages.run("train-ar", lambda: {
+        "exported": str(train_ar(ar_config, runs["ar"], codes=str(codes), resume=True))})
+    run.stages.run("train-flow", lambda: {
+        "exported": str(train_flow(flow_config, runs["flow"], latents=str(latents), resume=True))})
+    guidance = {kind: float(yaml.safe_load(config.read_text())["sampling"]["guidance_scale"])
+                for kind, config in (("ar", ar_config), ("flow", flow_config))}
+    return runs, guidance
+
+
+def _pipeline_stage(run: _Run, tokenizers: dict[str, Path], generators: dict[str, Path],
+                    id2label: dict[str, str]) -> dict[str, Path]:
+    """5. Both pipelines saved with ``save_pretrained``: their folders."""
+    pipelines_dir = {"ar": run.output / "pipelines" / "ar", "flow": run.output / "pipelines" / "flow"}
 
     def save_pipelines() -> dict[str, Any]:
         from generators import DiTModel, GPTModel
+        from pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
+        from pipelines.pipeline_vfmtok_flow import VFMTokFlowPipeline
+        from pipelines.train.extract import load_tokenizer
 
-        id2label = info["id2label"]
-        ar = VFMTokARPipeline(load_tokenizer(str(tokenizers["vq"])), GPTModel.from_pretrained(ar_run / "generator"),
-                              id2label=id2label)
+        ar = VFMTokARPipeline(load_tokenizer(str(tokenizers["vq"])),
+                              GPTModel.from_pretrained(generators["ar"] / "generator"), id2label=id2label)
         flow = VFMTokFlowPipeline(load_tokenizer(str(tokenizers["ae"])),
-                                  DiTModel.from_pretrained(flow_run / "generator"), None, id2label=id2label)
+                                  DiTModel.from_pretrained(generators["flow"] / "generator"), None, id2label=id2label)
         for pipe, target in ((ar, pipelines_dir["ar"]), (flow, pipelines_dir["flow"])):
             with atomic_directory(target, replace=True) as staging:
                 pipe.save_pretrained(staging)
         return {k: str(v) for k, v in pipelines_dir.items()}
 
-    stages.run("pipelines", save_pipelines)
+    run.stages.run("pipelines", save_pipelines)
+    return pipelines_dir
 
-    # 6. samples from the pipelines loaded back
-    classes = _grid_classes(num_classes)
+
+def _sample_stages(run: _Run, pipelines_dir: dict[str, Path], info: dict[str, Any], guidance: dict[str, float],
+                   flow_sampling: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """6. Sample grids from both pipelines loaded back with ``from_pretrained``, without and with CFG."""
+    from pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
+    from pipelines.pipeline_vfmtok_flow import VFMTokFlowPipeline
+
+    classes = _grid_classes(info["num_classes"])
     names = {int(k): v for k, v in info["id2label"].items()}
-    flow_sampling = {"num_inference_steps": budget.flow_inference_steps}
 
-    def sample(kind: str, guidance: float, options: dict[str, Any]) -> dict[str, Any]:
+    def sample(kind: str, options: dict[str, Any]) -> dict[str, Any]:
         pipe = (VFMTokARPipeline if kind == "ar" else VFMTokFlowPipeline).from_pretrained(pipelines_dir[kind])
         pipe.set_progress_bar_config(disable=True)
-        return _sample_grids(pipe, kind, classes, names, budget.grid_per_class, guidance, seed, output, options)
+        return _sample_grids(pipe, kind, classes, names, run.budget.grid_per_class, guidance[kind], run.seed,
+                             run.output, options)
 
-    grids = {"ar": stages.run("samples-ar", lambda: sample("ar", ar_guidance, {})),
-             "flow": stages.run("samples-flow", lambda: sample("flow", flow_guidance, flow_sampling))}
+    return {"ar": run.stages.run("samples-ar", lambda: sample("ar", {})),
+            "flow": run.stages.run("samples-flow", lambda: sample("flow", flow_sampling))}
 
-    # 7. tokenizer metrics, 8. gFID
+
+def _evaluation_stages(run: _Run, tokenizers: dict[str, Path], pipelines_dir: dict[str, Path],
+                       guidance: dict[str, float], flow_sampling: dict[str, Any], inception_weights: Optional[str]
+                       ) -> tuple[dict[str, Any], dict[str, Any], Optional[str]]:
+    """7. Tokenizer metrics and 8. gFID with and without CFG; both None per kind (with the reason) when no FID
+    Inception weights can be had."""
+    from evaluation.benchmark import run_benchmark
+    from evaluation.recon import reconstruction_metrics
+    from pipelines.train.extract import load_tokenizer
+
     weights, no_inception = _inception_or_reason(inception_weights)
     recon: dict[str, Any] = {}
-    for kind in ("vq", "ae"):
-        if no_inception:
-            recon[kind] = None
-            stages.progress.update(1)
-            continue
-        recon[kind] = stages.run(f"recon-{kind}", lambda kind=kind: _recon_summary(reconstruction_metrics(
-            load_tokenizer(str(tokenizers[kind])), data_dir, output / "eval" / f"recon-{kind}",
-            batch_size=32, eval_size=IMAGE_SIZE, limit=budget.recon_images, inception_weights=weights,
-            lpips=False)))  # LPIPS would download VGG16 weights (528 MB); the quickstart stays offline
     bench: dict[str, Any] = {}
-    for kind, guidance, options in (("ar", ar_guidance, {}), ("flow", flow_guidance, flow_sampling)):
-        if no_inception:
-            bench[kind] = None
-            stages.progress.update(1)
-            continue
-        bench[kind] = stages.run(f"benchmark-{kind}", lambda kind=kind, guidance=guidance, options=options:
-                                 run_benchmark(str(pipelines_dir[kind]), output / "eval" / f"benchmark-{kind}",
-                                               budget.gfid_samples, [1.0, guidance],
-                                               str(output / "data" / "reference"), labels="balanced", seed=seed,
-                                               batch_size=64, output_size=IMAGE_SIZE, inception_weights=weights,
-                                               sampler_options=options, device="cpu", update_model_card=True))
-    stages.progress.close()
-    report = _report(output, info, vfm, vfm_notes["vq"], tokenizers, recon, bench, grids, no_inception,
-                     {"ar": ar_guidance, "flow": flow_guidance}, stages, time.perf_counter() - started, seed, fast,
-                     budget, data)
-    return report
+    if no_inception:
+        run.stages.progress.update(4)
+        return {"vq": None, "ae": None}, {"ar": None, "flow": None}, no_inception
+    for kind in ("vq", "ae"):
+        recon[kind] = run.stages.run(f"recon-{kind}", lambda kind=kind: _recon_summary(reconstruction_metrics(
+            load_tokenizer(str(tokenizers[kind])), run.data_dir, run.output / "eval" / f"recon-{kind}",
+            batch_size=32, eval_size=IMAGE_SIZE, limit=run.budget.recon_images, inception_weights=weights,
+            lpips=False)))  # LPIPS would download VGG16 weights (528 MB); the quickstart stays offline
+    for kind, options in (("ar", {}), ("flow", flow_sampling)):
+        bench[kind] = run.stages.run(f"benchmark-{kind}", lambda kind=kind, options=options: run_benchmark(
+            str(pipelines_dir[kind]), run.output / "eval" / f"benchmark-{kind}", run.budget.gfid_samples,
+            [1.0, guidance[kind]], str(run.output / "data" / "reference"), labels="balanced", seed=run.seed,
+            batch_size=64, output_size=IMAGE_SIZE, inception_weights=weights, sampler_options=options, device="cpu",
+            update_model_card=True))
+    return recon, bench, no_inception
 
 
 def _recon_summary(report: dict[str, Any]) -> dict[str, Any]:
