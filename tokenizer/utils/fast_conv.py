@@ -156,7 +156,7 @@ class _InterleavePhases(torch.autograd.Function):
     def forward(ctx, phases: torch.Tensor) -> torch.Tensor:
         batch, channels, rows, cols = phases.shape
         height, width, out_channels = rows - 1, cols - 1, channels // 4
-        source = phases.view(batch, 2, 2, out_channels, rows, cols)
+        source = phases.reshape(batch, 2, 2, out_channels, rows, cols)  # any memory format
         y = phases.new_empty(batch, out_channels, height, 2, width, 2)
         for a in range(2):
             for c in range(2):
