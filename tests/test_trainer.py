@@ -331,7 +331,8 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
 
 def zero_gradient_parameters(module: torch.nn.Module) -> set[str]:
     """Parameters whose float64 gradient of a random loss is zero: in the tiny pixel decoder, biases whose output only
-    reaches GroupNorms of one channel per group (32 groups of 32 channels), which remove any per-channel constant."""
+    reaches GroupNorms of one channel per group (32 groups of 32 channels), which remove any per-channel constant,
+    and the attention block's key bias (softmax ignores a shift shared by all keys)."""
     module = copy.deepcopy(module).double()
     generator = torch.Generator().manual_seed(0)
     z = torch.randn(2, module.conv_in.in_channels, 4, 4, dtype=torch.float64, generator=generator)
