@@ -30,14 +30,14 @@ def _speed_tokenizer(args: argparse.Namespace) -> None:
     if args.compare_reference is not None:
         if args.device != "cpu" or args.precision not in (None, "fp32"):
             raise InvalidValueError("--compare-reference times the CPU fp32 train step; drop --device / --precision")
-        print(json.dumps(compare_reference_tokenizer(args.config, args.compare_reference, batch_size=args.batch_size,
-                                                     rounds=args.rounds, steps=args.steps, warmup=args.warmup,
-                                                     lpips=args.lpips)), flush=True)
+        row = compare_reference_tokenizer(args.config, args.compare_reference, batch_size=args.batch_size,
+                                          rounds=args.rounds, steps=args.steps, warmup=args.warmup, lpips=args.lpips)
+        print(json.dumps({**row, "malloc": args.malloc}), flush=True)
         return
     for row in speed_tokenizer(args.config, device=args.device, batch_size=args.batch_size, steps=args.steps,
                                warmup=args.warmup, precision=args.precision, modes=tuple(args.modes),
                                feature_cache=args.feature_cache):
-        print(json.dumps(row), flush=True)
+        print(json.dumps({**row, "malloc": args.malloc}), flush=True)
 
 
 def _speed_ar(args: argparse.Namespace) -> None:
@@ -544,8 +544,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.system_malloc:
-        reuse_freed_cpu_memory()
+    # recorded next to every speed figure; both codes of a side-by-side run share the process's setting
+    args.malloc = "reuse-freed" if not args.system_malloc and reuse_freed_cpu_memory() else "system"
     try:
         args.run(args)
     except VFMTokError as error:

@@ -55,10 +55,14 @@ def test_freed_large_tensors_are_reused_without_new_page_faults():
     assert reused["faults"] <= _PAGES_PER_ROUND * 1.1, reused
 
 
-@pytest.mark.parametrize("flags,expected_calls", [((), 1), (("--system-malloc",), 0)])
-def test_command_applies_the_setting_unless_told_not_to(monkeypatch, capsys, flags, expected_calls):
+@pytest.mark.parametrize("flags,took_effect,expected_calls,expected_mode",
+                         [((), True, 1, "reuse-freed"), ((), False, 1, "system"), (("--system-malloc",), True, 0, "system")])
+def test_command_applies_the_setting_unless_told_not_to_and_records_it(monkeypatch, capsys, flags, took_effect,
+                                                                       expected_calls, expected_mode):
     calls = []
-    monkeypatch.setattr(cli, "reuse_freed_cpu_memory", lambda: calls.append(True) or True)
-    assert cli.main([*flags, "describe", str(CONFIGS / "vfmtok-tiny.yaml")]) == 0
-    capsys.readouterr()
+    monkeypatch.setattr(cli, "reuse_freed_cpu_memory", lambda: calls.append(True) or took_effect)
+    assert cli.main([*flags, "speed", "tokenizer", "--config", str(CONFIGS / "vfmtok-tiny.yaml"), "--modes", "encode",
+                     "--batch-size", "1", "--steps", "1", "--warmup", "0"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(calls) == expected_calls
+    assert [row["malloc"] for row in rows] == [expected_mode]
