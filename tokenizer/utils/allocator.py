@@ -50,5 +50,6 @@ def reuse_freed_cpu_memory() -> bool:
     libc.mallopt.restype = ctypes.c_int
     applied = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
     if not applied:
-        logger.warning("reuse_freed_cpu_memory: mallopt refused the setting; allocator left as glibc's default")
+        logger.warning("reuse_freed_cpu_memory: mallopt refused part of the setting (M_MMAP_MAX = 0, "
+                       "M_TRIM_THRESHOLD = -1); freed memory may still go back to the kernel")
     return applied
