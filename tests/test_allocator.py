@@ -12,10 +12,12 @@ import pytest
 from pipelines import cli
 from tokenizer.utils.allocator import _glibc
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tokenizer"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "tokenizer"
 
 # Allocates, writes and frees a 64 MiB tensor (above glibc's largest mmap threshold, 32 MiB) 8 times after two
-# warm-up rounds (the heap settles on where the block goes in the second), and prints the minor page faults those 8 rounds took: one round touching fresh memory is 16384 faults.
+# warm-up rounds (the heap settles on where the block goes in the second), and prints the minor page faults those 8
+# rounds took: one round touching fresh memory is 16384 faults.
 _FAULTS_SCRIPT = """
 import json, resource, sys, torch
 from tokenizer.utils.allocator import reuse_freed_cpu_memory
@@ -38,7 +40,7 @@ requires_glibc = pytest.mark.skipif(_glibc() is None, reason="mallopt with glibc
 
 def faults_of_eight_round_trips(mode: str) -> dict:
     result = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True,
-                            cwd=Path(__file__).resolve().parents[1])
+                            cwd=ROOT)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -56,7 +58,8 @@ def test_freed_large_tensors_are_reused_without_new_page_faults():
 
 
 @pytest.mark.parametrize("flags,took_effect,expected_calls,expected_mode",
-                         [((), True, 1, "reuse-freed"), ((), False, 1, "system"), (("--system-malloc",), True, 0, "system")])
+                         [((), True, 1, "reuse-freed"), ((), False, 1, "system"),
+                          (("--system-malloc",), True, 0, "system")])
 def test_command_applies_the_setting_unless_told_not_to_and_records_it(monkeypatch, capsys, flags, took_effect,
                                                                        expected_calls, expected_mode):
     calls = []

@@ -4,7 +4,7 @@ glibc's malloc serves every block over its mmap threshold (at most 32 MiB) with 
 ``munmap`` on free. A CPU train step of the paper config allocates and frees such activations thousands of times, so
 each one is faulted in and zeroed by the kernel again: at batch 4 with LPIPS that was 7.6M page faults and about 30 s
 of the 68 s step in the kernel. Serving large blocks from the heap and never trimming it lets freed activations be
-reused as they are (0.06M faults, 48 s), at the price of a resident set that stays at its peak (+11% there).
+reused as they are (0.1M faults, 48 s), at the price of a resident set that stays at its peak (+11% there).
 """
 from __future__ import annotations
 
