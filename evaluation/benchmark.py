@@ -22,10 +22,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from tokenizer.utils.atomic import atomic_file
-from tokenizer.utils.errors import InvalidValueError
-
-from .fid import ImageSource, InceptionFeatures, compare_sources, load_source
+from vfmtok.tokenizer.utils.atomic import atomic_file
+from vfmtok.tokenizer.utils.errors import InvalidValueError
+from vfmtok.evaluation.fid import ImageSource, InceptionFeatures, compare_sources, load_source
 
 __all__ = ["run_benchmark", "benchmark_labels", "LABEL_MODES"]
 
@@ -127,7 +126,7 @@ def run_benchmark(pipeline: str, output_dir: str | Path, num_samples: int, guida
     results in the (local) pipeline folder's ``model_index.json`` and model card."""
     from accelerate import PartialState
 
-    from pipelines.pipeline_common import load_pipeline
+    from vfmtok.pipelines.pipeline_common import load_pipeline
 
     if num_samples < 2 or shard_size < 1 or batch_size < 1:
         raise InvalidValueError(f"num_samples must be >= 2, shard_size and batch_size >= 1; got {num_samples}, "
@@ -206,7 +205,7 @@ def _card_results(report: dict[str, Any]) -> dict[str, Any]:
     p = report["settings"][0]["protocol"]
     results["protocol"] = (f"{p['num_samples']} samples, {p['labels']} labels, seed {p['seed']}, sampler "
                            f"{json.dumps(p['sampler_options'])}, {p['resolution']}, uint8 by rounding, reference "
-                           f"{p['reference']} (sha256 {p['reference_sha256'][:16]}), torch-fidelity Inception "
+                           f"{Path(str(p['reference'])).name} (sha256 {p['reference_sha256'][:16]}), torch-fidelity Inception "
                            f"(sha256 {p['extractor_sha256'][:16]})")
     return results
 

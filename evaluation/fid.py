@@ -32,10 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tokenizer.utils.atomic import atomic_file
-from tokenizer.utils.errors import InvalidValueError, MissingFileError
-
-from .metrics import (GaussianStatistics, feature_statistics, frechet_distance_of, inception_score,
+from vfmtok.tokenizer.utils.atomic import atomic_file
+from vfmtok.tokenizer.utils.errors import InvalidValueError, MissingFileError
+from vfmtok.evaluation.metrics import (GaussianStatistics, feature_statistics, frechet_distance_of, inception_score,
                       precision_recall, warn_if_few)
 
 __all__ = ["InceptionFeatures", "ImageSource", "load_source", "source_features", "compare_sources",
@@ -46,7 +45,7 @@ SPATIAL_CHANNELS = 7  # ADM: mixed_6/conv[..., :7]
 
 
 def _cache_root() -> Path:
-    from .inception_weights import default_cache_dir
+    from vfmtok.evaluation.inception_weights import default_cache_dir
 
     return default_cache_dir().parent
 
@@ -55,7 +54,7 @@ class InceptionFeatures:
     """pool3, spatial (sFID) and, when the weights have the classification layer, logit features of uint8 images."""
 
     def __init__(self, inception_weights: Optional[str] = None, device: str | torch.device = "cpu"):
-        from .inception_weights import load_inception, resolve_inception_weights
+        from vfmtok.evaluation.inception_weights import load_inception, resolve_inception_weights
 
         self.weights = resolve_inception_weights(inception_weights)
         self.device = torch.device(device)
@@ -136,13 +135,13 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def _dataset_image(image: dict[str, Any], size: int) -> np.ndarray:
-    from pipelines.data import adm_center_crop, decode_image
+    from vfmtok.pipelines.data import adm_center_crop, decode_image
 
     return np.asarray(adm_center_crop(decode_image(image), size), dtype=np.uint8)
 
 
 def _dataset_source(source: str, size: int) -> ImageSource:
-    from pipelines.data import load_image_dataset
+    from vfmtok.pipelines.data import load_image_dataset
 
     dataset = load_image_dataset(source)
     if not hasattr(dataset, "__len__"):

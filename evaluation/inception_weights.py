@@ -32,9 +32,9 @@ from unittest import mock
 
 import torch
 
-from tokenizer.utils.atomic import atomic_file, write_text_atomically
-from tokenizer.utils.errors import CheckpointError, InvalidValueError, MissingFileError, WeightsUnavailableError
-from tokenizer.utils.loading import DOWNLOAD_ERRORS, load_state_dict_strict
+from vfmtok.tokenizer.utils.atomic import atomic_file, write_text_atomically
+from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError, MissingFileError, WeightsUnavailableError
+from vfmtok.tokenizer.utils.loading import DOWNLOAD_ERRORS, load_state_dict_strict
 
 __all__ = ["InceptionWeights", "resolve_inception_weights", "load_inception", "convert_fid_helper_torchscript",
            "fid_helper_torchscript_file", "default_cache_dir", "ENV_WEIGHTS", "ENV_CACHE", "CACHE_FILENAME",

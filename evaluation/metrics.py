@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokenizer.utils.errors import InvalidValueError
+from vfmtok.tokenizer.utils.errors import InvalidValueError
 
 __all__ = ["GaussianStatistics", "feature_statistics", "frechet_distance", "frechet_distance_of",
            "precision_recall", "inception_score", "psnr", "ssim", "codebook_statistics"]

@@ -16,12 +16,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from pipelines.data import ImageDataset, collate_images, load_image_dataset
-from tokenizer.utils.atomic import atomic_directory
-from tokenizer.utils.errors import InvalidValueError, VFMTokError
-from tokenizer.vfm import resize_images
-
-from .metrics import codebook_statistics, feature_statistics, frechet_distance_of, psnr, ssim, warn_if_few
+from vfmtok.pipelines.data import ImageDataset, collate_images, load_image_dataset
+from vfmtok.tokenizer.utils.atomic import atomic_directory
+from vfmtok.tokenizer.utils.errors import InvalidValueError, VFMTokError
+from vfmtok.tokenizer.vfm import resize_images
+from vfmtok.evaluation.metrics import codebook_statistics, feature_statistics, frechet_distance_of, psnr, ssim, warn_if_few
 
 __all__ = ["reconstruction_metrics", "to_uint8"]
 
@@ -32,7 +31,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def _lpips_or_reason():
-    from tokenizer.lpips import LPIPS
+    from vfmtok.tokenizer.lpips import LPIPS
 
     try:
         return LPIPS.pretrained(), None
@@ -48,7 +47,7 @@ def reconstruction_metrics(tokenizer, data: str, output_dir: str | Path, batch_s
     """Reconstruct every image of ``data`` with ``tokenizer`` (any tokenizer family) and write ``report.json`` and
     ``reconstructions.png`` (originals above reconstructions) into ``output_dir`` (atomically). Returns the report.
     ``lpips=False`` skips LPIPS (whose VGG weights are downloaded on first use)."""
-    from .fid import InceptionFeatures
+    from vfmtok.evaluation.fid import InceptionFeatures
 
     if batch_size < 1 or eval_size < 1:
         raise InvalidValueError(f"batch_size and eval_size must be >= 1, got {batch_size} and {eval_size}")

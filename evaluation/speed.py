@@ -13,8 +13,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from pipelines.config import build_model, load_config
-from tokenizer.utils.errors import InvalidValueError
+from vfmtok.pipelines.config import build_model, load_config
+from vfmtok.tokenizer.utils.errors import InvalidValueError
+from vfmtok.tokenizer.utils.foreign import reference_vfmtok_package
 
 __all__ = ["speed_tokenizer", "speed_ar", "speed_flow", "speed_eval", "time_call", "compare_reference_tokenizer"]
 
@@ -76,7 +77,7 @@ def _deformable_attention_seconds(model, images, device, precision, steps, warmu
 
     One forward records the inputs of every deformable layer; those calls are then replayed in isolation,
     with a backward through them, and timed."""
-    from tokenizer.deformable_attention import MultiScaleDeformableAttention
+    from vfmtok.tokenizer.deformable_attention import MultiScaleDeformableAttention
 
     calls: list[tuple[torch.nn.Module, tuple]] = []
     handles = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, tuple(
@@ -101,7 +102,7 @@ def _cached_train_speed(model, images, train_step, device, steps: int, warmup: i
     """Time ``train_step`` with features read from a feature cache of a few batches (cycled through)."""
     import tempfile
 
-    from tokenizer.feature_cache import VFMFeatureCache
+    from vfmtok.tokenizer.feature_cache import VFMFeatureCache
 
     batch_size, num_batches = len(images), 4
     with tempfile.TemporaryDirectory(prefix="vfmtok-speed-cache-") as directory:
@@ -197,7 +198,7 @@ def speed_flow(config_path: str, device: str = "cpu", batch_size: int = 8, sampl
                precision: str | None = None) -> dict[str, Any]:
     """Class-conditional sampling throughput of a denoiser config (random weights). ``nfe`` counts model evaluations
     per image, the conditional and unconditional ones of CFG separately."""
-    from generators.transport import guided_model, sample_ode, sample_sde
+    from vfmtok.generators.transport import guided_model, sample_ode, sample_sde
 
     if steps < 1:
         raise InvalidValueError(f"steps must be >= 1, got {steps}")
@@ -242,8 +243,8 @@ def speed_eval(samples: str, reference: str, inception_weights: str | None = Non
 
     import torch_fidelity
 
-    from .fid import InceptionFeatures, compare_sources, load_source
-    from .inception_weights import resolve_inception_weights
+    from vfmtok.evaluation.fid import InceptionFeatures, compare_sources, load_source
+    from vfmtok.evaluation.inception_weights import resolve_inception_weights
 
     device_t = _check_device(device)
     weights = resolve_inception_weights(inception_weights)
@@ -283,7 +284,8 @@ def _import_reference(path: str):
     """Import the reference checkout's ``vfmtok`` package on the CPU: ``.cuda()`` becomes a no-op, the compiled
     deformable-attention op is replaced by the checkout's own pure-PyTorch core, the DINOv2 / LPIPS / VGG checkpoint
     loads are skipped (random weights), the internal ``refile`` I/O package is ``open``. Patches this process only
-    (a benchmark command); the checkout is read, never modified."""
+    (a benchmark command); the checkout is read, never modified. Returns the checkout's root and the reference
+    modules the train step uses."""
     import importlib
     import sys
     import types
@@ -305,22 +307,25 @@ def _import_reference(path: str):
         refile = types.ModuleType("refile")
         refile.smart_open = open
         sys.modules["refile"] = refile
-    sys.path.insert(0, str(root))
-    functions = importlib.import_module("vfmtok.modules.ops.functions.ms_deform_attn_func")
+    with reference_vfmtok_package(root):  # the checkout's package is also called `vfmtok`
+        functions = importlib.import_module("vfmtok.modules.ops.functions.ms_deform_attn_func")
 
-    class _PyTorchCore:
-        @staticmethod
-        def apply(value, shapes, level_start, locations, weights, im2col_step):
-            return functions.ms_deform_attn_core_pytorch(value, shapes, locations, weights)
+        class _PyTorchCore:
+            @staticmethod
+            def apply(value, shapes, level_start, locations, weights, im2col_step):
+                return functions.ms_deform_attn_core_pytorch(value, shapes, locations, weights)
 
-    functions.MSDeformAttnFunction = _PyTorchCore
-    importlib.import_module("vfmtok.modules.ops.modules.ms_deform_attn").MSDeformAttnFunction = _PyTorchCore
-    encoders = importlib.import_module("vfmtok.modules.pretrained_enc.models_pretrained_enc")
-    encoders.load_pretrained_dino_v2 = lambda model, checkpoint: model
-    return root
+        functions.MSDeformAttnFunction = _PyTorchCore
+        importlib.import_module("vfmtok.modules.ops.modules.ms_deform_attn").MSDeformAttnFunction = _PyTorchCore
+        encoders = importlib.import_module("vfmtok.modules.pretrained_enc.models_pretrained_enc")
+        encoders.load_pretrained_dino_v2 = lambda model, checkpoint: model
+        modules = {"root": root, "vq_model": importlib.import_module("vfmtok.tokenizer.vq_model"),
+                   "lpips": importlib.import_module("vfmtok.losses.lpips")}
+    return modules
 
 
-def _build_reference_step(root, arch: str, vfm_dim: int, image_size: int, images: torch.Tensor, lpips: bool):
+def _build_reference_step(reference: dict, arch: str, vfm_dim: int, image_size: int, images: torch.Tensor,
+                          lpips: bool):
     """The reference tokenizer (random weights) at the paper config and its generator step: forward, the reference's
     generator loss without the GAN term (2 x MSE + LPIPS when ``lpips`` + codebook, commitment, entropy + 1 - cosine
     to the VFM features, as ``VQLoss.forward`` before ``disc_start``), backward, Adam step."""
@@ -330,7 +335,7 @@ def _build_reference_step(root, arch: str, vfm_dim: int, image_size: int, images
 
     from omegaconf import OmegaConf
 
-    vq_model = importlib.import_module("vfmtok.tokenizer.vq_model")
+    root, vq_model = reference["root"], reference["vq_model"]
     cfg = OmegaConf.load(os.path.join(root, "configs", "vit_transformer.yaml"))
     enc = cfg.encoder_config.params
     enc.in_channels, enc.image_size, enc.dim, enc.depth, enc.n_carrier = vfm_dim, image_size, 512, 6, 256
@@ -345,7 +350,7 @@ def _build_reference_step(root, arch: str, vfm_dim: int, image_size: int, images
     if lpips:
         import torchvision
 
-        ref_lpips = importlib.import_module("vfmtok.losses.lpips")
+        ref_lpips = reference["lpips"]
         ref_lpips.models = types.SimpleNamespace(vgg16=lambda pretrained=True, **kw: torchvision.models.vgg16(weights=None))
         ref_lpips.LPIPS.load_from_pretrained = lambda self, name="vgg_lpips": None
         perceptual = ref_lpips.LPIPS().eval()
@@ -372,7 +377,7 @@ def _build_our_step(config_path: str, images: torch.Tensor, lpips: bool):
     weights (the time does not depend on them)."""
     from pathlib import Path
 
-    from tokenizer.losses import TokenizerLoss
+    from vfmtok.tokenizer.losses import TokenizerLoss
 
     config = load_config(config_path)
     torch.manual_seed(0)
@@ -419,7 +424,7 @@ before the first round). Returns
         raise InvalidValueError(f"--compare-reference needs a discrete VFMTokModel config on a DINOv2-with-registers "
                                 f"preset ({sorted(_REFERENCE_ARCHS)}), like configs/tokenizer/vfmtok-l.yaml; "
                                 f"{config_path} has model {config.get('model')!r}, vfm preset {preset!r}")
-    root = _import_reference(reference_path)
+    reference = _import_reference(reference_path)
     device = torch.device("cpu")
     size = int(config["params"].get("image_size", 336))
     torch.manual_seed(0)
@@ -427,7 +432,7 @@ before the first round). Returns
     _, ours, weights = _build_our_step(config_path, images, lpips)
     arch, vfm_dim = _REFERENCE_ARCHS[preset]
     torch.manual_seed(0)
-    theirs = _build_reference_step(root, arch, vfm_dim, size, images, lpips)
+    theirs = _build_reference_step(reference, arch, vfm_dim, size, images, lpips)
     per_round = []
     for index in range(rounds):  # warm-up steps before the first round only; later rounds are warm already
         ours_s = time_call(ours, device, steps, warmup if index == 0 else 0, windows=1)

@@ -35,10 +35,10 @@ from typing import Mapping, Optional
 
 import torch
 
-from generators.dit import sincos_2d_pos_embed
-from generators.layers import rope_2d_table
-from tokenizer.utils.errors import CheckpointError, InvalidValueError
-from tokenizer.utils.loading import (RenameRules, read_state_dict, read_training_checkpoint, rename_by_rules,
+from vfmtok.generators.dit import sincos_2d_pos_embed
+from vfmtok.generators.layers import rope_2d_table
+from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError
+from vfmtok.tokenizer.utils.loading import (RenameRules, read_state_dict, read_training_checkpoint, rename_by_rules,
                                      rename_state_dict, strip_wrapper_prefixes)
 
 __all__ = ["CheckpointError", "load_ddt_checkpoint", "convert_ddt_state_dict", "convert_ddt_checkpoint",

@@ -34,8 +34,8 @@ from typing import Mapping
 
 import torch
 
-from tokenizer.utils.errors import CheckpointError
-from tokenizer.utils.loading import RenameRules, read_training_checkpoint, rename_state_dict
+from vfmtok.tokenizer.utils.errors import CheckpointError
+from vfmtok.tokenizer.utils.loading import RenameRules, read_training_checkpoint, rename_state_dict
 
 __all__ = ["CheckpointError", "load_llamagen_checkpoint", "convert_llamagen_state_dict",
            "convert_llamagen_checkpoint"]

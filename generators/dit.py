@@ -51,11 +51,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from tokenizer.utils.errors import InvalidValueError
-from tokenizer.utils.layers import FusedSwiGLU
-from tokenizer.utils.loading import StrictLoadingMixin
-
-from .layers import RMSNorm, apply_rotary_embedding, rope_2d_table
+from vfmtok.tokenizer.utils.errors import InvalidValueError
+from vfmtok.tokenizer.utils.layers import FusedSwiGLU
+from vfmtok.tokenizer.utils.loading import StrictLoadingMixin
+from vfmtok.generators.layers import RMSNorm, apply_rotary_embedding, rope_2d_table
 
 __all__ = ["DiTModel", "sincos_2d_pos_embed", "timestep_embedding", "gaussian_fourier_embedding",
            "swiglu_hidden_dim"]
@@ -227,7 +226,7 @@ class DiTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     """
 
     config_name = "config.json"
-    converter = "generators.convert_dit"  # named in loading errors (StrictLoadingMixin)
+    converter = "vfmtok.generators.convert_dit"  # named in loading errors (StrictLoadingMixin)
 
     @register_to_config
     def __init__(

@@ -38,11 +38,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from tokenizer.utils.errors import InvalidValueError
-from tokenizer.utils.types import class_label_tensor, finite_number
-from tokenizer.utils.loading import StrictLoadingMixin
-
-from .layers import RMSNorm, apply_rotary_embedding, rope_2d_table
+from vfmtok.tokenizer.utils.errors import InvalidValueError
+from vfmtok.tokenizer.utils.types import class_label_tensor, finite_number
+from vfmtok.tokenizer.utils.loading import StrictLoadingMixin
+from vfmtok.generators.layers import RMSNorm, apply_rotary_embedding, rope_2d_table
 
 __all__ = ["GPTModel", "KVCache", "GUIDANCE_SCHEDULES", "filter_logits", "ffn_hidden_dim"]
 
@@ -175,7 +174,7 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     """
 
     config_name = "config.json"
-    converter = "generators.convert_gpt"  # named in loading errors (StrictLoadingMixin)
+    converter = "vfmtok.generators.convert_gpt"  # named in loading errors (StrictLoadingMixin)
 
     @register_to_config
     def __init__(

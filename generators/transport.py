@@ -37,8 +37,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from tokenizer.utils.errors import InvalidValueError
-from tokenizer.utils.types import finite_number, positive_int
+from vfmtok.tokenizer.utils.errors import InvalidValueError
+from vfmtok.tokenizer.utils.types import finite_number, positive_int
 
 Model = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 

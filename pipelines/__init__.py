@@ -7,8 +7,8 @@ from typing import Any
 
 __all__ = ["VFMTokARPipeline", "VFMTokFlowPipeline", "load_pipeline"]
 
-_LAZY = {"VFMTokARPipeline": "pipelines.pipeline_vfmtok_ar", "VFMTokFlowPipeline": "pipelines.pipeline_vfmtok_flow",
-         "load_pipeline": "pipelines.pipeline_common"}
+_LAZY = {"VFMTokARPipeline": "vfmtok.pipelines.pipeline_vfmtok_ar", "VFMTokFlowPipeline": "vfmtok.pipelines.pipeline_vfmtok_flow",
+         "load_pipeline": "vfmtok.pipelines.pipeline_common"}
 
 
 def __getattr__(name: str) -> Any:

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from tokenizer.utils.allocator import reuse_freed_cpu_memory
-from tokenizer.utils.errors import OutputExistsError, VFMTokError
+from vfmtok.tokenizer.utils.allocator import reuse_freed_cpu_memory
+from vfmtok.tokenizer.utils.errors import OutputExistsError, VFMTokError
 
 __all__ = ["main"]
 
@@ -17,15 +17,15 @@ logger = logging.getLogger("vfmtok")
 
 
 def _describe(args: argparse.Namespace) -> None:
-    from pipelines.config import build_model
+    from vfmtok.pipelines.config import build_model
 
     model = build_model(args.config)
     print(json.dumps({"config": args.config, **model.describe()}))
 
 
 def _speed_tokenizer(args: argparse.Namespace) -> None:
-    from evaluation.speed import compare_reference_tokenizer, speed_tokenizer
-    from tokenizer.utils.errors import InvalidValueError
+    from vfmtok.evaluation.speed import compare_reference_tokenizer, speed_tokenizer
+    from vfmtok.tokenizer.utils.errors import InvalidValueError
 
     if args.compare_reference is not None:
         if args.device != "cpu" or args.precision not in (None, "fp32"):
@@ -41,7 +41,7 @@ def _speed_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _speed_ar(args: argparse.Namespace) -> None:
-    from evaluation.speed import speed_ar
+    from vfmtok.evaluation.speed import speed_ar
 
     row = speed_ar(args.config, device=args.device, batch_size=args.batch_size, cfg=not args.no_cfg,
                    guidance_scale=args.guidance_scale, kv_cache=not args.no_kv_cache, compile=args.compile,
@@ -50,9 +50,9 @@ def _speed_ar(args: argparse.Namespace) -> None:
 
 
 def _convert_tokenizer(args: argparse.Namespace) -> None:
-    from pipelines.config import build_model
-    from tokenizer.convert import convert_reference_checkpoint
-    from tokenizer.utils.atomic import save_pretrained_atomically
+    from vfmtok.pipelines.config import build_model
+    from vfmtok.tokenizer.convert import convert_reference_checkpoint
+    from vfmtok.tokenizer.utils.atomic import save_pretrained_atomically
 
     output = Path(args.output_dir)
     if output.exists() and any(output.iterdir()):
@@ -65,7 +65,7 @@ def _convert_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _convert_pipeline(args: argparse.Namespace) -> None:
-    from pipelines.convert import convert_official_pipeline
+    from vfmtok.pipelines.convert import convert_official_pipeline
 
     output = convert_official_pipeline(args.kind_of_pipeline, args.tokenizer_checkpoint, args.tokenizer_config,
                                        args.generator_checkpoint, args.generator_config, args.output_dir,
@@ -74,7 +74,7 @@ def _convert_pipeline(args: argparse.Namespace) -> None:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
-    from pipelines.train.tokenizer import train_tokenizer
+    from vfmtok.pipelines.train.tokenizer import train_tokenizer
 
     train_tokenizer(args.config, args.data, args.output_dir, max_steps=args.max_steps, resume=args.resume,
                     allow_changes=args.resume_allow_change, feature_cache=args.feature_cache,
@@ -83,7 +83,7 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _train_ar(args: argparse.Namespace) -> None:
-    from pipelines.train.ar import train_ar
+    from vfmtok.pipelines.train.ar import train_ar
 
     train_ar(args.config, args.output_dir, codes=args.codes, data=args.data, tokenizer=args.tokenizer,
              vfm_weights=args.vfm_weights, max_steps=args.max_steps, resume=args.resume,
@@ -91,7 +91,7 @@ def _train_ar(args: argparse.Namespace) -> None:
 
 
 def _train_flow(args: argparse.Namespace) -> None:
-    from pipelines.train.flow import train_flow
+    from vfmtok.pipelines.train.flow import train_flow
 
     train_flow(args.config, args.output_dir, latents=args.latents, data=args.data, tokenizer=args.tokenizer,
                latent_stats=args.latent_stats, vfm_weights=args.vfm_weights, max_steps=args.max_steps,
@@ -101,7 +101,7 @@ def _train_flow(args: argparse.Namespace) -> None:
 def _latent_stats(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
-    from pipelines.train.flow import write_latent_statistics
+    from vfmtok.pipelines.train.flow import write_latent_statistics
 
     path = write_latent_statistics(args.latents)
     stats = load_file(str(path))
@@ -110,7 +110,7 @@ def _latent_stats(args: argparse.Namespace) -> None:
 
 
 def _speed_flow(args: argparse.Namespace) -> None:
-    from evaluation.speed import speed_flow
+    from vfmtok.evaluation.speed import speed_flow
 
     row = speed_flow(args.config, device=args.device, batch_size=args.batch_size, sampler=args.sampler,
                      steps=args.steps, cfg=not args.no_cfg, warmup=args.warmup, windows=args.windows,
@@ -119,13 +119,13 @@ def _speed_flow(args: argparse.Namespace) -> None:
 
 
 def _speed_eval(args: argparse.Namespace) -> None:
-    from evaluation.speed import speed_eval
+    from vfmtok.evaluation.speed import speed_eval
 
     print(json.dumps(speed_eval(args.samples, args.reference, args.inception_weights, args.batch_size, args.device)))
 
 
 def _extract(args: argparse.Namespace) -> None:
-    from pipelines.train.extract import extract_tokens, load_tokenizer
+    from vfmtok.pipelines.train.extract import extract_tokens, load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer, args.vfm_weights, args.random_vfm)
     output = extract_tokens(tokenizer, args.data, args.output_dir, ten_crop=args.ten_crop,
@@ -136,7 +136,7 @@ def _extract(args: argparse.Namespace) -> None:
 
 
 def _eval_fid(args: argparse.Namespace) -> None:
-    from evaluation.fid import InceptionFeatures, compare_sources, load_source, write_report
+    from vfmtok.evaluation.fid import InceptionFeatures, compare_sources, load_source, write_report
 
     extractor = InceptionFeatures(args.inception_weights, device=args.device)
     report = compare_sources(load_source(args.samples), load_source(args.reference), extractor,
@@ -149,8 +149,8 @@ def _eval_fid(args: argparse.Namespace) -> None:
 
 
 def _eval_recon(args: argparse.Namespace) -> None:
-    from evaluation.recon import reconstruction_metrics
-    from pipelines.train.extract import load_tokenizer
+    from vfmtok.evaluation.recon import reconstruction_metrics
+    from vfmtok.pipelines.train.extract import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer, args.vfm_weights, args.random_vfm)
     report = reconstruction_metrics(tokenizer, args.data, args.output_dir, batch_size=args.batch_size,
@@ -160,7 +160,7 @@ def _eval_recon(args: argparse.Namespace) -> None:
 
 
 def _benchmark(args: argparse.Namespace) -> None:
-    from evaluation.benchmark import run_benchmark
+    from vfmtok.evaluation.benchmark import run_benchmark
 
     options = {name: value for name, value in (
         ("num_inference_steps", args.num_inference_steps), ("sampler", args.sampler),
@@ -178,9 +178,9 @@ def _benchmark(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
     import torch
 
-    from pipelines.pipeline_common import captioned_image_grid, load_pipeline
-    from tokenizer.utils.atomic import atomic_file
-    from tokenizer.utils.errors import InvalidValueError
+    from vfmtok.pipelines.pipeline_common import captioned_image_grid, load_pipeline
+    from vfmtok.tokenizer.utils.atomic import atomic_file
+    from vfmtok.tokenizer.utils.errors import InvalidValueError
 
     if not args.output.lower().endswith(".png"):
         raise InvalidValueError(f"--output must be a .png file, got {args.output!r}")
@@ -202,15 +202,15 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _quickstart(args: argparse.Namespace) -> None:
-    from pipelines.quickstart import run_quickstart
+    from vfmtok.pipelines.quickstart import run_quickstart
 
     run_quickstart(args.output_dir, data=args.data, vfm=args.vfm, seed=args.seed, fast=args.fast, force=args.force,
                    inception_weights=args.inception_weights)
 
 
 def _pca_stats(args: argparse.Namespace) -> None:
-    from pipelines.train.extract import load_tokenizer
-    from pipelines.train.tokenizer_stats import pca_statistics
+    from vfmtok.pipelines.train.extract import load_tokenizer
+    from vfmtok.pipelines.train.tokenizer_stats import pca_statistics
 
     tokenizer = load_tokenizer(args.tokenizer, args.vfm_weights, args.random_vfm)
     print(json.dumps(pca_statistics(tokenizer, args.data, args.output_dir, batch_size=args.batch_size,
@@ -218,7 +218,7 @@ def _pca_stats(args: argparse.Namespace) -> None:
 
 
 def _glotok_teacher(args: argparse.Namespace) -> None:
-    from pipelines.train.tokenizer_stats import build_glotok_teacher
+    from vfmtok.pipelines.train.tokenizer_stats import build_glotok_teacher
 
     print(json.dumps(build_glotok_teacher(args.output, clusters=args.clusters, data=args.data, config=args.config,
                                           from_codebook=args.from_codebook, vfm_weights=args.vfm_weights,
@@ -227,7 +227,7 @@ def _glotok_teacher(args: argparse.Namespace) -> None:
 
 
 def _compare_tokenizers(args: argparse.Namespace) -> None:
-    from pipelines.train.compare import DEFAULT_PRESETS, compare_tokenizers, format_table
+    from vfmtok.pipelines.train.compare import DEFAULT_PRESETS, compare_tokenizers, format_table
 
     rows = compare_tokenizers(args.output_dir, args.data, configs=args.configs or DEFAULT_PRESETS, steps=args.steps,
                               batch_size=args.batch_size, eval_limit=args.eval_limit,

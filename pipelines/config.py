@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.resources
 import inspect
 import typing
 from pathlib import Path
@@ -29,20 +30,20 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
-from tokenizer.utils.errors import ConfigError, InvalidValueError, MissingFileError
-from tokenizer.utils.types import check_value
+from vfmtok.tokenizer.utils.errors import ConfigError, InvalidValueError, MissingFileError
+from vfmtok.tokenizer.utils.types import check_value
 
-__all__ = ["MODEL_CLASSES", "load_config", "build_model", "model_class", "validate_section", "TrainingConfig",
+__all__ = ["MODEL_CLASSES", "load_config", "config_path", "shipped_configs", "build_model", "model_class", "validate_section", "TrainingConfig",
            "ARSamplingConfig", "FlowSamplingConfig", "FlowConfig", "SECTIONS"]
 
 # Class name in a config file -> "module:attribute". Imported lazily so that `vfmtok describe` on a tokenizer
 # config does not import the generators.
 MODEL_CLASSES: dict[str, str] = {
-    "VFMTokModel": "tokenizer.vfmtok:VFMTokModel",
-    "DINOTokModel": "tokenizer.dinotok:DINOTokModel",
-    "GloTokModel": "tokenizer.glotok:GloTokModel",
-    "GPTModel": "generators.gpt:GPTModel",
-    "DiTModel": "generators.dit:DiTModel",
+    "VFMTokModel": "vfmtok.tokenizer.vfmtok:VFMTokModel",
+    "DINOTokModel": "vfmtok.tokenizer.dinotok:DINOTokModel",
+    "GloTokModel": "vfmtok.tokenizer.glotok:GloTokModel",
+    "GPTModel": "vfmtok.generators.gpt:GPTModel",
+    "DiTModel": "vfmtok.generators.dit:DiTModel",
 }
 
 
@@ -203,7 +204,7 @@ class FlowConfig:
 
 
 def _tokenizer_loss_class():
-    from tokenizer.losses import TokenizerLoss
+    from vfmtok.tokenizer.losses import TokenizerLoss
 
     return TokenizerLoss
 
@@ -223,12 +224,35 @@ SECTIONS: dict[str, dict[str, Callable[[], Any]]] = {
 _FILLED = {"sampling", "flow", "loss"}
 
 
+def shipped_configs() -> Path:
+    """The folder of the configs that ship inside the package (the repository's ``configs/``; package data of a
+    regular install)."""
+    return Path(str(importlib.resources.files("vfmtok") / "configs"))
+
+
+def config_path(path: Union[str, Path]) -> Path:
+    """A config file: ``path`` itself when it is a file, else the shipped config it names, so that the README's
+    ``configs/ar/gpt-b.yaml`` works from any folder: ``configs/ar/gpt-b.yaml``, ``ar/gpt-b.yaml`` or ``ar/gpt-b``."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    parts = given.with_suffix(".yaml").parts if given.suffix in ("", ".yaml") else given.parts
+    if parts[:1] == ("configs",):
+        parts = parts[1:]
+    shipped = shipped_configs().joinpath(*parts) if parts and not given.is_absolute() else None
+    if shipped is not None and shipped.is_file():
+        return shipped
+    available = sorted(str(p.relative_to(shipped_configs().parent).with_suffix(""))
+                       for p in shipped_configs().glob("*/*.yaml"))
+    raise MissingFileError(f"config file {str(path)!r} does not exist, and no shipped config has that name; shipped: "
+                           f"{', '.join(available)}")
+
+
 def load_config(path: Union[str, Path]) -> dict[str, Any]:
-    """Read and validate a YAML config file (see the module docstring). The result holds every section of the
-    model, checked (``sampling``, ``flow`` and ``loss`` with their defaults filled in), and ``_path``."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"config file {str(path)!r} does not exist")
+    """Read and validate a YAML config file (see the module docstring; a shipped config may be named as in
+    :func:`config_path`). The result holds every section of the model, checked (``sampling``, ``flow`` and ``loss``
+    with their defaults filled in), and ``_path``."""
+    path = config_path(path)
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:

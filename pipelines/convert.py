@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from tokenizer.utils.atomic import atomic_directory
-from tokenizer.utils.errors import InvalidValueError, OutputExistsError
-
-from .config import build_model
+from vfmtok.tokenizer.utils.atomic import atomic_directory
+from vfmtok.tokenizer.utils.errors import InvalidValueError, OutputExistsError
+from vfmtok.pipelines.config import build_model
 
 __all__ = ["convert_official_pipeline"]
 
@@ -24,9 +23,9 @@ def convert_official_pipeline(kind: str, tokenizer_checkpoint: str, tokenizer_co
                               generator_config: str, output_dir: str | Path, latent_stats: Optional[str] = None,
                               prefer: str = "ema") -> Path:
     """Convert both checkpoints and save the pipeline (``save_pretrained``, atomically) into ``output_dir``."""
-    from generators.convert_dit import convert_ddt_checkpoint
-    from generators.convert_gpt import convert_llamagen_checkpoint
-    from tokenizer.convert import convert_reference_checkpoint
+    from vfmtok.generators.convert_dit import convert_ddt_checkpoint
+    from vfmtok.generators.convert_gpt import convert_llamagen_checkpoint
+    from vfmtok.tokenizer.convert import convert_reference_checkpoint
 
     if kind not in ("ar", "flow"):
         raise InvalidValueError(f"kind must be 'ar' or 'flow', got {kind!r}")
@@ -39,12 +38,12 @@ def convert_official_pipeline(kind: str, tokenizer_checkpoint: str, tokenizer_co
     convert_reference_checkpoint(tokenizer_checkpoint, tokenizer, prefer=prefer)
     generator = build_model(generator_config)
     if kind == "ar":
-        from .pipeline_vfmtok_ar import VFMTokARPipeline
+        from vfmtok.pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
 
         convert_llamagen_checkpoint(generator_checkpoint, generator, prefer=prefer)
         pipe = VFMTokARPipeline(tokenizer.eval(), generator.eval())
     else:
-        from .pipeline_vfmtok_flow import VFMTokFlowPipeline
+        from vfmtok.pipelines.pipeline_vfmtok_flow import VFMTokFlowPipeline
 
         convert_ddt_checkpoint(generator_checkpoint, generator, prefer=prefer, latent_stats=latent_stats)
         pipe = VFMTokFlowPipeline(tokenizer.eval(), generator.eval(), None)

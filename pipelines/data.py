@@ -31,7 +31,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
-from tokenizer.utils.errors import InvalidValueError, MissingFileError
+from vfmtok.tokenizer.utils.errors import InvalidValueError, MissingFileError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

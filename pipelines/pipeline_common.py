@@ -6,22 +6,26 @@ loading and the model card.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import json
 import math
 import numbers
 import os
+import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from tokenizer.utils.atomic import atomic_file
-from tokenizer.utils.errors import CheckpointError, InvalidValueError, WeightsUnavailableError
+from vfmtok.tokenizer.utils.atomic import atomic_file
+from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError, WeightsUnavailableError
+from vfmtok.tokenizer.utils.remote_code import write_remote_code_module
 
 __all__ = ["VFMTokPipelineBase", "ClassLabels", "imagenet_id2label", "load_pipeline", "PIPELINE_CLASSES",
            "captioned_image_grid"]
@@ -31,8 +35,8 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 
 # Pipeline class name in model_index.json -> "module:attribute" (imported on demand).
 PIPELINE_CLASSES: dict[str, str] = {
-    "VFMTokARPipeline": "pipelines.pipeline_vfmtok_ar:VFMTokARPipeline",
-    "VFMTokFlowPipeline": "pipelines.pipeline_vfmtok_flow:VFMTokFlowPipeline",
+    "VFMTokARPipeline": "vfmtok.pipelines.pipeline_vfmtok_ar:VFMTokARPipeline",
+    "VFMTokFlowPipeline": "vfmtok.pipelines.pipeline_vfmtok_flow:VFMTokFlowPipeline",
 }
 
 
@@ -69,20 +73,75 @@ def _is_finite_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# The packages whose component classes a saved pipeline may name (diffusers refuses to import modules itself).
-_COMPONENT_PACKAGES = ("tokenizer", "generators")
+# Modules whose classes a saved pipeline's components may be (diffusers refuses to import modules itself).
+_COMPONENT_MODULES = ("vfmtok.tokenizer.", "vfmtok.generators.")
+# What folders saved before the package rename (vfmtok 0.1 without the `vfmtok.` prefix) name instead.
+_LEGACY_COMPONENT_PACKAGES = ("tokenizer", "generators")
 
 
-def _import_component_modules(folder: Path) -> None:
+def read_model_index(folder: Path) -> dict[str, Any]:
+    """A pipeline folder's ``model_index.json``, checked to be a JSON object."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        raise CheckpointError(f"{str(folder)!r} has no model_index.json: not a saved pipeline")
+    try:
+        config = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{index}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{index}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def pipeline_class_name(index: dict[str, Any]) -> Any:
+    """``_class_name`` of a model_index.json: a class name, or ``[module, class]`` where diffusers' remote-code
+    route names the folder's module file."""
+    name = index.get("_class_name")
+    if isinstance(name, list) and len(name) == 2 and all(isinstance(part, str) for part in name):
+        return name[1]
+    return name
+
+
+def _normalized_index(index: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """model_index.json as this version's loader reads it: a plain ``_class_name`` (the folder's module file is never
+    used) and component modules under ``vfmtok.``. Also returns the legacy module names it renamed."""
+    normalized, legacy = dict(index), []
+    normalized["_class_name"] = pipeline_class_name(index)
+    for key, value in index.items():
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and \
+                value[0].split(".")[0] in _LEGACY_COMPONENT_PACKAGES:
+            legacy.append(value[0])
+            normalized[key] = [f"vfmtok.{value[0]}", value[1]]
+    return normalized, legacy
+
+
+@contextlib.contextmanager
+def _loadable_view(folder: Path) -> Iterator[Path]:
+    """A temporary folder holding links to the pipeline's component folders and a normalized ``model_index.json``
+    (see :func:`_normalized_index`): what diffusers loads from. No ``.py`` file of the folder is reachable from it,
+    so loading through this project's classes never runs code from the folder."""
+    normalized, legacy = _normalized_index(read_model_index(folder))
+    if legacy:
+        warnings.warn(f"{str(folder)!r} was saved before vfmtok's modules moved under `vfmtok.` (its "
+                      f"model_index.json names {sorted(set(legacy))}). It loads, but diffusers' own loader cannot "
+                      f"read it: re-save it with `vfmtok.load_pipeline(OLD).save_pretrained(NEW)`.", FutureWarning,
+                      stacklevel=3)
+    with tempfile.TemporaryDirectory(prefix="vfmtok-pipeline-") as staging:
+        view = Path(staging)
+        for key, value in normalized.items():
+            if isinstance(value, list) and (folder / key).is_dir():
+                (view / key).symlink_to((folder / key).resolve(), target_is_directory=True)
+        (view / "model_index.json").write_text(json.dumps(normalized))
+        yield view
+
+
+def _import_component_modules(index: dict[str, Any]) -> None:
     """Import this project's modules that ``model_index.json`` names for the components: diffusers only resolves
     classes from modules already imported (in a fresh process, e.g. each rank of ``accelerate launch``, they are not).
     Only modules of this project's own packages are imported; anything else is left to diffusers' checks."""
-    index = folder / "model_index.json"
-    if not index.is_file():
-        return  # diffusers reports the missing file
-    for value in json.loads(index.read_text()).values():
+    for value in index.values():
         if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and \
-                value[0].split(".")[0] in _COMPONENT_PACKAGES:
+                value[0].startswith(_COMPONENT_MODULES):
             importlib.import_module(value[0])
 
 
@@ -230,21 +289,50 @@ class VFMTokPipelineBase(DiffusionPipeline):
         """Load from a ``save_pretrained`` folder or a Hub repo id. A repo id is first downloaded (or found in the
         cache; ``HF_HUB_OFFLINE`` respected) with ``huggingface_hub.snapshot_download`` using ``revision``,
         ``token``, ``cache_dir`` and ``local_files_only``; the rest of ``kwargs`` go to diffusers (e.g.
-        ``torch_dtype``). Components that do not fit each other are refused."""
-        path = _local_snapshot(pretrained_model_name_or_path, kwargs)
-        _import_component_modules(Path(path))
-        return super().from_pretrained(path, **kwargs)
+        ``torch_dtype``). Components that do not fit each other are refused. No file of the folder is executed
+        (the ``.py`` files written for diffusers' own loader are skipped); folders saved before the ``vfmtok.``
+        package rename load with a warning."""
+        path = Path(_local_snapshot(pretrained_model_name_or_path, kwargs))
+        with _loadable_view(path) as view:
+            _import_component_modules(read_model_index(view))
+            pipe = super().from_pretrained(view, **kwargs)
+        pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipe
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
-        """diffusers' folder (model_index.json, one subfolder per component) plus a model card (README.md)."""
+        """diffusers' folder (model_index.json, one subfolder per component), the module file diffusers' own loader
+        reads (``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``) and a model card (README.md)."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        self._write_model_card(save_directory)
+        if not kwargs.get("push_to_hub"):  # with push_to_hub the files are written before the upload
+            self._finish_folder(save_directory)
 
     def _upload_folder(self, working_dir, repo_id, *args: Any, **kwargs: Any):
         # diffusers writes a generic card just before uploading (save_pretrained(push_to_hub=True), push_to_hub):
-        # put ours back.
-        self._write_model_card(working_dir)
+        # put ours back, with the repo id in its usage example.
+        self._finish_folder(working_dir, repo_id=repo_id)
         return super()._upload_folder(working_dir, repo_id, *args, **kwargs)
+
+    @property
+    def remote_code_module(self) -> str:
+        """The module file (without ``.py``) that ``model_index.json``'s ``_class_name`` names for diffusers."""
+        return type(self).__module__.split(".")[-1]
+
+    def _finish_folder(self, directory: Union[str, os.PathLike], repo_id: Optional[str] = None) -> None:
+        """What diffusers' ``save_pretrained`` does not write: ``_class_name`` as ``[module, class]`` with that
+        module (imports of the installed vfmtok only), and the model card."""
+        directory = Path(directory)
+        index = read_model_index(directory)
+        cls = type(self)
+        components = sorted({(value[0], value[1]) for value in index.values() if isinstance(value, list)
+                             and len(value) == 2 and isinstance(value[0], str) and value[0].startswith("vfmtok.")})
+        write_remote_code_module(directory, self.remote_code_module, [(cls.__module__, cls.__name__), *components],
+                                 f"Lets diffusers load this pipeline: DiffusionPipeline.from_pretrained(<folder or "
+                                 f"repo id>, trust_remote_code=True).\nThe component classes are imported too: "
+                                 f"diffusers resolves them among imported modules.")
+        index["_class_name"] = [self.remote_code_module, cls.__name__]
+        with atomic_file(directory / "model_index.json") as tmp:
+            tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        self._write_model_card(directory, repo_id)
 
     def record_evaluation(self, evaluation: dict[str, Any], directory: Optional[Union[str, os.PathLike]] = None
                           ) -> None:
@@ -254,16 +342,14 @@ class VFMTokPipelineBase(DiffusionPipeline):
             raise InvalidValueError(f"evaluation must be a dict of results, got {type(evaluation).__name__}")
         self.register_to_config(evaluation=evaluation)
         if directory is not None:
-            import tempfile
-
             with tempfile.TemporaryDirectory(dir=directory) as staging:
                 self.save_config(staging)
                 os.replace(Path(staging) / "model_index.json", Path(directory) / "model_index.json")
-            self._write_model_card(directory)
+            self._finish_folder(directory)
 
-    def _write_model_card(self, directory: Union[str, os.PathLike]) -> None:
+    def _write_model_card(self, directory: Union[str, os.PathLike], repo_id: Optional[str] = None) -> None:
         with atomic_file(Path(directory) / "README.md") as tmp:
-            self.model_card().save(str(tmp))
+            self.model_card(repo_id).save(str(tmp))
 
     def component_summaries(self) -> dict[str, dict[str, Any]]:
         """One JSON-ready summary per registered component (for the model card)."""
@@ -276,34 +362,81 @@ class VFMTokPipelineBase(DiffusionPipeline):
             elif hasattr(component, "describe"):
                 summary = component.describe()
             else:
-                summary = {"class": type(component).__name__, **dict(getattr(component, "config", {}))}
+                summary = {"class": type(component).__name__,
+                           **{k: v for k, v in dict(getattr(component, "config", {})).items() if not k.startswith("_")}}
             summaries[name] = summary
         return summaries
 
-    def model_card(self):
-        """A ``huggingface_hub.ModelCard``: components, how to load and sample, evaluation results (or none)."""
+    def model_card(self, repo_id: Optional[str] = None):
+        """A ``huggingface_hub.ModelCard``: Hub metadata (library, pipeline tag, tags, the evaluation as
+        ``model-index``), the components, how to load and sample (with this pipeline's own class names; ``repo_id``
+        in the snippets when known), the class names, and the evaluation results (or none). Nothing in it is a local
+        path."""
         from huggingface_hub import ModelCard, ModelCardData
 
         name = type(self).__name__
+        where = repo_id or "<this folder or repo id>"
         rows = "\n".join(f"| `{component}` | `{summary.get('class') or summary.get('model')}` | "
                          f"`{json.dumps(summary, default=str)}` |"
                          for component, summary in self.component_summaries().items())
-        evaluation = self.config.get("evaluation")
+        id2label = self.id2label
+        example = repr(id2label.get(207) or next(iter(id2label.values()), None) or 0)
+        cli_example = (f'--class-names "{id2label.get(207) or next(iter(id2label.values()))}"' if id2label
+                       else "--class-ids 0")
+        evaluation = self.config.get("evaluation") or {}
         if evaluation:
-            protocol = evaluation.get("protocol", "not recorded") if isinstance(evaluation, dict) else "not recorded"
+            protocol = evaluation.get("protocol", "not recorded")
             results = "\n".join(f"| {k} | {v} |" for k, v in evaluation.items() if k != "protocol")
             evaluation_text = f"Protocol: {protocol}\n\n| metric | value |\n|---|---|\n{results}"
         else:
             evaluation_text = "Not evaluated."
-        data = ModelCardData(library_name="diffusers", tags=["vfmtok", "class-conditional", "image-generation",
-                                                             name])
+        tags = ["vfmtok", "class-conditional", "image-generation", name, *(["imagenet"] if self.num_classes == 1000
+                                                                           else [])]
+        data = ModelCardData(library_name="diffusers", pipeline_tag="unconditional-image-generation", tags=tags,
+                             model_name=repo_id.split("/")[-1] if repo_id else name,
+                             eval_results=self._eval_results() or None)
+        classes = "\n".join(f"| {i} | {label} |" for i, label in sorted(id2label.items())) if id2label else ""
+        class_text = (f"| id | name |\n|---|---|\n{classes}" if classes else
+                      f"This pipeline has no class names: pass class ids in [0, {self.num_classes}).")
+        if len(id2label) > 20:
+            class_text = f"<details><summary>{len(id2label)} classes</summary>\n\n{class_text}\n\n</details>"
         content = f"""---
 {data.to_yaml()}
 ---
 
-# {name}
+# {repo_id.split("/")[-1] if repo_id else name}
 
-A class-conditional image generator of the vfmtok suite ({len(self.config.id2label)} named classes).
+A class-conditional image generator of the [vfmtok](https://pypi.org/project/vfmtok/) suite: `{name}`,
+{self.num_classes} classes.
+
+## Usage
+
+```bash
+pip install vfmtok
+```
+
+```python
+import torch
+from vfmtok import {name}
+
+pipe = {name}.from_pretrained("{where}")
+image = pipe({example}, generator=torch.Generator().manual_seed(0)).images[0]
+```
+
+With diffusers' own loader (`trust_remote_code=True` lets diffusers read `{self.remote_code_module}.py`, a file of
+imports from the installed `vfmtok` package and nothing else):
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{where}", trust_remote_code=True)
+```
+
+On the command line: `vfmtok sample --pipeline {where} {cli_example} --output grid.png`.
+
+## Classes
+
+{class_text}
 
 ## Components
 
@@ -311,26 +444,23 @@ A class-conditional image generator of the vfmtok suite ({len(self.config.id2lab
 |---|---|---|
 {rows}
 
-Training: the components were trained with the `vfmtok train` commands; their configs are in each subfolder's
-`config.json`.
-
-## Usage
-
-```python
-import torch
-from pipelines import {name}
-
-pipe = {name}.from_pretrained("<this folder or repo id>")
-image = pipe("golden retriever", generator=torch.Generator().manual_seed(0)).images[0]
-```
-
-or `vfmtok sample --pipeline <folder or repo id> --class-names "golden retriever" --output grid.png`.
+The components were trained with the `vfmtok train` commands; their configs are in each subfolder's `config.json`.
 
 ## Evaluation
 
 {evaluation_text}
 """
         return ModelCard(content)
+
+    def _eval_results(self) -> list:
+        """The evaluation's numbers as Hub ``model-index`` entries (metric name: the key, e.g. ``gFID (cfg-1.5)``)."""
+        from huggingface_hub import EvalResult
+
+        evaluation = self.config.get("evaluation") or {}
+        dataset = "imagenet-1k" if self.num_classes == 1000 else "custom"
+        return [EvalResult(task_type="unconditional-image-generation", dataset_type=dataset, dataset_name=dataset,
+                           metric_type=key.split(" ")[0].lower(), metric_name=key, metric_value=value)
+                for key, value in evaluation.items() if key != "protocol" and _is_finite_number(value)]
 
 
 def captioned_image_grid(images: list, captions: list[str], columns: int) -> "PIL.Image.Image":
@@ -371,11 +501,10 @@ def _local_snapshot(path_or_id: Union[str, os.PathLike], kwargs: dict[str, Any])
 def load_pipeline(path_or_id: Union[str, os.PathLike], **kwargs: Any) -> VFMTokPipelineBase:
     """Load a saved pipeline of any of this project's classes (dispatch on model_index.json's ``_class_name``)."""
     path = _local_snapshot(path_or_id, kwargs)
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        raise CheckpointError(f"{str(path_or_id)!r} has no model_index.json: not a saved pipeline")
-    name = json.loads(index.read_text()).get("_class_name")
+    name = pipeline_class_name(read_model_index(Path(path)))
     if name not in PIPELINE_CLASSES:
         raise CheckpointError(f"{str(path_or_id)!r} holds a {name!r} pipeline; expected one of {sorted(PIPELINE_CLASSES)}")
     module, attribute = PIPELINE_CLASSES[name].split(":")
-    return getattr(importlib.import_module(module), attribute).from_pretrained(path, **kwargs)
+    pipe = getattr(importlib.import_module(module), attribute).from_pretrained(path, **kwargs)
+    pipe.register_to_config(_name_or_path=str(path_or_id))
+    return pipe

@@ -5,9 +5,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from tokenizer.utils.errors import CheckpointError
-
-from .pipeline_common import ClassLabels, VFMTokPipelineBase
+from vfmtok.tokenizer.utils.errors import CheckpointError
+from vfmtok.pipelines.pipeline_common import ClassLabels, VFMTokPipelineBase
 
 __all__ = ["VFMTokARPipeline"]
 

@@ -8,10 +8,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from generators.transport import guided_model, sample_sde
-from tokenizer.utils.errors import CheckpointError, InvalidValueError
-
-from .pipeline_common import ClassLabels, VFMTokPipelineBase
+from vfmtok.generators.transport import guided_model, sample_sde
+from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError
+from vfmtok.pipelines.pipeline_common import ClassLabels, VFMTokPipelineBase
 
 __all__ = ["VFMTokFlowPipeline", "SAMPLERS"]
 

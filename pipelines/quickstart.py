@@ -35,8 +35,9 @@ import numpy as np
 import torch
 import yaml
 
-from tokenizer.utils.atomic import atomic_directory, atomic_file
-from tokenizer.utils.errors import InvalidValueError, MissingFileError, OutputExistsError, WeightsUnavailableError
+from vfmtok.pipelines.config import shipped_configs
+from vfmtok.tokenizer.utils.atomic import atomic_directory, atomic_file
+from vfmtok.tokenizer.utils.errors import InvalidValueError, MissingFileError, OutputExistsError, WeightsUnavailableError
 
 __all__ = ["QuickstartBudget", "FULL", "FAST", "run_quickstart", "digits_dataset", "quickstart_vfm_spec",
            "DIGIT_NAMES"]
@@ -44,7 +45,7 @@ __all__ = ["QuickstartBudget", "FULL", "FAST", "run_quickstart", "digits_dataset
 logger = logging.getLogger(__name__)
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
+CONFIG_DIR = shipped_configs() / "quickstart"
 IMAGE_SIZE = 32  # the quickstart tokenizers' input and output size (configs/quickstart/tokenizer-*.yaml)
 GRID_CELL = 64  # pixels per image in the sample grids (upscaled, so that captions fit)
 _FORMAT = 1  # of quickstart.json; a different format is a different run
@@ -104,7 +105,7 @@ def digits_dataset(directory: str | Path, images_per_class: Optional[int] = None
 def reference_images(data: str, directory: str | Path, per_class: int, size: int = IMAGE_SIZE) -> dict[str, Any]:
     """Write the first ``per_class`` images of every class of ``data`` (ADM centre crop to ``size``) as PNGs: the FID
     reference of the benchmark."""
-    from pipelines.data import adm_center_crop, decode_image, load_image_dataset
+    from vfmtok.pipelines.data import adm_center_crop, decode_image, load_image_dataset
 
     dataset = load_image_dataset(data)
     labels = np.asarray(dataset["label"])
@@ -118,8 +119,8 @@ def reference_images(data: str, directory: str | Path, per_class: int, size: int
 
 def data_summary(data: str) -> dict[str, Any]:
     """Number of images and classes of a labelled dataset, and its class names ({id: name})."""
-    from pipelines.data import class_names, load_image_dataset
-    from pipelines.pipeline_common import default_id2label
+    from vfmtok.pipelines.data import class_names, load_image_dataset
+    from vfmtok.pipelines.pipeline_common import default_id2label
 
     dataset = load_image_dataset(data)
     labels = np.asarray(dataset["label"])
@@ -138,7 +139,7 @@ def quickstart_vfm_spec(source: Optional[str], image_size: int) -> tuple[Optiona
     """(the ``vfm`` entry of a quickstart tokenizer config, or None to keep its small random VFM; a sentence saying
     which VFM it is). ``source``: a VFM preset name, or a Hub id / local folder of a DINOv2 (or SigLIP) model, whose
     ``config.json`` gives the architecture; four evenly spaced layers feed the tokenizer."""
-    from tokenizer.vfm import VFM_PRESETS
+    from vfmtok.tokenizer.vfm import VFM_PRESETS
 
     if source is None:
         return None, ("a small randomly initialised VFM (no --vfm given): the pipeline is exercised end to end, but "
@@ -248,7 +249,7 @@ def _prepare_output(output: Path, options: dict[str, Any], force: bool) -> None:
 
 def _inception_or_reason(inception_weights: Optional[str]) -> tuple[Optional[str], Optional[str]]:
     """(the FID Inception weights to use, or None with the reason none can be had)."""
-    from evaluation.inception_weights import resolve_inception_weights
+    from vfmtok.evaluation.inception_weights import resolve_inception_weights
 
     try:
         resolve_inception_weights(inception_weights)
@@ -262,7 +263,7 @@ def _sample_grids(pipe, kind: str, classes: list[int], names: dict[int, str], pe
     """Grids (one row per class, captioned) of ``pipe(class_ids)`` without CFG and with CFG ``guidance``."""
     from PIL import Image
 
-    from pipelines.pipeline_common import captioned_image_grid
+    from vfmtok.pipelines.pipeline_common import captioned_image_grid
 
     written = {}
     for label, scale in (("without_cfg", 1.0), ("with_cfg", guidance)):
@@ -342,7 +343,7 @@ def _data_stage(run: _Run, generate_digits: bool) -> dict[str, Any]:
 
 def _tokenizer_stages(run: _Run, vfm: Optional[str]) -> tuple[dict[str, Path], str]:
     """2. The discrete and the continuous tokenizer: their exported folders, and which VFM they use."""
-    from pipelines.train.tokenizer import train_tokenizer
+    from vfmtok.pipelines.train.tokenizer import train_tokenizer
 
     tokenizers: dict[str, Path] = {}
     vfm_notes = {}
@@ -359,8 +360,8 @@ def _tokenizer_stages(run: _Run, vfm: Optional[str]) -> tuple[dict[str, Path], s
 
 def _extraction_stages(run: _Run, tokenizers: dict[str, Path]) -> tuple[Path, Path]:
     """3. Every image encoded once: the codes folder and the latents folder (with its statistics)."""
-    from pipelines.train.extract import extract_tokens, load_tokenizer
-    from pipelines.train.flow import write_latent_statistics
+    from vfmtok.pipelines.train.extract import extract_tokens, load_tokenizer
+    from vfmtok.pipelines.train.flow import write_latent_statistics
 
     def extract(kind: str, target: Path) -> dict[str, Any]:
         # an interrupted extraction left only a staging directory, which extract_tokens removes; a finished one
@@ -382,8 +383,8 @@ def _generator_stages(run: _Run, num_classes: int, codes: Path, latents: Path
                       ) -> tuple[dict[str, Path], dict[str, float]]:
     """4. The GPT over the codes and the flow denoiser over the latents: their run folders and their configs'
     sampling CFG scales."""
-    from pipelines.train.ar import train_ar
-    from pipelines.train.flow import train_flow
+    from vfmtok.pipelines.train.ar import train_ar
+    from vfmtok.pipelines.train.flow import train_flow
 
     options = {"num_classes": num_classes}
     ar_config = run.config("ar.yaml", options, run.budget.ar_steps)
@@ -404,10 +405,10 @@ def _pipeline_stage(run: _Run, tokenizers: dict[str, Path], generators: dict[str
     pipelines_dir = {"ar": run.output / "pipelines" / "ar", "flow": run.output / "pipelines" / "flow"}
 
     def save_pipelines() -> dict[str, Any]:
-        from generators import DiTModel, GPTModel
-        from pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
-        from pipelines.pipeline_vfmtok_flow import VFMTokFlowPipeline
-        from pipelines.train.extract import load_tokenizer
+        from vfmtok.generators import DiTModel, GPTModel
+        from vfmtok.pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
+        from vfmtok.pipelines.pipeline_vfmtok_flow import VFMTokFlowPipeline
+        from vfmtok.pipelines.train.extract import load_tokenizer
 
         ar = VFMTokARPipeline(load_tokenizer(str(tokenizers["vq"])),
                               GPTModel.from_pretrained(generators["ar"] / "generator"), id2label=id2label)
@@ -425,8 +426,8 @@ def _pipeline_stage(run: _Run, tokenizers: dict[str, Path], generators: dict[str
 def _sample_stages(run: _Run, pipelines_dir: dict[str, Path], info: dict[str, Any], guidance: dict[str, float],
                    flow_sampling: dict[str, Any]) -> dict[str, dict[str, str]]:
     """6. Sample grids from both pipelines loaded back with ``from_pretrained``, without and with CFG."""
-    from pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
-    from pipelines.pipeline_vfmtok_flow import VFMTokFlowPipeline
+    from vfmtok.pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
+    from vfmtok.pipelines.pipeline_vfmtok_flow import VFMTokFlowPipeline
 
     classes = _grid_classes(info["num_classes"])
     names = {int(k): v for k, v in info["id2label"].items()}
@@ -446,9 +447,9 @@ def _evaluation_stages(run: _Run, tokenizers: dict[str, Path], pipelines_dir: di
                        ) -> tuple[dict[str, Any], dict[str, Any], Optional[str]]:
     """7. Tokenizer metrics and 8. gFID with and without CFG; both None per kind (with the reason) when no FID
     Inception weights can be had."""
-    from evaluation.benchmark import run_benchmark
-    from evaluation.recon import reconstruction_metrics
-    from pipelines.train.extract import load_tokenizer
+    from vfmtok.evaluation.benchmark import run_benchmark
+    from vfmtok.evaluation.recon import reconstruction_metrics
+    from vfmtok.pipelines.train.extract import load_tokenizer
 
     weights, no_inception = _inception_or_reason(inception_weights)
     recon: dict[str, Any] = {}

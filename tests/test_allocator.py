@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import cli
-from tokenizer.utils.allocator import _glibc
+from vfmtok.pipelines import cli
+from vfmtok.tokenizer.utils.allocator import _glibc
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "tokenizer"
@@ -20,7 +20,7 @@ CONFIGS = ROOT / "configs" / "tokenizer"
 # rounds took: one round touching fresh memory is 16384 faults.
 _FAULTS_SCRIPT = """
 import json, resource, sys, torch
-from tokenizer.utils.allocator import reuse_freed_cpu_memory
+from vfmtok.tokenizer.utils.allocator import reuse_freed_cpu_memory
 applied = reuse_freed_cpu_memory() if sys.argv[1] == "reuse" else None
 def round_trip():
     block = torch.empty(16 * 1024 * 1024)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.cli import main
-from tokenizer import VFMTokModel
+from vfmtok.pipelines.cli import main
+from vfmtok.tokenizer import VFMTokModel
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tokenizer"
 
@@ -77,7 +77,7 @@ def test_errors_name_the_bad_value(capsys, tmp_path):
 
 def test_convert_writes_a_loadable_directory(capsys, tmp_path):
     from test_convert import reference_state_dict
-    from pipelines.config import build_model, load_config
+    from vfmtok.pipelines.config import build_model, load_config
 
     params = load_config(CONFIGS / "vfmtok-tiny.yaml")["params"]
     ref = reference_state_dict(build_model(CONFIGS / "vfmtok-tiny.yaml"), params, seed=3)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.cli import main
-from pipelines.train.extract import CodesDataset, extract_tokens
-from pipelines.config import build_model
-from pipelines.data import adm_center_crop
+from vfmtok.pipelines.cli import main
+from vfmtok.pipelines.train.extract import CodesDataset, extract_tokens
+from vfmtok.pipelines.config import build_model
+from vfmtok.pipelines.data import adm_center_crop
 from test_trainer import ROOT, needs_samples, small_image_folder
 
 
@@ -103,7 +103,7 @@ def test_a_full_disk_during_extraction_is_a_disk_full_error_not_a_bus_error(tmp_
     import errno
     import os
 
-    from tokenizer.utils.errors import DiskFullError
+    from vfmtok.tokenizer.utils.errors import DiskFullError
 
     model, _, _ = saved_tokenizer(tmp_path, "vfmtok-tiny")
     data = small_image_folder(tmp_path / "data", count=2)

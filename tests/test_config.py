@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import config as config_module
-from pipelines.cli import main
-from pipelines.config import load_config
-from tokenizer.utils.errors import ConfigError, VFMTokError
+from vfmtok.pipelines import config as config_module
+from vfmtok.pipelines.cli import main
+from vfmtok.pipelines.config import load_config
+from vfmtok.tokenizer.utils.errors import ConfigError, VFMTokError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "configs" / "tokenizer" / "vfmtok-tiny.yaml"

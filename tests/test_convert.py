@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.config import build_model, load_config
-from tokenizer.utils.errors import CheckpointError
-from tokenizer.convert import ( convert_reference_checkpoint, convert_reference_state_dict,
+from vfmtok.pipelines.config import build_model, load_config
+from vfmtok.tokenizer.utils.errors import CheckpointError
+from vfmtok.tokenizer.convert import ( convert_reference_checkpoint, convert_reference_state_dict,
                                load_reference_checkpoint)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tokenizer"

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from pipelines import data as data_module
-from pipelines.data import (ImageDataset, ResumableBatchSampler, StreamingImageDataset, adm_center_crop,
+from vfmtok.pipelines import data as data_module
+from vfmtok.pipelines.data import (ImageDataset, ResumableBatchSampler, StreamingImageDataset, adm_center_crop,
                             adm_random_crop, build_dataloader, class_names, collate_images, decode_image,
                             load_image_dataset, sample_seed)
 

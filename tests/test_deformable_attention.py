@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tokenizer.deformable_attention import (MultiScaleDeformableAttention, grid_reference_points,
+from vfmtok.tokenizer.deformable_attention import (MultiScaleDeformableAttention, grid_reference_points,
                                             multi_scale_deformable_attention)
 
 

@@ -13,14 +13,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipelines import VFMTokARPipeline, VFMTokFlowPipeline
-from pipelines.cli import main
-from pipelines.config import build_model
-from pipelines.train.extract import extract_tokens, load_tokenizer
-from pipelines.train.tokenizer import train_tokenizer
-from pipelines.train.tokenizer_stats import init_from_pretrained, pca_statistics
-from tokenizer.dinotok import DINOTokModel, LatentMoments
-from tokenizer.utils.errors import InvalidValueError, MissingFileError
+from vfmtok.pipelines import VFMTokARPipeline, VFMTokFlowPipeline
+from vfmtok.pipelines.cli import main
+from vfmtok.pipelines.config import build_model
+from vfmtok.pipelines.train.extract import extract_tokens, load_tokenizer
+from vfmtok.pipelines.train.tokenizer import train_tokenizer
+from vfmtok.pipelines.train.tokenizer_stats import init_from_pretrained, pca_statistics
+from vfmtok.tokenizer.dinotok import DINOTokModel, LatentMoments
+from vfmtok.tokenizer.utils.errors import InvalidValueError, MissingFileError
 from test_trainer import ROOT, Interrupted, interrupt_after_checkpoint, metrics, needs_samples, small_image_folder
 
 CONFIGS = ROOT / "configs" / "tokenizer"
@@ -144,7 +144,7 @@ def trained(tmp_path_factory):
 def test_pca_stats_command_stores_the_statistics_of_the_dataset(trained):
     assert trained["summary"]["num_vectors"] == 8 * 16
     ae = load_tokenizer(str(trained["ae"]))
-    from pipelines.data import ImageDataset, load_image_dataset
+    from vfmtok.pipelines.data import ImageDataset, load_image_dataset
 
     dataset = ImageDataset(load_image_dataset(str(trained["data"])), 64, augment="center", flip=False)
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
@@ -186,9 +186,9 @@ def test_pca_stats_sharded_over_two_processes_matches_one_process(trained):
     output = trained["root"] / "pca-2proc"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", "29531", "-m", "pipelines.cli", "pca-stats", "--tokenizer", str(trained["ae"]),
+               "--main_process_port", "29531", "-m", "vfmtok", "pca-stats", "--tokenizer", str(trained["ae"]),
                "--data", str(trained["data"]), "--output-dir", str(output), "--batch-size", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output / "pca_stats.json").read_text())

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from generators.convert_dit import convert_ddt_checkpoint, convert_ddt_state_dict
-from generators.dit import DiTModel, sincos_2d_pos_embed
-from generators.layers import apply_rotary_embedding, rope_2d_table
-from pipelines.config import build_model, load_config
+from vfmtok.generators.convert_dit import convert_ddt_checkpoint, convert_ddt_state_dict
+from vfmtok.generators.dit import DiTModel, sincos_2d_pos_embed
+from vfmtok.generators.layers import apply_rotary_embedding, rope_2d_table
+from vfmtok.pipelines.config import build_model, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "flow"
 TINY = dict(in_channels=8, latent_size=4, patch_size=1, dim=64, depth=2, num_heads=4, num_classes=10)

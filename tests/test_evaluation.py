@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.fid import InceptionFeatures, compare_sources, load_source, save_statistics, source_features
-from evaluation.metrics import frechet_distance, feature_statistics
+from vfmtok.evaluation.fid import InceptionFeatures, compare_sources, load_source, save_statistics, source_features
+from vfmtok.evaluation.metrics import frechet_distance, feature_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VFMTOK_SHARED", ROOT.parent / "shared"))
@@ -77,7 +77,7 @@ def test_features_do_not_depend_on_the_batch_size(extractor, halves):
 
 @needs_shared
 def test_a_statistics_file_gives_the_same_fid_as_its_images(extractor, halves, tmp_path):
-    from evaluation.fid import _cached_features
+    from vfmtok.evaluation.fid import _cached_features
 
     a, b = (load_source(p) for p in halves)
     stats = save_statistics(_cached_features(b, extractor, 16), tmp_path / "b-stats.npz", extractor.sha256)
@@ -101,8 +101,8 @@ def test_bad_sources_are_named(tmp_path):
 
 @needs_shared
 def test_reconstruction_metrics_of_a_tiny_tokenizer(tmp_path, monkeypatch):
-    from evaluation.recon import reconstruction_metrics
-    from pipelines.config import build_model
+    from vfmtok.evaluation.recon import reconstruction_metrics
+    from vfmtok.pipelines.config import build_model
 
     monkeypatch.setenv("VFMTOK_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
@@ -122,8 +122,8 @@ def test_reconstruction_metrics_of_a_tiny_tokenizer(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_ar_pipeline(tmp_path_factory):
-    from pipelines import VFMTokARPipeline
-    from pipelines.config import build_model
+    from vfmtok.pipelines import VFMTokARPipeline
+    from vfmtok.pipelines.config import build_model
 
     torch.manual_seed(0)
     gpt = build_model(ROOT / "configs" / "ar" / "gpt-tiny.yaml").eval()
@@ -138,7 +138,7 @@ def tiny_ar_pipeline(tmp_path_factory):
 @needs_shared
 def test_benchmark_reports_every_setting_with_its_protocol_and_resumes_without_regenerating(
         extractor, halves, tiny_ar_pipeline, tmp_path):
-    from evaluation.benchmark import run_benchmark
+    from vfmtok.evaluation.benchmark import run_benchmark
 
     out = tmp_path / "bench"
     kwargs = dict(num_samples=8, guidance_scales=[1.0, 3.0], reference=str(halves[1]), labels="balanced", seed=5,
@@ -173,7 +173,7 @@ def test_benchmark_reports_every_setting_with_its_protocol_and_resumes_without_r
         assert b["fid"] == pytest.approx(a["fid"], rel=1e-9)  # regenerated shards are the same images
     card = (tiny_ar_pipeline / "README.md").read_text()
     assert "gFID (cfg-3)" in card and "8 samples, balanced labels" in card and "Not evaluated" not in card
-    from pipelines import load_pipeline
+    from vfmtok.pipelines import load_pipeline
 
     recorded = load_pipeline(str(tiny_ar_pipeline)).config.evaluation
     assert recorded["gFID (cfg-1)"] == round(second["settings"][0]["fid"], 4)
@@ -202,18 +202,18 @@ def test_benchmark_shards_across_processes_and_gives_the_single_process_images(e
     import subprocess
     import sys
 
-    from evaluation.benchmark import run_benchmark
+    from vfmtok.evaluation.benchmark import run_benchmark
 
     settings = dict(num_samples=8, guidance_scales=[2.0], reference=str(halves[1]), seed=1, batch_size=2,
                     shard_size=2, output_size=64, inception_weights=str(WEIGHTS))
     single = run_benchmark(str(tiny_ar_pipeline), tmp_path / "one", **settings)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", "29533", "-m", "pipelines.cli", "benchmark", "--pipeline",
+               "--main_process_port", "29533", "-m", "vfmtok", "benchmark", "--pipeline",
                str(tiny_ar_pipeline), "--num-samples", "8", "--guidance-scales", "2.0", "--reference", str(halves[1]),
                "--seed", "1", "--batch-size", "2", "--shard-size", "2", "--output-size", "64",
                "--inception-weights", str(WEIGHTS), "--output-dir", str(tmp_path / "two")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "report.json").read_text())

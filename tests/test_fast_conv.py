@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenizer.layers import PixelDecoder
-from tokenizer.lpips import LPIPS
-from tokenizer.utils.fast_conv import (Conv3x3, fast_conv, fast_conv_enabled, upsample2x_conv3x3, uses_fast_path,
+from vfmtok.tokenizer.layers import PixelDecoder
+from vfmtok.tokenizer.lpips import LPIPS
+from vfmtok.tokenizer.utils.fast_conv import (Conv3x3, fast_conv, fast_conv_enabled, upsample2x_conv3x3, uses_fast_path,
                                       winograd_conv3x3)
 
 needs_nnpack = pytest.mark.skipif(not torch._nnpack_available(), reason="this torch build has no NNPACK")
@@ -179,7 +179,7 @@ def test_upsample_conv_under_bf16_autocast_sums_the_taps_in_fp32():
 def test_upsample_module_uses_the_low_resolution_form_only_with_gradients(monkeypatch):
     """Training takes the fused form; no_grad (sampling, evaluation) takes the literal one, which is what makes images
     bit-equal across thread counts. Both compute the same function."""
-    from tokenizer import layers
+    from vfmtok.tokenizer import layers
 
     torch.manual_seed(0)
     module = layers.Upsample(8)
@@ -196,7 +196,7 @@ def test_upsample_module_uses_the_low_resolution_form_only_with_gradients(monkey
 
 
 def test_phase_interleave_backward_passes_gradcheck():
-    from tokenizer.utils.fast_conv import _InterleavePhases
+    from vfmtok.tokenizer.utils.fast_conv import _InterleavePhases
 
     phases = torch.randn(2, 8, 4, 5, dtype=torch.float64, requires_grad=True)  # K = 2, H = 3, W = 4
     assert _InterleavePhases.apply(phases).shape == (2, 2, 6, 8)

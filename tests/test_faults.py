@@ -23,13 +23,13 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from pipelines import data as data_module
-from pipelines.config import TrainingConfig
-from pipelines.data import ImageDataset, decode_image, load_image_dataset
-from pipelines.train import trainer as trainer_module
-from pipelines.train.extract import CodesDataset, extract_tokens
-from pipelines.train.trainer import Trainer, TrainingDiverged, TrainingTask
-from tokenizer.utils.errors import InvalidValueError, OutputExistsError
+from vfmtok.pipelines import data as data_module
+from vfmtok.pipelines.config import TrainingConfig
+from vfmtok.pipelines.data import ImageDataset, decode_image, load_image_dataset
+from vfmtok.pipelines.train import trainer as trainer_module
+from vfmtok.pipelines.train.extract import CodesDataset, extract_tokens
+from vfmtok.pipelines.train.trainer import Trainer, TrainingDiverged, TrainingTask
+from vfmtok.tokenizer.utils.errors import InvalidValueError, OutputExistsError
 
 from test_data import image_bytes, random_image, tiny_dataset
 
@@ -138,7 +138,7 @@ def test_mostly_unreadable_dataset_stops_above_the_configured_fraction(tmp_path,
     with pytest.raises(InvalidValueError, match=r"5 of the 8 images .*max_unreadable_fraction = 0\.5.*index"):
         trainer(tmp_path / "out", images(3, broken=5)).fit()
     # Allowed by the user: it trains, and says loudly at each epoch's end that most images are unreadable.
-    with caplog.at_level(logging.WARNING, logger="pipelines.train.trainer"):
+    with caplog.at_level(logging.WARNING, logger="vfmtok.pipelines.train.trainer"):
         trainer(tmp_path / "allowed", images(3, broken=5), max_unreadable_fraction=0.9).fit()
     assert any("MOST IMAGES ARE UNREADABLE: 5 of 8" in r.getMessage() for r in caplog.records), caplog.text
     with pytest.raises(ValueError, match="max_unreadable_fraction"):
@@ -414,8 +414,8 @@ _DELETE = object()
 
 
 def test_saved_config_with_a_misspelt_parameter_is_refused_naming_it(tmp_path):
-    from generators.gpt import GPTModel
-    from tokenizer.utils.errors import CheckpointError
+    from vfmtok.generators.gpt import GPTModel
+    from vfmtok.tokenizer.utils.errors import CheckpointError
 
     folder = _saved_gpt(tmp_path, num_head=4)  # misspelt num_heads: diffusers only warns
     with pytest.raises(CheckpointError, match=r"unknown parameter\(s\) \['num_head'\]"):
@@ -423,8 +423,8 @@ def test_saved_config_with_a_misspelt_parameter_is_refused_naming_it(tmp_path):
 
 
 def test_saved_config_with_a_value_of_the_wrong_type_is_refused_naming_the_key(tmp_path):
-    from generators.gpt import GPTModel
-    from tokenizer.utils.errors import CheckpointError
+    from vfmtok.generators.gpt import GPTModel
+    from vfmtok.tokenizer.utils.errors import CheckpointError
 
     folder = _saved_gpt(tmp_path, depth="2")
     with pytest.raises(CheckpointError, match=r"config.json: depth: expected an integer, got str '2'"):
@@ -435,8 +435,8 @@ def test_saved_config_with_a_value_of_the_wrong_type_is_refused_naming_the_key(t
 
 
 def test_saved_models_with_a_correct_config_still_load(tmp_path):
-    from generators.dit import DiTModel
-    from generators.gpt import GPTModel
+    from vfmtok.generators.dit import DiTModel
+    from vfmtok.generators.gpt import GPTModel
     from test_dit import TINY as DIT_TINY
 
     assert isinstance(GPTModel.from_pretrained(_saved_gpt(tmp_path)), GPTModel)
@@ -445,8 +445,8 @@ def test_saved_models_with_a_correct_config_still_load(tmp_path):
 
 
 def test_type_checking_lives_below_the_models_and_config_files_use_the_same_function():
-    from pipelines import config as config_module
-    from tokenizer.utils import types as types_module
+    from vfmtok.pipelines import config as config_module
+    from vfmtok.tokenizer.utils import types as types_module
 
     assert config_module.check_value is types_module.check_value
 
@@ -487,7 +487,7 @@ def _velocity(x, t, y):
 
 @pytest.mark.parametrize("value", NONFINITE)
 def test_transport_samplers_refuse_a_nonfinite_shift_and_guidance(value):
-    from generators import transport
+    from vfmtok.generators import transport
 
     noise = torch.randn(2, 3)
     for sampler in (transport.sample_ode, transport.sample_sde):
@@ -501,7 +501,7 @@ def test_transport_samplers_refuse_a_nonfinite_shift_and_guidance(value):
 
 @pytest.mark.parametrize("steps", [2.5, 2.0, True, "4"])
 def test_transport_samplers_refuse_a_non_integer_step_count(steps):
-    from generators import transport
+    from vfmtok.generators import transport
 
     noise = torch.randn(2, 3)
     for sampler in (transport.sample_ode, transport.sample_sde):
@@ -510,8 +510,8 @@ def test_transport_samplers_refuse_a_non_integer_step_count(steps):
 
 
 def test_guided_denoiser_errors_name_the_callers_batch_size_and_refuse_bool_labels():
-    from generators import transport
-    from generators.dit import DiTModel
+    from vfmtok.generators import transport
+    from vfmtok.generators.dit import DiTModel
     from test_dit import TINY as DIT_TINY
 
     model = DiTModel(**DIT_TINY).eval()
@@ -573,7 +573,7 @@ def test_resume_with_an_allowed_change_uses_the_new_value_and_free_options_may_d
 
 
 def test_cli_train_commands_take_resume_allow_change():
-    from pipelines.cli import build_parser
+    from vfmtok.pipelines.cli import build_parser
 
     for kind in (["tokenizer", "--data", "d"], ["ar"], ["flow"]):
         args = build_parser().parse_args(["train", *kind, "--config", "c.yaml", "--output-dir", "o", "--resume",
@@ -600,7 +600,7 @@ def _two_checkpoints(tmp_path: Path) -> Path:
                                            ("buffers.safetensors", b"truncated"),
                                            ("trainer_state.json", b"{\"step\": ")])
 def test_unrestorable_checkpoint_file_is_an_error_naming_it_and_the_older_checkpoint(tmp_path, name, content):
-    from tokenizer.utils.errors import CheckpointError
+    from vfmtok.tokenizer.utils.errors import CheckpointError
 
     output = _two_checkpoints(tmp_path)
     newest = output / "checkpoints" / "step-00000004"
@@ -620,7 +620,7 @@ def test_unrestorable_checkpoint_file_is_an_error_naming_it_and_the_older_checkp
 
 
 def test_unrestorable_only_checkpoint_says_there_is_no_older_one(tmp_path):
-    from tokenizer.utils.errors import CheckpointError
+    from vfmtok.tokenizer.utils.errors import CheckpointError
 
     output = tmp_path / "out"
     run_trainer(output, max_steps=2, checkpoint_every=2).fit()
@@ -648,7 +648,7 @@ NO_SPACE = "No space left on device"
 
 
 def test_disk_full_during_a_checkpoint_write_says_so_and_leaves_no_staging(tmp_path, monkeypatch):
-    from tokenizer.utils.errors import DiskFullError, VFMTokError
+    from vfmtok.tokenizer.utils.errors import DiskFullError, VFMTokError
 
     output = tmp_path / "out"
     original = trainer_module.save_file
@@ -675,8 +675,8 @@ def test_disk_full_during_a_checkpoint_write_says_so_and_leaves_no_staging(tmp_p
 def test_a_write_error_without_errno_is_disk_full_only_when_the_disk_has_no_space(tmp_path, monkeypatch, free_bytes):
     from accelerate import Accelerator
 
-    from tokenizer.utils import atomic as atomic_module
-    from tokenizer.utils.errors import DiskFullError
+    from vfmtok.tokenizer.utils import atomic as atomic_module
+    from vfmtok.tokenizer.utils.errors import DiskFullError
 
     # torch.save drops the errno: "PytorchStreamWriter failed writing file data/0: file write failed"
     def failing(self, *args, **kwargs):
@@ -703,8 +703,8 @@ def test_a_write_error_without_errno_is_disk_full_only_when_the_disk_has_no_spac
                                                'message: "No space left on device" })')])
 def test_disk_full_during_an_export_or_a_report_names_the_path_and_removes_the_partial(tmp_path, monkeypatch,
                                                                                        failure):
-    from tokenizer.utils.atomic import save_pretrained_atomically, write_text_atomically
-    from tokenizer.utils.errors import DiskFullError
+    from vfmtok.tokenizer.utils.atomic import save_pretrained_atomically, write_text_atomically
+    from vfmtok.tokenizer.utils.errors import DiskFullError
 
     class Exporting:
         def save_pretrained(self, directory):
@@ -727,7 +727,7 @@ def test_disk_full_during_an_export_or_a_report_names_the_path_and_removes_the_p
 
 
 def test_other_write_failures_keep_their_own_error_and_remove_the_partial(tmp_path):
-    from tokenizer.utils.atomic import save_pretrained_atomically
+    from vfmtok.tokenizer.utils.atomic import save_pretrained_atomically
 
     class Broken:
         def save_pretrained(self, directory):
@@ -744,7 +744,7 @@ def test_other_write_failures_keep_their_own_error_and_remove_the_partial(tmp_pa
 def test_missing_vfm_weights_file_is_a_missing_file_error_naming_it(source):
     from test_vfm import make_vfm
 
-    from tokenizer.utils.errors import MissingFileError
+    from vfmtok.tokenizer.utils.errors import MissingFileError
 
     with pytest.raises(MissingFileError) as error:
         make_vfm("dinov2").load_pretrained(source)
@@ -756,7 +756,7 @@ def test_missing_vfm_weights_file_is_a_missing_file_error_naming_it(source):
 def test_hub_ids_and_timm_names_still_go_to_the_hub(monkeypatch):
     from test_vfm import make_vfm
 
-    from tokenizer.vfm import FrozenVFM
+    from vfmtok.tokenizer.vfm import FrozenVFM
 
     asked = []
     monkeypatch.setattr(FrozenVFM, "_load_hf_pretrained", lambda self, source: asked.append(("hf", source)))
@@ -780,8 +780,8 @@ def fake_latents(directory: Path, values: np.ndarray, valid=None) -> Path:
 
 
 def test_nonfinite_latents_give_no_latent_statistics_file(tmp_path):
-    from pipelines.cli import main
-    from pipelines.train.flow import LATENT_STATS_NAME, write_latent_statistics
+    from vfmtok.pipelines.cli import main
+    from vfmtok.pipelines.train.flow import LATENT_STATS_NAME, write_latent_statistics
 
     values = np.random.default_rng(0).standard_normal((6, 2, 8, 4, 4))
     values[1, 0, 0, 0, 0] = np.nan
@@ -797,7 +797,7 @@ def test_nonfinite_latents_give_no_latent_statistics_file(tmp_path):
 
 
 def test_nonfinite_or_zero_statistics_are_not_written(tmp_path, monkeypatch):
-    from pipelines.train import flow as flow_module
+    from vfmtok.pipelines.train import flow as flow_module
 
     directory = fake_latents(tmp_path / "latents", np.zeros((2, 1, 2, 2, 2)))
     mean, std = torch.zeros(2, 2, 2), torch.ones(2, 2, 2)
@@ -819,7 +819,7 @@ def test_nonfinite_or_zero_statistics_are_not_written(tmp_path, monkeypatch):
 def test_train_flow_refuses_bad_latent_statistics_naming_the_file(tmp_path, stats, error, needle):
     from test_train_flow import flow_config
 
-    from pipelines.train.flow import train_flow
+    from vfmtok.pipelines.train.flow import train_flow
 
     latents = fake_latents(tmp_path / "latents", np.random.default_rng(0).standard_normal((4, 2, 8, 4, 4)))
     stats_file = tmp_path / "stats.safetensors"
@@ -890,7 +890,7 @@ def test_extract_removes_the_staging_of_a_killed_extraction_but_not_a_live_one(t
 
 
 def test_benchmark_shard_removes_the_temporary_files_of_a_killed_write(tmp_path):
-    from evaluation.benchmark import _checked_shard, _write_shard
+    from vfmtok.evaluation.benchmark import _checked_shard, _write_shard
 
     folder = tmp_path / "samples" / "cfg-1.5"
     folder.mkdir(parents=True)
@@ -956,7 +956,7 @@ def test_two_processes_skip_empty_micro_batches_alike_and_count_unreadable_image
     import subprocess
     import sys
 
-    from pipelines.data import ResumableBatchSampler
+    from vfmtok.pipelines.data import ResumableBatchSampler
 
     root = Path(__file__).resolve().parents[1]
     script = tmp_path / "run.py"
@@ -967,7 +967,7 @@ def test_two_processes_skip_empty_micro_batches_alike_and_count_unreadable_image
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", "29519", str(script), str(output)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "tests"),
            "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

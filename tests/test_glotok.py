@@ -13,16 +13,16 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-from pipelines import VFMTokARPipeline
-from pipelines.cli import main
-from pipelines.config import build_model
-from pipelines.train.extract import extract_tokens, load_tokenizer
-from pipelines.train.tokenizer import train_tokenizer
-from pipelines.train.tokenizer_stats import build_glotok_teacher
-from tokenizer import glotok
-from tokenizer.glotok import GloTokModel, histogram_relation_loss, similarity_histogram
-from tokenizer.losses import TokenizerLoss
-from tokenizer.utils.errors import InvalidValueError
+from vfmtok.pipelines import VFMTokARPipeline
+from vfmtok.pipelines.cli import main
+from vfmtok.pipelines.config import build_model
+from vfmtok.pipelines.train.extract import extract_tokens, load_tokenizer
+from vfmtok.pipelines.train.tokenizer import train_tokenizer
+from vfmtok.pipelines.train.tokenizer_stats import build_glotok_teacher
+from vfmtok.tokenizer import glotok
+from vfmtok.tokenizer.glotok import GloTokModel, histogram_relation_loss, similarity_histogram
+from vfmtok.tokenizer.losses import TokenizerLoss
+from vfmtok.tokenizer.utils.errors import InvalidValueError
 from test_trainer import ROOT, Interrupted, interrupt_after_checkpoint, metrics, needs_samples, small_image_folder
 
 CONFIGS = ROOT / "configs" / "tokenizer"

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generators import GPTModel
-from generators.convert_gpt import (CheckpointError, convert_llamagen_checkpoint, convert_llamagen_state_dict,
+from vfmtok.generators import GPTModel
+from vfmtok.generators.convert_gpt import (CheckpointError, convert_llamagen_checkpoint, convert_llamagen_state_dict,
                                 load_llamagen_checkpoint)
-from generators.gpt import filter_logits
-from generators.layers import apply_rotary_embedding, rope_2d_table
-from pipelines.config import build_model, load_config
+from vfmtok.generators.gpt import filter_logits
+from vfmtok.generators.layers import apply_rotary_embedding, rope_2d_table
+from vfmtok.pipelines.config import build_model, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ar"
 TINY = dict(vocab_size=64, num_tokens=16, num_classes=10, dim=32, depth=2, num_heads=4, ffn_multiple_of=32,

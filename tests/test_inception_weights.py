@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation import inception_weights as iw
-from evaluation.inception_weights import (CACHE_FILENAME, ENV_CACHE, ENV_WEIGHTS, convert_fid_helper_torchscript,
+from vfmtok.evaluation import inception_weights as iw
+from vfmtok.evaluation.inception_weights import (CACHE_FILENAME, ENV_CACHE, ENV_WEIGHTS, convert_fid_helper_torchscript,
                                           fid_helper_torchscript_file, load_inception, resolve_inception_weights)
-from tokenizer.utils.errors import CheckpointError, InvalidValueError, MissingFileError, WeightsUnavailableError
+from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError, MissingFileError, WeightsUnavailableError
 
 SHARED = Path(os.environ.get("VFMTOK_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 REFERENCE = SHARED / "weights" / "fid-inception" / "pt_inception-2015-12-05-pool3-nofc.pth"

@@ -1,12 +1,16 @@
 """Imports go one way. Each module of the project belongs to a layer; a module may import its own layer and the layers
 below it, never one above (module-level, function-level and ``TYPE_CHECKING`` imports alike):
 
-    0  tokenizer.utils                                  errors, strict loading, atomic writes, shared layers
-    1  tokenizer                                        tokenizer families, their losses and converters
-    2  generators                                       GPT, flow denoiser, samplers, converters
-    3  pipelines (root modules)                         inference pipelines, data, config files
-    4  evaluation                                       metrics and benchmarks
-    5  pipelines.train, pipelines.cli, quickstart       training, extraction, the command line
+    0  vfmtok.tokenizer.utils                           errors, strict loading, atomic writes, shared layers
+    1  vfmtok.tokenizer                                 tokenizer families, their losses and converters
+    2  vfmtok.generators                                GPT, flow denoiser, samplers, converters
+    3  vfmtok.pipelines (root modules)                  inference pipelines, data, config files
+    4  vfmtok.evaluation                                metrics and benchmarks
+    5  vfmtok.pipelines.train, .cli, .quickstart        training, extraction, the command line
+
+The repository's folders are the subpackages of ``vfmtok`` (pyproject's package-dir). Internal imports are absolute
+(``from vfmtok.tokenizer... import``): no relative import, and no import of the bare folder names, which would be
+another package on a user's path.
 """
 from __future__ import annotations
 
@@ -20,14 +24,14 @@ PACKAGES = ("tokenizer", "generators", "pipelines", "evaluation")
 
 # Most specific prefix first.
 LAYERS: list[tuple[str, int]] = [
-    ("tokenizer.utils", 0),
-    ("tokenizer", 1),
-    ("generators", 2),
-    ("pipelines.train", 5),
-    ("pipelines.cli", 5),
-    ("pipelines.quickstart", 5),
-    ("pipelines", 3),
-    ("evaluation", 4),
+    ("vfmtok.tokenizer.utils", 0),
+    ("vfmtok.tokenizer", 1),
+    ("vfmtok.generators", 2),
+    ("vfmtok.pipelines.train", 5),
+    ("vfmtok.pipelines.cli", 5),
+    ("vfmtok.pipelines.quickstart", 5),
+    ("vfmtok.pipelines", 3),
+    ("vfmtok.evaluation", 4),
 ]
 
 
@@ -42,7 +46,7 @@ def module_name(path: Path, root: Path) -> str:
     parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
-    return ".".join(parts)
+    return ".".join(["vfmtok", *parts])
 
 
 def imported_modules(source: str, module: str, is_package: bool) -> list[tuple[int, str]]:
@@ -83,6 +87,36 @@ def test_no_module_imports_a_higher_layer():
     assert upward_imports(ROOT) == []
 
 
+def convention_breaks(root: Path, packages=PACKAGES) -> list[str]:
+    """Imports that are relative or name a bare folder (``tokenizer``, ...) instead of ``vfmtok.<folder>``."""
+    problems = []
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.ImportFrom):
+                    if node.level:
+                        problems.append(f"{path.relative_to(root)}:{node.lineno}: relative import")
+                    names = [node.module or ""]
+                elif isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                problems += [f"{path.relative_to(root)}:{node.lineno}: imports {name}" for name in names
+                             if name.split(".")[0] in PACKAGES]
+    return problems
+
+
+def test_internal_imports_are_absolute_vfmtok_imports():
+    assert convention_breaks(ROOT) == []
+    assert convention_breaks(ROOT, ("tests",)) == []
+
+
+def test_a_relative_or_bare_import_breaks_the_convention(tmp_path):
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "a.py").write_text("from .b import c\nimport generators.gpt\nfrom vfmtok.tokenizer import x\n")
+    problems = convention_breaks(tmp_path, ("tokenizer",))
+    assert len(problems) == 2 and "relative" in problems[0] and "generators.gpt" in problems[1], problems
+
+
 def test_every_project_module_has_a_layer():
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
@@ -91,13 +125,13 @@ def test_every_project_module_has_a_layer():
 
 @pytest.mark.parametrize("module_path,source", [
     # the bottom layer reaching into a tokenizer family
-    ("tokenizer/utils/synthetic.py", "from tokenizer.vfmtok import VFMTokModel\n"),
+    ("tokenizer/utils/synthetic.py", "from vfmtok.tokenizer.vfmtok import VFMTokModel\n"),
     # a tokenizer module using a generator, inside a function
-    ("tokenizer/synthetic.py", "def f():\n    import generators.gpt\n"),
+    ("tokenizer/synthetic.py", "def f():\n    import vfmtok.generators.gpt\n"),
     # a model importing the training code (a relative import)
-    ("generators/synthetic.py", "from pipelines.train import trainer\n"),
+    ("generators/synthetic.py", "from vfmtok.pipelines.train import trainer\n"),
     ("pipelines/synthetic.py", "from .train.trainer import Trainer\n"),
-    ("evaluation/synthetic.py", "from pipelines.cli import main\n"),
+    ("evaluation/synthetic.py", "from vfmtok.pipelines.cli import main\n"),
 ])
 def test_an_upward_import_is_reported(tmp_path, module_path, source):
     for package in PACKAGES:
@@ -114,8 +148,9 @@ def test_a_downward_import_is_allowed(tmp_path):
     for package in PACKAGES:
         (tmp_path / package).mkdir()
         (tmp_path / package / "__init__.py").write_text("")
-    (tmp_path / "evaluation" / "ok.py").write_text("from pipelines.config import load_config\n"
-                                                   "from tokenizer.utils.errors import VFMTokError\n")
+    (tmp_path / "evaluation" / "ok.py").write_text("from vfmtok.pipelines.config import load_config\n"
+                                                   "from vfmtok.tokenizer.utils.errors import VFMTokError\n")
     (tmp_path / "pipelines" / "train").mkdir()
-    (tmp_path / "pipelines" / "train" / "ok.py").write_text("from evaluation import speed\nfrom ..config import x\n")
+    (tmp_path / "pipelines" / "train" / "ok.py").write_text("from vfmtok.evaluation import speed\n"
+                                                            "from ..config import x\n")
     assert upward_imports(tmp_path) == []

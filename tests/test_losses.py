@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-import tokenizer.lpips
-from tokenizer import losses as L
-from tokenizer.losses import (D_LOSSES, G_LOSSES, LPIPS, DinoDiscriminator, DiscriminatorWeightsUnavailable,
+import vfmtok.tokenizer.lpips
+from vfmtok.tokenizer import losses as L
+from vfmtok.tokenizer.losses import (D_LOSSES, G_LOSSES, LPIPS, DinoDiscriminator, DiscriminatorWeightsUnavailable,
                               PatchGANDiscriminator, PerceptualWeightsUnavailable, TokenizerLoss, adaptive_gan_weight,
                               hinge_d_loss, hinge_g_loss, non_saturating_d_loss, non_saturating_g_loss,
                               vanilla_d_loss)
-from tokenizer.vfmtok import VFMTokOutput
+from vfmtok.tokenizer.vfmtok import VFMTokOutput
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -176,7 +176,7 @@ def offline(monkeypatch):
     def no_network(url, *args, **kwargs):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
-    monkeypatch.setattr(tokenizer.lpips, "_lpips_package_lin_file", lambda: None)
+    monkeypatch.setattr(vfmtok.tokenizer.lpips, "_lpips_package_lin_file", lambda: None)
 
 
 def test_lpips_unavailable_message(offline, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from evaluation.metrics import (codebook_statistics, feature_statistics, frechet_distance, frechet_distance_of,
+from vfmtok.evaluation.metrics import (codebook_statistics, feature_statistics, frechet_distance, frechet_distance_of,
                                 inception_score, precision_recall, psnr, ssim)
 
 

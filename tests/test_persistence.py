@@ -10,10 +10,10 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-from generators import DiTModel
-from pipelines.config import build_model
-from tokenizer import VFMTokModel, load_tokenizer
-from tokenizer.utils.errors import CheckpointError
+from vfmtok.generators import DiTModel
+from vfmtok.pipelines.config import build_model
+from vfmtok.tokenizer import VFMTokModel, load_tokenizer
+from vfmtok.tokenizer.utils.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 

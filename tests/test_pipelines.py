@@ -14,10 +14,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteSche
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from generators.transport import guided_model, sample_ode, sample_sde
-from pipelines import VFMTokARPipeline, VFMTokFlowPipeline, load_pipeline
-from pipelines.config import build_model
-from tokenizer.utils.errors import CheckpointError, InvalidValueError, WeightsUnavailableError
+from vfmtok.generators.transport import guided_model, sample_ode, sample_sde
+from vfmtok.pipelines import VFMTokARPipeline, VFMTokFlowPipeline, load_pipeline
+from vfmtok.pipelines.config import build_model
+from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError, WeightsUnavailableError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -288,7 +288,7 @@ def test_loading_by_hub_id_from_an_offline_cache(ar_pipe, ar_dir, tmp_path, monk
 
 
 def test_vfmtok_sample_writes_a_png_grid(flow_dir, tmp_path, capsys):
-    from pipelines.cli import main
+    from vfmtok.pipelines.cli import main
 
     output = tmp_path / "grid.png"
     assert main(["sample", "--pipeline", str(flow_dir), "--class-names", "golden retriever", "otter",
@@ -303,8 +303,8 @@ def test_vfmtok_sample_writes_a_png_grid(flow_dir, tmp_path, capsys):
 
 
 def test_convert_pipeline_from_official_layout_checkpoints(tmp_path, capsys):
-    from pipelines.cli import main
-    from pipelines.config import load_config
+    from vfmtok.pipelines.cli import main
+    from vfmtok.pipelines.config import load_config
     from test_convert import reference_state_dict
     from test_gpt import reference_layout
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.cli import main
-from pipelines.quickstart import DIGIT_NAMES, IMAGE_SIZE, digits_dataset, quickstart_vfm_spec
-from tokenizer.utils.errors import OutputExistsError, WeightsUnavailableError
+from vfmtok.pipelines.cli import main
+from vfmtok.pipelines.quickstart import DIGIT_NAMES, IMAGE_SIZE, digits_dataset, quickstart_vfm_spec
+from vfmtok.tokenizer.utils.errors import OutputExistsError, WeightsUnavailableError
 
 SHARED_INCEPTION = Path(__file__).resolve().parents[2] / "shared" / "weights" / "fid-inception" / \
     "pt_inception-2015-12-05-pool3-nofc.pth"
@@ -64,7 +64,7 @@ def test_quickstart_report_has_every_field(quickstart_run):
 
 
 def test_quickstart_pipelines_load_and_sample_by_id_and_name(quickstart_run):
-    from pipelines import VFMTokARPipeline, VFMTokFlowPipeline
+    from vfmtok.pipelines import VFMTokARPipeline, VFMTokFlowPipeline
 
     out, _ = quickstart_run
     for cls, folder, options in ((VFMTokARPipeline, "ar", {}), (VFMTokFlowPipeline, "flow",
@@ -98,7 +98,7 @@ def test_digits_dataset_holds_sklearn_digits_with_their_names(tmp_path):
     """The default data, checked against scikit-learn's arrays directly."""
     from sklearn.datasets import load_digits
 
-    from pipelines.data import class_names, decode_image, load_image_dataset
+    from vfmtok.pipelines.data import class_names, decode_image, load_image_dataset
 
     digits_dataset(tmp_path / "digits", images_per_class=3)
     dataset = load_image_dataset(str(tmp_path / "digits"))
@@ -119,8 +119,8 @@ def test_quickstart_vfm_spec_loads_a_locally_saved_dinov2(tmp_path):
     import yaml
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    from pipelines.config import build_model
-    from pipelines.quickstart import CONFIG_DIR
+    from vfmtok.pipelines.config import build_model
+    from vfmtok.pipelines.quickstart import CONFIG_DIR
 
     saved = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
         hidden_size=48, num_hidden_layers=8, num_attention_heads=4, intermediate_size=96, patch_size=14,

@@ -1,4 +1,4 @@
-"""The README's commands run as written: every ``vfmtok ...`` and ``accelerate launch ... -m pipelines.cli ...`` line
+"""The README's commands run as written: every ``vfmtok ...`` and ``accelerate launch ... -m vfmtok ...`` line
 of its shell blocks parses with the real command line, and every config file it names exists. (What can run on this
 machine runs in its own test: the quickstart in test_quickstart.py, training, extraction and sampling in theirs.)"""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import build_parser
+from vfmtok.pipelines.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +32,12 @@ def cli_arguments(command: str) -> list[str] | None:
     words = shlex.split(command.split("&&")[-1].strip())
     if words[:1] == ["vfmtok"]:
         return words[1:]
-    if words[:2] == ["accelerate", "launch"] and "pipelines.cli" in words:
-        return words[words.index("pipelines.cli") + 1:]
+    if words[:2] == ["accelerate", "launch"] and "-m" in words:
+        module = words[words.index("-m") + 1]
+        assert module == "vfmtok", f"{command}: the command line is `-m vfmtok`, not `-m {module}`"
+        return words[words.index("-m") + 2:]
+    if words[:3] == ["python", "-m", "vfmtok"]:
+        return words[3:]
     return None
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenizer import VFMTokModel
+from vfmtok.tokenizer import VFMTokModel
+from vfmtok.tokenizer.utils.foreign import reference_vfmtok_package
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow]
 TOOL = Path(os.environ.get("VFMTOK_REF_TOOL", Path(__file__).resolve().parents[2] / "shared/tools/vfmtok_ref.py"))
@@ -35,10 +36,10 @@ def reference_module():
     repo = os.environ.get("VFMTOK_REF_REPO")
     if not repo or not TOOL.is_file():
         pytest.skip("set VFMTOK_REF_REPO (a CVMI-Lab/VFMTok checkout) and provide vfmtok_ref.py to compare")
-    sys.path.insert(0, repo)
     spec = importlib.util.spec_from_file_location("vfmtok_ref", TOOL)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with reference_vfmtok_package(repo):  # the checkout's package is also called `vfmtok`
+        spec.loader.exec_module(module)
     return module, repo
 
 
@@ -53,7 +54,7 @@ def our_config(dim: int, depth: int) -> dict:
 
 
 def test_vfmtok_matches_the_reference_code(reference_module, tmp_path, monkeypatch):
-    from tokenizer.convert import convert_reference_checkpoint
+    from vfmtok.tokenizer.convert import convert_reference_checkpoint
 
     ref_tool, repo = reference_module
     monkeypatch.chdir(repo)  # the reference reads configs/vit_transformer.yaml relative to its root
@@ -145,7 +146,7 @@ msf.MSDeformAttnFunction = msm.MSDeformAttnFunction = Core
 mpe.load_pretrained_dino_v2 = lambda model, path: model
 
 from omegaconf import OmegaConf
-from tokenizer.vfmae.vfmae import AE_models
+from vfmtok.tokenizer.vfmae.vfmae import AE_models
 
 cfg = OmegaConf.load(os.path.join(repo, "configs/vfmae/vfmae_config.yaml"))
 cfg.encoder_config.params.dim = dim
@@ -199,7 +200,7 @@ def vfmae_config(dim: int, encoder_depth: int, decoder_depth: int, embed_dim: in
 
 
 def test_vfmae_matches_the_reference_code(tmp_path):
-    from tokenizer.convert import convert_reference_checkpoint
+    from vfmtok.tokenizer.convert import convert_reference_checkpoint
 
     repo = os.environ.get("VFMTOK2_REF_REPO")
     if not repo:

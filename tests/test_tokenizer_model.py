@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.config import build_model, load_config
-from tokenizer import VFMTokModel
+from vfmtok.pipelines.config import build_model, load_config
+from vfmtok.tokenizer import VFMTokModel
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tokenizer"
 
@@ -102,7 +102,7 @@ def test_save_load_round_trip_is_bit_identical(model, tmp_path):
     model.eval()
     model.save_pretrained(tmp_path / "tok")
     files = sorted(p.name for p in (tmp_path / "tok").iterdir())
-    assert files == ["config.json", "diffusion_pytorch_model.safetensors", "vfm.safetensors"]
+    assert files == ["config.json", "diffusion_pytorch_model.safetensors", "modeling_vfmtok.py", "vfm.safetensors"]
     saved = load_file(tmp_path / "tok" / "diffusion_pytorch_model.safetensors")
     assert set(saved) == set(model.state_dict())  # the tokenizer's weights hold no VFM weight
     assert set(load_file(tmp_path / "tok" / "vfm.safetensors")) == set(model.vfm.model.state_dict())

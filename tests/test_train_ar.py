@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from generators import GPTModel
-from pipelines.train.extract import CodesDataset, extract_tokens
-from pipelines.train.ar import ar_validation_loss, train_ar
+from vfmtok.generators import GPTModel
+from vfmtok.pipelines.train.extract import CodesDataset, extract_tokens
+from vfmtok.pipelines.train.ar import ar_validation_loss, train_ar
 from test_codes import saved_tokenizer
 from test_trainer import ROOT, SAMPLES, Interrupted, interrupt_after_checkpoint, metrics, needs_samples
 

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from pipelines.cli import main
-from pipelines.train.extract import extract_tokens
-from pipelines.train.flow import LATENT_STATS_NAME, train_flow
+from vfmtok.pipelines.cli import main
+from vfmtok.pipelines.train.extract import extract_tokens
+from vfmtok.pipelines.train.flow import LATENT_STATS_NAME, train_flow
 from test_codes import saved_tokenizer
 from test_train_ar import split_folders
 from test_trainer import ROOT, SAMPLES, Interrupted, interrupt_after_checkpoint, metrics, needs_samples
@@ -85,7 +85,7 @@ def test_tiny_denoiser_lowers_its_flow_loss_and_exports_stats(latents, tmp_path)
 
 def assert_exports_the_statistics(exported, stats_file):
     """The exported denoiser holds the latent statistics as its own state: no side file, loaded with the model."""
-    from generators import DiTModel
+    from vfmtok.generators import DiTModel
 
     assert not (exported / LATENT_STATS_NAME).exists()
     stats = load_file(str(stats_file))
@@ -109,7 +109,7 @@ def test_online_encoding_trains_with_given_statistics(latents, tmp_path):
 def test_repa_alignment_loss_matches_a_hand_computation():
     import torch
 
-    from generators.transport import repa_alignment_loss
+    from vfmtok.generators.transport import repa_alignment_loss
 
     projected = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
     features = torch.tensor([[[1.0, 1.0], [0.0, -3.0]]])

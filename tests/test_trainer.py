@@ -15,10 +15,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipelines.train import trainer as trainer_module
-from pipelines.train.tokenizer import train_tokenizer
-from pipelines.config import TrainingConfig
-from pipelines.train.trainer import TrainingDiverged, latest_checkpoint
+from vfmtok.pipelines.train import trainer as trainer_module
+from vfmtok.pipelines.train.tokenizer import train_tokenizer
+from vfmtok.pipelines.config import TrainingConfig
+from vfmtok.pipelines.train.trainer import TrainingDiverged, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VFMTOK_SHARED", ROOT.parent / "shared"))
@@ -159,7 +159,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, monkeypatch):
 @needs_samples
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     config = tiny_config(tmp_path, max_steps=8, checkpoint_every=2)
-    from pipelines.train.tokenizer import TokenizerTask
+    from vfmtok.pipelines.train.tokenizer import TokenizerTask
 
     original = TokenizerTask.losses
 
@@ -197,7 +197,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
 # -- outputs ----------------------------------------------------------------------------------------------------------
 @needs_samples
 def test_export_holds_the_ema_weights_and_loads(tmp_path):
-    from tokenizer import VFMTokModel
+    from vfmtok.tokenizer import VFMTokModel
 
     config = tiny_config(tmp_path, max_steps=3)
     exported = train_tokenizer(config, str(SAMPLES), tmp_path / "out")
@@ -210,7 +210,7 @@ def test_export_holds_the_ema_weights_and_loads(tmp_path):
     assert any(not torch.equal(trained[k], ema[k]) for k in ema)  # EMA differs from the raw weights
     # The tiny config names no VFM weights, so the random VFM it trained with is saved with the export and loaded.
     from accelerate.utils import set_seed
-    from pipelines.config import build_model
+    from vfmtok.pipelines.config import build_model
 
     set_seed(0)  # the trainer seeds before building: the same random VFM
     trained_vfm = build_model(config).vfm.model.state_dict()
@@ -240,9 +240,9 @@ def test_two_process_accelerate_launch_trains_and_checkpoints(tmp_path):
     # accelerate runs several CPU processes (gloo) with --multi_gpu plus ACCELERATE_USE_CPU; --cpu alone runs one.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", "29517", "-m", "pipelines.cli", "train", "tokenizer",
+               "--main_process_port", "29517", "-m", "vfmtok", "train", "tokenizer",
                "--config", str(config), "--data", str(SAMPLES), "--output-dir", str(output)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((output / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
@@ -284,7 +284,7 @@ def test_streamed_dataset_trains_and_resumes_exactly(tmp_path, monkeypatch):
 
 @needs_samples
 def test_continuous_vfmae_tokenizer_trains(tmp_path):
-    from tokenizer import VFMTokModel
+    from vfmtok.tokenizer import VFMTokModel
 
     config = yaml.safe_load((ROOT / "configs" / "tokenizer" / "vfmae-tiny.yaml").read_text())
     config["training"].update({"batch_size": 4, "num_workers": 0, "log_with": ["none"], "max_steps": 2,
@@ -302,7 +302,7 @@ def test_continuous_vfmae_tokenizer_trains(tmp_path):
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     """Two accumulated micro-batches of 2 give the same first update as one batch of 4 (mean-reduced losses; no GAN,
     no dropout): the same 4 images, cut differently by the sampler."""
-    from pipelines.config import build_model
+    from vfmtok.pipelines.config import build_model
     from accelerate.utils import set_seed
 
     options = {"max_steps": 1, "checkpoint_every": 1, "lr_warmup_steps": 0, "augment": "center", "flip": False}

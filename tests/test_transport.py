@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from generators.transport import (
+from vfmtok.generators.transport import (
     diffusers_flow_sampler,
     flow_matching_loss,
     guided_model,

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenizer.layers import VectorQuantizer, entropy_loss
+from vfmtok.tokenizer.layers import VectorQuantizer, entropy_loss
 
 
 def make_quantizer(size=16, dim=4, **kwargs) -> VectorQuantizer:

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizer.vfm import VFM_PRESETS, FrozenVFM, VFMFeatures, kornia_bicubic_resize
+from vfmtok.tokenizer.vfm import VFM_PRESETS, FrozenVFM, VFMFeatures, kornia_bicubic_resize
+from vfmtok.tokenizer.utils.foreign import reference_vfmtok_package
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -426,7 +427,7 @@ def test_kornia_resize_upscaling_is_plain_align_corners_bicubic(size):
     ((40, 8), (4, 16), (4.5, 0.001), (19, 3)),  # factor 10: kernel int(18) -> 19; W upscaled (sigma 0.001)
 ])
 def test_kornia_resize_downscaling_closed_form(shape, size, sigmas, kernel_sizes):
-    from tokenizer.vfm import kornia_gaussian_kernel1d
+    from vfmtok.tokenizer.vfm import kornia_gaussian_kernel1d
 
     g = torch.Generator().manual_seed(3)
     x = torch.rand(2, 3, *shape, generator=g) * 2 - 1
@@ -471,7 +472,7 @@ def test_frozen_vfm_resize_modes():
 
 
 def test_tokenizer_vfm_spec_accepts_resize():
-    from tokenizer.vfmtok import _vfm_spec
+    from vfmtok.tokenizer.vfmtok import _vfm_spec
 
     spec = _vfm_spec({"preset": "dinov2-vitl14-reg", "image_size": 224, "resize": "kornia"})
     assert spec["resize"] == "kornia" and spec["backend"] == "hf"
@@ -497,11 +498,8 @@ def reference_vits():
     if not repo:
         pytest.skip("set VFMTOK_REF_REPO to a VFMTok checkout to compare with the reference DINOv2 code")
     os.environ.setdefault("XFORMERS_DISABLED", "1")  # xformers attention would not be bit-comparable
-    sys.path.insert(0, repo)
-    try:
+    with reference_vfmtok_package(repo):  # the checkout's package is also called `vfmtok`
         import vfmtok.modules.pretrained_enc.dino_v2.vision_transformer as vits
-    finally:
-        sys.path.remove(repo)
     return vits
 
 

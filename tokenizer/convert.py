@@ -41,7 +41,7 @@ from typing import Mapping
 
 import torch
 
-from .utils.loading import RenameRules, load_state_dict_strict, read_training_checkpoint, rename_state_dict
+from vfmtok.tokenizer.utils.loading import RenameRules, load_state_dict_strict, read_training_checkpoint, rename_state_dict
 
 __all__ = ["load_reference_checkpoint", "convert_reference_state_dict", "convert_reference_checkpoint"]
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils.errors import InvalidValueError
+from vfmtok.tokenizer.utils.errors import InvalidValueError
 
 __all__ = ["multi_scale_deformable_attention", "MultiScaleDeformableAttention", "grid_reference_points"]
 

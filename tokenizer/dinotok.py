@@ -55,14 +55,14 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .frozen_encoder import FrozenVFMHolderMixin
-from .interface import CodeLayout, ImageTokenizerMixin
-from .layers import PixelDecoder, Transformer, VectorQuantizer
-from .utils.errors import InvalidValueError
-from .utils.frozen import FrozenModulesMixin
-from .utils.loading import StrictLoadingMixin
-from .vfm import FrozenVFM, VFMFeatures, resize_images
-from .vfmtok import _vfm_spec
+from vfmtok.tokenizer.frozen_encoder import FrozenVFMHolderMixin
+from vfmtok.tokenizer.interface import CodeLayout, ImageTokenizerMixin
+from vfmtok.tokenizer.layers import PixelDecoder, Transformer, VectorQuantizer
+from vfmtok.tokenizer.utils.errors import InvalidValueError
+from vfmtok.tokenizer.utils.frozen import FrozenModulesMixin
+from vfmtok.tokenizer.utils.loading import StrictLoadingMixin
+from vfmtok.tokenizer.vfm import FrozenVFM, VFMFeatures, resize_images
+from vfmtok.tokenizer.vfmtok import _vfm_spec
 
 __all__ = ["DINOTokModel", "DINOTokOutput", "LatentMoments", "FeatureFusion", "GridDecoder"]
 

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils.errors import InvalidValueError, WeightsUnavailableError
-from .utils.frozen import FrozenModulesMixin
-from .utils.loading import DOWNLOAD_ERRORS, download_state_dict, load_state_dict_strict, read_state_dict
-from .vfm import IMAGENET_MEAN, IMAGENET_STD, build_timm_vit
+from vfmtok.tokenizer.utils.errors import InvalidValueError, WeightsUnavailableError
+from vfmtok.tokenizer.utils.frozen import FrozenModulesMixin
+from vfmtok.tokenizer.utils.loading import DOWNLOAD_ERRORS, download_state_dict, load_state_dict_strict, read_state_dict
+from vfmtok.tokenizer.vfm import IMAGENET_MEAN, IMAGENET_STD, build_timm_vit
 
 __all__ = ["PatchGANDiscriminator", "DinoDiscriminator", "DiscriminatorWeightsUnavailable", "DINO_VITS16_URL",
            "DINO_VITS16_ARCHITECTURE"]

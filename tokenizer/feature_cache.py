@@ -24,9 +24,9 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from .utils.atomic import allocated_memmap, atomic_directory
-from .utils.errors import InvalidValueError, MissingFileError
-from .vfm import FrozenVFM, VFMFeatures
+from vfmtok.tokenizer.utils.atomic import allocated_memmap, atomic_directory
+from vfmtok.tokenizer.utils.errors import InvalidValueError, MissingFileError
+from vfmtok.tokenizer.vfm import FrozenVFM, VFMFeatures
 
 __all__ = ["VFMFeatureCache", "vfm_fingerprint", "cache_bytes_per_image"]
 

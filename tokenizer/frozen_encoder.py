@@ -13,10 +13,10 @@ from typing import Any, Optional
 
 from safetensors.torch import save_file
 
-from .utils.atomic import atomic_file
-from .utils.errors import CheckpointError
-from .utils.loading import bundled_file
-from .vfm import FrozenVFM
+from vfmtok.tokenizer.utils.atomic import atomic_file
+from vfmtok.tokenizer.utils.errors import CheckpointError
+from vfmtok.tokenizer.utils.loading import bundled_file
+from vfmtok.tokenizer.vfm import FrozenVFM
 
 __all__ = ["FrozenVFMHolderMixin", "VFM_WEIGHTS_NAME"]
 

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from diffusers.configuration_utils import ConfigMixin
 
-from .utils.errors import InvalidValueError
+from vfmtok.tokenizer.utils.errors import InvalidValueError
 
 __all__ = ["CodeLayout", "ImageTokenizerMixin", "TOKENIZER_CLASSES", "load_tokenizer", "tokenizer_class"]
 
@@ -162,9 +162,9 @@ class ImageTokenizerMixin:
 
 # Class name in a tokenizer's config.json (``_class_name``) -> "module:attribute"; imported on demand.
 TOKENIZER_CLASSES: dict[str, str] = {
-    "VFMTokModel": "tokenizer.vfmtok:VFMTokModel",
-    "DINOTokModel": "tokenizer.dinotok:DINOTokModel",
-    "GloTokModel": "tokenizer.glotok:GloTokModel",
+    "VFMTokModel": "vfmtok.tokenizer.vfmtok:VFMTokModel",
+    "DINOTokModel": "vfmtok.tokenizer.dinotok:DINOTokModel",
+    "GloTokModel": "vfmtok.tokenizer.glotok:GloTokModel",
 }
 
 

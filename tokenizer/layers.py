@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils.errors import InvalidValueError
-from .utils.fast_conv import Conv3x3, upsample2x_conv3x3
-from .utils.layers import FusedSwiGLU
+from vfmtok.tokenizer.utils.errors import InvalidValueError
+from vfmtok.tokenizer.utils.fast_conv import Conv3x3, upsample2x_conv3x3
+from vfmtok.tokenizer.utils.layers import FusedSwiGLU
 
 __all__ = ["Attention", "TransformerLayer", "Transformer", "VectorQuantizer", "entropy_loss", "PixelDecoder",
            "ResnetBlock", "AttnBlock", "Upsample"]

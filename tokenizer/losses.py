@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .discriminators import (DINO_VITS16_ARCHITECTURE, DINO_VITS16_URL, DinoDiscriminator,
+from vfmtok.tokenizer.discriminators import (DINO_VITS16_ARCHITECTURE, DINO_VITS16_URL, DinoDiscriminator,
                              DiscriminatorWeightsUnavailable, PatchGANDiscriminator)
-from .lpips import LPIPS, LPIPS_VGG_LIN_URL, VGG16_URL, PerceptualWeightsUnavailable
-from .utils.errors import InvalidValueError
-from .utils.frozen import FrozenModulesMixin
+from vfmtok.tokenizer.lpips import LPIPS, LPIPS_VGG_LIN_URL, VGG16_URL, PerceptualWeightsUnavailable
+from vfmtok.tokenizer.utils.errors import InvalidValueError
+from vfmtok.tokenizer.utils.frozen import FrozenModulesMixin
 
 if TYPE_CHECKING:
-    from .vfmtok import VFMTokOutput
+    from vfmtok.tokenizer.vfmtok import VFMTokOutput
 
 __all__ = [
     "hinge_d_loss", "vanilla_d_loss", "non_saturating_d_loss", "hinge_g_loss", "non_saturating_g_loss",
@@ -219,8 +219,8 @@ class TokenizerLoss(FrozenModulesMixin, nn.Module):
         """The teacher's similarity histogram (bins,) from a teacher file, or an empty tensor without one."""
         if path is None:
             return torch.zeros(0)
-        from .glotok import default_sharpness, similarity_histogram
-        from .utils.loading import read_state_dict
+        from vfmtok.tokenizer.glotok import default_sharpness, similarity_histogram
+        from vfmtok.tokenizer.utils.loading import read_state_dict
 
         teacher = read_state_dict(path)
         sharpness = (default_sharpness(self.histogram_bins) if self.histogram_sharpness is None
@@ -239,7 +239,7 @@ class TokenizerLoss(FrozenModulesMixin, nn.Module):
 
     def histogram_loss(self, codebook: torch.Tensor) -> torch.Tensor:
         """``KL(H(teacher) || H(codebook))`` (unweighted)."""
-        from .glotok import histogram_relation_loss, similarity_histogram
+        from vfmtok.tokenizer.glotok import histogram_relation_loss, similarity_histogram
 
         if self.teacher_histogram.numel() == 0:
             raise InvalidValueError("the model has a semantic codebook and histogram_weight > 0, but the loss has no "

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .utils.errors import InvalidValueError, WeightsUnavailableError
-from .utils.fast_conv import Conv3x3
-from .utils.loading import DOWNLOAD_ERRORS, download_state_dict, load_state_dict_strict, read_state_dict
+from vfmtok.tokenizer.utils.errors import InvalidValueError, WeightsUnavailableError
+from vfmtok.tokenizer.utils.fast_conv import Conv3x3
+from vfmtok.tokenizer.utils.loading import DOWNLOAD_ERRORS, download_state_dict, load_state_dict_strict, read_state_dict
 
 __all__ = ["LPIPS", "PerceptualWeightsUnavailable", "VGG16_URL", "LPIPS_VGG_LIN_URL"]
 

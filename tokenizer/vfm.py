@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils.errors import InvalidValueError, MissingFileError
-from .utils.loading import load_state_dict_strict, read_state_dict
+from vfmtok.tokenizer.utils.errors import InvalidValueError, MissingFileError
+from vfmtok.tokenizer.utils.loading import load_state_dict_strict, read_state_dict
 
 __all__ = ["FrozenVFM", "VFMFeatures", "VFM_PRESETS", "convert_official_dinov2", "resize_images",
            "kornia_bicubic_resize", "build_timm_vit", "IMAGENET_MEAN", "IMAGENET_STD"]

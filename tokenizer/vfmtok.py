@@ -25,14 +25,14 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .frozen_encoder import VFM_WEIGHTS_NAME, FrozenVFMHolderMixin
-from .deformable_attention import MultiScaleDeformableAttention, grid_reference_points
-from .interface import CodeLayout, ImageTokenizerMixin
-from .layers import Attention, PixelDecoder, Transformer, VectorQuantizer, entropy_loss
-from .utils.errors import InvalidValueError
-from .utils.frozen import FrozenModulesMixin
-from .utils.loading import StrictLoadingMixin
-from .vfm import FrozenVFM, VFM_PRESETS, VFMFeatures, resize_images
+from vfmtok.tokenizer.frozen_encoder import VFM_WEIGHTS_NAME, FrozenVFMHolderMixin
+from vfmtok.tokenizer.deformable_attention import MultiScaleDeformableAttention, grid_reference_points
+from vfmtok.tokenizer.interface import CodeLayout, ImageTokenizerMixin
+from vfmtok.tokenizer.layers import Attention, PixelDecoder, Transformer, VectorQuantizer, entropy_loss
+from vfmtok.tokenizer.utils.errors import InvalidValueError
+from vfmtok.tokenizer.utils.frozen import FrozenModulesMixin
+from vfmtok.tokenizer.utils.loading import StrictLoadingMixin
+from vfmtok.tokenizer.vfm import FrozenVFM, VFM_PRESETS, VFMFeatures, resize_images
 
 __all__ = ["VFMTokModel", "VFMTokOutput", "VectorQuantizer", "entropy_loss", "resize_images", "VFM_WEIGHTS_NAME"]
 
@@ -239,7 +239,7 @@ class VFMTokModel(FrozenVFMHolderMixin, StrictLoadingMixin, FrozenModulesMixin, 
     """
 
     config_name = "config.json"
-    converter = "tokenizer.convert"  # named in loading errors (StrictLoadingMixin)
+    converter = "vfmtok.tokenizer.convert"  # named in loading errors (StrictLoadingMixin)
 
     @register_to_config
     def __init__(

@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizer.utils.errors import InvalidValueError
-
-from .extract import CodesDataset
-from .stage_two import StageTwoTask, prepare_stage_two_run
-from .trainer import Trainer
+from vfmtok.tokenizer.utils.errors import InvalidValueError
+from vfmtok.pipelines.train.extract import CodesDataset
+from vfmtok.pipelines.train.stage_two import StageTwoTask, prepare_stage_two_run
+from vfmtok.pipelines.train.trainer import Trainer
 
 __all__ = ["ARTask", "train_ar", "ar_validation_loss"]
 

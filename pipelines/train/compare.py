@@ -24,15 +24,15 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from tokenizer.utils.atomic import write_text_atomically
-from tokenizer.utils.errors import InvalidValueError
+from vfmtok.pipelines.config import config_path, load_config
+from vfmtok.tokenizer.utils.atomic import write_text_atomically
+from vfmtok.tokenizer.utils.errors import InvalidValueError
 
 __all__ = ["compare_tokenizers", "DEFAULT_PRESETS", "format_table"]
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_PRESETS = tuple(str(ROOT / "configs" / "tokenizer" / f"{name}.yaml")
+DEFAULT_PRESETS = tuple(f"configs/tokenizer/{name}.yaml"  # shipped configs (config_path finds them)
                         for name in ("vfmtok-tiny", "dinotok-ae-tiny", "dinotok-vq-tiny", "glotok-tiny"))
 
 
@@ -51,7 +51,7 @@ def _throughput(run_dir: Path) -> tuple[int, float]:
 
 def _train(config: Path, data: str, output: Path, overrides: dict[str, Any], init_from: Optional[str] = None
            ) -> tuple[Path, float, float]:
-    from .tokenizer import train_tokenizer
+    from vfmtok.pipelines.train.tokenizer import train_tokenizer
 
     exported = train_tokenizer(config, data, output, overrides=overrides, init_from=init_from)
     steps, rate = _throughput(output)
@@ -65,21 +65,20 @@ def compare_tokenizers(output_dir: str | Path, data: str, configs: Sequence[str]
                        inception_weights: Optional[str] = None, device: str = "cpu") -> list[dict[str, Any]]:
     """Train and evaluate every config (see the module docstring); returns the table rows and writes
     ``comparison.json`` and ``comparison.md`` into ``output_dir``."""
-    from evaluation.recon import reconstruction_metrics
-    from pipelines.config import load_config
-
-    from .extract import load_tokenizer
-    from .tokenizer_stats import build_glotok_teacher, pca_statistics
+    from vfmtok.evaluation.recon import reconstruction_metrics
+    from vfmtok.pipelines.train.extract import load_tokenizer
+    from vfmtok.pipelines.train.tokenizer_stats import build_glotok_teacher, pca_statistics
 
     if steps < 2 or batch_size < 1:
         raise InvalidValueError(f"steps must be >= 2 and batch_size >= 1, got {steps} and {batch_size}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for config_path in configs:
-        run = load_config(config_path)
-        raw = yaml.safe_load(Path(config_path).read_text())
-        name = Path(config_path).stem
+    for given in configs:
+        path = config_path(given)
+        run = load_config(path)
+        raw = yaml.safe_load(path.read_text())
+        name = path.stem
         work = output_dir / name
         overrides = {"max_steps": steps, "batch_size": batch_size, "log_every": 1, "log_with": ["none"],
                      "checkpoint_every": steps, "sample_every": steps, "num_workers": 0}
@@ -102,14 +101,14 @@ def compare_tokenizers(output_dir: str | Path, data: str, configs: Sequence[str]
             recipe = f"AE {steps // 2} steps -> pca-stats ({stats_limit} images) -> VQ {steps - steps // 2} steps"
         elif run["model"] == "GloTokModel" and run["loss"].get("histogram_teacher") is None:
             teacher = build_glotok_teacher(work / "teacher.safetensors", clusters=teacher_clusters, data=data,
-                                           config=config_path, random_vfm=True, limit=stats_limit)
+                                           config=path, random_vfm=True, limit=stats_limit)
             glo = {**raw, "loss": {**raw.get("loss", {}), "histogram_weight": 0.01,
                                    "histogram_teacher": teacher["output"]}}
             exported, images, seconds = _train(_write_config(glo, work / "glotok.yaml"), data, work / "train",
                                                overrides)
             recipe = f"teacher: k-means ({teacher_clusters}) of the random tiny VFM's features; histogram weight 0.01"
         else:
-            exported, images, seconds = _train(Path(config_path), data, work / "train", overrides)
+            exported, images, seconds = _train(path, data, work / "train", overrides)
             recipe = "as configured"
         tokenizer = load_tokenizer(str(exported))
         report = reconstruction_metrics(tokenizer, data, work / "eval", batch_size=eval_batch_size,

@@ -24,10 +24,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from pipelines.data import ImageDataset, check_labels, collate_images, load_image_dataset
-from tokenizer.interface import load_tokenizer as load_tokenizer_folder
-from tokenizer.utils.atomic import allocated_memmap, atomic_directory
-from tokenizer.utils.errors import InvalidValueError, MissingFileError
+from vfmtok.pipelines.data import ImageDataset, check_labels, collate_images, load_image_dataset
+from vfmtok.tokenizer.interface import load_tokenizer as load_tokenizer_folder
+from vfmtok.tokenizer.utils.atomic import allocated_memmap, atomic_directory
+from vfmtok.tokenizer.utils.errors import InvalidValueError, MissingFileError
 
 __all__ = ["extract_tokens", "CodesDataset", "augmented_views", "load_tokenizer"]
 

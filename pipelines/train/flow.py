@@ -14,13 +14,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from generators.convert_dit import check_latent_statistics, read_latent_statistics
-from tokenizer.utils.atomic import atomic_file
-from tokenizer.utils.errors import InvalidValueError, MissingFileError
-
-from .extract import CodesDataset
-from .stage_two import StageTwoTask, prepare_stage_two_run
-from .trainer import Trainer
+from vfmtok.generators.convert_dit import check_latent_statistics, read_latent_statistics
+from vfmtok.tokenizer.utils.atomic import atomic_file
+from vfmtok.tokenizer.utils.errors import InvalidValueError, MissingFileError
+from vfmtok.pipelines.train.extract import CodesDataset
+from vfmtok.pipelines.train.stage_two import StageTwoTask, prepare_stage_two_run
+from vfmtok.pipelines.train.trainer import Trainer
 
 __all__ = ["FlowTask", "train_flow", "latent_statistics", "write_latent_statistics", "LATENT_STATS_NAME"]
 
@@ -81,7 +80,7 @@ class FlowTask(StageTwoTask):
         self.sample_steps = sample_steps
 
     def losses(self, batch: dict[str, Any], step: int) -> Iterator[tuple[str, torch.Tensor, dict[str, float]]]:
-        from generators.transport import flow_matching_loss, repa_alignment_loss
+        from vfmtok.generators.transport import flow_matching_loss, repa_alignment_loss
 
         latents, labels = self.inputs(batch)
         latents = self.model.normalize_latents(latents)
@@ -107,7 +106,7 @@ class FlowTask(StageTwoTask):
         """Images for ``count`` classes spread over the label range: Euler ODE with CFG, fixed noise."""
         if self.tokenizer is None:
             return None
-        from generators.transport import guided_model, sample_ode
+        from vfmtok.generators.transport import guided_model, sample_ode
 
         device, generator, classes = self.sample_setup(model, count)
         noise = torch.randn((count, *model.latent_shape), generator=generator, device=device)

@@ -10,12 +10,11 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
-from pipelines.config import TrainingConfig, build_model, load_config
-from pipelines.data import ImageDataset, load_image_dataset
-from tokenizer.utils.errors import InvalidValueError
-
-from .extract import CodesDataset, load_tokenizer
-from .trainer import TrainingTask
+from vfmtok.pipelines.config import TrainingConfig, build_model, load_config
+from vfmtok.pipelines.data import ImageDataset, load_image_dataset
+from vfmtok.tokenizer.utils.errors import InvalidValueError
+from vfmtok.pipelines.train.extract import CodesDataset, load_tokenizer
+from vfmtok.pipelines.train.trainer import TrainingTask
 
 __all__ = ["StageTwoTask", "StageTwoRun", "prepare_stage_two_run"]
 

@@ -15,11 +15,10 @@ from accelerate.utils import set_seed
 import torch
 from torch import nn
 
-from pipelines.config import TrainingConfig, build_model, load_config
-from pipelines.data import ImageDataset, StreamingImageDataset, collate_images, load_image_dataset
-from tokenizer.utils.errors import InvalidValueError
-
-from .trainer import Trainer, TrainingTask
+from vfmtok.pipelines.config import TrainingConfig, build_model, load_config
+from vfmtok.pipelines.data import ImageDataset, StreamingImageDataset, collate_images, load_image_dataset
+from vfmtok.tokenizer.utils.errors import InvalidValueError
+from vfmtok.pipelines.train.trainer import Trainer, TrainingTask
 
 __all__ = ["TokenizerTask", "train_tokenizer"]
 
@@ -91,8 +90,8 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
     model (see :func:`pipelines.train.tokenizer_stats.init_from_pretrained`; e.g. DINO-Tok VQ from its AE with PCA
     statistics). Returns the directory of the exported EMA tokenizer.
     """
-    from tokenizer.interface import ImageTokenizerMixin
-    from tokenizer.losses import TokenizerLoss
+    from vfmtok.tokenizer.interface import ImageTokenizerMixin
+    from vfmtok.tokenizer.losses import TokenizerLoss
 
     run = load_config(config)
     training = TrainingConfig.from_run(run, overrides, max_steps=max_steps, feature_cache=feature_cache,
@@ -103,7 +102,7 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
         raise InvalidValueError(f"{run['_path']}: `vfmtok train tokenizer` trains tokenizer configs, got "
                                 f"{run['model']}")
     if init_from is not None:
-        from .tokenizer_stats import init_from_pretrained
+        from vfmtok.pipelines.train.tokenizer_stats import init_from_pretrained
 
         init_from_pretrained(model, init_from)
     encoder = model.frozen_encoder
@@ -152,7 +151,7 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
 def open_or_build_feature_cache(accelerator, model, dataset: ImageDataset, path: str, source: str,
                                 training: TrainingConfig):
     """Open the cache at ``path``, building it first (on the main process) if it does not exist yet."""
-    from tokenizer.feature_cache import VFMFeatureCache
+    from vfmtok.tokenizer.feature_cache import VFMFeatureCache
 
     model.to(accelerator.device)
     if accelerator.is_main_process and not (Path(path) / "meta.json").is_file():

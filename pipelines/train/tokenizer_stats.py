@@ -20,9 +20,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from pipelines.data import ImageDataset, collate_images, load_image_dataset
-from tokenizer.utils.atomic import atomic_file, save_pretrained_atomically, write_text_atomically
-from tokenizer.utils.errors import InvalidValueError, MissingFileError
+from vfmtok.pipelines.data import ImageDataset, collate_images, load_image_dataset
+from vfmtok.tokenizer.utils.atomic import atomic_file, save_pretrained_atomically, write_text_atomically
+from vfmtok.tokenizer.utils.errors import InvalidValueError, MissingFileError
 
 __all__ = ["pca_statistics", "build_glotok_teacher", "init_from_pretrained"]
 
@@ -55,7 +55,7 @@ def pca_statistics(tokenizer: nn.Module, data: str, output_dir: str | Path, batc
     ``accelerate launch``; returns the summary written to ``pca_stats.json``."""
     from accelerate import Accelerator
 
-    from tokenizer.dinotok import LatentMoments
+    from vfmtok.tokenizer.dinotok import LatentMoments
 
     if not hasattr(tokenizer, "set_pca_statistics"):
         raise InvalidValueError(f"`vfmtok pca-stats` measures the latent of a DINO-Tok tokenizer; got "
@@ -96,9 +96,9 @@ def pca_statistics(tokenizer: nn.Module, data: str, output_dir: str | Path, batc
 # ----------------------------------------------------------------------------------------------------------------------
 def _teacher_vfm(config: str, vfm_weights: Optional[str], random_vfm: bool, seed: int):
     """The frozen VFM named by ``params.vfm`` of a tokenizer config."""
-    from pipelines.config import load_config
-    from tokenizer.vfm import FrozenVFM
-    from tokenizer.vfmtok import _vfm_spec
+    from vfmtok.pipelines.config import load_config
+    from vfmtok.tokenizer.vfm import FrozenVFM
+    from vfmtok.tokenizer.vfmtok import _vfm_spec
 
     run = load_config(config)
     spec = run["params"].get("vfm")
@@ -116,7 +116,7 @@ def _teacher_vfm(config: str, vfm_weights: Optional[str], random_vfm: bool, seed
 
 def _codebook_of(folder: str) -> torch.Tensor:
     """The (semantic) codebook of a saved discrete tokenizer: GloTok's semantic one, VFMTok's, DINO-Tok's first."""
-    from tokenizer.interface import load_tokenizer
+    from vfmtok.tokenizer.interface import load_tokenizer
 
     model = load_tokenizer(folder, load_vfm_weights=False)
     for name in ("semantic_quantizer", "quantizer"):
@@ -137,7 +137,7 @@ def build_glotok_teacher(output: str | Path, clusters: int = 4096, data: Optiona
     """Write GloTok's teacher file (see the module docstring) and return its summary."""
     from safetensors.torch import save_file
 
-    from tokenizer.glotok import StreamingKMeans, default_sharpness, similarity_histogram
+    from vfmtok.tokenizer.glotok import StreamingKMeans, default_sharpness, similarity_histogram
 
     output = Path(output)
     if output.suffix != ".safetensors":
@@ -185,7 +185,7 @@ def init_from_pretrained(model: nn.Module, folder: str | Path) -> dict[str, Any]
     (the others keep their initialisation). Refuses a folder that shares no weight with the model."""
     from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
-    from tokenizer.utils.loading import read_state_dict
+    from vfmtok.tokenizer.utils.loading import read_state_dict
 
     path = Path(folder) / SAFETENSORS_WEIGHTS_NAME
     if not path.is_file():

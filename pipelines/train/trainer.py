@@ -64,11 +64,11 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipelines.config import TrainingConfig
-from pipelines.data import ImageDataset, ResumableBatchSampler, StreamingImageDataset, build_dataloader
-from tokenizer.utils.atomic import (atomic_file, removed_on_failure, reporting_disk_full, save_pretrained_atomically,
+from vfmtok.pipelines.config import TrainingConfig
+from vfmtok.pipelines.data import ImageDataset, ResumableBatchSampler, StreamingImageDataset, build_dataloader
+from vfmtok.tokenizer.utils.atomic import (atomic_file, removed_on_failure, reporting_disk_full, save_pretrained_atomically,
                                    write_text_atomically)
-from tokenizer.utils.errors import (CheckpointError, InvalidValueError, MissingFileError, OutputExistsError,
+from vfmtok.tokenizer.utils.errors import (CheckpointError, InvalidValueError, MissingFileError, OutputExistsError,
                                     VFMTokError)
 
 __all__ = ["TrainingConfig", "TrainingTask", "Trainer", "TrainingDiverged", "latest_checkpoint"]  # TrainingConfig: re-exported
@@ -613,7 +613,7 @@ class Trainer:
         if self.config.num_sample_images == 0 or not self.accelerator.is_main_process:
             return None
         from torchvision.utils import save_image
-        from pipelines.data import collate_images
+        from vfmtok.pipelines.data import collate_images
 
         batch = None
         if self.sample_dataset is not None:

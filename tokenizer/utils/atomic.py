@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .errors import DiskFullError, OutputExistsError
+from vfmtok.tokenizer.utils.errors import DiskFullError, OutputExistsError
 
 __all__ = ["atomic_directory", "atomic_file", "write_text_atomically", "save_pretrained_atomically",
            "removed_on_failure", "reporting_disk_full", "is_disk_full", "remove_stale_partials", "allocated_memmap"]

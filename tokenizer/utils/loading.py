@@ -23,8 +23,9 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError, MissingFileError
-from .types import check_value
+from vfmtok.tokenizer.utils.errors import CheckpointError, ConfigError, MissingFileError
+from vfmtok.tokenizer.utils.remote_code import AUTO_MAP_KEY, write_auto_model_files
+from vfmtok.tokenizer.utils.types import check_value
 
 __all__ = ["read_state_dict", "read_training_checkpoint", "key_mismatch_message", "load_state_dict_strict",
            "StrictLoadingMixin", "strip_wrapper_prefixes", "rename_by_rules", "rename_state_dict", "RenameRules",
@@ -142,7 +143,7 @@ class StrictLoadingMixin:
     arguments (``low_cpu_mem_usage=True`` included) and refuses a model left with any tensor on the meta device.
     ``converter`` names the module that converts official checkpoints (shown in the error)."""
 
-    converter = "tokenizer.convert"
+    converter = "vfmtok.tokenizer.convert"
 
     @classmethod
     def _loading_hint(cls) -> str:
@@ -167,12 +168,12 @@ class StrictLoadingMixin:
             hints = typing.get_type_hints(target)
         except Exception:  # an annotation that cannot be resolved here: check names only
             hints = {}
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in parameters)
+        unknown = sorted(k for k in config if not k.startswith("_") and k != AUTO_MAP_KEY and k not in parameters)
         if unknown:
             raise CheckpointError(f"{where}: unknown parameter(s) {unknown} for {cls.__name__}; accepted: "
                                   f"{sorted(parameters)}")
         for key, value in config.items():
-            if key.startswith("_"):
+            if key.startswith("_") or key == AUTO_MAP_KEY:
                 continue
             try:
                 check_value(key, value, hints.get(key, typing.Any))
@@ -199,6 +200,23 @@ class StrictLoadingMixin:
             raise CheckpointError(f"{pretrained_model_name_or_path}: no value for {len(left_on_meta)} weight(s), "
                                   f"e.g. {left_on_meta[:10]}. " + cls._loading_hint())
         return (model, info) if want_info else model
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # ``auto_map`` points diffusers' AutoModel at modeling_vfmtok.py; it is no constructor argument
+        config_dict = {k: v for k, v in config_dict.items() if k != AUTO_MAP_KEY}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """diffusers' ``save_pretrained`` plus what ``diffusers.AutoModel`` needs to load the folder
+        (``trust_remote_code=True``; see :mod:`tokenizer.utils.remote_code`)."""
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process and not kwargs.get("push_to_hub"):  # with push_to_hub: written before the upload
+            write_auto_model_files(save_directory, type(self))
+
+    def _upload_folder(self, working_dir, *args, **kwargs):
+        write_auto_model_files(working_dir, type(self))
+        return super()._upload_folder(working_dir, *args, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if not strict:

@@ -10,7 +10,7 @@ import types
 import typing
 from typing import Any, Union
 
-from .errors import ConfigError, InvalidValueError
+from vfmtok.tokenizer.utils.errors import ConfigError, InvalidValueError
 
 __all__ = ["check_value", "type_name", "finite_number", "positive_int", "class_label_tensor"]
 

@@ -1,0 +1,37 @@
+"""Importing the public reference code, whose top-level package is also called ``vfmtok``.
+
+CVMI-Lab's VFMTok checkouts (the code this project is compared with) import their own ``vfmtok.modules``,
+``vfmtok.tokenizer``, ... Inside :func:`reference_vfmtok_package` those names mean the checkout's; after it, this
+project's again. The reference objects created inside keep working (they hold their own module globals); only a
+reference function that imports ``vfmtok.*`` when called, after the block, would see ours.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["reference_vfmtok_package"]
+
+
+def _own_modules() -> dict[str, object]:
+    return {name: module for name, module in sys.modules.items() if name == "vfmtok" or name.startswith("vfmtok.")}
+
+
+@contextlib.contextmanager
+def reference_vfmtok_package(checkout: str | Path) -> Iterator[None]:
+    """Within the block, ``import vfmtok...`` imports from ``checkout`` (put first on ``sys.path``; an editable
+    install's finder comes after the path finder, a regular install's site-packages after the checkout)."""
+    ours = _own_modules()
+    for name in ours:
+        del sys.modules[name]
+    root = str(Path(checkout))
+    sys.path.insert(0, root)
+    try:
+        yield
+    finally:
+        sys.path.remove(root)
+        for name in _own_modules():
+            del sys.modules[name]
+        sys.modules.update(ours)
