@@ -330,6 +330,7 @@ class VFMTokPipelineBase(DiffusionPipeline):
                                  f"repo id>, trust_remote_code=True).\nThe component classes are imported too: "
                                  f"diffusers resolves them among imported modules.")
         index["_class_name"] = [self.remote_code_module, cls.__name__]
+        index.pop("_name_or_path", None)  # where it was loaded from: a local path means nothing once published
         with atomic_file(directory / "model_index.json") as tmp:
             tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         self._write_model_card(directory, repo_id)

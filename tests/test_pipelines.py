@@ -254,11 +254,12 @@ def test_model_card_lists_components_and_evaluation(ar_pipe, ar_dir, tmp_path):
     assert "Protocol: ADM, 50k samples, 256 px" in card and "| FID | 2.07 |" in card
 
 
-def _hub_cache(folder: Path, cache: Path, repo_id: str, commit: str = "a" * 40) -> None:
-    """Lay ``folder`` out as huggingface_hub's cache does: blobs named by hash, snapshot symlinks, refs/main."""
+def _hub_cache(folder: Path, cache: Path, repo_id: str, commit: str = "a" * 40, ref: str = "main") -> None:
+    """Lay ``folder`` out as huggingface_hub's cache does: blobs named by hash, snapshot symlinks, refs/<ref> (a
+    branch name holding the commit)."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         data = file.read_bytes()
         if file.suffix == ".safetensors":  # LFS files: sha256; regular files: the git blob sha1
@@ -322,3 +323,170 @@ def test_convert_pipeline_from_official_layout_checkpoints(tmp_path, capsys):
     assert torch.equal(pipe.vqvae.state_dict()["encoder.queries"], tok_ref["encode_transformer.carrier_tokens"])
     assert pipe(207, generator=seeded(), output_type="pt").images.shape == (1, 3, 64, 64)
     assert main(argv) == 2 and "not empty" in capsys.readouterr().err  # never overwrites
+
+
+# -- diffusers' own loaders, older folders, the Hub ------------------------------------------------------------------
+def _statements(path: Path) -> list:
+    import ast
+
+    return [node for node in ast.parse(path.read_text()).body
+            if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]  # the docstring
+
+
+def test_saved_folders_name_vfmtok_modules_and_their_files_only_import_vfmtok(ar_dir, flow_dir):
+    import ast
+
+    for folder, module, pipeline in ((ar_dir, "pipeline_vfmtok_ar", "VFMTokARPipeline"),
+                                     (flow_dir, "pipeline_vfmtok_flow", "VFMTokFlowPipeline")):
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["_class_name"] == [module, pipeline]
+        components = {k: v for k, v in index.items() if isinstance(v, list) and k != "_class_name"}
+        ours = {k: v for k, v in components.items() if k != "scheduler" and v[0] is not None}  # None: no weak model
+        assert all(v[0].startswith("vfmtok.") for v in ours.values()), components
+        files = [folder / f"{module}.py"] + [folder / name / "modeling_vfmtok.py" for name in ours]
+        for file in files:
+            statements = _statements(file)
+            assert statements and all(isinstance(node, ast.ImportFrom) and node.module.startswith("vfmtok.")
+                                      for node in statements), file
+        for name, (_, class_name) in ours.items():
+            config = json.loads((folder / name / "config.json").read_text())
+            assert config["auto_map"] == {"AutoModel": f"modeling_vfmtok.{class_name}"}
+
+
+def test_diffusers_own_loader_gives_the_same_images_with_trust_remote_code(ar_pipe, ar_dir, flow_pipe, flow_dir):
+    from diffusers import DiffusionPipeline
+
+    ar = DiffusionPipeline.from_pretrained(ar_dir, trust_remote_code=True)
+    assert type(ar) is VFMTokARPipeline
+    kw = dict(guidance_scale=2.0, top_k=50, output_type="pt")
+    assert torch.equal(ar(["golden retriever", "otter"], generator=seeded(), **kw).images,
+                       ar_pipe(["golden retriever", "otter"], generator=seeded(), **kw).images)
+    flow = DiffusionPipeline.from_pretrained(flow_dir, trust_remote_code=True)
+    assert type(flow) is VFMTokFlowPipeline
+    kw = dict(num_inference_steps=3, guidance_scale=1.5, output_type="pt")
+    assert torch.equal(flow(207, generator=seeded(), **kw).images, flow_pipe(207, generator=seeded(), **kw).images)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        DiffusionPipeline.from_pretrained(ar_dir)
+
+
+def test_diffusers_auto_model_loads_a_component_with_trust_remote_code(ar_pipe, ar_dir):
+    from diffusers import AutoModel
+
+    gpt = AutoModel.from_pretrained(str(ar_dir / "transformer"), trust_remote_code=True)
+    assert type(gpt) is type(ar_pipe.transformer)
+    assert all(torch.equal(a, b) for a, b in zip(gpt.state_dict().values(), ar_pipe.transformer.state_dict().values()))
+    assert type(AutoModel.from_pretrained(str(ar_dir / "vqvae"), trust_remote_code=True)) is type(ar_pipe.vqvae)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        AutoModel.from_pretrained(str(ar_dir / "transformer"))
+
+
+def test_our_loaders_never_run_a_file_of_the_folder(ar_pipe, ar_dir, tmp_path):
+    folder = tmp_path / "pipe"
+    shutil.copytree(ar_dir, folder)
+    marker = tmp_path / "ran"
+    for file in [folder / "pipeline_vfmtok_ar.py", *folder.glob("*/modeling_vfmtok.py")]:
+        file.write_text(f"open({str(marker)!r}, 'w').write('{file.name}')\n")
+    from vfmtok import GPTModel, load_tokenizer
+
+    for load in (VFMTokARPipeline.from_pretrained, load_pipeline, lambda p: GPTModel.from_pretrained(p / "transformer"),
+                 lambda p: load_tokenizer(str(p / "vqvae"))):
+        assert load(folder) is not None
+    assert not marker.exists()
+
+
+def _as_saved_before_the_rename(folder: Path) -> None:
+    """Rewrite a folder saved now into the layout main wrote before the `vfmtok.` package rename (checked against a
+    folder saved at commit 494494d): `_class_name` a plain name, component modules `tokenizer.*` / `generators.*`,
+    no module files, no auto_map."""
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = index["_class_name"][1]
+    for key, value in index.items():
+        if isinstance(value, list) and value[0].startswith("vfmtok."):
+            index[key] = [value[0][len("vfmtok."):], value[1]]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    for file in folder.rglob("*.py"):
+        file.unlink()
+    for config_file in folder.glob("*/config.json"):
+        config = json.loads(config_file.read_text())
+        config.pop("auto_map", None)
+        config_file.write_text(json.dumps(config, indent=2))
+
+
+def test_a_folder_saved_before_the_rename_loads_with_a_warning_and_resaves_in_the_new_layout(ar_pipe, ar_dir,
+                                                                                             tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(ar_dir, old)
+    _as_saved_before_the_rename(old)
+    assert json.loads((old / "model_index.json").read_text())["transformer"] == ["generators.gpt", "GPTModel"]
+    kw = dict(guidance_scale=2.0, output_type="codes")
+    with pytest.warns(FutureWarning, match=r"generators\.gpt.*re-save it"):
+        loaded = load_pipeline(old)
+    assert torch.equal(loaded(207, generator=seeded(), **kw).images, ar_pipe(207, generator=seeded(), **kw).images)
+    with pytest.warns(FutureWarning):
+        assert type(VFMTokARPipeline.from_pretrained(old)) is VFMTokARPipeline
+    loaded.save_pretrained(tmp_path / "new")
+    from diffusers import DiffusionPipeline
+
+    resaved = DiffusionPipeline.from_pretrained(tmp_path / "new", trust_remote_code=True)
+    assert torch.equal(resaved(207, generator=seeded(), **kw).images, ar_pipe(207, generator=seeded(), **kw).images)
+
+
+def test_every_loader_reads_a_repo_id_and_its_revision_from_an_offline_cache(ar_pipe, ar_dir, tmp_path,
+                                                                             monkeypatch):
+    import huggingface_hub.constants
+    from diffusers import DiffusionPipeline
+
+    gpt = build_model(config("ar", "gpt-tiny")).eval()
+    with torch.no_grad():  # other weights than ar_pipe's GPT (whose zero-initialised head samples uniformly)
+        for p in gpt.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    other = VFMTokARPipeline(ar_pipe.vqvae, gpt)
+    other.save_pretrained(tmp_path / "v2")
+    cache = tmp_path / "hub"
+    _hub_cache(ar_dir, cache, "vfmtok/tiny-ar", commit="a" * 40)
+    _hub_cache(tmp_path / "v2", cache, "vfmtok/tiny-ar", commit="b" * 40, ref="v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    kw = dict(guidance_scale=2.0, output_type="codes")
+    expected = {None: ar_pipe(207, generator=seeded(), **kw).images, "v2": other(207, generator=seeded(), **kw).images}
+    assert not torch.equal(expected[None], expected["v2"])
+    loaders = {"class": VFMTokARPipeline.from_pretrained, "load_pipeline": load_pipeline,
+               "diffusers": lambda *a, **k: DiffusionPipeline.from_pretrained(*a, trust_remote_code=True, **k)}
+    for name, load in loaders.items():
+        for revision, images in expected.items():
+            pipe = load("vfmtok/tiny-ar", cache_dir=cache, **({"revision": revision} if revision else {}))
+            assert type(pipe) is VFMTokARPipeline and torch.equal(pipe(207, generator=seeded(), **kw).images,
+                                                                 images), (name, revision)
+
+
+def test_a_saved_folder_holds_no_local_path_and_a_card_with_hub_metadata(ar_pipe, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from vfmtok.evaluation.benchmark import _card_results
+
+    deep = tmp_path / "home" / "someone" / "private" / "runs"
+    VFMTokARPipeline(ar_pipe.vqvae, ar_pipe.transformer, id2label={"3": "three", "7": "seven"}).save_pretrained(
+        deep / "first")
+    pipe = load_pipeline(deep / "first")  # components loaded from a path remember it (_name_or_path)
+    protocol = {"num_samples": 50000, "labels": "balanced", "seed": 0, "sampler_options": {"top_k": 0},
+                "resolution": "256 px", "reference": str(deep / "VIRTUAL_imagenet256_labeled.npz"),
+                "reference_sha256": "f" * 64, "extractor_sha256": "e" * 64}
+    report = {"settings": [{"setting": "cfg-1.75", "fid": 2.0712, "sfid": 5.1, "precision": 0.8, "recall": 0.6,
+                            "inception_score": None, "protocol": protocol}]}
+    pipe.record_evaluation(_card_results(report))
+    out = deep / "second"
+    pipe.save_pretrained(out)
+    for file in out.rglob("*"):
+        if file.is_file():
+            assert str(tmp_path).encode() not in file.read_bytes(), file
+    card = ModelCard.load(out / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "unconditional-image-generation"
+    assert {"vfmtok", "class-conditional", "VFMTokARPipeline"} <= set(data["tags"])
+    (result,) = [r for r in card.data.eval_results if r.metric_name == "gFID (cfg-1.75)"]
+    assert result.metric_value == 2.0712 and result.metric_type == "gfid"
+    assert "pipe('three'" in card.text and "| 7 | seven |" in card.text and "golden retriever" not in card.text
+    assert "VIRTUAL_imagenet256_labeled.npz" in card.text  # the reference by name only
+    assert 'DiffusionPipeline.from_pretrained("<this folder or repo id>", trust_remote_code=True)' in card.text
+    repo_card = pipe.model_card(repo_id="org/digits-ar")
+    assert 'VFMTokARPipeline.from_pretrained("org/digits-ar")' in repo_card.text
