@@ -26,7 +26,7 @@ from vfmtok.tokenizer.utils.atomic import atomic_file
 from vfmtok.tokenizer.utils.errors import InvalidValueError
 from vfmtok.evaluation.fid import ImageSource, InceptionFeatures, compare_sources, load_source
 
-__all__ = ["run_benchmark", "benchmark_labels", "LABEL_MODES"]
+__all__ = ["run_benchmark", "benchmark_labels", "card_results", "LABEL_MODES"]
 
 LABEL_MODES = ("random", "balanced")
 _GUIDANCE_CHANNELS = "all latent channels (flow) / all logits (AR)"
@@ -190,11 +190,11 @@ def run_benchmark(pipeline: str, output_dir: str | Path, num_samples: int, guida
     if update_model_card:
         if not Path(pipeline).is_dir():
             raise InvalidValueError(f"--update-model-card needs a local pipeline folder, got {pipeline!r}")
-        pipe.record_evaluation(_card_results(report), pipeline)
+        pipe.record_evaluation(card_results(report), pipeline)
     return report
 
 
-def _card_results(report: dict[str, Any]) -> dict[str, Any]:
+def card_results(report: dict[str, Any]) -> dict[str, Any]:
     """The numbers of a benchmark report for a model card, with a one-line protocol."""
     results: dict[str, Any] = {}
     for row in report["settings"]:

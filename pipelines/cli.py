@@ -73,6 +73,15 @@ def _convert_pipeline(args: argparse.Namespace) -> None:
     print(json.dumps({"output_dir": str(output), "kind": args.kind_of_pipeline}))
 
 
+def _export_pipeline(args: argparse.Namespace) -> None:
+    from vfmtok.pipelines.export import export_pipeline
+
+    print(json.dumps(export_pipeline(args.tokenizer, args.generator, args.output_dir, id2label_file=args.id2label,
+                                     class_names_from=args.class_names_from, evaluation=args.evaluation,
+                                     weak_generator=args.weak_generator, push_to_hub=args.push_to_hub,
+                                     private=args.private)))
+
+
 def _train_tokenizer(args: argparse.Namespace) -> None:
     from vfmtok.pipelines.train.tokenizer import train_tokenizer
 
@@ -416,6 +425,32 @@ def build_parser() -> argparse.ArgumentParser:
     convert_pipe.add_argument("--output-dir", required=True)
     convert_pipe.add_argument("--weights", choices=["ema", "model"], default="ema")
     convert_pipe.set_defaults(run=_convert_pipeline)
+
+    export = commands.add_parser("export", help="your own trained runs -> a pipeline folder (and a Hub repo)")
+    export_kinds = export.add_subparsers(dest="kind", required=True)
+    export_pipe = export_kinds.add_parser(
+        "pipeline", help="a tokenizer run + a generator run -> VFMTokARPipeline (GPT) or VFMTokFlowPipeline (flow "
+                         "denoiser), saved with its model card")
+    export_pipe.add_argument("--tokenizer", required=True,
+                             help="the tokenizer run folder (its tokenizer/), a saved tokenizer folder or a Hub id")
+    export_pipe.add_argument("--generator", required=True,
+                             help="the generator run folder (its generator/), a saved generator folder or a Hub id")
+    export_pipe.add_argument("--output-dir", required=True, help="the pipeline folder to write (absent or empty)")
+    names = export_pipe.add_mutually_exclusive_group()
+    names.add_argument("--id2label", default=None, metavar="FILE",
+                       help="class names: a JSON file {id: name} or [name, ...] (default: ImageNet's names for a "
+                            "1000-class generator, else none)")
+    names.add_argument("--class-names-from", default=None, metavar="DATA",
+                       help="class names: the labels of a dataset, as for `train tokenizer --data`")
+    export_pipe.add_argument("--evaluation", default=None, metavar="REPORT",
+                             help="a `vfmtok benchmark` report.json for the model card (default: one found in the "
+                                  "generator's run folder, else none)")
+    export_pipe.add_argument("--weak-generator", default=None,
+                             help="flow: a weaker denoiser (run folder or model) for autoguidance")
+    export_pipe.add_argument("--push-to-hub", default=None, metavar="ORG/NAME",
+                             help="also upload the pipeline to this Hub repo (needs a login)")
+    export_pipe.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
+    export_pipe.set_defaults(run=_export_pipeline)
 
     sample = commands.add_parser("sample", help="sample class-conditional images with a saved pipeline (folder or Hub "
                                                 "id) and write them as a PNG grid captioned with the class names")

@@ -16,7 +16,27 @@ from vfmtok.tokenizer.utils.atomic import atomic_directory
 from vfmtok.tokenizer.utils.errors import InvalidValueError, OutputExistsError
 from vfmtok.pipelines.config import build_model
 
-__all__ = ["convert_official_pipeline"]
+__all__ = ["convert_official_pipeline", "assemble_pipeline"]
+
+
+def assemble_pipeline(tokenizer, generator, id2label: Optional[dict] = None, evaluation: Optional[dict] = None,
+                      weak_generator=None):
+    """The pipeline for a tokenizer and a generator: :class:`VFMTokARPipeline` for a GPT over codes,
+    :class:`VFMTokFlowPipeline` (diffusers' default flow scheduler) for a denoiser over latents. The pipeline checks
+    that the two fit (a continuous tokenizer under a GPT is refused there, naming both)."""
+    from vfmtok.generators.gpt import GPTModel
+
+    if isinstance(generator, GPTModel):
+        from vfmtok.pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
+
+        if weak_generator is not None:
+            raise InvalidValueError("a weak generator (autoguidance) belongs to a flow pipeline")
+        return VFMTokARPipeline(tokenizer.eval(), generator.eval(), id2label=id2label, evaluation=evaluation)
+    from vfmtok.pipelines.pipeline_vfmtok_flow import VFMTokFlowPipeline
+
+    return VFMTokFlowPipeline(tokenizer.eval(), generator.eval(), None,
+                              weak_generator.eval() if weak_generator is not None else None, id2label=id2label,
+                              evaluation=evaluation)
 
 
 def convert_official_pipeline(kind: str, tokenizer_checkpoint: str, tokenizer_config: str, generator_checkpoint: str,
@@ -38,15 +58,10 @@ def convert_official_pipeline(kind: str, tokenizer_checkpoint: str, tokenizer_co
     convert_reference_checkpoint(tokenizer_checkpoint, tokenizer, prefer=prefer)
     generator = build_model(generator_config)
     if kind == "ar":
-        from vfmtok.pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
-
         convert_llamagen_checkpoint(generator_checkpoint, generator, prefer=prefer)
-        pipe = VFMTokARPipeline(tokenizer.eval(), generator.eval())
     else:
-        from vfmtok.pipelines.pipeline_vfmtok_flow import VFMTokFlowPipeline
-
         convert_ddt_checkpoint(generator_checkpoint, generator, prefer=prefer, latent_stats=latent_stats)
-        pipe = VFMTokFlowPipeline(tokenizer.eval(), generator.eval(), None)
+    pipe = assemble_pipeline(tokenizer, generator)
     with atomic_directory(output) as staging:
         pipe.save_pretrained(staging)
     return output

@@ -6,7 +6,8 @@ below it, never one above (module-level, function-level and ``TYPE_CHECKING`` im
     2  vfmtok.generators                                GPT, flow denoiser, samplers, converters
     3  vfmtok.pipelines (root modules)                  inference pipelines, data, config files
     4  vfmtok.evaluation                                metrics and benchmarks
-    5  vfmtok.pipelines.train, .cli, .quickstart        training, extraction, the command line
+    5  vfmtok.pipelines.train, .cli, .quickstart,       training, extraction, exporting runs, the command line
+       .export
 
 The repository's folders are the subpackages of ``vfmtok`` (pyproject's package-dir). Internal imports are absolute
 (``from vfmtok.tokenizer... import``): no relative import, and no import of the bare folder names, which would be
@@ -30,6 +31,7 @@ LAYERS: list[tuple[str, int]] = [
     ("vfmtok.pipelines.train", 5),
     ("vfmtok.pipelines.cli", 5),
     ("vfmtok.pipelines.quickstart", 5),
+    ("vfmtok.pipelines.export", 5),
     ("vfmtok.pipelines", 3),
     ("vfmtok.evaluation", 4),
 ]

@@ -462,7 +462,7 @@ def test_every_loader_reads_a_repo_id_and_its_revision_from_an_offline_cache(ar_
 def test_a_saved_folder_holds_no_local_path_and_a_card_with_hub_metadata(ar_pipe, tmp_path):
     from huggingface_hub import ModelCard
 
-    from vfmtok.evaluation.benchmark import _card_results
+    from vfmtok.evaluation.benchmark import card_results
 
     deep = tmp_path / "home" / "someone" / "private" / "runs"
     VFMTokARPipeline(ar_pipe.vqvae, ar_pipe.transformer, id2label={"3": "three", "7": "seven"}).save_pretrained(
@@ -473,7 +473,7 @@ def test_a_saved_folder_holds_no_local_path_and_a_card_with_hub_metadata(ar_pipe
                 "reference_sha256": "f" * 64, "extractor_sha256": "e" * 64}
     report = {"settings": [{"setting": "cfg-1.75", "fid": 2.0712, "sfid": 5.1, "precision": 0.8, "recall": 0.6,
                             "inception_score": None, "protocol": protocol}]}
-    pipe.record_evaluation(_card_results(report))
+    pipe.record_evaluation(card_results(report))
     out = deep / "second"
     pipe.save_pretrained(out)
     for file in out.rglob("*"):
@@ -490,3 +490,72 @@ def test_a_saved_folder_holds_no_local_path_and_a_card_with_hub_metadata(ar_pipe
     assert 'DiffusionPipeline.from_pretrained("<this folder or repo id>", trust_remote_code=True)' in card.text
     repo_card = pipe.model_card(repo_id="org/digits-ar")
     assert 'VFMTokARPipeline.from_pretrained("org/digits-ar")' in repo_card.text
+
+
+# -- vfmtok export pipeline ------------------------------------------------------------------------------------------
+def _runs(tmp_path: Path, pipe, weak=None) -> tuple[Path, Path]:
+    """A tokenizer run and a generator run folder as `vfmtok train` leaves them (their exported models)."""
+    tokenizer_run, generator_run = tmp_path / "runs" / "tok", tmp_path / "runs" / "gen"
+    tokenizer = pipe.vqvae if hasattr(pipe, "vqvae") else pipe.vae
+    tokenizer.save_pretrained(tokenizer_run / "tokenizer")
+    pipe.transformer.save_pretrained(generator_run / "generator")
+    return tokenizer_run, generator_run
+
+
+def test_export_pipeline_from_runs_with_class_names_and_the_run_evaluation(ar_pipe, tmp_path, capsys):
+    from vfmtok.pipelines.cli import main
+
+    tokenizer_run, generator_run = _runs(tmp_path, ar_pipe)
+    protocol = {"num_samples": 5000, "labels": "balanced", "seed": 0, "sampler_options": {}, "resolution": "64 px",
+                "reference": "/data/ref.npz", "reference_sha256": "f" * 64, "extractor_sha256": "e" * 64}
+    (generator_run / "bench").mkdir()
+    (generator_run / "bench" / "report.json").write_text(json.dumps(
+        {"pipeline": "x", "settings": [{"setting": "cfg-2", "fid": 12.5, "protocol": protocol}]}))
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(["zero", "one", "two"]))
+    out = tmp_path / "exported"
+    assert main(["export", "pipeline", "--tokenizer", str(tokenizer_run), "--generator", str(generator_run),
+                 "--output-dir", str(out), "--id2label", str(names)]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["pipeline"] == "VFMTokARPipeline" and line["classes"] == 3 and line["evaluation"]
+    loaded = load_pipeline(out)
+    kw = dict(guidance_scale=2.0, output_type="codes")
+    assert torch.equal(loaded("two", generator=seeded(), **kw).images, ar_pipe(2, generator=seeded(), **kw).images)
+    card = (out / "README.md").read_text()
+    assert "| gFID (cfg-2) | 12.5 |" in card and "pipe('zero'" in card and "ref.npz" in card
+    # the exported folder refuses to be overwritten, a generator folder that is no generator is named
+    assert main(["export", "pipeline", "--tokenizer", str(tokenizer_run), "--generator", str(generator_run),
+                 "--output-dir", str(out)]) == 2
+    assert main(["export", "pipeline", "--tokenizer", str(tokenizer_run), "--generator",
+                 str(tokenizer_run / "tokenizer"), "--output-dir", str(tmp_path / "o2")]) == 2
+    assert "a generator is one of" in capsys.readouterr().err
+
+
+def test_export_pipeline_of_a_flow_run_and_push_to_hub(flow_pipe, tmp_path, monkeypatch, capsys):
+    import diffusers.utils.hub_utils as hub_utils
+    from huggingface_hub import ModelCard
+
+    from vfmtok.pipelines.cli import main
+
+    uploads = {}
+
+    def upload_folder(repo_id, folder_path, **kwargs):
+        uploads[repo_id] = {str(p.relative_to(folder_path)): p.read_bytes() for p in Path(folder_path).rglob("*")
+                            if p.is_file()}
+        return "commit-1"
+
+    monkeypatch.setattr(hub_utils, "create_repo", lambda repo_id, **kw: type("Repo", (), {"repo_id": repo_id}))
+    monkeypatch.setattr(hub_utils, "load_or_create_model_card", lambda *a, **kw: ModelCard("generic"))
+    monkeypatch.setattr(hub_utils, "upload_folder", upload_folder)
+    tokenizer_run, generator_run = _runs(tmp_path, flow_pipe)
+    out = tmp_path / "exported"
+    assert main(["export", "pipeline", "--tokenizer", str(tokenizer_run / "tokenizer"), "--generator",
+                 str(generator_run), "--output-dir", str(out), "--push-to-hub", "org/tiny-flow"]) == 0
+    assert json.loads(capsys.readouterr().out)["hub"]["repo_id"] == "org/tiny-flow"
+    files = uploads["org/tiny-flow"]
+    assert {"model_index.json", "pipeline_vfmtok_flow.py", "README.md", "transformer/modeling_vfmtok.py"} <= set(files)
+    assert b'VFMTokFlowPipeline.from_pretrained("org/tiny-flow")' in files["README.md"]
+    assert not [name for name, data in files.items() if str(tmp_path).encode() in data]
+    kw = dict(num_inference_steps=3, guidance_scale=1.5, output_type="pt")
+    assert torch.equal(load_pipeline(out)(207, generator=seeded(), **kw).images,
+                       flow_pipe(207, generator=seeded(), **kw).images)
