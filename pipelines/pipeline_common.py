@@ -407,14 +407,12 @@ class VFMTokPipelineBase(DiffusionPipeline):
 
 # {repo_id.split("/")[-1] if repo_id else name}
 
-A class-conditional image generator of the [vfmtok](https://pypi.org/project/vfmtok/) suite: `{name}`,
+A class-conditional image generator of the vfmtok suite: `{name}`,
 {self.num_classes} classes.
 
 ## Usage
 
-```bash
-pip install vfmtok
-```
+With the `vfmtok` package installed:
 
 ```python
 import torch

@@ -30,8 +30,8 @@ def importing_module_text(imports: Iterable[tuple[str, str]], purpose: str) -> s
         if module.split(".")[0] != "vfmtok":
             raise ValueError(f"only vfmtok modules may be imported by a saved folder's file, got {module!r}")
         lines.append(f"from {module} import {name}  # noqa: F401")
-    return (f'"""{purpose}\n\nWritten by vfmtok. It only imports the installed vfmtok package (pip install vfmtok): '
-            f'the code that runs is that\npackage\'s. vfmtok\'s own loaders never run this file."""\n'
+    return (f'"""{purpose}\n\nWritten by vfmtok. It only imports the installed vfmtok package: the code that runs is '
+            f'that package\'s. vfmtok\'s own loaders never run this file."""\n'
             + "\n".join(lines) + "\n")
 
 
