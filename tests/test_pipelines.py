@@ -559,3 +559,27 @@ def test_export_pipeline_of_a_flow_run_and_push_to_hub(flow_pipe, tmp_path, monk
     kw = dict(num_inference_steps=3, guidance_scale=1.5, output_type="pt")
     assert torch.equal(load_pipeline(out)(207, generator=seeded(), **kw).images,
                        flow_pipe(207, generator=seeded(), **kw).images)
+
+
+def test_a_tokenizer_on_a_local_vfm_folder_saves_without_the_path_and_loads_elsewhere(tmp_path):
+    """A VFM named by a local path (the quickstart's --vfm DIR) is bundled, and the saved config names no path."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from vfmtok import load_tokenizer
+
+    dino = tmp_path / "private" / "dinov2"
+    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, patch_size=14,
+        image_size=56, num_register_tokens=4)).save_pretrained(dino)
+    import yaml
+
+    run = yaml.safe_load(config("tokenizer", "vfmtok-tiny").read_text())
+    run["params"]["vfm"] = {**run["params"]["vfm"], "pretrained": str(dino)}
+    tokenizer = build_model({"model": run["model"], "params": run["params"]})
+    tokenizer.load_vfm_weights()
+    tokenizer.save_pretrained(tmp_path / "saved")
+    shutil.rmtree(dino)  # gone: another machine
+    assert not [p for p in (tmp_path / "saved").rglob("*") if p.is_file() and str(tmp_path).encode() in p.read_bytes()]
+    loaded = load_tokenizer(str(tmp_path / "saved"))
+    for key, value in tokenizer.vfm.model.state_dict().items():
+        assert torch.equal(loaded.vfm.model.state_dict()[key], value), key

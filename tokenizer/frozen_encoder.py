@@ -8,6 +8,7 @@ itself. A family without a frozen VFM (GloTok's conv encoder) holds ``None`` and
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,7 +17,7 @@ from safetensors.torch import save_file
 from vfmtok.tokenizer.utils.atomic import atomic_file
 from vfmtok.tokenizer.utils.errors import CheckpointError
 from vfmtok.tokenizer.utils.loading import bundled_file
-from vfmtok.tokenizer.vfm import FrozenVFM
+from vfmtok.tokenizer.vfm import FrozenVFM, looks_like_local_path
 
 __all__ = ["FrozenVFMHolderMixin", "VFM_WEIGHTS_NAME"]
 
@@ -45,19 +46,33 @@ class FrozenVFMHolderMixin:
         self.vfm.load_pretrained(source)
         self._vfm_weights_source = source if source is not None else self.vfm.pretrained
 
+    def _vfm_source_is_local(self) -> bool:
+        """The config names the VFM weights by a local path: it means nothing on another machine or the Hub."""
+        source = None if self.vfm is None else self.vfm.pretrained
+        return source is not None and (looks_like_local_path(source) or Path(source).expanduser().exists())
+
     def _vfm_needs_bundling(self) -> bool:
         if self.vfm is None:
             return False
-        return self.vfm.pretrained is None or (self._vfm_weights_source is not None and
-                                               self._vfm_weights_source != self.vfm.pretrained)
+        return self.vfm.pretrained is None or self._vfm_source_is_local() or (
+            self._vfm_weights_source is not None and self._vfm_weights_source != self.vfm.pretrained)
 
     def save_pretrained(self, save_directory: str | Path, is_main_process: bool = True, **kwargs: Any) -> None:
-        """diffusers' ``save_pretrained`` plus ``vfm.safetensors`` when the config cannot reproduce the VFM."""
+        """diffusers' ``save_pretrained`` plus ``vfm.safetensors`` when the config cannot reproduce the VFM. A VFM
+        named by a local path is bundled, and the saved config names none (``vfm.pretrained: null``): the folder
+        loads anywhere and publishes no local path."""
         super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         if is_main_process and self._vfm_needs_bundling():
             state = {k: v.detach().cpu().contiguous() for k, v in self.vfm.model.state_dict().items()}
             with atomic_file(Path(save_directory) / VFM_WEIGHTS_NAME) as temporary:
                 save_file(state, str(temporary))
+        if is_main_process and self._vfm_source_is_local():
+            config_file = Path(save_directory) / "config.json"
+            config = json.loads(config_file.read_text())
+            if isinstance(config.get("vfm"), dict) and "pretrained" in config["vfm"]:
+                config["vfm"]["pretrained"] = None
+                with atomic_file(config_file) as temporary:
+                    temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, load_vfm_weights: bool = True,
