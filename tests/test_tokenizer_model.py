@@ -1,4 +1,5 @@
 """VFMTokModel with both bottlenecks, built from the tiny configs (random weights, no download)."""
+import json
 from pathlib import Path
 
 import pytest
@@ -117,15 +118,19 @@ def test_save_load_round_trip_is_bit_identical(model, tmp_path):
         assert torch.equal(loaded.decode(tokens), model.decode(tokens))
 
 
-def test_the_vfm_is_bundled_only_when_no_config_names_its_weights(model, tmp_path):
+def test_the_vfm_is_bundled_unless_the_config_names_its_weights_by_hub_id(model, tmp_path):
     vfm_dir = _save_vfm(model, tmp_path / "vfm")
     params = {**dict(model.config), "vfm": {**model.config.vfm, "pretrained": vfm_dir}}
     named = VFMTokModel(**{k: v for k, v in params.items() if not k.startswith("_")})
-    named.load_vfm_weights()  # the weights the config names
+    named.load_vfm_weights()  # the weights the config names, by a local path: bundled, the path not saved
     named.save_pretrained(tmp_path / "named")
-    assert not (tmp_path / "named" / "vfm.safetensors").exists()
+    assert (tmp_path / "named" / "vfm.safetensors").is_file()
+    assert json.loads((tmp_path / "named" / "config.json").read_text())["vfm"]["pretrained"] is None
     assert torch.equal(VFMTokModel.from_pretrained(tmp_path / "named").vfm.model.state_dict()["layernorm.weight"],
                        model.vfm.model.state_dict()["layernorm.weight"])
+    hub = VFMTokModel(**{**params, "vfm": {**model.config.vfm, "pretrained": "facebook/dinov2-with-registers-small"}})
+    hub.save_pretrained(tmp_path / "hub")  # a Hub id the config names (weights not loaded here): not bundled
+    assert not (tmp_path / "hub" / "vfm.safetensors").exists()
     other = _save_vfm(model, tmp_path / "other")  # weights from elsewhere (``--vfm-weights``): bundled
     named.load_vfm_weights(other)
     named.save_pretrained(tmp_path / "override")
