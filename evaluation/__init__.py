@@ -1,1 +1,1 @@
-"""evaluation"""
+"""vfmtok.evaluation: metrics, FID, reconstruction metrics, the benchmark, the Inception weights, speed."""

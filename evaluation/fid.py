@@ -9,7 +9,7 @@ Sources (:func:`load_source`):
 * an image folder (PNG / JPEG / ..., all of one size) or an ``.npz`` of uint8 images (``arr_0``, NHWC: ADM sample
   batches and the ADM reference batch);
 * a dataset (a folder with ``labels.csv`` or class sub-folders, a ``save_to_disk`` folder, or a Hub dataset id, as
-  :func:`pipelines.data.load_image_dataset` reads them): every image ADM-centre-cropped to ``dataset_size``
+  :func:`vfmtok.pipelines.data.load_image_dataset` reads them): every image ADM-centre-cropped to ``dataset_size``
   (256 by default), as the ADM reference batches were made;
 * an ADM reference batch such as ``VIRTUAL_imagenet256_labeled.npz``: its precomputed ``mu`` / ``sigma`` (the full
   training set) give FID, ``mu_s`` / ``sigma_s`` sFID, and its 10k images precision / recall;

@@ -127,7 +127,7 @@ def speed_tokenizer(config_path: str, device: str = "cpu", batch_size: int = 4, 
     the model), ``encode`` and ``decode``.
 
     ``feature_cache``: also time the training step with the frozen VFM's features read from an on-disk feature cache
-    (:mod:`tokenizer.feature_cache`, built in a temporary directory; reading is part of the timed step). Train rows
+    (:mod:`vfmtok.tokenizer.feature_cache`, built in a temporary directory; reading is part of the timed step). Train rows
     carry ``"feature_cache": false / true``.
     """
     model, device_t, precision, common = _build_for_speed(config_path, device, precision, batch_size)
@@ -233,7 +233,7 @@ def speed_flow(config_path: str, device: str = "cpu", batch_size: int = 8, sampl
 
 def speed_eval(samples: str, reference: str, inception_weights: str | None = None, batch_size: int = 50,
                device: str = "cpu") -> dict[str, Any]:
-    """FID of two image folders through this suite (:mod:`evaluation.fid`) and through torch-fidelity's own
+    """FID of two image folders through this suite (:mod:`vfmtok.evaluation.fid`) and through torch-fidelity's own
     ``calculate_metrics`` on the same images, the same network and weights, side by side in one run: images/s of
     each (feature extraction of both sets plus the distance) and both FIDs.
 

@@ -1,5 +1,5 @@
 """Convert official RAE / VFMTok2 DiT^DH checkpoints (``denoise/models/DDT.py``, ``DiTwDDTHead``) to
-:class:`generators.dit.DiTModel`.
+:class:`vfmtok.generators.dit.DiTModel`.
 
 Build the model from ``configs/flow/ditdh-xl.yaml`` (or any config with ``time_embedding: gaussian_fourier``,
 ``condition_silu: true``, ``reverse_time: true``, ``norm: rmsnorm``, ``mlp: swiglu``, ``rope: true``, patch 1 and a

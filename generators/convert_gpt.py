@@ -1,5 +1,5 @@
 """Convert official LlamaGen / VFMTok class-conditional GPT checkpoints (``autoregressive/models/gpt.py``) to
-:class:`generators.gpt.GPTModel`.
+:class:`vfmtok.generators.gpt.GPTModel`.
 
 The training scripts save ``torch.save({"model": ..., "ema": ..., "optimizer": ..., "steps": ...})``; DeepSpeed runs
 save ``{"module": ...}``, FSDP runs a bare state dict. ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes

@@ -4,7 +4,7 @@
 Sequence layout. Position 0 holds the class token (a row of ``class_embedding``: ``num_classes`` rows for the classes
 plus one for the null class, id ``num_classes``); position ``p >= 1`` holds image token ``p - 1`` of the
 ``sqrt(num_tokens) x sqrt(num_tokens)`` grid in raster order. The output at position ``p`` predicts image token ``p``.
-With ``codebook_sizes`` of K > 1 codebooks (:mod:`tokenizer.interface`'s code layout: the vocabulary is the codebooks
+With ``codebook_sizes`` of K > 1 codebooks (:mod:`vfmtok.tokenizer.interface`'s code layout: the vocabulary is the codebooks
 side by side) the grid has ``num_tokens / K`` cells and image token ``t`` is cell ``t // K``'s code of codebook
 ``t % K``: the K codes of a cell follow each other and share the cell's 2D rotary position, and the logits of token
 ``t`` outside codebook ``t % K``'s range are set to -1e9 (in training and sampling), so only codes of the right

@@ -573,7 +573,7 @@ def _cuda_available() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command. A user error (:class:`tokenizer.utils.errors.VFMTokError`) prints one line naming the problem
+    """Run one command. A user error (:class:`vfmtok.tokenizer.utils.errors.VFMTokError`) prints one line naming the problem
     and returns 2; any other exception is a bug or an environment failure and keeps its traceback. ``--debug`` shows
     the traceback of user errors too."""
     args = build_parser().parse_args(argv)

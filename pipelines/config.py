@@ -8,7 +8,7 @@ section         what                                                   models
 ==============  =====================================================  ==========================================
 ``params``      constructor arguments of the model                     all
 ``training``    :class:`TrainingConfig` (the shared trainer)           all
-``loss``        :class:`tokenizer.losses.TokenizerLoss` arguments      tokenizers
+``loss``        :class:`vfmtok.tokenizer.losses.TokenizerLoss` arguments      tokenizers
 ``sampling``    :class:`ARSamplingConfig` / :class:`FlowSamplingConfig`  GPTModel / DiTModel
 ``flow``        :class:`FlowConfig` (flow-matching objective)          DiTModel
 ==============  =====================================================  ==========================================
@@ -193,7 +193,7 @@ class FlowSamplingConfig:
 
 @dataclasses.dataclass
 class FlowConfig:
-    """The ``flow:`` section: the flow-matching objective (see :func:`generators.transport.flow_matching_loss`)."""
+    """The ``flow:`` section: the flow-matching objective (see :func:`vfmtok.generators.transport.flow_matching_loss`)."""
 
     time_schedule: str = "uniform"  # uniform | logit_normal
     time_mean: float = 0.0  # logit-normal location

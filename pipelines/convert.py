@@ -1,9 +1,9 @@
 """``vfmtok convert pipeline``: a pipeline folder from the official releases, through the existing converters.
 
-* ``ar``: a VFMTok tokenizer checkpoint (CVMI-Lab/VFMTok ``VQModel``, :mod:`tokenizer.convert`) and a VFMTok / LlamaGen
-  GPT checkpoint (:mod:`generators.convert_gpt`) -> :class:`VFMTokARPipeline`;
+* ``ar``: a VFMTok tokenizer checkpoint (CVMI-Lab/VFMTok ``VQModel``, :mod:`vfmtok.tokenizer.convert`) and a VFMTok / LlamaGen
+  GPT checkpoint (:mod:`vfmtok.generators.convert_gpt`) -> :class:`VFMTokARPipeline`;
 * ``flow``: a VFMAE checkpoint (CVMI-Lab/VFMTok2 ``AutoencoderAE``) and a DiT^DH checkpoint
-  (:mod:`generators.convert_dit`), with the latent statistics file the release ships -> :class:`VFMTokFlowPipeline`.
+  (:mod:`vfmtok.generators.convert_dit`), with the latent statistics file the release ships -> :class:`VFMTokFlowPipeline`.
 
 Each model is built from the matching config file, loaded strictly, and the pipeline checks that the two fit.
 """

@@ -692,7 +692,7 @@ def build_dataloader(dataset: torch.utils.data.Dataset, batch_sampler: Resumable
     """DataLoader that never draws from the global torch RNG, batching with the dataset's ``collate`` (default
     :func:`collate_images`).
 
-    A map-style dataset (:class:`ImageDataset`, :class:`pipelines.codes.CodesDataset`) needs a ``batch_sampler``
+    A map-style dataset (:class:`ImageDataset`, :class:`vfmtok.pipelines.codes.CodesDataset`) needs a ``batch_sampler``
     (whose ``batch_size`` must equal ``batch_size``); an iterable one (:class:`StreamingImageDataset`) takes none.
     ``persistent_workers`` only applies with ``num_workers > 0``; ``pin_memory`` is only useful with CUDA.
     """

@@ -2,7 +2,7 @@
 loading and the model card.
 
 :class:`VFMTokPipelineBase` is a ``diffusers.DiffusionPipeline``; the concrete pipelines
-(:mod:`pipelines.pipeline_vfmtok_ar`, :mod:`pipelines.pipeline_vfmtok_flow`) add their components and the sampling loop.
+(:mod:`vfmtok.pipelines.pipeline_vfmtok_ar`, :mod:`vfmtok.pipelines.pipeline_vfmtok_flow`) add their components and the sampling loop.
 """
 from __future__ import annotations
 

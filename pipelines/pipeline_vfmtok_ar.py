@@ -12,7 +12,7 @@ __all__ = ["VFMTokARPipeline"]
 
 
 class VFMTokARPipeline(VFMTokPipelineBase):
-    """``vqvae`` (any discrete tokenizer of the interface) + ``transformer`` (a :class:`generators.GPTModel` over its
+    """``vqvae`` (any discrete tokenizer of the interface) + ``transformer`` (a :class:`vfmtok.generators.GPTModel` over its
     codes). ``pipe(207)`` returns an ``ImagePipelineOutput`` with one image of class 207."""
 
     model_cpu_offload_seq = "transformer->vqvae"
@@ -60,7 +60,7 @@ class VFMTokARPipeline(VFMTokPipelineBase):
     ) -> Any:
         """Sample images of ``class_labels`` (ids, names, a list or a tensor of them).
 
-        ``guidance_*``, ``temperature``, ``top_k``, ``top_p``: as :meth:`generators.GPTModel.generate`
+        ``guidance_*``, ``temperature``, ``top_k``, ``top_p``: as :meth:`vfmtok.generators.GPTModel.generate`
         (``guidance_scale = 1`` is no guidance). Labels are repeated ``num_images_per_class`` times and sampled in
         chunks of ``batch_size`` (default: all at once); the callback runs after every sampled token (step = token
         index in the chunk, ``t`` = the same) with ``{"codes": (B, num_tokens)}`` (not yet sampled positions 0) and

@@ -18,7 +18,7 @@ SAMPLERS = ("scheduler", "sde")
 
 
 class VFMTokFlowPipeline(VFMTokPipelineBase):
-    """``vae`` (any continuous tokenizer of the interface) + ``transformer`` (a :class:`generators.DiTModel`,
+    """``vae`` (any continuous tokenizer of the interface) + ``transformer`` (a :class:`vfmtok.generators.DiTModel`,
     SiT convention, with the latent statistics it was trained with) + ``scheduler`` (a diffusers flow-matching
     scheduler; FlowMatchEulerDiscreteScheduler by default, FlowMatchHeunDiscreteScheduler works too) and an optional
     ``weak_transformer`` for autoguidance (``scheduler=None`` builds the default). Scheduler time ``sigma`` is SiT's ``1 - t``; its model output is ``-v``."""

@@ -34,12 +34,12 @@ Design choices the paper leaves open (ours):
   ``train_encoder: false`` so the statistics stay exact; codebooks and decoder train).
 * **Two codebooks, code layout.** With ``num_codebooks = 2`` the first codebook quantizes the leading principal
   components (coarse), the second the remaining ones. Every grid cell holds one code of each codebook next to each
-  other (the interface's layout, :mod:`tokenizer.interface`): token ``2 p`` is cell ``p``'s code of codebook 0,
+  other (the interface's layout, :mod:`vfmtok.tokenizer.interface`): token ``2 p`` is cell ``p``'s code of codebook 0,
   token ``2 p + 1`` its code of codebook 1 offset by ``codebook_size``. An AR model predicts the coarse code of a
   cell, then its fine code; vocabulary ``2 x codebook_size``, sequence length ``2 g^2``.
 * **Codebooks** are Euclidean (not l2-normalised: the norm carries information in the whitened space), initialised
   with unit-variance Gaussian vectors (the scale of whitened data), trained by gradient with the usual codebook and
-  commitment losses (:class:`tokenizer.layers.VectorQuantizer`), straight-through.
+  commitment losses (:class:`vfmtok.tokenizer.layers.VectorQuantizer`), straight-through.
 * No semantic-reconstruction loss (the paper does not describe one); the decoder sizes follow VFMTok's.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ Data flow::
       -> visual adapter   -> z_v (8, g, g) -> visual codebook (12288 x 8)   -> q_v -> q_v + R_v(q_v)
       -> concatenate along channels (16, g, g) -> VQGAN-style CNN decoder (16x up) -> image
 
-Losses (the model's own terms, weighted in :class:`tokenizer.losses.TokenizerLoss`): codebook + commitment of both
+Losses (the model's own terms, weighted in :class:`vfmtok.tokenizer.losses.TokenizerLoss`): codebook + commitment of both
 quantizers; residual refinement ``refinement = sum over streams mean((sg(z) - q - R(q))^2)`` (paper weight 0.5);
 the histogram relation loss ``KL(H(teacher) || H(semantic codebook))`` (paper weight 0.01), computed by the loss
 from ``GloTokOutput.semantic_codebook`` and a teacher file (``loss.histogram_teacher``, built by
@@ -19,7 +19,7 @@ Design choices the paper leaves open (ours):
 
 * **Encoder / decoder**: LlamaGen's VQ-16 layout (ch 128, mult [1, 1, 2, 2, 4], 2 ResBlocks per level, attention in
   the middle block), encoder width ``encoder_dim`` = 256. The decoder is the suite's CNN pixel decoder
-  (:class:`tokenizer.layers.PixelDecoder`, the same as VFMTok's) on the 16 concatenated code channels.
+  (:class:`vfmtok.tokenizer.layers.PixelDecoder`, the same as VFMTok's) on the 16 concatenated code channels.
 * **Adapters**: per stream a ResBlock at the encoder width, GroupNorm, SiLU and a 1x1 conv to the code dim (8).
 * **Quantizers**: l2-normalised codebooks (LlamaGen), gradient-trained, straight-through.
 * **Residual refinement** ``R``: Linear(8 -> 256) + learned positions, one pre-norm transformer layer over the grid,
@@ -35,7 +35,7 @@ Design choices the paper leaves open (ours):
 * **Teacher**: k-means centroids (scikit-learn's MiniBatchKMeans, fed in chunks as features stream in) of the
   frozen VFM's last-layer patch features over a dataset, or the codebook of a trained tokenizer.
 * **Code layout**: two codes per grid cell, semantic first, visual second offset by the semantic codebook size
-  (:mod:`tokenizer.interface`): vocabulary 4096 + 12288 = 16384, sequence length 2 g^2.
+  (:mod:`vfmtok.tokenizer.interface`): vocabulary 4096 + 12288 = 16384, sequence length 2 g^2.
 * ``encoder_type="vfm"`` (our variant): the frozen VFM's last-layer patch tokens, Linear to ``encoder_dim``, replace the
   conv encoder; the VFM grid must then be ``image_size / 16``. With ``encoder_type="conv"`` the ``vfm`` spec, if given,
   only names the teacher's model for ``vfmtok glotok-teacher`` and no VFM is built.

@@ -108,7 +108,7 @@ class ImageTokenizerMixin:
 
     @property
     def frozen_encoder(self):
-        """The frozen pretrained encoder (a :class:`tokenizer.vfm.FrozenVFM`), or None for a tokenizer trained from
+        """The frozen pretrained encoder (a :class:`vfmtok.tokenizer.vfm.FrozenVFM`), or None for a tokenizer trained from
         scratch. REPA aligns a denoiser with its features; the feature cache stores them."""
         return None
 

@@ -211,7 +211,7 @@ class PixelDecoder(nn.Module):
     """LlamaGen/taming CNN decoder: conv_in -> (res, attn, res) -> per level ``num_res_blocks`` ResBlocks + 2x upsample.
 
     The 3x3 convolutions are :class:`~tokenizer.utils.fast_conv.Conv3x3` (plain ``nn.Conv2d`` parameters; opt-in
-    NNPACK Winograd kernels on the CPU in fp32, see :mod:`tokenizer.utils.fast_conv`); while training,
+    NNPACK Winograd kernels on the CPU in fp32, see :mod:`vfmtok.tokenizer.utils.fast_conv`); while training,
     each upsampling convolution runs at the low resolution (:func:`~tokenizer.utils.fast_conv.upsample2x_conv3x3`),
     the same function with 16 instead of 36 multiply-adds per input pixel and channel pair."""
 

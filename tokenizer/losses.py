@@ -12,15 +12,15 @@ include the quantizer's beta and entropy weight) and ``adaptive`` is 1 unless ``
 gradient-norm ratio). The paper recipe (the defaults): 2x MSE, LPIPS 1.0, GAN 0.5 from step 20k with a hinge D loss
 and a non-saturating G loss, the discriminator being a frozen DINO ViT-S/16 with trainable spectral-norm heads.
 
-GloTok's terms (only models that produce them, :mod:`tokenizer.glotok`): ``refinement`` is the model's residual
+GloTok's terms (only models that produce them, :mod:`vfmtok.tokenizer.glotok`): ``refinement`` is the model's residual
 refinement loss (paper weight 0.5, the default); ``histogram`` is the codebook-wise histogram relation loss
 ``KL(H(teacher) || H(output.semantic_codebook))`` (paper weight 0.01, the default), computed here from the teacher
 file ``histogram_teacher`` (``vfmtok glotok-teacher``: ``centroids`` (K, D), and ``histogram`` with the bins /
 sharpness it was made with); the teacher histogram is computed once, so no image passes through the pretrained model.
 
 Contents: GAN loss functions on logits (``D_LOSSES``, ``G_LOSSES``), :func:`adaptive_gan_weight` and
-:class:`TokenizerLoss`. The perceptual network is in :mod:`tokenizer.lpips`, the discriminators in
-:mod:`tokenizer.discriminators`.
+:class:`TokenizerLoss`. The perceptual network is in :mod:`vfmtok.tokenizer.lpips`, the discriminators in
+:mod:`vfmtok.tokenizer.discriminators`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``vfmtok train ar``: train the LlamaGen-style GPT (:class:`generators.GPTModel`) over discrete tokenizer codes with
+"""``vfmtok train ar``: train the LlamaGen-style GPT (:class:`vfmtok.generators.GPTModel`) over discrete tokenizer codes with
 the shared trainer, from pre-extracted codes (``vfmtok extract``) or by tokenizing images online."""
 from __future__ import annotations
 

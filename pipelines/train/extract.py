@@ -56,7 +56,7 @@ def augmented_views(images: torch.Tensor, size: int, ten_crop: bool, flip: bool 
 def extract_tokens(tokenizer, data: str, output_dir: str | Path, ten_crop: bool = False, batch_size: int = 32,
                    num_workers: int = 2, device: str | torch.device = "cpu",
                    limit: Optional[int] = None, flip: bool = True) -> Path:
-    """Encode every image of ``data`` with ``tokenizer`` (any :class:`tokenizer.ImageTokenizerMixin`) into
+    """Encode every image of ``data`` with ``tokenizer`` (any :class:`vfmtok.tokenizer.ImageTokenizerMixin`) into
     ``output_dir``; ``flip=False`` stores no mirrored views."""
     if batch_size < 1:
         raise InvalidValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -112,7 +112,7 @@ def extract_tokens(tokenizer, data: str, output_dir: str | Path, ten_crop: bool 
 
 class CodesDataset(torch.utils.data.Dataset):
     """Map-style dataset over an extraction directory; keys are ``index`` or ``(index, sample_seed)`` as for
-    :class:`pipelines.data.ImageDataset`. Unreadable source images are left out."""
+    :class:`vfmtok.pipelines.data.ImageDataset`. Unreadable source images are left out."""
 
     def __init__(self, path: str | Path, rows: Optional[Sequence[int]] = None, num_classes: Optional[int] = None):
         """``rows``: use only these images (e.g. a train / validation split); unreadable ones are still left out.
@@ -143,7 +143,7 @@ class CodesDataset(torch.utils.data.Dataset):
     def check_labels(self, num_classes: Optional[int], allow_unlabeled: bool = False,
                      source: Optional[str] = None) -> None:
         """Refuse labels (of the rows in use) outside ``[0, num_classes)`` (-1 allowed when ``allow_unlabeled``),
-        naming ``labels.npy`` and the rows; see :func:`pipelines.data.check_labels`."""
+        naming ``labels.npy`` and the rows; see :func:`vfmtok.pipelines.data.check_labels`."""
         where = repr(str(self.path / "labels.npy")) + (f" (of {source})" if source else "")
         check_labels(self.labels[self.rows], where, num_classes, allow_unlabeled,
                      row_name=lambda r: f"row {int(self.rows[r])}")

@@ -1,9 +1,9 @@
-"""``vfmtok train flow``: train the flow denoiser (:class:`generators.DiTModel`) over continuous tokenizer latents with
+"""``vfmtok train flow``: train the flow denoiser (:class:`vfmtok.generators.DiTModel`) over continuous tokenizer latents with
 the shared trainer, from latents extracted by ``vfmtok extract`` (a continuous tokenizer) or encoded online.
 
 Latents are normalised per element with statistics measured over the extracted dataset (``vfmtok latent-stats``,
 ``latent_stats.safetensors``: ``mean`` and ``std`` of shape (C, h, w)). The statistics are stored in the model
-(:meth:`generators.DiTModel.set_latent_statistics`), so the exported denoiser de-normalises what it generates by itself.
+(:meth:`vfmtok.generators.DiTModel.set_latent_statistics`), so the exported denoiser de-normalises what it generates by itself.
 """
 from __future__ import annotations
 

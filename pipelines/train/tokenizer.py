@@ -1,8 +1,8 @@
 """``vfmtok train tokenizer``: train a tokenizer of any family (VFMTok / VFMAE, DINO-Tok, GloTok) with the shared
 trainer.
 
-A config file has three sections: ``params`` (the model), ``loss`` (:class:`tokenizer.losses.TokenizerLoss`
-arguments) and ``training`` (:class:`pipelines.config.TrainingConfig`). The paper recipe lives in
+A config file has three sections: ``params`` (the model), ``loss`` (:class:`vfmtok.tokenizer.losses.TokenizerLoss`
+arguments) and ``training`` (:class:`vfmtok.pipelines.config.TrainingConfig`). The paper recipe lives in
 ``configs/tokenizer/vfmtok-l.yaml`` / ``vfmae-l.yaml``.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 class TokenizerTask(TrainingTask):
     """Reconstruction + semantic + VQ (+ perceptual, + GAN) training of a tokenizer (its ``forward`` returns the
-    reconstruction and its own loss terms, see :class:`tokenizer.VFMTokOutput`). The export is the model's own
+    reconstruction and its own loss terms, see :class:`vfmtok.tokenizer.VFMTokOutput`). The export is the model's own
     ``save_pretrained``, which carries the frozen encoder's weights when no config names them."""
 
     export_name = "tokenizer"
@@ -82,12 +82,12 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
                     resume: bool = False, feature_cache: Optional[str] = None, vfm_weights: Optional[str] = None,
                     streaming: Optional[bool] = None, overrides: Optional[dict[str, Any]] = None,
                     allow_changes: Sequence[str] = (), init_from: Optional[str] = None) -> Path:
-    """Train the tokenizer a config describes on ``data`` (see :func:`pipelines.data.load_image_dataset`).
+    """Train the tokenizer a config describes on ``data`` (see :func:`vfmtok.pipelines.data.load_image_dataset`).
 
     ``vfm_weights`` overrides the VFM source of the config (Hub id, local directory or official ``.pth``); a config
     without any (the tiny test configs) trains on a randomly initialised VFM and says so. ``overrides`` replaces
     ``training`` options. ``init_from``: a saved tokenizer folder whose matching weights (names and shapes) start the
-    model (see :func:`pipelines.train.tokenizer_stats.init_from_pretrained`; e.g. DINO-Tok VQ from its AE with PCA
+    model (see :func:`vfmtok.pipelines.train.tokenizer_stats.init_from_pretrained`; e.g. DINO-Tok VQ from its AE with PCA
     statistics). Returns the directory of the exported EMA tokenizer.
     """
     from vfmtok.tokenizer.interface import ImageTokenizerMixin

@@ -1,11 +1,11 @@
 """Dataset statistics that tokenizer families store or train against.
 
 * ``vfmtok pca-stats`` (:func:`pca_statistics`): the mean and principal directions of a DINO-Tok's pre-quantization
-  latent over a dataset, accumulated in float64 (:class:`tokenizer.dinotok.LatentMoments`), sharded across the
+  latent over a dataset, accumulated in float64 (:class:`vfmtok.tokenizer.dinotok.LatentMoments`), sharded across the
   processes of ``accelerate launch`` (process r takes images r, r + P, ...) and merged in process order; written into
   a copy of the tokenizer (its ``pca_*`` buffers) saved to the output directory, with ``pca_stats.json``.
 * ``vfmtok glotok-teacher`` (:func:`build_glotok_teacher`): GloTok's histogram teacher, the k-means centroids of a
-  frozen VFM's last-layer patch features over a dataset (:class:`tokenizer.glotok.StreamingKMeans`), or the codebook
+  frozen VFM's last-layer patch features over a dataset (:class:`vfmtok.tokenizer.glotok.StreamingKMeans`), or the codebook
   of a trained tokenizer; one safetensors file with ``centroids``, ``histogram`` and ``histogram_settings``.
 * :func:`init_from_pretrained`: start a model from the matching weights of a saved tokenizer folder
   (``vfmtok train tokenizer --init-from``), e.g. DINO-Tok VQ from the AE with its PCA statistics.
@@ -50,7 +50,7 @@ def _loader(data: str, size: int, batch_size: int, limit: Optional[int], rank: i
 @torch.no_grad()
 def pca_statistics(tokenizer: nn.Module, data: str, output_dir: str | Path, batch_size: int = 32,
                    limit: Optional[int] = None, num_workers: int = 0) -> dict[str, Any]:
-    """Measure the latent statistics of ``tokenizer`` (a :class:`tokenizer.dinotok.DINOTokModel`) over ``data``,
+    """Measure the latent statistics of ``tokenizer`` (a :class:`vfmtok.tokenizer.dinotok.DINOTokModel`) over ``data``,
     store them in the model and save it to ``output_dir`` (main process). Runs on every process of an
     ``accelerate launch``; returns the summary written to ``pca_stats.json``."""
     from accelerate import Accelerator

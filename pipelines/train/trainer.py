@@ -7,7 +7,7 @@ precision, gradient accumulation and clipping, EMA weights, learning-rate schedu
 
 Exact resume. A checkpoint holds the models, EMA, optimizers, schedulers, GradScaler, every process's RNG states, the
 step and the data position (epoch and batch within it). The data order and augmentations are pure functions of
-(seed, epoch, index) (see :mod:`pipelines.data`) and the data loader never touches the global RNG, so a run stopped at
+(seed, epoch, index) (see :mod:`vfmtok.pipelines.data`) and the data loader never touches the global RNG, so a run stopped at
 step k and resumed follows the uninterrupted run's loss trajectory (bitwise on CPU). So a checkpoint resumes only
 into the same run: the run config (model, params, loss, data, tokenizer, flow, ...), every training option that
 affects the trajectory (not max_steps with a constant schedule, log_every, checkpoint_every, keep_last_checkpoints,

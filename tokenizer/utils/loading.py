@@ -209,7 +209,7 @@ class StrictLoadingMixin:
 
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
         """diffusers' ``save_pretrained`` plus what ``diffusers.AutoModel`` needs to load the folder
-        (``trust_remote_code=True``; see :mod:`tokenizer.utils.remote_code`)."""
+        (``trust_remote_code=True``; see :mod:`vfmtok.tokenizer.utils.remote_code`)."""
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process and not kwargs.get("push_to_hub"):  # with push_to_hub: written before the upload
             write_auto_model_files(save_directory, type(self))

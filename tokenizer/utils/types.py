@@ -1,5 +1,5 @@
-"""Checking a value against a type annotation: the one implementation the config files (:mod:`pipelines.config`) and
-the ``config.json`` of saved models (:class:`tokenizer.utils.loading.StrictLoadingMixin`) use."""
+"""Checking a value against a type annotation: the one implementation the config files (:mod:`vfmtok.pipelines.config`) and
+the ``config.json`` of saved models (:class:`vfmtok.tokenizer.utils.loading.StrictLoadingMixin`) use."""
 from __future__ import annotations
 
 import collections.abc
