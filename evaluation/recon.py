@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vfmtok.pipelines.data import ImageDataset, collate_images, load_image_dataset
 from vfmtok.tokenizer.utils.atomic import atomic_directory
@@ -43,9 +44,10 @@ def _lpips_or_reason():
 def reconstruction_metrics(tokenizer, data: str, output_dir: str | Path, batch_size: int = 16, eval_size: int = 256,
                            limit: Optional[int] = None, device: str | torch.device = "cpu",
                            inception_weights: Optional[str] = None, num_workers: int = 0,
-                           lpips: bool = True) -> dict[str, Any]:
+                           lpips: bool = True, grid_images: int = 8, grid_cell: Optional[int] = None) -> dict[str, Any]:
     """Reconstruct every image of ``data`` with ``tokenizer`` (any tokenizer family) and write ``report.json`` and
-    ``reconstructions.png`` (originals above reconstructions) into ``output_dir`` (atomically). Returns the report.
+    ``reconstructions.png`` (the first ``grid_images`` originals above their reconstructions, each shown
+    ``grid_cell`` pixels wide, nearest-neighbour, when given) into ``output_dir`` (atomically). Returns the report.
     ``lpips=False`` skips LPIPS (whose VGG weights are downloaded on first use)."""
     from vfmtok.evaluation.fid import InceptionFeatures
 
@@ -65,7 +67,7 @@ def reconstruction_metrics(tokenizer, data: str, output_dir: str | Path, batch_s
     lpips, lpips_reason = _lpips_or_reason() if lpips else (None, "not asked for (lpips=False)")
     if lpips is not None:
         lpips = lpips.to(device)
-    real, fake, psnrs, ssims, lpipses, codes, grid = [], [], [], [], [], [], None
+    real, fake, psnrs, ssims, lpipses, codes, shown = [], [], [], [], [], [], ([], [])
     start, skipped = time.perf_counter(), 0
     for batch in loader:
         skipped += len(batch["skipped"])
@@ -83,8 +85,10 @@ def reconstruction_metrics(tokenizer, data: str, output_dir: str | Path, batch_s
             codes.append(tokens.cpu())
         real.append(extractor(to_uint8(originals))["pool"])
         fake.append(extractor(to_uint8(reconstructions))["pool"])
-        if grid is None:
-            grid = torch.cat([originals[:8], reconstructions[:8]]).cpu(), min(8, len(images))
+        room = grid_images - sum(len(x) for x in shown[0])
+        if room > 0:
+            shown[0].append(originals[:room].cpu())
+            shown[1].append(reconstructions[:room].cpu())
     count = sum(len(x) for x in real)
     if count < 2:
         raise InvalidValueError(f"{data}: fewer than 2 readable images ({count}); nothing to evaluate")
@@ -115,7 +119,11 @@ def reconstruction_metrics(tokenizer, data: str, output_dir: str | Path, batch_s
         report["codebooks"] = [
             codebook_statistics(all_codes[:, k::layout.tokens_per_position] - int(offsets[k]), size)
             for k, size in enumerate(layout.codebook_sizes)]
-    _write(report, grid, Path(output_dir))
+    originals, reconstructions = torch.cat(shown[0]), torch.cat(shown[1])
+    grid = torch.cat([originals, reconstructions])
+    if grid_cell is not None:
+        grid = F.interpolate(grid, size=(grid_cell, grid_cell), mode="nearest")
+    _write(report, (grid, len(originals)), Path(output_dir))
     return report
 
 

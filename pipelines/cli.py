@@ -459,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--class-ids", type=int, nargs="+", default=None)
     which.add_argument("--class-names", nargs="+", default=None, help='e.g. "golden retriever" otter')
     sample.add_argument("--output", required=True, help="the PNG grid to write")
-    sample.add_argument("--guidance-scale", type=float, default=1.0, help="1 = no guidance")
+    sample.add_argument("--guidance-scale", type=float, default=None,
+                        help="1 = no guidance (default: the pipeline's default_guidance_scale, e.g. the scale its "
+                             "evaluation chose, else 1)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--num-images-per-class", type=int, default=1)
     sample.add_argument("--num-inference-steps", type=int, default=None, help="flow pipelines (default: 50)")

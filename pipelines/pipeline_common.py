@@ -73,6 +73,11 @@ def _is_finite_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_guidance_scale(value: Any, name: str) -> None:
+    if not _is_finite_number(value) or value < 0:
+        raise InvalidValueError(f"{name} must be a finite number >= 0 (1 = no guidance), got {value!r}")
+
+
 # Modules whose classes a saved pipeline's components may be (diffusers refuses to import modules itself).
 _COMPONENT_MODULES = ("vfmtok.tokenizer.", "vfmtok.generators.")
 # What folders saved before the package rename (vfmtok 0.1 without the `vfmtok.` prefix) name instead.
@@ -154,15 +159,33 @@ class VFMTokPipelineBase(DiffusionPipeline):
     _callback_tensor_inputs: list[str] = []
 
     # -- construction ---------------------------------------------------------------------------------------------
-    def _register_labels(self, id2label: Optional[dict], evaluation: Optional[dict], num_classes: int) -> None:
+    def _register_labels(self, id2label: Optional[dict], evaluation: Optional[dict], num_classes: int,
+                         default_guidance_scale: Optional[float] = None) -> None:
         id2label = default_id2label(num_classes) if id2label is None else _check_id2label(id2label, num_classes)
         if evaluation is not None and not isinstance(evaluation, dict):
             raise InvalidValueError(f"evaluation must be a dict of results, got {type(evaluation).__name__}")
-        self.register_to_config(id2label=id2label, evaluation=evaluation)
+        if default_guidance_scale is not None:
+            _check_guidance_scale(default_guidance_scale, "default_guidance_scale")
+        self.register_to_config(id2label=id2label, evaluation=evaluation,
+                                default_guidance_scale=None if default_guidance_scale is None
+                                else float(default_guidance_scale))
         self._label2id: dict[str, list[int]] = {}
         for key, name in id2label.items():
             for synonym in {name.strip().lower(), *_synonyms(name)}:
                 self._label2id.setdefault(synonym, []).append(int(key))
+
+    def resolve_guidance_scale(self, guidance_scale: Optional[float]) -> float:
+        """The scale a call uses: the one given, else the pipeline's ``default_guidance_scale`` (the scale its
+        evaluation chose, saved with it), else 1 (no guidance)."""
+        if guidance_scale is None:
+            guidance_scale = self.config.get("default_guidance_scale")
+        return 1.0 if guidance_scale is None else guidance_scale
+
+    def set_default_guidance_scale(self, scale: Optional[float]) -> None:
+        """The scale ``pipe(...)`` uses when given none (saved with the pipeline); None: no guidance."""
+        if scale is not None:
+            _check_guidance_scale(scale, "default_guidance_scale")
+        self.register_to_config(default_guidance_scale=None if scale is None else float(scale))
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -229,9 +252,7 @@ class VFMTokPipelineBase(DiffusionPipeline):
     def _check_call(self, guidance_scale: float, num_images_per_class: int, batch_size: Optional[int],
                     output_type: str, output_size: Optional[int], callback_on_step_end: Optional[Callable],
                     callback_on_step_end_tensor_inputs: Sequence[str]) -> None:
-        if not _is_finite_number(guidance_scale) or guidance_scale < 0:
-            raise InvalidValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got "
-                                    f"{guidance_scale!r}")
+        _check_guidance_scale(guidance_scale, "guidance_scale")
         for name, value in (("num_images_per_class", num_images_per_class), ("batch_size", batch_size),
                             ("output_size", output_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
@@ -381,6 +402,10 @@ class VFMTokPipelineBase(DiffusionPipeline):
                          f"`{json.dumps(summary, default=str)}` |"
                          for component, summary in self.component_summaries().items())
         id2label = self.id2label
+        default_scale = self.config.get("default_guidance_scale")
+        guidance_text = (f"`pipe(...)` samples with classifier-free guidance {default_scale:g} unless given another "
+                         f"`guidance_scale` (1 = none)." if default_scale is not None else
+                         "`pipe(...)` samples without guidance unless given a `guidance_scale` above 1.")
         example = repr(id2label.get(207) or next(iter(id2label.values()), None) or 0)
         cli_example = (f'--class-names "{id2label.get(207) or next(iter(id2label.values()))}"' if id2label
                        else "--class-ids 0")
@@ -432,6 +457,8 @@ pipe = DiffusionPipeline.from_pretrained("{where}", trust_remote_code=True)
 ```
 
 On the command line: `vfmtok sample --pipeline {where} {cli_example} --output grid.png`.
+
+{guidance_text}
 
 ## Classes
 

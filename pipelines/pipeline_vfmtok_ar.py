@@ -20,7 +20,8 @@ class VFMTokARPipeline(VFMTokPipelineBase):
     _raw_output_type = "codes"
     _callback_tensor_inputs = ["codes"]
 
-    def __init__(self, vqvae, transformer, id2label: Optional[dict] = None, evaluation: Optional[dict] = None):
+    def __init__(self, vqvae, transformer, id2label: Optional[dict] = None, evaluation: Optional[dict] = None,
+                 default_guidance_scale: Optional[float] = None):
         super().__init__()
         if not getattr(vqvae, "is_discrete", False):
             raise CheckpointError(f"the AR pipeline needs a discrete tokenizer (codes); {type(vqvae).__name__} "
@@ -35,13 +36,13 @@ class VFMTokARPipeline(VFMTokPipelineBase):
             raise CheckpointError(f"the tokenizer's codebooks {list(layout.codebook_sizes)} do not match the GPT's "
                                   f"codebook_sizes {list(gpt_sizes)} (one code per codebook and grid cell)")
         self.register_modules(vqvae=vqvae, transformer=transformer)
-        self._register_labels(id2label, evaluation, config.num_classes)
+        self._register_labels(id2label, evaluation, config.num_classes, default_guidance_scale)
 
     @torch.no_grad()
     def __call__(
         self,
         class_labels: ClassLabels,
-        guidance_scale: float = 1.0,
+        guidance_scale: Optional[float] = None,
         guidance_schedule: str = "constant",
         guidance_power: float = 2.75,
         guidance_interval: Optional[int] = None,
@@ -61,12 +62,13 @@ class VFMTokARPipeline(VFMTokPipelineBase):
         """Sample images of ``class_labels`` (ids, names, a list or a tensor of them).
 
         ``guidance_*``, ``temperature``, ``top_k``, ``top_p``: as :meth:`vfmtok.generators.GPTModel.generate`
-        (``guidance_scale = 1`` is no guidance). Labels are repeated ``num_images_per_class`` times and sampled in
+        (``guidance_scale = 1`` is no guidance; None: the pipeline's ``default_guidance_scale``, else 1). Labels are repeated ``num_images_per_class`` times and sampled in
         chunks of ``batch_size`` (default: all at once); the callback runs after every sampled token (step = token
         index in the chunk, ``t`` = the same) with ``{"codes": (B, num_tokens)}`` (not yet sampled positions 0) and
         may return replaced codes, which the following tokens condition on. ``output_size`` is the
         decoded side (default: the tokenizer's); ``output_type`` "pil", "np", "pt" (in [0, 1]) or "codes".
         """
+        guidance_scale = self.resolve_guidance_scale(guidance_scale)
         self._check_call(guidance_scale, num_images_per_class, batch_size, output_type, output_size,
                          callback_on_step_end, callback_on_step_end_tensor_inputs)
         self.transformer.guidance_scales(guidance_scale, guidance_schedule, guidance_power, guidance_interval)

@@ -30,7 +30,7 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
     _callback_tensor_inputs = ["latents"]
 
     def __init__(self, vae, transformer, scheduler, weak_transformer=None, id2label: Optional[dict] = None,
-                 evaluation: Optional[dict] = None):
+                 evaluation: Optional[dict] = None, default_guidance_scale: Optional[float] = None):
         super().__init__()
         if getattr(vae, "is_discrete", True):
             raise CheckpointError(f"the flow pipeline needs a continuous tokenizer (latents); {type(vae).__name__} "
@@ -45,7 +45,8 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         scheduler = scheduler if scheduler is not None else FlowMatchEulerDiscreteScheduler()
         self.register_modules(vae=vae, transformer=transformer, scheduler=scheduler,
                               weak_transformer=weak_transformer)
-        self._register_labels(id2label, evaluation, transformer.config.num_classes)
+        self._register_labels(id2label, evaluation, transformer.config.num_classes,
+                             default_guidance_scale)
 
     def _velocity(self, guidance_scale: float, guidance_interval: Optional[tuple[float, float]]) -> Callable:
         """The (guided) velocity ``v(x, t, y)`` in SiT time."""
@@ -75,7 +76,7 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         self,
         class_labels: ClassLabels,
         num_inference_steps: int = 50,
-        guidance_scale: float = 1.0,
+        guidance_scale: Optional[float] = None,
         guidance_interval: Optional[tuple[float, float]] = None,
         sampler: str = "scheduler",
         num_images_per_class: int = 1,
@@ -89,13 +90,15 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
     ) -> Any:
         """Sample images of ``class_labels`` (ids, names, a list or a tensor of them).
 
-        ``guidance_scale``: CFG (or autoguidance with ``weak_transformer``), 1 = none; ``guidance_interval``
+        ``guidance_scale``: CFG (or autoguidance with ``weak_transformer``), 1 = none, None = the pipeline's
+        ``default_guidance_scale`` (else 1); ``guidance_interval``
         ``(t_lo, t_hi)`` in SiT time (0 = noise) limits it. ``sampler``: "scheduler" (the ``scheduler`` component,
         ``num_inference_steps`` steps; callback after each scheduler step with ``{"latents": ...}``) or "sde"
         (the project's Euler–Maruyama SDE sampler, ``num_inference_steps`` + 1 model calls, shift from the
         scheduler config; no callback). Labels are repeated ``num_images_per_class`` times and sampled in chunks
         of ``batch_size``. ``output_type`` "pil", "np", "pt" (in [0, 1]) or "latent" (the tokenizer's latents).
         """
+        guidance_scale = self.resolve_guidance_scale(guidance_scale)
         self._check_call(guidance_scale, num_images_per_class, batch_size, output_type, output_size,
                          callback_on_step_end, callback_on_step_end_tensor_inputs)
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:

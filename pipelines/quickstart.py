@@ -1,31 +1,44 @@
-"""``vfmtok quickstart``: the whole two-stage suite, end to end, offline, on a CPU in about ten minutes.
+"""``vfmtok quickstart``: the whole two-stage suite, end to end, offline, on a CPU in about ten minutes, with numbers
+an outsider can check.
 
 Stages (each recorded in ``O/stages/<name>.json`` when it finishes, so a rerun skips it; ``--force`` redoes all):
 
 1. ``data``: the default data are the 1797 handwritten digits that ship inside scikit-learn (8 x 8, 17 grey levels,
-   BSD licence), upscaled to 32 px RGB and saved as a ``datasets`` folder with the class names ``zero`` ... ``nine``
-   (``--data`` takes anything the trainer accepts instead). A balanced subset, centre-cropped to 32 px, is written as
-   the FID reference folder.
+   BSD licence), upscaled to 32 px RGB with the class names ``zero`` ... ``nine`` (``--data`` takes anything the
+   trainer accepts instead). They are split once, stratified and seeded: about 300 images are **held out** and
+   every metric is measured on them; the rest trains. The held-out images are the FID reference; a balanced
+   sample of training images as large as each gFID sample is the **floor** (the FID real images reach).
 2. ``tokenizer-vq`` / ``tokenizer-ae``: a discrete (VFMTok) and a continuous (VFMAE) tokenizer, trained with the
-   shared trainer (``configs/quickstart/tokenizer-*.yaml``). The frozen VFM is a pretrained one when ``--vfm`` names
-   it (a preset of :data:`tokenizer.vfm.VFM_PRESETS`, a Hub id or a local ``save_pretrained`` folder of a DINOv2),
-   otherwise a small randomly initialised one, and the output and report say which.
-3. ``extract-codes`` / ``extract-latents``: every image encoded once (``vfmtok extract``; no mirrored views).
-4. ``train-ar`` / ``train-flow``: the GPT over the codes and the flow denoiser over the latents.
+   shared trainer (``configs/quickstart/tokenizer-*.yaml``), side by side in two single-threaded processes. The
+   frozen VFM is a pretrained one when ``--vfm`` names it (a preset of :data:`vfmtok.tokenizer.vfm.VFM_PRESETS`, a
+   Hub id or a local ``save_pretrained`` folder of a DINOv2), otherwise a small randomly initialised one, and the
+   output and report say which.
+3. ``extract-codes`` / ``extract-latents``: every training image encoded once (``vfmtok extract``; no mirrored
+   views).
+4. ``train-ar`` / ``train-flow``: the GPT over the codes and the flow denoiser over the latents, side by side.
 5. ``pipelines``: both saved with ``save_pretrained`` under ``O/pipelines/ar`` and ``O/pipelines/flow``.
-6. ``samples``: both loaded back with ``from_pretrained``; grids of ``pipe(class_ids)`` with and without CFG.
-7. ``recon-vq`` / ``recon-ae``: PSNR, SSIM, rFID and codebook usage of the tokenizers.
-8. ``benchmark-ar`` / ``benchmark-flow``: gFID with and without CFG against the reference (``vfmtok benchmark``).
+6. ``judge``: an independent digit classifier (scikit-learn, on the training split's pixels at their native 8 x 8;
+   :mod:`vfmtok.evaluation.judge`) and its held-out accuracy.
+7. ``recon-vq`` / ``recon-ae``: PSNR, SSIM, rFID and codebook usage of the tokenizers on the held-out images.
+8. ``floor``, ``benchmark-ar`` / ``benchmark-flow``: gFID and the judge's class accuracy of generated samples at every
+   guidance scale of the sweep; the best scale by gFID becomes the saved pipeline's default; one plot per generator.
+9. ``samples-ar`` / ``samples-flow``: both pipelines loaded back with ``from_pretrained``; sample grids without
+   guidance and at the chosen scale.
 
 Training stages interrupted part-way resume from their last checkpoint (exactly, like ``--resume``); the other stages
-write their outputs atomically and are redone. Everything is deterministic for a fixed ``--seed`` on CPU.
+write their outputs atomically and are redone. A run is deterministic for a fixed ``--seed`` on one machine; other
+CPUs (other SIMD kernels) give slightly different numbers.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import io
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 import time
 from pathlib import Path
@@ -40,43 +53,46 @@ from vfmtok.tokenizer.utils.atomic import atomic_directory, atomic_file
 from vfmtok.tokenizer.utils.errors import InvalidValueError, MissingFileError, OutputExistsError, WeightsUnavailableError
 
 __all__ = ["QuickstartBudget", "FULL", "FAST", "run_quickstart", "digits_dataset", "quickstart_vfm_spec",
-           "DIGIT_NAMES"]
+           "stratified_split", "DIGIT_NAMES"]
 
 logger = logging.getLogger(__name__)
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CONFIG_DIR = shipped_configs() / "quickstart"
 IMAGE_SIZE = 32  # the quickstart tokenizers' input and output size (configs/quickstart/tokenizer-*.yaml)
-GRID_CELL = 64  # pixels per image in the sample grids (upscaled, so that captions fit)
-_FORMAT = 1  # of quickstart.json; a different format is a different run
+GRID_CELL = 96  # pixels per image in the sample and reconstruction grids (upscaled so that a reader can judge them)
+DIGITS_JUDGE_SIZE = 8  # the digits' native resolution
+OTHER_JUDGE_SIZE = 16
+_FORMAT = 2  # of quickstart.json; a different format is a different run
 
 
 @dataclasses.dataclass(frozen=True)
 class QuickstartBudget:
     """How much work each stage does."""
 
-    images_per_class: Optional[int]  # training images per class (None: all)
+    images_per_class: Optional[int]  # images per class taken from the data before the split (None: all)
+    held_out: int  # images held out (stratified) for every metric
     tokenizer_steps: int
     ar_steps: int
     flow_steps: int
-    reference_images: int  # FID reference images (balanced over the classes, at least one per class)
-    gfid_samples: int  # generated images per guidance setting, for gFID (balanced labels)
-    recon_images: int  # images for the reconstruction metrics
+    gfid_samples: int  # generated images per guidance scale (balanced labels); also the floor's size
     grid_per_class: int  # images per class in the sample grids
     flow_inference_steps: int
+    guidance_scales: tuple[float, ...]  # the sweep (1 = no guidance)
 
 
-FULL = QuickstartBudget(images_per_class=None, tokenizer_steps=300, ar_steps=1500, flow_steps=1500,
-                        reference_images=300, gfid_samples=150, recon_images=100, grid_per_class=6,
-                        flow_inference_steps=50)
-FAST = QuickstartBudget(images_per_class=12, tokenizer_steps=6, ar_steps=20, flow_steps=20, reference_images=40,
-                        gfid_samples=30, recon_images=16, grid_per_class=2, flow_inference_steps=8)
+FULL = QuickstartBudget(images_per_class=None, held_out=300, tokenizer_steps=1000, ar_steps=1500, flow_steps=1500,
+                        gfid_samples=150, grid_per_class=6, flow_inference_steps=50,
+                        guidance_scales=(1.0, 1.5, 2.0, 3.0, 4.0))
+FAST = QuickstartBudget(images_per_class=12, held_out=30, tokenizer_steps=6, ar_steps=20, flow_steps=20,
+                        gfid_samples=30, grid_per_class=2, flow_inference_steps=8, guidance_scales=(1.0, 2.0))
 
 
 # -- data ------------------------------------------------------------------------------------------------------------
-def digits_dataset(directory: str | Path, images_per_class: Optional[int] = None) -> Path:
-    """scikit-learn's bundled handwritten digits as a ``datasets`` folder (``save_to_disk``): 32 px RGB PNGs, dark ink
-    on white, bicubic-upscaled from 8 x 8, with ClassLabel names ``zero`` ... ``nine``."""
+def digits_dataset(directory: Optional[str | Path] = None, images_per_class: Optional[int] = None):
+    """scikit-learn's bundled handwritten digits as a ``datasets.Dataset``: 32 px RGB PNGs, dark ink on white,
+    bicubic-upscaled from 8 x 8, with ClassLabel names ``zero`` ... ``nine``; saved (``save_to_disk``) into
+    ``directory`` when one is given (then its path is returned)."""
     import datasets
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -97,36 +113,57 @@ def digits_dataset(directory: str | Path, images_per_class: Optional[int] = None
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(DIGIT_NAMES))})
     dataset = datasets.Dataset.from_dict({"image": encoded, "label": [int(t) for t in digits.target[keep]]},
                                          features=features)
+    if directory is None:
+        return dataset
     with atomic_directory(directory, replace=True) as staging:
         dataset.save_to_disk(str(staging))
     return Path(directory)
 
 
-def reference_images(data: str, directory: str | Path, per_class: int, size: int = IMAGE_SIZE) -> dict[str, Any]:
-    """Write the first ``per_class`` images of every class of ``data`` (ADM centre crop to ``size``) as PNGs: the FID
-    reference of the benchmark."""
-    from vfmtok.pipelines.data import adm_center_crop, decode_image, load_image_dataset
+def stratified_split(labels: np.ndarray, held_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, held-out indices), sorted: ``held_out`` images with the classes in the data's proportions
+    (scikit-learn's stratified split, seeded)."""
+    from sklearn.model_selection import train_test_split
 
-    dataset = load_image_dataset(data)
-    labels = np.asarray(dataset["label"])
-    chosen = [int(i) for c in np.unique(labels[labels >= 0]) for i in np.flatnonzero(labels == c)[:per_class]]
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)
+    num_classes = int((counts > 0).sum())
+    if held_out < num_classes or len(labels) - held_out < num_classes or counts[counts > 0].min() < 2:
+        raise InvalidValueError(f"cannot hold out {held_out} of {len(labels)} images stratified over {num_classes} "
+                                f"classes: every class needs at least 2 images and each split one per class")
+    train, test = train_test_split(np.arange(len(labels)), test_size=held_out, stratify=labels, random_state=seed)
+    return np.sort(train), np.sort(test)
+
+
+def write_images(dataset, directory: str | Path, indices: Optional[np.ndarray] = None,
+                 size: int = IMAGE_SIZE) -> int:
+    """Images of ``dataset`` (from :func:`vfmtok.pipelines.data.load_image_dataset`; all, or ``indices``) as PNGs,
+    ADM-centre-cropped to ``size``: an FID image folder."""
+    from vfmtok.pipelines.data import adm_center_crop, decode_image
+
+    indices = np.arange(len(dataset)) if indices is None else indices
     with atomic_directory(directory, replace=True) as staging:
-        for k, index in enumerate(chosen):
-            adm_center_crop(decode_image(dataset[index]["image"]), size).convert("RGB").save(
+        for k, index in enumerate(indices):
+            adm_center_crop(decode_image(dataset[int(index)]["image"]), size).convert("RGB").save(
                 staging / f"{k:05d}.png", format="PNG")
-    return {"reference_images": len(chosen), "per_class": per_class}
+    return len(indices)
 
 
-def data_summary(data: str) -> dict[str, Any]:
+def balanced_indices(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """The first ``per_class`` images of every class."""
+    labels = np.asarray(labels)
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)]))
+
+
+def dataset_info(dataset, source: str) -> dict[str, Any]:
     """Number of images and classes of a labelled dataset, and its class names ({id: name})."""
-    from vfmtok.pipelines.data import class_names, load_image_dataset
+    from vfmtok.pipelines.data import class_names
     from vfmtok.pipelines.pipeline_common import default_id2label
 
-    dataset = load_image_dataset(data)
     labels = np.asarray(dataset["label"])
     if (labels < 0).any():
-        raise InvalidValueError(f"{data!r}: the quickstart trains class-conditional generators, so every image needs "
-                                f"a class label; {int((labels < 0).sum())} of {len(labels)} have none")
+        raise InvalidValueError(f"{source!r}: the quickstart trains class-conditional generators, so every image "
+                                f"needs a class label; {int((labels < 0).sum())} of {len(labels)} have none")
     num_classes = int(labels.max()) + 1
     names = class_names(dataset)
     id2label = ({str(i): name for i, name in enumerate(names)} if names is not None
@@ -178,9 +215,16 @@ class _Stages:
         self.root = root / "stages"
         self.seconds: dict[str, float] = {}
         self.skipped: list[str] = []
-        self.progress = tqdm(total=total, desc="quickstart", unit="stage", dynamic_ncols=True)
+        # disable=None: no bar when stderr is not a terminal (a log file gets the stage lines, not escape codes)
+        self.progress = tqdm(total=total, desc="quickstart", unit="stage", dynamic_ncols=True, disable=None)
 
-    def run(self, name: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def done(self, name: str) -> bool:
+        return (self.root / f"{name}.json").is_file()
+
+    def run(self, name: str, work: Callable[[], dict[str, Any]], seconds_from: Optional[float] = None
+            ) -> dict[str, Any]:
+        """Run ``work`` unless an earlier run finished it; ``seconds_from``: the stage started then (a stage run
+        side by side with another is timed from their common start)."""
         marker = self.root / f"{name}.json"
         if marker.is_file():
             record = json.loads(marker.read_text())
@@ -190,7 +234,7 @@ class _Stages:
         else:
             self.progress.set_postfix_str(name)
             logger.info("stage %s ...", name)
-            start = time.perf_counter()
+            start = time.perf_counter() if seconds_from is None else seconds_from
             result = work()
             record = {"result": result, "seconds": time.perf_counter() - start}
             self.seconds[name] = record["seconds"]
@@ -202,11 +246,10 @@ class _Stages:
 
 
 def _template(name: str) -> dict[str, Any]:
-    """``configs/quickstart/<name>``, read."""
+    """``configs/quickstart/<name>`` (shipped with the package), read."""
     source = CONFIG_DIR / name
     if not source.is_file():
-        raise MissingFileError(f"the quickstart's config {str(source)!r} is missing: the quickstart runs from a "
-                               f"checkout of the repository (pip install -e .)")
+        raise MissingFileError(f"the quickstart's config {str(source)!r} is missing: reinstall vfmtok")
     return yaml.safe_load(source.read_text())
 
 
@@ -258,18 +301,368 @@ def _inception_or_reason(inception_weights: Optional[str]) -> tuple[Optional[str
     return inception_weights, None
 
 
-def _sample_grids(pipe, kind: str, classes: list[int], names: dict[int, str], per_class: int, guidance: float,
-                  seed: int, output: Path, options: dict[str, Any]) -> dict[str, str]:
-    """Grids (one row per class, captioned) of ``pipe(class_ids)`` without CFG and with CFG ``guidance``."""
+# -- running stages side by side ------------------------------------------------------------------------------------
+def _single_threaded_worker() -> None:
+    """Each side-by-side training process uses one thread: the quickstart's small models gain nothing from a second
+    one (measured; see the README), and two processes of one thread use both cores without oversubscribing them."""
+    torch.set_num_threads(1)
+    os.environ["TQDM_DISABLE"] = "1"  # two processes' progress bars would garble each other
+
+
+def _run_side_by_side(stages: "_Stages", work: dict[str, Callable[[], dict[str, Any]]], workers: int) -> dict:
+    """Run the named stages (picklable callables) in ``workers`` spawned processes; a stage already finished is
+    skipped as in :meth:`_Stages.run`."""
+    pending = {name: fn for name, fn in work.items() if not stages.done(name)}
+    if workers < 2 or len(pending) < 2:
+        return {name: stages.run(name, fn) for name, fn in work.items()}
+    context = multiprocessing.get_context("spawn")
+    results = {}
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                                initializer=_single_threaded_worker) as pool:
+        started = time.perf_counter()
+        futures = {name: pool.submit(fn) for name, fn in pending.items()}
+        for name in work:
+            if name in futures:
+                results[name] = stages.run(name, futures[name].result, seconds_from=started)
+            else:
+                results[name] = stages.run(name, work[name])
+    return results
+
+
+def _train_tokenizer_stage(config: Path, data: str, run_dir: Path) -> dict[str, Any]:
+    from vfmtok.pipelines.train.tokenizer import train_tokenizer
+
+    return {"exported": str(train_tokenizer(config, data, run_dir, resume=True, random_vfm_intended=True))}
+
+
+def _train_ar_stage(config: Path, run_dir: Path, codes: Path) -> dict[str, Any]:
+    from vfmtok.pipelines.train.ar import train_ar
+
+    return {"exported": str(train_ar(config, run_dir, codes=str(codes), resume=True))}
+
+
+def _train_flow_stage(config: Path, run_dir: Path, latents: Path) -> dict[str, Any]:
+    from vfmtok.pipelines.train.flow import train_flow
+
+    return {"exported": str(train_flow(config, run_dir, latents=str(latents), resume=True))}
+
+
+@dataclasses.dataclass
+class _Run:
+    """What every stage of one quickstart run needs."""
+
+    output: Path
+    stages: _Stages
+    budget: QuickstartBudget
+    seed: int
+    workers: int
+    digits: bool  # the default data (the judge works at their native 8 x 8)
+
+    @property
+    def train_dir(self) -> str:
+        return str(self.output / "data" / "train")
+
+    @property
+    def held_out_dir(self) -> str:
+        return str(self.output / "data" / "held-out")
+
+    def config(self, template: str, params: dict[str, Any], max_steps: int) -> Path:
+        """``configs/quickstart/<template>`` with ``params``, this run's seed and ``max_steps``, under ``configs/``."""
+        return _write_config(template, self.output / "configs" / template, params,
+                             {"max_steps": max_steps, "seed": self.seed})
+
+    def relative(self, path: str | Path) -> str:
+        """A path inside the output folder, relative to it (report.json holds only such paths)."""
+        return str(Path(path).relative_to(self.output))
+
+
+def run_quickstart(output_dir: str | Path = "quickstart", data: Optional[str] = None, vfm: Optional[str] = None,
+                   seed: int = 0, fast: bool = False, force: bool = False,
+                   inception_weights: Optional[str] = None) -> dict[str, Any]:
+    """Run every stage (see the module docstring) into ``output_dir`` and return the report (also written as
+    ``report.json`` and ``report.md``)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidValueError(f"--seed must be an integer >= 0, got {seed!r}")
+    budget = FAST if fast else FULL
+    output = Path(output_dir)
+    weights, no_inception = _inception_or_reason(inception_weights)  # checked before any training
+    if inception_weights is not None and no_inception:
+        raise MissingFileError(f"--inception-weights: {no_inception}")
+    _prepare_output(output, _options_record(data, vfm, seed, fast), force)
+    started = time.perf_counter()
+    run = _Run(output, _Stages(output, total=17), budget, seed, workers=min(2, os.cpu_count() or 1),
+               digits=data is None)
+    info = _data_stage(run, data)
+    tokenizers, vfm_note = _tokenizer_stages(run, vfm)
+    codes, latents = _extraction_stages(run, tokenizers)
+    generators = _generator_stages(run, info["num_classes"], codes, latents)
+    pipelines_dir = _pipeline_stage(run, tokenizers, generators, info["id2label"])
+    judge = run.stages.run("judge", lambda: _fit_judge(run).describe())
+    flow_sampling = {"num_inference_steps": budget.flow_inference_steps}
+    recon, sweeps, floor = _evaluation_stages(run, tokenizers, pipelines_dir, flow_sampling, weights, no_inception,
+                                              judge)
+    defaults = {kind: (sweeps[kind] or {}).get("best_scale") for kind in ("ar", "flow")}
+    grids = _sample_stages(run, pipelines_dir, info, defaults, flow_sampling)
+    run.stages.progress.close()
+    return _report(run, info, vfm, vfm_note, tokenizers, recon, sweeps, floor, judge, grids, no_inception,
+                   time.perf_counter() - started, fast, data)
+
+
+def _data_stage(run: _Run, data: Optional[str]) -> dict[str, Any]:
+    """1. The data (the digits unless ``--data`` named some), split once into training and held-out images; the FID
+    reference (the held-out images) and the floor (a balanced training sample of the gFID sample size)."""
+
+    def prepare_data() -> dict[str, Any]:
+        from vfmtok.pipelines.data import load_image_dataset
+
+        dataset = digits_dataset(None, run.budget.images_per_class) if data is None else load_image_dataset(data)
+        summary = dataset_info(dataset, data or "digits")
+        labels = np.asarray(dataset["label"])
+        train, held_out = stratified_split(labels, min(run.budget.held_out, len(labels) // 2), run.seed)
+        for name, indices in (("train", train), ("held-out", held_out)):
+            with atomic_directory(run.output / "data" / name, replace=True) as staging:
+                dataset.select(indices).save_to_disk(str(staging))
+        summary.update(train_images=len(train), held_out_images=len(held_out), split_seed=run.seed)
+        summary["reference_images"] = write_images(load_image_dataset(run.held_out_dir),
+                                                   run.output / "data" / "reference")
+        training = load_image_dataset(run.train_dir)
+        per_class = max(1, run.budget.gfid_samples // summary["num_classes"])
+        summary["floor_images"] = write_images(training, run.output / "data" / "floor",
+                                               balanced_indices(np.asarray(training["label"]), per_class))
+        return summary
+
+    info = run.stages.run("data", prepare_data)
+    info["id2label"] = {str(k): v for k, v in info["id2label"].items()}
+    return info
+
+
+def _tokenizer_stages(run: _Run, vfm: Optional[str]) -> tuple[dict[str, Path], str]:
+    """2. The discrete and the continuous tokenizer, side by side: their exported folders, and which VFM they use."""
+    tokenizers: dict[str, Path] = {}
+    vfm_notes = {}
+    work = {}
+    for kind, template in (("vq", "tokenizer-vq.yaml"), ("ae", "tokenizer-ae.yaml")):
+        spec, vfm_notes[kind] = quickstart_vfm_spec(vfm, _template(template)["params"]["vfm"]["image_size"])
+        config = run.config(template, {} if spec is None else {"vfm": spec}, run.budget.tokenizer_steps)
+        run_dir = run.output / "runs" / f"tokenizer-{kind}"
+        work[f"tokenizer-{kind}"] = functools.partial(_train_tokenizer_stage, config, run.train_dir, run_dir)
+        tokenizers[kind] = run_dir / "tokenizer"
+    logger.info("VFM: %s", vfm_notes["vq"])
+    _run_side_by_side(run.stages, work, run.workers)
+    return tokenizers, vfm_notes["vq"]
+
+
+def _extraction_stages(run: _Run, tokenizers: dict[str, Path]) -> tuple[Path, Path]:
+    """3. Every training image encoded once: the codes folder and the latents folder (with its statistics)."""
+    from vfmtok.pipelines.train.extract import extract_tokens, load_tokenizer
+    from vfmtok.pipelines.train.flow import write_latent_statistics
+
+    def extract(kind: str, target: Path) -> dict[str, Any]:
+        # an interrupted extraction left only a staging directory, which extract_tokens removes; a finished one
+        # whose statistics were not written yet is removed here
+        shutil.rmtree(target, ignore_errors=True)
+        extract_tokens(load_tokenizer(str(tokenizers[kind])), run.train_dir, target, batch_size=64, num_workers=0,
+                       flip=False)
+        if kind == "ae":
+            write_latent_statistics(target)
+        return {"path": run.relative(target), "shape": json.loads((target / "meta.json").read_text())["shape"]}
+
+    codes, latents = run.output / "codes", run.output / "latents"
+    for kind, name, target in (("vq", "extract-codes", codes), ("ae", "extract-latents", latents)):
+        run.stages.run(name, lambda kind=kind, target=target: extract(kind, target))
+    return codes, latents
+
+
+def _generator_stages(run: _Run, num_classes: int, codes: Path, latents: Path) -> dict[str, Path]:
+    """4. The GPT over the codes and the flow denoiser over the latents, side by side: their run folders."""
+    options = {"num_classes": num_classes}
+    ar_config = run.config("ar.yaml", options, run.budget.ar_steps)
+    flow_config = run.config("flow.yaml", options, run.budget.flow_steps)
+    runs = {"ar": run.output / "runs" / "ar", "flow": run.output / "runs" / "flow"}
+    _run_side_by_side(run.stages, {
+        "train-ar": functools.partial(_train_ar_stage, ar_config, runs["ar"], codes),
+        "train-flow": functools.partial(_train_flow_stage, flow_config, runs["flow"], latents)}, run.workers)
+    return runs
+
+
+def _pipeline_stage(run: _Run, tokenizers: dict[str, Path], generators: dict[str, Path],
+                    id2label: dict[str, str]) -> dict[str, Path]:
+    """5. Both pipelines saved with ``save_pretrained``: their folders."""
+    pipelines_dir = {"ar": run.output / "pipelines" / "ar", "flow": run.output / "pipelines" / "flow"}
+
+    def save_pipelines() -> dict[str, Any]:
+        from vfmtok.generators import DiTModel, GPTModel
+        from vfmtok.pipelines.convert import assemble_pipeline
+        from vfmtok.pipelines.train.extract import load_tokenizer
+
+        for kind, tokenizer, generator_cls in (("ar", "vq", GPTModel), ("flow", "ae", DiTModel)):
+            pipe = assemble_pipeline(load_tokenizer(str(tokenizers[tokenizer])),
+                                     generator_cls.from_pretrained(generators[kind] / "generator"), id2label=id2label)
+            with atomic_directory(pipelines_dir[kind], replace=True) as staging:
+                pipe.save_pretrained(staging)
+        return {k: run.relative(v) for k, v in pipelines_dir.items()}
+
+    run.stages.run("pipelines", save_pipelines)
+    return pipelines_dir
+
+
+# -- evaluation ------------------------------------------------------------------------------------------------------
+def _split_images(directory: str) -> tuple[list, np.ndarray]:
+    from vfmtok.pipelines.data import decode_image, load_image_dataset
+
+    dataset = load_image_dataset(directory)
+    return [decode_image(dataset[i]["image"]) for i in range(len(dataset))], np.asarray(dataset["label"])
+
+
+def _fit_judge(run: _Run):
+    """6. The judge, fitted on the training split and checked on the held-out split (about 2 s: refitted whenever
+    needed rather than pickled)."""
+    from vfmtok.evaluation.judge import PixelJudge
+
+    judge = PixelJudge(DIGITS_JUDGE_SIZE if run.digits else OTHER_JUDGE_SIZE, seed=run.seed)
+    judge.fit(*_split_images(run.train_dir))
+    judge.check(*_split_images(run.held_out_dir))
+    return judge
+
+
+def _evaluation_stages(run: _Run, tokenizers: dict[str, Path], pipelines_dir: dict[str, Path],
+                       flow_sampling: dict[str, Any], weights: Optional[str], no_inception: Optional[str],
+                       judge_record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Optional[dict]]:
+    """7. Tokenizer metrics on the held-out images; 8. the floor and each generator's guidance sweep. All None (with
+    the reason in the report) when no FID Inception weights can be had."""
+    from vfmtok.evaluation.recon import reconstruction_metrics
+    from vfmtok.pipelines.train.extract import load_tokenizer
+
+    if no_inception:
+        run.stages.progress.update(5)
+        return {"vq": None, "ae": None}, {"ar": None, "flow": None}, None
+    recon: dict[str, Any] = {}
+    for kind in ("vq", "ae"):
+        recon[kind] = run.stages.run(f"recon-{kind}", lambda kind=kind: _recon_summary(run, reconstruction_metrics(
+            load_tokenizer(str(tokenizers[kind])), run.held_out_dir, run.output / "eval" / f"recon-{kind}",
+            batch_size=64, eval_size=IMAGE_SIZE, inception_weights=weights, grid_images=16, grid_cell=GRID_CELL,
+            lpips=False)))  # LPIPS would download VGG16 weights (528 MB); the quickstart stays offline
+    floor = run.stages.run("floor", lambda: _floor(run, weights))
+    sweeps = {}
+    for kind, options in (("ar", {}), ("flow", flow_sampling)):
+        sweeps[kind] = run.stages.run(f"benchmark-{kind}", lambda kind=kind, options=options: _sweep(
+            run, kind, pipelines_dir[kind], options, weights, floor, judge_record))
+    return recon, sweeps, floor
+
+
+def _recon_summary(run: _Run, report: dict[str, Any]) -> dict[str, Any]:
+    keep = ("psnr", "ssim", "rfid", "lpips", "lpips_unavailable", "num_images", "codebooks", "warnings")
+    summary = {k: report[k] for k in keep if k in report}
+    summary["protocol"] = {**report["protocol"], "data": "the held-out split (data/held-out)"}
+    return summary
+
+
+def _floor(run: _Run, weights: Optional[str]) -> dict[str, Any]:
+    """The FID of real training images against the held-out reference, at the gFID sample size and with the same
+    protocol: no generator can be expected below it."""
+    from vfmtok.evaluation.fid import InceptionFeatures, compare_sources, load_source
+
+    metrics = compare_sources(load_source(run.output / "data" / "floor"), load_source(run.output / "data" / "reference"),
+                              InceptionFeatures(weights), batch_size=50)
+    return {"fid": metrics["fid"], "num_images": metrics["num_samples"],
+            "what": "real training images (balanced) against the held-out reference, same protocol as gFID"}
+
+
+def _sweep(run: _Run, kind: str, pipeline: Path, options: dict[str, Any], weights: Optional[str],
+           floor: dict[str, Any], judge_record: dict[str, Any]) -> dict[str, Any]:
+    """gFID (``vfmtok benchmark``) and class accuracy (the judge on the same samples) at every scale of the sweep;
+    the best scale by gFID becomes the pipeline's default and goes into its model card with the results; a plot."""
+    from vfmtok.evaluation.benchmark import card_results, run_benchmark
+    from vfmtok.pipelines.pipeline_common import load_pipeline
+
+    output = run.output / "eval" / f"benchmark-{kind}"
+    report = run_benchmark(str(pipeline), output, run.budget.gfid_samples, list(run.budget.guidance_scales),
+                           str(run.output / "data" / "reference"), labels="balanced", seed=run.seed, batch_size=64,
+                           output_size=IMAGE_SIZE, inception_weights=weights, sampler_options=options, device="cpu")
+    judge = _fit_judge(run) if judge_record["useful"] else None
+    rows = []
+    for row in report["settings"]:
+        images, labels = _benchmark_samples(output / "samples" / row["setting"])
+        rows.append({"guidance_scale": row["guidance_scale"], "gfid": row["fid"], "precision": row["precision"],
+                     "recall": row["recall"], "class_accuracy": judge.accuracy(images, labels) if judge else None})
+    best = min(rows, key=lambda r: r["gfid"])
+    without = next(r for r in rows if r["guidance_scale"] == 1.0)
+    pipe = load_pipeline(pipeline)
+    pipe.set_default_guidance_scale(best["guidance_scale"])
+    evaluation = card_results(report)
+    evaluation.update({f"class accuracy (cfg-{r['guidance_scale']:g})": round(r["class_accuracy"], 4)
+                       for r in rows if r["class_accuracy"] is not None})
+    evaluation["FID floor (real training images)"] = round(floor["fid"], 4)
+    pipe.record_evaluation(evaluation, pipeline)
+    plot = _plot_sweep(kind, rows, floor, judge_record, run.output / f"guidance_{kind}.png")
+    protocol = {k: v for k, v in report["settings"][0]["protocol"].items() if k != "guidance_scale"}
+    protocol["reference"] = "data/reference (the held-out split)"
+    return {"rows": rows, "best_scale": best["guidance_scale"], "best": best, "without_guidance": without,
+            "plot": run.relative(plot), "protocol": protocol}
+
+
+def _benchmark_samples(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 images and their labels of a benchmark setting's shards."""
+    images, labels = [], []
+    for shard in sorted(folder.glob("shard-*.npz")):
+        with np.load(shard, allow_pickle=False) as data:
+            images.append(data["arr_0"])
+            labels.append(data["labels"])
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _plot_sweep(kind: str, rows: list[dict[str, Any]], floor: dict[str, Any], judge: dict[str, Any],
+                path: Path) -> Path:
+    """gFID (left axis, with the floor) and class accuracy (right axis) against the guidance scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    scales = [r["guidance_scale"] for r in rows]
+    figure, left = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    left.plot(scales, [r["gfid"] for r in rows], "o-", color="tab:blue", label="gFID")
+    left.axhline(floor["fid"], color="tab:blue", linestyle="--", linewidth=1,
+                 label=f"floor: real images ({floor['fid']:.1f})")
+    left.set_xlabel("classifier-free guidance scale (1 = none)")
+    left.set_ylabel("gFID (lower is better)", color="tab:blue")
+    left.set_xticks(scales)
+    handles, labels = left.get_legend_handles_labels()
+    if rows[0]["class_accuracy"] is not None:
+        right = left.twinx()
+        right.plot(scales, [100 * r["class_accuracy"] for r in rows], "s-", color="tab:red", label="class accuracy")
+        right.axhline(100 * judge["held_out_accuracy"], color="tab:red", linestyle=":", linewidth=1,
+                      label=f"judge on real held-out ({100 * judge['held_out_accuracy']:.1f}%)")
+        right.set_ylabel("class accuracy of samples (%)", color="tab:red")
+        right.set_ylim(0, 100)
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    left.legend(handles, labels, loc="best", fontsize=8)
+    left.set_title(f"{'GPT over VQ codes' if kind == 'ar' else 'flow denoiser over latents'}: guidance sweep")
+    figure.tight_layout()
+    points = {"guidance_scale": scales, "gfid": [r["gfid"] for r in rows], "floor": floor["fid"],
+              "class_accuracy": [r["class_accuracy"] for r in rows]}
+    with atomic_file(path) as temporary:  # the plotted numbers ride along in the PNG's text chunk
+        figure.savefig(temporary, format="png", metadata={"Description": json.dumps(points)})
+    plt.close(figure)
+    return path
+
+
+def _sample_grids(pipe, kind: str, classes: list[int], names: dict[int, str], per_class: int,
+                  guidance: Optional[float], seed: int, output: Path, options: dict[str, Any]) -> dict[str, str]:
+    """Grids (one row per class, ``per_class`` samples each, captioned) of ``pipe(class_ids)`` without guidance and
+    at the pipeline's default (the sweep's best) scale."""
     from PIL import Image
 
     from vfmtok.pipelines.pipeline_common import captioned_image_grid
 
     written = {}
     for label, scale in (("without_cfg", 1.0), ("with_cfg", guidance)):
+        if scale is None:
+            continue
         images = pipe(classes, guidance_scale=scale, num_images_per_class=per_class,
                       generator=torch.Generator().manual_seed(seed), output_type="pil", **options).images
-        images = [image.resize((GRID_CELL, GRID_CELL), Image.Resampling.BICUBIC) for image in images]
+        images = [image.resize((GRID_CELL, GRID_CELL), Image.Resampling.NEAREST) for image in images]
         captions = [f"{names.get(c, c)}" for c in classes for _ in range(per_class)]
         path = output / f"samples_{kind}_{label}.png"
         with atomic_file(path) as temporary:
@@ -282,229 +675,65 @@ def _grid_classes(num_classes: int, count: int = 10) -> list[int]:
     return sorted({int(round(i)) for i in np.linspace(0, num_classes - 1, min(count, num_classes))})
 
 
-@dataclasses.dataclass
-class _Run:
-    """What every stage of one quickstart run needs."""
-
-    output: Path
-    stages: _Stages
-    budget: QuickstartBudget
-    seed: int
-    data_dir: str
-
-    def config(self, template: str, params: dict[str, Any], max_steps: int) -> Path:
-        """``configs/quickstart/<template>`` with ``params``, this run's seed and ``max_steps``, under ``configs/``."""
-        return _write_config(template, self.output / "configs" / template, params,
-                             {"max_steps": max_steps, "seed": self.seed})
-
-
-def run_quickstart(output_dir: str | Path = "quickstart", data: Optional[str] = None, vfm: Optional[str] = None,
-                   seed: int = 0, fast: bool = False, force: bool = False,
-                   inception_weights: Optional[str] = None) -> dict[str, Any]:
-    """Run every stage (see the module docstring) into ``output_dir`` and return the report (also written as
-    ``report.json`` and ``report.md``)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InvalidValueError(f"--seed must be an integer >= 0, got {seed!r}")
-    budget = FAST if fast else FULL
-    output = Path(output_dir)
-    _prepare_output(output, _options_record(data, vfm, seed, fast), force)
-    started = time.perf_counter()
-    run = _Run(output, _Stages(output, total=14), budget, seed,
-               str(output / "data" / "digits") if data is None else data)
-    info = _data_stage(run, generate_digits=data is None)
-    tokenizers, vfm_note = _tokenizer_stages(run, vfm)
-    codes, latents = _extraction_stages(run, tokenizers)
-    generators, guidance = _generator_stages(run, info["num_classes"], codes, latents)
-    pipelines_dir = _pipeline_stage(run, tokenizers, generators, info["id2label"])
-    flow_sampling = {"num_inference_steps": budget.flow_inference_steps}
-    grids = _sample_stages(run, pipelines_dir, info, guidance, flow_sampling)
-    recon, bench, no_inception = _evaluation_stages(run, tokenizers, pipelines_dir, guidance, flow_sampling,
-                                                    inception_weights)
-    run.stages.progress.close()
-    return _report(output, info, vfm, vfm_note, tokenizers, recon, bench, grids, no_inception, guidance, run.stages,
-                   time.perf_counter() - started, seed, fast, budget, data)
-
-
-def _data_stage(run: _Run, generate_digits: bool) -> dict[str, Any]:
-    """1. The training data (the digits unless ``--data`` named some) and the FID reference images."""
-
-    def prepare_data() -> dict[str, Any]:
-        if generate_digits:
-            digits_dataset(run.data_dir, run.budget.images_per_class)
-        summary = data_summary(run.data_dir)
-        per_class = max(1, run.budget.reference_images // summary["num_classes"])
-        summary.update(reference_images(run.data_dir, run.output / "data" / "reference", per_class))
-        return summary
-
-    info = run.stages.run("data", prepare_data)
-    info["id2label"] = {str(k): v for k, v in info["id2label"].items()}
-    return info
-
-
-def _tokenizer_stages(run: _Run, vfm: Optional[str]) -> tuple[dict[str, Path], str]:
-    """2. The discrete and the continuous tokenizer: their exported folders, and which VFM they use."""
-    from vfmtok.pipelines.train.tokenizer import train_tokenizer
-
-    tokenizers: dict[str, Path] = {}
-    vfm_notes = {}
-    for kind, template in (("vq", "tokenizer-vq.yaml"), ("ae", "tokenizer-ae.yaml")):
-        spec, vfm_notes[kind] = quickstart_vfm_spec(vfm, _template(template)["params"]["vfm"]["image_size"])
-        config = run.config(template, {} if spec is None else {"vfm": spec}, run.budget.tokenizer_steps)
-        run_dir = run.output / "runs" / f"tokenizer-{kind}"
-        run.stages.run(f"tokenizer-{kind}", lambda config=config, run_dir=run_dir: {
-            "exported": str(train_tokenizer(config, run.data_dir, run_dir, resume=True))})
-        tokenizers[kind] = run_dir / "tokenizer"
-    logger.info("VFM: %s", vfm_notes["vq"])
-    return tokenizers, vfm_notes["vq"]
-
-
-def _extraction_stages(run: _Run, tokenizers: dict[str, Path]) -> tuple[Path, Path]:
-    """3. Every image encoded once: the codes folder and the latents folder (with its statistics)."""
-    from vfmtok.pipelines.train.extract import extract_tokens, load_tokenizer
-    from vfmtok.pipelines.train.flow import write_latent_statistics
-
-    def extract(kind: str, target: Path) -> dict[str, Any]:
-        # an interrupted extraction left only a staging directory, which extract_tokens removes; a finished one
-        # whose statistics were not written yet is removed here
-        shutil.rmtree(target, ignore_errors=True)
-        extract_tokens(load_tokenizer(str(tokenizers[kind])), run.data_dir, target, batch_size=64, num_workers=0,
-                       flip=False)
-        if kind == "ae":
-            write_latent_statistics(target)
-        return {"path": str(target), "shape": json.loads((target / "meta.json").read_text())["shape"]}
-
-    codes, latents = run.output / "codes", run.output / "latents"
-    for kind, name, target in (("vq", "extract-codes", codes), ("ae", "extract-latents", latents)):
-        run.stages.run(name, lambda kind=kind, target=target: extract(kind, target))
-    return codes, latents
-
-
-def _generator_stages(run: _Run, num_classes: int, codes: Path, latents: Path
-                      ) -> tuple[dict[str, Path], dict[str, float]]:
-    """4. The GPT over the codes and the flow denoiser over the latents: their run folders and their configs'
-    sampling CFG scales."""
-    from vfmtok.pipelines.train.ar import train_ar
-    from vfmtok.pipelines.train.flow import train_flow
-
-    options = {"num_classes": num_classes}
-    ar_config = run.config("ar.yaml", options, run.budget.ar_steps)
-    flow_config = run.config("flow.yaml", options, run.budget.flow_steps)
-    runs = {"ar": run.output / "runs" / "ar", "flow": run.output / "runs" / "flow"}
-    run.stages.run("train-ar", lambda: {
-        "exported": str(train_ar(ar_config, runs["ar"], codes=str(codes), resume=True))})
-    run.stages.run("train-flow", lambda: {
-        "exported": str(train_flow(flow_config, runs["flow"], latents=str(latents), resume=True))})
-    guidance = {kind: float(yaml.safe_load(config.read_text())["sampling"]["guidance_scale"])
-                for kind, config in (("ar", ar_config), ("flow", flow_config))}
-    return runs, guidance
-
-
-def _pipeline_stage(run: _Run, tokenizers: dict[str, Path], generators: dict[str, Path],
-                    id2label: dict[str, str]) -> dict[str, Path]:
-    """5. Both pipelines saved with ``save_pretrained``: their folders."""
-    pipelines_dir = {"ar": run.output / "pipelines" / "ar", "flow": run.output / "pipelines" / "flow"}
-
-    def save_pipelines() -> dict[str, Any]:
-        from vfmtok.generators import DiTModel, GPTModel
-        from vfmtok.pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
-        from vfmtok.pipelines.pipeline_vfmtok_flow import VFMTokFlowPipeline
-        from vfmtok.pipelines.train.extract import load_tokenizer
-
-        ar = VFMTokARPipeline(load_tokenizer(str(tokenizers["vq"])),
-                              GPTModel.from_pretrained(generators["ar"] / "generator"), id2label=id2label)
-        flow = VFMTokFlowPipeline(load_tokenizer(str(tokenizers["ae"])),
-                                  DiTModel.from_pretrained(generators["flow"] / "generator"), None, id2label=id2label)
-        for pipe, target in ((ar, pipelines_dir["ar"]), (flow, pipelines_dir["flow"])):
-            with atomic_directory(target, replace=True) as staging:
-                pipe.save_pretrained(staging)
-        return {k: str(v) for k, v in pipelines_dir.items()}
-
-    run.stages.run("pipelines", save_pipelines)
-    return pipelines_dir
-
-
-def _sample_stages(run: _Run, pipelines_dir: dict[str, Path], info: dict[str, Any], guidance: dict[str, float],
-                   flow_sampling: dict[str, Any]) -> dict[str, dict[str, str]]:
-    """6. Sample grids from both pipelines loaded back with ``from_pretrained``, without and with CFG."""
-    from vfmtok.pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
-    from vfmtok.pipelines.pipeline_vfmtok_flow import VFMTokFlowPipeline
+def _sample_stages(run: _Run, pipelines_dir: dict[str, Path], info: dict[str, Any],
+                   defaults: dict[str, Optional[float]], flow_sampling: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """9. Sample grids from both pipelines loaded back with ``from_pretrained``, without guidance and at the chosen
+    scale (the pipeline's default)."""
+    from vfmtok.pipelines.pipeline_common import load_pipeline
 
     classes = _grid_classes(info["num_classes"])
     names = {int(k): v for k, v in info["id2label"].items()}
 
     def sample(kind: str, options: dict[str, Any]) -> dict[str, Any]:
-        pipe = (VFMTokARPipeline if kind == "ar" else VFMTokFlowPipeline).from_pretrained(pipelines_dir[kind])
+        pipe = load_pipeline(pipelines_dir[kind])
         pipe.set_progress_bar_config(disable=True)
-        return _sample_grids(pipe, kind, classes, names, run.budget.grid_per_class, guidance[kind], run.seed,
+        return _sample_grids(pipe, kind, classes, names, run.budget.grid_per_class, defaults[kind], run.seed,
                              run.output, options)
 
     return {"ar": run.stages.run("samples-ar", lambda: sample("ar", {})),
             "flow": run.stages.run("samples-flow", lambda: sample("flow", flow_sampling))}
 
 
-def _evaluation_stages(run: _Run, tokenizers: dict[str, Path], pipelines_dir: dict[str, Path],
-                       guidance: dict[str, float], flow_sampling: dict[str, Any], inception_weights: Optional[str]
-                       ) -> tuple[dict[str, Any], dict[str, Any], Optional[str]]:
-    """7. Tokenizer metrics and 8. gFID with and without CFG; both None per kind (with the reason) when no FID
-    Inception weights can be had."""
-    from vfmtok.evaluation.benchmark import run_benchmark
-    from vfmtok.evaluation.recon import reconstruction_metrics
-    from vfmtok.pipelines.train.extract import load_tokenizer
-
-    weights, no_inception = _inception_or_reason(inception_weights)
-    recon: dict[str, Any] = {}
-    bench: dict[str, Any] = {}
-    if no_inception:
-        run.stages.progress.update(4)
-        return {"vq": None, "ae": None}, {"ar": None, "flow": None}, no_inception
-    for kind in ("vq", "ae"):
-        recon[kind] = run.stages.run(f"recon-{kind}", lambda kind=kind: _recon_summary(reconstruction_metrics(
-            load_tokenizer(str(tokenizers[kind])), run.data_dir, run.output / "eval" / f"recon-{kind}",
-            batch_size=32, eval_size=IMAGE_SIZE, limit=run.budget.recon_images, inception_weights=weights,
-            lpips=False)))  # LPIPS would download VGG16 weights (528 MB); the quickstart stays offline
-    for kind, options in (("ar", {}), ("flow", flow_sampling)):
-        bench[kind] = run.stages.run(f"benchmark-{kind}", lambda kind=kind, options=options: run_benchmark(
-            str(pipelines_dir[kind]), run.output / "eval" / f"benchmark-{kind}", run.budget.gfid_samples,
-            [1.0, guidance[kind]], str(run.output / "data" / "reference"), labels="balanced", seed=run.seed,
-            batch_size=64, output_size=IMAGE_SIZE, inception_weights=weights, sampler_options=options, device="cpu",
-            update_model_card=True))
-    return recon, bench, no_inception
-
-
-def _recon_summary(report: dict[str, Any]) -> dict[str, Any]:
-    keep = ("psnr", "ssim", "rfid", "lpips", "lpips_unavailable", "num_images", "codebooks", "protocol", "warnings")
-    return {k: report[k] for k in keep if k in report}
-
-
-def _gfid_entry(bench: Optional[dict[str, Any]], guidance: float, pipeline: Path, grids: dict[str, str],
-                no_inception: Optional[str]) -> dict[str, Any]:
-    entry: dict[str, Any] = {"pipeline": str(pipeline), "guidance_scale": guidance, "sample_grids": grids}
-    if bench is None:
-        entry.update(gfid_with_cfg=None, gfid_without_cfg=None, gfid_unavailable=no_inception, protocol=None)
+# -- the report ------------------------------------------------------------------------------------------------------
+def _generator_entry(run: _Run, kind: str, sweep: Optional[dict[str, Any]], floor: Optional[dict[str, Any]],
+                     grids: dict[str, str], no_inception: Optional[str]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"pipeline": run.relative(run.output / "pipelines" / kind), "sample_grids": grids}
+    if sweep is None:
+        entry.update(gfid_unavailable=no_inception, sweep=None, best_scale=None)
         return entry
-    rows = {row["guidance_scale"]: row for row in bench["settings"]}
-    with_cfg, without = rows[guidance], rows[1.0]
-    protocol = {k: v for k, v in with_cfg["protocol"].items() if k != "guidance_scale"}
-    entry.update(gfid_with_cfg=with_cfg["fid"], gfid_without_cfg=without["fid"],
-                 precision_with_cfg=with_cfg["precision"], recall_with_cfg=with_cfg["recall"],
-                 precision_without_cfg=without["precision"], recall_without_cfg=without["recall"],
-                 cfg_lowers_gfid=bool(with_cfg["fid"] < without["fid"]), protocol=protocol,
-                 warnings=sorted(set(with_cfg["warnings"]) | set(without["warnings"])))
+    best, without = sweep["best"], sweep["without_guidance"]
+    entry.update(sweep=sweep["rows"], best_scale=sweep["best_scale"], default_guidance_scale=sweep["best_scale"],
+                 floor=floor["fid"], plot=sweep["plot"], protocol=sweep["protocol"],
+                 gfid_without_cfg=without["gfid"], gfid_at_best_scale=best["gfid"],
+                 class_accuracy_without_cfg=without["class_accuracy"],
+                 class_accuracy_at_best_scale=best["class_accuracy"],
+                 cfg_lowers_gfid=bool(best["gfid"] < without["gfid"]))
+    name = GENERATOR_NAMES[kind]
+    notes = []
     if not entry["cfg_lowers_gfid"]:
-        entry["note"] = (f"gFID with CFG {guidance:g} ({with_cfg['fid']:.2f}) is not below gFID without it "
-                         f"({without['fid']:.2f}) in this run")
+        notes.append(f"{name}: no guidance scale of the sweep lowers gFID below the unguided "
+                     f"{without['gfid']:.2f}")
+    if best["class_accuracy"] is not None and without["class_accuracy"] is not None and \
+            best["class_accuracy"] <= without["class_accuracy"]:
+        notes.append(f"{name}: class accuracy at the best scale ({best['class_accuracy']:.1%}) is not above the "
+                     f"unguided {without['class_accuracy']:.1%}")
+    entry["notes"] = notes
     return entry
 
 
-def _report(output: Path, info: dict[str, Any], vfm: Optional[str], vfm_note: str, tokenizers: dict[str, Path],
-            recon: dict[str, Any], bench: dict[str, Any], grids: dict[str, Any], no_inception: Optional[str],
-            guidance: dict[str, float], stages: _Stages, seconds: float, seed: int, fast: bool,
-            budget: QuickstartBudget, data: Optional[str]) -> dict[str, Any]:
+GENERATOR_NAMES = {"ar": "GPT over the discrete codes (ar)", "flow": "flow denoiser over the continuous latents (flow)"}
+
+
+def _report(run: _Run, info: dict[str, Any], vfm: Optional[str], vfm_note: str, tokenizers: dict[str, Path],
+            recon: dict[str, Any], sweeps: dict[str, Any], floor: Optional[dict[str, Any]], judge: dict[str, Any],
+            grids: dict[str, Any], no_inception: Optional[str], seconds: float, fast: bool,
+            data: Optional[str]) -> dict[str, Any]:
     import platform
 
     tokenizer_entries = {}
     for kind, name in (("vq", "discrete"), ("ae", "continuous")):
-        entry: dict[str, Any] = {"path": str(tokenizers[kind]), "grid": f"eval/recon-{kind}/reconstructions.png"}
+        entry: dict[str, Any] = {"path": run.relative(tokenizers[kind]),
+                                 "grid": f"eval/recon-{kind}/reconstructions.png", "images": "held-out"}
         if recon[kind] is None:
             entry.update(psnr=None, ssim=None, rfid=None, unavailable=no_inception)
         else:
@@ -514,25 +743,29 @@ def _report(output: Path, info: dict[str, Any], vfm: Optional[str], vfm_note: st
                 entry["codebook_perplexity"] = recon[kind]["codebooks"][0]["perplexity"]
         tokenizer_entries[name] = entry
     report = {
+        "fast": fast,
         "tokenizers": tokenizer_entries,
-        "ar": _gfid_entry(bench["ar"], guidance["ar"], output / "pipelines" / "ar", grids["ar"], no_inception),
-        "flow": _gfid_entry(bench["flow"], guidance["flow"], output / "pipelines" / "flow", grids["flow"],
-                            no_inception),
+        "ar": _generator_entry(run, "ar", sweeps["ar"], floor, grids["ar"], no_inception),
+        "flow": _generator_entry(run, "flow", sweeps["flow"], floor, grids["flow"], no_inception),
+        "floor": floor,
+        "judge": judge,
         "vfm": {"source": vfm, "pretrained": vfm is not None, "description": vfm_note},
         "data": {"source": data or f"scikit-learn handwritten digits (bundled, BSD licence), {IMAGE_SIZE} px",
-                 "num_images": info["num_images"], "num_classes": info["num_classes"],
-                 "reference_images": info["reference_images"]},
-        "stages_seconds": {name: round(s, 1) for name, s in stages.seconds.items()},
-        "stages_skipped": stages.skipped,
+                 **{k: info[k] for k in ("num_images", "num_classes", "train_images", "held_out_images",
+                                         "reference_images", "floor_images", "split_seed")}},
+        "stages_seconds": {name: round(s, 1) for name, s in run.stages.seconds.items()},
+        "stages_skipped": run.stages.skipped,
         "total_seconds": round(seconds, 1),
-        "options": {"seed": seed, "fast": fast, "budget": dataclasses.asdict(budget)},
+        "options": {"seed": run.seed, "fast": fast, "budget": dataclasses.asdict(run.budget),
+                    "side_by_side_processes": run.workers},
         "machine": {"torch_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__},
+                    "cpu_count": os.cpu_count(), "torch": torch.__version__},
+        "paths": "relative to this folder",
     }
-    with atomic_file(output / "report.json") as temporary:
+    with atomic_file(run.output / "report.json") as temporary:
         temporary.write_text(json.dumps(report, indent=1, default=str))
     text = report_markdown(report)
-    with atomic_file(output / "report.md") as temporary:
+    with atomic_file(run.output / "report.md") as temporary:
         temporary.write_text(text)
     print(text)
     return report
@@ -542,38 +775,65 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
 def report_markdown(report: dict[str, Any]) -> str:
-    """The quickstart's report as Markdown tables."""
-    tok = report["tokenizers"]
-    lines = ["# vfmtok quickstart", "",
+    """The quickstart's report as Markdown: tables, the sweep plots and the sample grids (linked relative to the
+    report's folder)."""
+    tok, data = report["tokenizers"], report["data"]
+    lines = ["# vfmtok quickstart" + (" (--fast: a reduced smoke run; its numbers mean nothing)" if report["fast"]
+                                      else ""), "",
              f"VFM: {report['vfm']['description']}.", "",
-             f"Data: {report['data']['source']}: {report['data']['num_images']} images, "
-             f"{report['data']['num_classes']} classes; FID reference: {report['data']['reference_images']} of them.",
-             "", "## Tokenizers", "",
-             "| tokenizer | PSNR | SSIM | rFID | codebook usage | images |", "| --- | --- | --- | --- | --- | --- |"]
+             f"Data: {data['source']}: {data['num_images']} images, {data['num_classes']} classes, split once "
+             f"(stratified, seed {data['split_seed']}) into {data['train_images']} training and "
+             f"{data['held_out_images']} held-out images. Every number below is measured on the held-out images.",
+             "", "## Tokenizers (held-out images)", "",
+             "| tokenizer | PSNR | SSIM | rFID | codebook usage | images | reconstructions |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, entry in tok.items():
         usage = entry.get("codebook_usage")
         lines.append(f"| {name} | {_fmt(entry.get('psnr'))} | {_fmt(entry.get('ssim'), 3)} | {_fmt(entry.get('rfid'))} "
-                     f"| {'-' if usage is None else f'{usage:.1%}'} | {entry.get('num_images', 'n/a')} |")
+                     f"| {'-' if usage is None else f'{usage:.1%}'} | {entry.get('num_images', 'n/a')} | "
+                     f"[grid]({entry['grid']}) |")
+    judge = report["judge"]
     lines += ["", "## Generators", "",
-              "| generator | gFID without CFG | gFID with CFG | CFG scale | CFG lowers gFID |",
-              "| --- | --- | --- | --- | --- |"]
-    for name in ("ar", "flow"):
-        entry = report[name]
-        lowers = entry.get("cfg_lowers_gfid")
-        lines.append(f"| {name} | {_fmt(entry['gfid_without_cfg'])} | {_fmt(entry['gfid_with_cfg'])} | "
-                     f"{entry['guidance_scale']:g} | {'n/a' if lowers is None else 'yes' if lowers else 'no'} |")
+              f"The judge: {judge['model']} at {judge['resolution']}, trained on the training split; held-out "
+              f"accuracy {_pct(judge['held_out_accuracy'])}" + ("" if judge["useful"] else
+                                                                 " (too low to judge samples: not used)") + ".",
+              ""]
+    floor = report.get("floor")
+    for kind in ("ar", "flow"):
+        entry = report[kind]
+        lines += [f"### {GENERATOR_NAMES[kind]}", ""]
+        if entry.get("sweep") is None:
+            lines += [f"gFID unavailable: {entry.get('gfid_unavailable')}", ""]
+            continue
+        lines += ["| guidance scale | gFID | floor | class accuracy | precision | recall |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for row in entry["sweep"]:
+            best = " (best, the pipeline's default)" if row["guidance_scale"] == entry["best_scale"] else ""
+            lines.append(f"| {row['guidance_scale']:g}{best} | {_fmt(row['gfid'])} | {_fmt(floor['fid'])} | "
+                         f"{_pct(row['class_accuracy'])} | {_fmt(row['precision'], 3)} | {_fmt(row['recall'], 3)} |")
+        lines += ["", f"![guidance sweep]({entry['plot']})", ""]
+        grids = entry["sample_grids"]
+        if grids:
+            lines += [" ".join(f"![{label.replace('_', ' ')}]({path})" for label, path in grids.items()),
+                      "", f"Samples (one row per class): without guidance (left), at guidance "
+                          f"{entry['best_scale']:g} (right).", ""]
     protocol = report["ar"].get("protocol") or {}
-    if protocol:
-        lines += ["", f"gFID protocol: {protocol.get('num_samples')} samples per setting ({protocol.get('labels')} "
-                      f"labels, seed {protocol.get('seed')}), {protocol.get('resolution')}, against "
-                      f"{report['data']['reference_images']} reference images; FIDs from so few samples are "
-                      f"biased upwards and comparable only with each other."]
-    notes = [report[k]["note"] for k in ("ar", "flow") if report[k].get("note")]
-    notes += [f"{k}: {report[k]['gfid_unavailable']}" for k in ("ar", "flow") if report[k].get("gfid_unavailable")]
+    if protocol and floor:
+        lines += [f"gFID protocol: {protocol.get('num_samples')} samples per scale ({protocol.get('labels')} labels, "
+                  f"seed {protocol.get('seed')}), {protocol.get('resolution')}, against the "
+                  f"{data['reference_images']} held-out images. The floor is the FID of {floor['num_images']} real "
+                  f"training images against the same reference with the same protocol: no generator can be expected "
+                  f"below it. FIDs from so few images are biased far upwards: compare them with the floor and with "
+                  f"each other, never with published numbers.", ""]
+    notes = [note for kind in ("ar", "flow") for note in report[kind].get("notes", [])]
     if notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    lines += ["", "## Time per stage", "", "| stage | seconds |", "| --- | --- |"]
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    lines += ["## Time per stage", "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {name}{' (earlier run)' if name in report['stages_skipped'] else ''} | {s:.1f} |"
               for name, s in report["stages_seconds"].items()]
     lines += [f"| total (this run) | {report['total_seconds']:.1f} |", ""]

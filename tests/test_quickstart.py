@@ -18,7 +18,8 @@ from vfmtok.tokenizer.utils.errors import OutputExistsError, WeightsUnavailableE
 SHARED_INCEPTION = Path(__file__).resolve().parents[2] / "shared" / "weights" / "fid-inception" / \
     "pt_inception-2015-12-05-pool3-nofc.pth"
 STAGES = ["data", "tokenizer-vq", "tokenizer-ae", "extract-codes", "extract-latents", "train-ar", "train-flow",
-          "pipelines", "samples-ar", "samples-flow", "recon-vq", "recon-ae", "benchmark-ar", "benchmark-flow"]
+          "pipelines", "judge", "recon-vq", "recon-ae", "floor", "benchmark-ar", "benchmark-flow", "samples-ar",
+          "samples-flow"]
 
 
 def _number(value) -> bool:
@@ -37,30 +38,99 @@ def quickstart_run(tmp_path_factory):
 
 
 def test_quickstart_report_has_every_field(quickstart_run):
+    from PIL import Image
+
     out, _ = quickstart_run
     report = json.loads((out / "report.json").read_text())
-    assert set(report) >= {"tokenizers", "ar", "flow", "vfm", "data", "stages_seconds", "total_seconds"}
+    assert set(report) >= {"tokenizers", "ar", "flow", "vfm", "data", "judge", "floor", "stages_seconds",
+                           "total_seconds"} and report["fast"] is True
     discrete, continuous = report["tokenizers"]["discrete"], report["tokenizers"]["continuous"]
     for entry in (discrete, continuous):
         assert all(_number(entry[k]) for k in ("psnr", "ssim", "rfid")), entry
+        assert entry["images"] == "held-out" and entry["num_images"] == report["data"]["held_out_images"] == 30
         assert (out / entry["grid"]).is_file()
     assert 0 < discrete["codebook_usage"] <= 1 and discrete["codebook_perplexity"] >= 1
+    assert 0 <= report["judge"]["held_out_accuracy"] <= 1 and _number(report["floor"]["fid"])
     for kind in ("ar", "flow"):
         entry = report[kind]
-        assert _number(entry["gfid_with_cfg"]) and _number(entry["gfid_without_cfg"])
-        assert entry["guidance_scale"] > 1
+        scales = [row["guidance_scale"] for row in entry["sweep"]]
+        assert scales == [1.0, 2.0] and entry["best_scale"] in scales and entry["floor"] == report["floor"]["fid"]
+        assert all(_number(row["gfid"]) and 0 <= row["class_accuracy"] <= 1 for row in entry["sweep"])
+        assert entry["gfid_at_best_scale"] == min(row["gfid"] for row in entry["sweep"])
         protocol = entry["protocol"]
         assert protocol["num_samples"] == 30 and protocol["labels"] == "balanced"  # 3 per class, 10 classes
-        assert protocol["extractor_sha256"] and protocol["reference"]
-        assert entry["cfg_lowers_gfid"] == (entry["gfid_with_cfg"] < entry["gfid_without_cfg"])
-        assert ("note" in entry) != entry["cfg_lowers_gfid"]  # a report never hides a CFG that does not help
+        assert protocol["extractor_sha256"] and "held-out" in protocol["reference"]
+        assert entry["cfg_lowers_gfid"] == (entry["gfid_at_best_scale"] < entry["gfid_without_cfg"])
+        assert any("lowers gFID" in note for note in entry["notes"]) != entry["cfg_lowers_gfid"]  # never hidden
         for grid in entry["sample_grids"].values():
             assert (out / grid).is_file()
+        plotted = json.loads(Image.open(out / entry["plot"]).info["Description"])  # the plot holds these points
+        assert plotted["guidance_scale"] == scales and plotted["floor"] == entry["floor"]
+        assert plotted["gfid"] == [row["gfid"] for row in entry["sweep"]]
+        assert plotted["class_accuracy"] == [row["class_accuracy"] for row in entry["sweep"]]
+        pipeline_config = json.loads((out / entry["pipeline"] / "model_index.json").read_text())
+        assert pipeline_config["default_guidance_scale"] == entry["best_scale"]
+    assert not [v for v in _strings(report) if v.startswith(str(out))]  # paths are relative to the output folder
     assert report["vfm"]["pretrained"] is False and "random" in report["vfm"]["description"]
     assert report["data"]["num_classes"] == 10 and report["data"]["num_images"] == 120
     assert list(report["stages_seconds"]) == STAGES
     markdown = (out / "report.md").read_text()
-    assert "gFID with CFG" in markdown and "randomly initialised" in markdown
+    assert "--fast" in markdown and "randomly initialised" in markdown and "](guidance_ar.png)" in markdown
+    assert "held-out" in markdown and "floor" in markdown
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def test_quickstart_split_is_disjoint_and_stratified(quickstart_run):
+    from vfmtok.pipelines.data import load_image_dataset
+
+    out, _ = quickstart_run
+    train, held_out = (load_image_dataset(str(out / "data" / name)) for name in ("train", "held-out"))
+    train_bytes = {row["image"]["bytes"] for row in train}
+    assert not train_bytes & {row["image"]["bytes"] for row in held_out}
+    assert np.bincount(held_out["label"]).tolist() == [3] * 10 and len(train) == 90
+
+
+def test_stratified_split_keeps_class_proportions_and_is_seeded():
+    from sklearn.datasets import load_digits
+
+    from vfmtok.pipelines.quickstart import stratified_split
+
+    labels = load_digits().target
+    train, held_out = stratified_split(labels, 300, seed=0)
+    assert len(held_out) == 300 and not set(train) & set(held_out) and len(train) + 300 == len(labels)
+    expected = np.bincount(labels) * 300 / len(labels)
+    assert np.abs(np.bincount(labels[held_out]) - expected).max() <= 1
+    assert np.array_equal(stratified_split(labels, 300, seed=0)[1], held_out)
+    assert not np.array_equal(stratified_split(labels, 300, seed=1)[1], held_out)
+
+
+def test_the_judge_is_accurate_on_real_held_out_digits_and_at_chance_with_shuffled_labels():
+    """The judge can fail: fitted on shuffled labels it is at chance on the same held-out digits."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from vfmtok.evaluation.judge import PixelJudge
+    from vfmtok.pipelines.quickstart import stratified_split
+
+    digits = load_digits()
+    images = [Image.fromarray(np.round(255 * (1 - d / 16)).astype(np.uint8)).resize((32, 32), Image.Resampling.BICUBIC)
+              for d in digits.images]
+    train, held_out = stratified_split(digits.target, 300, seed=0)
+    judge = PixelJudge(8).fit([images[i] for i in train], digits.target[train])
+    assert judge.check([images[i] for i in held_out], digits.target[held_out]) >= 0.97 and judge.useful
+    shuffled = np.random.default_rng(0).permutation(digits.target[train])
+    blind = PixelJudge(8).fit([images[i] for i in train], shuffled)
+    assert blind.check([images[i] for i in held_out], digits.target[held_out]) <= 0.2 and not blind.useful
 
 
 def test_quickstart_pipelines_load_and_sample_by_id_and_name(quickstart_run):
@@ -74,6 +144,11 @@ def test_quickstart_pipelines_load_and_sample_by_id_and_name(quickstart_run):
         assert pipe.id2label[7] == "seven"
         by_id = pipe(7, guidance_scale=2.0, generator=torch.Generator().manual_seed(3), output_type="np",
                      **options).images
+        default = pipe.config.default_guidance_scale  # the sweep's best scale: what pipe() uses when given none
+        np.testing.assert_array_equal(
+            pipe(7, generator=torch.Generator().manual_seed(3), output_type="np", **options).images,
+            pipe(7, guidance_scale=default, generator=torch.Generator().manual_seed(3), output_type="np",
+                 **options).images)
         by_name = pipe("Seven", guidance_scale=2.0, generator=torch.Generator().manual_seed(3), output_type="np",
                        **options).images
         assert by_id.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)

@@ -81,14 +81,16 @@ class TokenizerTask(TrainingTask):
 def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_steps: Optional[int] = None,
                     resume: bool = False, feature_cache: Optional[str] = None, vfm_weights: Optional[str] = None,
                     streaming: Optional[bool] = None, overrides: Optional[dict[str, Any]] = None,
-                    allow_changes: Sequence[str] = (), init_from: Optional[str] = None) -> Path:
+                    allow_changes: Sequence[str] = (), init_from: Optional[str] = None,
+                    random_vfm_intended: bool = False) -> Path:
     """Train the tokenizer a config describes on ``data`` (see :func:`vfmtok.pipelines.data.load_image_dataset`).
 
     ``vfm_weights`` overrides the VFM source of the config (Hub id, local directory or official ``.pth``); a config
     without any (the tiny test configs) trains on a randomly initialised VFM and says so. ``overrides`` replaces
     ``training`` options. ``init_from``: a saved tokenizer folder whose matching weights (names and shapes) start the
     model (see :func:`vfmtok.pipelines.train.tokenizer_stats.init_from_pretrained`; e.g. DINO-Tok VQ from its AE with PCA
-    statistics). Returns the directory of the exported EMA tokenizer.
+    statistics). ``random_vfm_intended``: a config without VFM weights is meant to train on a random VFM (the
+    quickstart): logged, not warned about. Returns the directory of the exported EMA tokenizer.
     """
     from vfmtok.tokenizer.interface import ImageTokenizerMixin
     from vfmtok.tokenizer.losses import TokenizerLoss
@@ -109,7 +111,8 @@ def train_tokenizer(config: str | Path, data: str, output_dir: str | Path, max_s
     if encoder is not None and (vfm_weights is not None or encoder.pretrained is not None):
         model.load_vfm_weights(vfm_weights)
     elif encoder is not None:
-        logger.warning("%s names no VFM weights: training on a randomly initialised VFM", run["_path"])
+        (logger.info if random_vfm_intended else logger.warning)(
+            "%s names no VFM weights: training on a randomly initialised VFM", run["_path"])
     if encoder is not None and training.compile:
         encoder.compile_blocks()  # the trained part is compiled by the trainer
     loss = TokenizerLoss(**run["loss"])

@@ -856,7 +856,9 @@ class Trainer:
                                                     if isinstance(v, (int, float, str, bool))})
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=config.max_steps, initial=self.step, disable=not accelerator.is_local_main_process,
+        # disable=None: no bar when stderr is not a terminal (logs get the logged lines, not escape codes)
+        progress = tqdm(total=config.max_steps, initial=self.step,
+                        disable=None if accelerator.is_local_main_process else True,
                         desc=f"train {self.task.export_name}", unit="step", dynamic_ncols=True)
         window: dict[str, list[float]] = defaultdict(list)
         window_start, window_images, last_good = time.perf_counter(), 0, None
