@@ -59,6 +59,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
+from accelerate.utils import load as load_checkpoint_part
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -518,8 +519,9 @@ class Trainer:
                 raise self._unrestorable(checkpoint, name, ValueError("empty file"))
         name = f"random_states_{self.accelerator.process_index}.pkl"
         try:
-            # Our own file (accelerate's save_state), read the way accelerate reads it.
-            states = torch.load(checkpoint / name, map_location="cpu", weights_only=False)
+            # Read the way accelerate's load_state reads it: weights_only=True with its safe globals (numpy arrays
+            # and dtypes); a checkpoint copied from elsewhere never runs code.
+            states = load_checkpoint_part(checkpoint / name, map_location="cpu")
             needed = ["random_state", "numpy_random_seed", "torch_manual_seed"]
             if torch.cuda.is_available():
                 needed.append("torch_cuda_manual_seed")
@@ -559,7 +561,7 @@ class Trainer:
                 return path.name
         for name in self._expected_files()[:-2]:  # optimizers, schedulers, scaler
             try:
-                torch.load(checkpoint / name, map_location="cpu", weights_only=False)
+                load_checkpoint_part(checkpoint / name, map_location="cpu")  # weights_only=True, as accelerate
             except Exception:
                 return name
         return None
