@@ -1,11 +1,12 @@
 """Issue 28: no code from a checkpoint folder, no stale or silently wrong results, one clear error per bad input."""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from test_faults import TinyModel, TinyTask, images, trainer
 
@@ -52,3 +53,77 @@ def test_resume_never_unpickles_code_from_a_checkpoint_file(tmp_path, name):
     with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
         trainer(output, images(4), task=TwoModuleTask(), max_steps=4).fit(resume=True)
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 3: non-finite weights and a config.json of another model class
+# ----------------------------------------------------------------------------------------------------------------
+def _poison(folder: Path, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "diffusion_pytorch_model.safetensors"
+    weights = load_file(str(path))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(path))
+
+
+def _saved_models(tmp_path: Path) -> dict:
+    from test_dinotok import tiny as tiny_tokenizer
+    from test_dit import TINY as DIT_TINY
+    from test_gpt import tiny_model
+
+    from vfmtok.generators.dit import DiTModel
+    from vfmtok.generators.gpt import GPTModel
+    from vfmtok.tokenizer.dinotok import DINOTokModel
+
+    models = {GPTModel: tiny_model(), DiTModel: DiTModel(**DIT_TINY), DINOTokModel: tiny_tokenizer()}
+    folders = {}
+    for cls, model in models.items():
+        folders[cls] = tmp_path / cls.__name__
+        model.save_pretrained(folders[cls])
+    return folders
+
+
+def test_nonfinite_weights_are_refused_at_load_naming_the_tensor_unless_allowed(tmp_path):
+    from vfmtok.tokenizer.interface import load_tokenizer
+    from vfmtok.tokenizer.utils.errors import CheckpointError
+
+    for cls, folder in _saved_models(tmp_path).items():
+        kwargs = {"load_vfm_weights": False} if hasattr(cls, "load_vfm_weights") else {}
+        name = sorted(k for k in cls.from_pretrained(folder, **kwargs).state_dict() if "weight" in k)[0]
+        _poison(folder, name)
+        with pytest.raises(CheckpointError, match=re.escape(name) + ".*allow_nonfinite"):
+            cls.from_pretrained(folder, **kwargs)
+        if kwargs:  # the tokenizer loader too
+            with pytest.raises(CheckpointError, match=re.escape(name)):
+                load_tokenizer(str(folder), **kwargs)
+        model = cls.from_pretrained(folder, allow_nonfinite=True, **kwargs)
+        assert torch.isnan(model.state_dict()[name]).all()
+
+
+def test_config_of_another_model_class_is_refused(tmp_path):
+    from vfmtok.generators.dit import DiTModel
+    from vfmtok.generators.gpt import GPTModel
+    from vfmtok.tokenizer.utils.errors import CheckpointError
+
+    folders = _saved_models(tmp_path)
+    for cls, folder in folders.items():
+        other = next(c for c in folders if c is not cls)
+        config = json.loads((folder / "config.json").read_text())
+        config["_class_name"] = other.__name__
+        (folder / "config.json").write_text(json.dumps(config))
+        kwargs = {"load_vfm_weights": False} if hasattr(cls, "load_vfm_weights") else {}
+        with pytest.raises(CheckpointError, match=f"holds a '{other.__name__}'.*not a {cls.__name__}"):
+            cls.from_pretrained(folder, **kwargs)
+    # a subclass of the class asked for is accepted
+    class MyGPT(GPTModel):
+        pass
+
+    from test_gpt import tiny_model
+
+    gpt = tmp_path / "gpt"
+    tiny_model().save_pretrained(gpt)
+    config = json.loads((gpt / "config.json").read_text())
+    config["_class_name"] = "MyGPT"
+    (gpt / "config.json").write_text(json.dumps(config))
+    assert isinstance(GPTModel.from_pretrained(gpt), GPTModel)
