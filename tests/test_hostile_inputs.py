@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -127,3 +128,48 @@ def test_config_of_another_model_class_is_refused(tmp_path):
     config["_class_name"] = "MyGPT"
     (gpt / "config.json").write_text(json.dumps(config))
     assert isinstance(GPTModel.from_pretrained(gpt), GPTModel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 7: written files get the permissions a plain open() would give
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def umask():
+    def set_umask(value: int) -> None:
+        os.umask(value)
+
+    old = os.umask(0o022)
+    yield set_umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_atomically_written_files_and_folders_get_the_mode_of_a_plain_open(tmp_path, umask, mask):
+    from test_gpt import tiny_model
+
+    from vfmtok.tokenizer.utils.atomic import atomic_file, save_pretrained_atomically, write_text_atomically
+
+    umask(mask)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    (tmp_path / "plain-dir").mkdir()
+    file_mode, dir_mode = plain.stat().st_mode & 0o777, (tmp_path / "plain-dir").stat().st_mode & 0o777
+    assert (file_mode, dir_mode) == (0o666 & ~mask, 0o777 & ~mask)
+    write_text_atomically(tmp_path / "report.json", "{}")
+    with atomic_file(tmp_path / "image.png") as path:
+        path.write_bytes(b"png")
+    save_pretrained_atomically(tiny_model(), tmp_path / "model")
+    for path in [tmp_path / "report.json", tmp_path / "image.png", *(tmp_path / "model").iterdir()]:
+        assert path.stat().st_mode & 0o777 == file_mode, path
+    assert (tmp_path / "model").stat().st_mode & 0o777 == dir_mode
+
+
+def test_training_checkpoints_get_the_mode_of_a_plain_open(tmp_path, umask):
+    umask(0o022)
+    output = tmp_path / "out"
+    trainer(output, images(4), max_steps=2).fit()
+    # (TinyTask exports with save_file itself; the suite's tasks use save_pretrained_atomically, tested above)
+    written = [p for p in (output / "checkpoints").rglob("*")]
+    private = [str(p.relative_to(output)) for p in written
+               if p.stat().st_mode & 0o777 != (0o755 if p.is_dir() else 0o644)]
+    assert not private

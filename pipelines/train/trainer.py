@@ -67,8 +67,8 @@ from torch import nn
 
 from vfmtok.pipelines.config import TrainingConfig
 from vfmtok.pipelines.data import ImageDataset, ResumableBatchSampler, StreamingImageDataset, build_dataloader
-from vfmtok.tokenizer.utils.atomic import (atomic_file, removed_on_failure, reporting_disk_full, save_pretrained_atomically,
-                                   write_text_atomically)
+from vfmtok.tokenizer.utils.atomic import (atomic_file, give_plain_modes, removed_on_failure, reporting_disk_full,
+                                           save_pretrained_atomically, write_text_atomically)
 from vfmtok.tokenizer.utils.errors import (CheckpointError, InvalidValueError, MissingFileError, OutputExistsError,
                                     VFMTokError)
 
@@ -388,6 +388,7 @@ class Trainer:
                 save_file(ema, str(staging / "ema.safetensors"))
                 save_file(self._non_persistent_buffers(), str(staging / "buffers.safetensors"))
                 (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+                give_plain_modes(staging)
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(staging, final)
