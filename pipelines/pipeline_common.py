@@ -73,6 +73,17 @@ def _is_finite_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_finite(values: torch.Tensor, what: str, settings: Optional[dict]) -> None:
+    """Raise :class:`InvalidValueError` when ``values`` (floating point) hold a NaN or an infinity."""
+    if not values.is_floating_point() or bool(torch.isfinite(values).all()):
+        return
+    count = int((~torch.isfinite(values)).sum())
+    raise InvalidValueError(
+        f"sampling failed: {what} hold {count} NaN or infinite value(s) of {values.numel()}"
+        + (f" with {', '.join(f'{k}={v!r}' for k, v in settings.items())}" if settings else "")
+        + ": a guidance scale or scheduler setting too large for the arithmetic, or a model with broken weights")
+
+
 # Modules whose classes a saved pipeline's components may be (diffusers refuses to import modules itself).
 _COMPONENT_MODULES = ("vfmtok.tokenizer.", "vfmtok.generators.")
 # What folders saved before the package rename (vfmtok 0.1 without the `vfmtok.` prefix) name instead.
@@ -259,18 +270,21 @@ class VFMTokPipelineBase(DiffusionPipeline):
     # -- the call ---------------------------------------------------------------------------------------------------
     def _generate(self, class_labels: ClassLabels, num_images_per_class: int, batch_size: Optional[int],
                   output_type: str, output_size: Optional[int], return_dict: bool,
-                  sample_chunk: Callable[[torch.Tensor], torch.Tensor]):
+                  sample_chunk: Callable[[torch.Tensor], torch.Tensor], settings: Optional[dict] = None):
         """Resolve labels, sample in chunks of ``batch_size`` with ``sample_chunk(labels) -> codes / latents``,
-        decode and convert to ``output_type``."""
+        decode and convert to ``output_type``. Non-finite latents or images are an error naming ``settings`` (the
+        sampling settings that may have caused them), never a result."""
         ids = self.resolve_class_labels(class_labels)
         labels = torch.tensor(ids, dtype=torch.long).repeat_interleave(num_images_per_class)
         size = batch_size or len(labels)
         raw = torch.cat([sample_chunk(chunk.to(self.device)) for chunk in labels.split(size)])
+        _check_finite(raw, f"the sampled {self._raw_output_type}", settings)
         if output_type == self._raw_output_type:
             images: Any = raw
         else:
             tokenizer = getattr(self, self._image_tokenizer_name)
             decoded = torch.cat([tokenizer.decode(chunk, output_size=output_size) for chunk in raw.split(size)])
+            _check_finite(decoded, "the decoded images", settings)
             images = self._convert(decoded, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -173,3 +173,59 @@ def test_training_checkpoints_get_the_mode_of_a_plain_open(tmp_path, umask):
     private = [str(p.relative_to(output)) for p in written
                if p.stat().st_mode & 0o777 != (0o755 if p.is_dir() else 0o644)]
     assert not private
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 5: flow sampling settings that would give garbage
+# ----------------------------------------------------------------------------------------------------------------
+from test_pipelines import flow_pipe  # noqa: E402,F401  (fixture)
+
+
+@pytest.fixture
+def swapped_scheduler(flow_pipe):  # noqa: F811
+    original = flow_pipe.scheduler
+    yield flow_pipe
+    flow_pipe.scheduler = original
+
+
+def test_flow_pipeline_refuses_a_scheduler_that_is_not_flow_matching(swapped_scheduler):
+    from diffusers import DDPMScheduler
+
+    from vfmtok.pipelines.pipeline_vfmtok_flow import VFMTokFlowPipeline
+    from vfmtok.tokenizer.utils.errors import InvalidValueError
+
+    pipe = swapped_scheduler
+    pipe.scheduler = DDPMScheduler()
+    with pytest.raises(InvalidValueError, match="DDPMScheduler is not a flow-matching scheduler"):
+        pipe([1], num_inference_steps=2, output_type="latent")
+    with pytest.raises(InvalidValueError, match="DDPMScheduler is not a flow-matching scheduler"):
+        VFMTokFlowPipeline(pipe.vae, pipe.transformer, DDPMScheduler())
+
+
+@pytest.mark.parametrize("settings, needle", [({"shift": 0.0}, "shift must be a finite number > 0"),
+                                              ({"shift": float("nan")}, "shift must be a finite number > 0"),
+                                              ({"shift": -1.0}, "shift must be a finite number > 0"),
+                                              ({"use_dynamic_shifting": True}, "use_dynamic_shifting"),
+                                              ({"invert_sigmas": True}, "invert_sigmas"),
+                                              ({"shift_terminal": 1.5}, "not a schedule decreasing")])
+@pytest.mark.parametrize("sampler", ["scheduler", "sde"])
+def test_flow_pipeline_refuses_bad_scheduler_settings_naming_them(swapped_scheduler, settings, needle, sampler):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from vfmtok.tokenizer.utils.errors import InvalidValueError
+
+    pipe = swapped_scheduler
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(**settings)
+    if sampler == "sde" and "decreasing" in needle:
+        pytest.skip("the SDE sampler uses only the shift")
+    with pytest.raises(InvalidValueError, match=needle):
+        pipe([1], num_inference_steps=2, output_type="latent", sampler=sampler)
+
+
+def test_flow_pipeline_never_returns_nonfinite_images(flow_pipe):  # noqa: F811
+    from vfmtok.tokenizer.utils.errors import InvalidValueError
+
+    for output_type in ("latent", "pt"):
+        with pytest.raises(InvalidValueError, match=r"non-finite|NaN or infinite.*guidance_scale=1e\+30"):
+            flow_pipe([1], num_inference_steps=2, guidance_scale=1e30, output_type=output_type)
+    assert torch.isfinite(flow_pipe([1], num_inference_steps=2, guidance_scale=4.0, output_type="pt").images).all()
