@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import importlib
 import json
 import math
@@ -464,6 +465,27 @@ The components were trained with the `vfmtok train` commands; their configs are 
 {evaluation_text}
 """
         return ModelCard(content)
+
+    def weights_fingerprint(self) -> str:
+        """sha256 of everything that determines what the pipeline generates: every component's class, config and
+        weights (each module's state dict and the frozen modules it holds outside it, e.g. a tokenizer's VFM).
+        Equal for the same weights wherever they are loaded from; a benchmark keys its samples by it."""
+        digest = hashlib.sha256()
+        for name, component in sorted(self.components.items()):
+            digest.update(f"{name}:{type(component).__name__}:".encode())
+            config = getattr(component, "config", None)
+            if config is not None:
+                digest.update(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")},
+                                         sort_keys=True, default=str).encode())
+            if not isinstance(component, torch.nn.Module):
+                continue
+            modules = [component, *getattr(component, "_held_frozen", lambda: [])()]
+            for index, module in enumerate(modules):
+                for key, tensor in module.state_dict().items():
+                    tensor = tensor.detach().cpu().contiguous()
+                    digest.update(f"{index}/{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        return digest.hexdigest()
 
     def _eval_results(self) -> list:
         """The evaluation's numbers as Hub ``model-index`` entries (metric name: the key, e.g. ``gFID (cfg-1.5)``)."""

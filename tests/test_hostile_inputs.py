@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -229,3 +230,136 @@ def test_flow_pipeline_never_returns_nonfinite_images(flow_pipe):  # noqa: F811
         with pytest.raises(InvalidValueError, match=r"non-finite|NaN or infinite.*guidance_scale=1e\+30"):
             flow_pipe([1], num_inference_steps=2, guidance_scale=1e30, output_type=output_type)
     assert torch.isfinite(flow_pipe([1], num_inference_steps=2, guidance_scale=4.0, output_type="pt").images).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 2: cached evaluation results follow the content, not the names
+# ----------------------------------------------------------------------------------------------------------------
+def _class_folder(root: Path, seed: int) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label in ("cat", "dog"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    return root
+
+
+class _MeanFeatures:
+    """A stand-in extractor: per-image channel means as features (counts its calls)."""
+
+    sha256 = "0" * 64
+    has_fc = False
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        mean = batch.float().mean(dim=(2, 3)).numpy()
+        return {"pool": mean, "spatial": mean}
+
+
+@pytest.mark.parametrize("layout", ["class-folders", "labels.csv"])
+def test_reference_with_replaced_images_of_the_same_names_is_measured_again(tmp_path, monkeypatch, layout):
+    from vfmtok.evaluation.fid import _cached_features, load_source
+
+    monkeypatch.setenv("VFMTOK_CACHE", str(tmp_path / "cache"))
+    folder = _class_folder(tmp_path / "ref", seed=0)
+    if layout == "labels.csv":
+        files = sorted(folder.rglob("*.png"))
+        (folder / "labels.csv").write_text("file,class_index\n" + "".join(
+            f"{p.relative_to(folder)},{int(p.parent.name == 'dog')}\n" for p in files))
+    extractor = _MeanFeatures()
+    first = _cached_features(load_source(folder), extractor, batch_size=4)
+    assert np.array_equal(_cached_features(load_source(folder), extractor, batch_size=4)["pool"], first["pool"])
+    calls = extractor.calls
+    assert calls and _cached_features(load_source(folder), extractor, batch_size=4) and extractor.calls == calls
+    _class_folder(folder, seed=1)  # the same names, other images
+    second = _cached_features(load_source(folder), extractor, batch_size=4)
+    assert extractor.calls > calls and not np.array_equal(second["pool"], first["pool"])
+
+
+def test_a_truncated_feature_cache_file_is_measured_again(tmp_path, monkeypatch):
+    from vfmtok.evaluation.fid import _cached_features, load_source
+
+    monkeypatch.setenv("VFMTOK_CACHE", str(tmp_path / "cache"))
+    folder = _class_folder(tmp_path / "ref", seed=0)
+    first = _cached_features(load_source(folder), _MeanFeatures(), batch_size=4)
+    (cached,) = (tmp_path / "cache").rglob("*.npz")
+    cached.write_bytes(cached.read_bytes()[:50])
+    again = _cached_features(load_source(folder), _MeanFeatures(), batch_size=4)
+    assert np.array_equal(again["pool"], first["pool"])
+
+
+def test_pipeline_weights_fingerprint_follows_the_weights_not_the_path(tmp_path):
+    from vfmtok.pipelines import load_pipeline
+    from vfmtok.pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
+    from vfmtok.pipelines.config import build_model
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    torch.manual_seed(0)
+    pipe = VFMTokARPipeline(build_model(root / "tokenizer" / "vfmtok-tiny.yaml").eval(),
+                            build_model(root / "ar" / "gpt-tiny.yaml").eval())
+    pipe.save_pretrained(tmp_path / "a")
+    pipe.save_pretrained(tmp_path / "b")
+    one = load_pipeline(str(tmp_path / "a")).weights_fingerprint()
+    assert one == pipe.weights_fingerprint() == load_pipeline(str(tmp_path / "b")).weights_fingerprint()
+    with torch.no_grad():
+        pipe.transformer.head.weight.add_(1e-3)
+    pipe.save_pretrained(tmp_path / "a")  # other weights at the same path
+    assert load_pipeline(str(tmp_path / "a")).weights_fingerprint() != one
+    with torch.no_grad():  # the frozen VFM, held outside the tokenizer's state dict, counts too
+        next(pipe.vqvae.frozen("vfm").parameters()).add_(1.0)
+    assert pipe.weights_fingerprint() != load_pipeline(str(tmp_path / "a")).weights_fingerprint()
+
+
+from test_evaluation import WEIGHTS, extractor, halves, needs_shared  # noqa: E402,F401  (fixtures)
+
+
+@needs_shared
+def test_benchmark_rerun_after_the_weights_changed_at_the_same_path_regenerates_every_shard(
+        extractor, halves, tmp_path):  # noqa: F811
+    from vfmtok.evaluation.benchmark import run_benchmark
+    from vfmtok.pipelines import load_pipeline
+    from vfmtok.pipelines.config import build_model
+    from vfmtok.pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    torch.manual_seed(0)
+    gpt = build_model(root / "ar" / "gpt-tiny.yaml").eval()
+    with torch.no_grad():
+        gpt.head.weight.normal_(0, 0.5)
+    folder = tmp_path / "pipe"
+    VFMTokARPipeline(build_model(root / "tokenizer" / "vfmtok-tiny.yaml").eval(), gpt).save_pretrained(folder)
+    out = tmp_path / "bench"
+    kwargs = dict(num_samples=4, guidance_scales=[1.0], reference=str(halves[1]), seed=1, batch_size=4, shard_size=2,
+                  output_size=64, inception_weights=str(WEIGHTS))
+    first = run_benchmark(str(folder), out, **kwargs)
+    shards = sorted((out / "samples" / "cfg-1").glob("shard-*.npz"))
+    kept = {p: p.stat().st_mtime_ns for p in shards}
+    same = run_benchmark(str(folder), out, **kwargs)  # nothing changed: every shard is kept
+    assert all(p.stat().st_mtime_ns == kept[p] for p in shards) and same["settings"][0]["fid"] == first["settings"][0]["fid"]
+    pipe = load_pipeline(str(folder))
+    with torch.no_grad():
+        pipe.transformer.head.weight.normal_(0, 0.5)
+    pipe.save_pretrained(folder)  # other weights at the same path
+    second = run_benchmark(str(folder), out, **kwargs)
+    assert all(p.stat().st_mtime_ns != kept[p] for p in shards)
+    assert second["settings"][0]["fid"] != first["settings"][0]["fid"]
+    assert second["settings"][0]["protocol"]["weights_sha256"] != first["settings"][0]["protocol"]["weights_sha256"]
+
+
+@needs_shared
+def test_benchmark_with_too_few_samples_fails_before_generating(halves, tmp_path, monkeypatch):  # noqa: F811
+    from vfmtok.evaluation import benchmark
+    from vfmtok.tokenizer.utils.errors import InvalidValueError
+
+    def never(*args, **kwargs):
+        raise AssertionError("generated before checking the sample count")
+
+    monkeypatch.setattr(benchmark, "_generate_shard", never)
+    with pytest.raises(InvalidValueError, match=r"2 sample\(s\) are too few.*at least 4"):
+        benchmark.run_benchmark("unused", tmp_path / "bench", num_samples=2, guidance_scales=[1.0],
+                                reference=str(halves[1]), inception_weights=str(WEIGHTS))
