@@ -205,7 +205,7 @@ def load_source(path: str | Path, dataset_size: int = 256) -> ImageSource:
         for name, (mu, sigma) in {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}.items():
             if {mu, sigma} <= keys:
                 count = int(data["num_samples"]) if "num_samples" in keys else 0
-                statistics[name] = GaussianStatistics(data[mu], data[sigma], count)
+                statistics[name] = _file_statistics(path, mu, sigma, data[mu], data[sigma], count)
         array = data["arr_0"] if "arr_0" in keys else None
     if array is None and "pool" not in statistics:
         raise InvalidValueError(f"{str(path)!r} has neither images (arr_0) nor statistics (mu, sigma); keys: "
@@ -216,6 +216,26 @@ def load_source(path: str | Path, dataset_size: int = 256) -> ImageSource:
     kind = "npz" if array is not None else "statistics"
     return ImageSource(path, kind, array=array, statistics=statistics,
                        content_hash=hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def _file_statistics(path: Path, mu_key: str, sigma_key: str, mu: np.ndarray, sigma: np.ndarray,
+                     count: int) -> GaussianStatistics:
+    """Statistics read from a file, checked as a covariance must be: finite, symmetric and positive semi-definite
+    (up to rounding). A matrix that is not would give a negative or meaningless FID."""
+    where = f"{str(path)!r} ({mu_key} / {sigma_key})"
+    try:
+        statistics = GaussianStatistics(mu, sigma, count)
+    except InvalidValueError as error:
+        raise InvalidValueError(f"{where}: {error}") from None
+    sigma = statistics.sigma
+    scale = max(float(np.abs(sigma).max()), np.finfo(np.float64).tiny)
+    if not np.allclose(sigma, sigma.T, rtol=0, atol=1e-9 * scale):
+        raise InvalidValueError(f"{where}: the covariance is not symmetric")
+    smallest = float(np.linalg.eigvalsh((sigma + sigma.T) / 2).min())
+    if smallest < -1e-9 * scale * len(sigma):
+        raise InvalidValueError(f"{where}: the covariance is not positive semi-definite (smallest eigenvalue "
+                                f"{smallest:.4g}): not statistics of real features")
+    return statistics
 
 
 def source_features(source: ImageSource, extractor: InceptionFeatures, batch_size: int = 50

@@ -209,7 +209,8 @@ class VFMTokPipelineBase(DiffusionPipeline):
     def resolve_class_labels(self, class_labels: ClassLabels) -> list[int]:
         """An int, a list of ints, a 0-/1-D integer tensor, a class name or a list of names -> a list of class ids."""
         if isinstance(class_labels, torch.Tensor):
-            if class_labels.dtype.is_floating_point or class_labels.dtype.is_complex or class_labels.ndim > 1:
+            if (class_labels.dtype.is_floating_point or class_labels.dtype.is_complex
+                    or class_labels.dtype == torch.bool or class_labels.ndim > 1):
                 raise InvalidValueError(f"a class-label tensor must be 0-D or 1-D integers, got dtype "
                                         f"{class_labels.dtype} and shape {tuple(class_labels.shape)}")
             ids = class_labels.reshape(-1).tolist()

@@ -363,3 +363,44 @@ def test_benchmark_with_too_few_samples_fails_before_generating(halves, tmp_path
     with pytest.raises(InvalidValueError, match=r"2 sample\(s\) are too few.*at least 4"):
         benchmark.run_benchmark("unused", tmp_path / "bench", num_samples=2, guidance_scales=[1.0],
                                 reference=str(halves[1]), inception_weights=str(WEIGHTS))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 4: silently wrong results (bool class ids, a covariance that is not one)
+# ----------------------------------------------------------------------------------------------------------------
+def test_pipelines_refuse_a_bool_tensor_as_class_ids(flow_pipe):  # noqa: F811
+    from vfmtok.tokenizer.utils.errors import InvalidValueError
+
+    with pytest.raises(InvalidValueError, match="torch.bool"):
+        flow_pipe.resolve_class_labels(torch.tensor([True, False]))
+    assert flow_pipe.resolve_class_labels(torch.tensor([1, 0])) == [1, 0]
+
+
+def test_ambiguous_class_name_is_an_error_listing_the_ids(flow_pipe):  # noqa: F811
+    from vfmtok.pipelines.pipeline_vfmtok_flow import VFMTokFlowPipeline
+    from vfmtok.tokenizer.utils.errors import InvalidValueError
+
+    pipe = VFMTokFlowPipeline(flow_pipe.vae, flow_pipe.transformer, None,
+                              id2label={i: ("maillot" if i in (3, 7) else f"class {i}")
+                                        for i in range(flow_pipe.transformer.config.num_classes)})
+    with pytest.raises(InvalidValueError, match=r"'maillot' is ambiguous: classes \[3, 7\]"):
+        pipe.resolve_class_labels("maillot")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: s - 10 * np.eye(len(s)), "not positive semi-definite"),
+    (lambda s: s + np.triu(np.ones_like(s), 1), "not symmetric"),
+    (lambda s: s * np.nan, r"sigma\).*non-finite"),
+])
+def test_reference_statistics_that_are_no_covariance_are_refused_naming_the_file(tmp_path, edit, needle):
+    from vfmtok.evaluation.fid import load_source
+    from vfmtok.tokenizer.utils.errors import InvalidValueError
+
+    features = np.random.default_rng(0).normal(size=(50, 8))
+    sigma = np.cov(features, rowvar=False)
+    path = tmp_path / "ref.npz"
+    np.savez(path, mu=features.mean(0), sigma=edit(sigma), num_samples=50)
+    with pytest.raises(InvalidValueError, match="ref.npz.*" + needle):
+        load_source(path)
+    np.savez(path, mu=features.mean(0), sigma=sigma, num_samples=50)
+    assert load_source(path).kind == "statistics"
