@@ -404,3 +404,34 @@ def test_reference_statistics_that_are_no_covariance_are_refused_naming_the_file
         load_source(path)
     np.savez(path, mu=features.mean(0), sigma=sigma, num_samples=50)
     assert load_source(path).kind == "statistics"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 10: two extractions into one folder
+# ----------------------------------------------------------------------------------------------------------------
+def test_second_extraction_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    from test_dinotok import tiny as tiny_tokenizer
+
+    from vfmtok.pipelines.train.extract import extract_tokens
+    from vfmtok.tokenizer.utils.errors import OutputExistsError
+
+    data, output = _class_folder(tmp_path / "data", seed=0), tmp_path / "codes"
+    tokenizer, outcome = tiny_tokenizer(), {}
+    encode = tokenizer.encode
+
+    def intruding(images):
+        if not outcome:
+            outcome["second"] = "started"
+            try:
+                extract_tokens(tiny_tokenizer(), str(data), output, batch_size=8, num_workers=0)
+                outcome["second"] = "ran"
+            except OutputExistsError as error:
+                outcome["second"] = str(error)
+        return encode(images)
+
+    tokenizer.encode = intruding
+    extract_tokens(tokenizer, str(data), output, batch_size=8, num_workers=0)
+    assert "being written by another process" in outcome["second"] and f"pid {os.getpid()}" in outcome["second"]
+    assert (output / "meta.json").is_file() and not list(tmp_path.glob(".codes.*"))
+    with pytest.raises(OutputExistsError, match="already exists"):  # and after it: the folder is taken
+        extract_tokens(tiny_tokenizer(), str(data), output, batch_size=8, num_workers=0)

@@ -49,7 +49,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -67,8 +66,8 @@ from torch import nn
 
 from vfmtok.pipelines.config import TrainingConfig
 from vfmtok.pipelines.data import ImageDataset, ResumableBatchSampler, StreamingImageDataset, build_dataloader
-from vfmtok.tokenizer.utils.atomic import (atomic_file, give_plain_modes, removed_on_failure, reporting_disk_full,
-                                           save_pretrained_atomically, write_text_atomically)
+from vfmtok.tokenizer.utils.atomic import (atomic_file, exclusive_lock, give_plain_modes, removed_on_failure,
+                                           reporting_disk_full, save_pretrained_atomically, write_text_atomically)
 from vfmtok.tokenizer.utils.errors import (CheckpointError, InvalidValueError, MissingFileError, OutputExistsError,
                                     VFMTokError)
 
@@ -109,25 +108,9 @@ def output_lock(output_dir: str | Path) -> Iterator[Path]:
     """
     directory = Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "an unknown process"
-            raise OutputExistsError(f"{str(directory)!r} is in use by another training run ({holder}); wait for it "
-                                    f"to finish or choose another output directory") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-        try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with exclusive_lock(directory / LOCK_NAME, f"{str(directory)!r} is in use by another training run; wait for "
+                        f"it to finish or choose another output directory") as path:
+        yield path
 
 
 def remove_leftovers(output_dir: str | Path) -> list[Path]:

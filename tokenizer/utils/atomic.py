@@ -25,7 +25,7 @@ from vfmtok.tokenizer.utils.errors import DiskFullError, OutputExistsError
 
 __all__ = ["atomic_directory", "atomic_file", "write_text_atomically", "save_pretrained_atomically",
            "removed_on_failure", "reporting_disk_full", "is_disk_full", "remove_stale_partials", "allocated_memmap",
-           "plain_mode", "give_plain_modes"]
+           "plain_mode", "give_plain_modes", "exclusive_lock"]
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # What writers that wrap the OS error say (safetensors: "IoError(Os { code: 28, kind: StorageFull, ... })").
@@ -133,6 +133,33 @@ def _held(path: Path) -> Iterator[None]:
         os.close(fd)  # drops the lock
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, busy_message: str) -> Iterator[Path]:
+    """Hold an exclusive, non-blocking ``flock`` on the file ``path`` (created) for the block, or raise
+    :class:`OutputExistsError` (``busy_message``, then the holder). The kernel releases it when the holder exits or
+    is killed, so a lock is never stale; the pid, host and start time written into the file only name the holder."""
+    import socket
+
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "an unknown process"
+            raise OutputExistsError(f"{busy_message} ({holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def _partials_pattern(target: Path) -> re.Pattern:
     name = re.escape(target.name)
     return re.compile(rf"^\.{name}\.(?:(staging)-[a-z0-9_]+|(old)-[a-z0-9_]+|[a-z0-9_]{{8}}{re.escape(target.suffix)})$")
@@ -216,15 +243,30 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
     after the new one is complete). Staging directories of ``target`` left by killed writers are removed first.
     """
     target = Path(target)
+    with reporting_disk_full(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(target.parent / f".{target.name}.lock",
+                        f"{str(target)!r} is being written by another process; wait for it to finish or choose "
+                        f"another output") as lock:
+        try:
+            with _staged_directory(target, replace) as staging:
+                yield staging
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _staged_directory(target: Path, replace: bool) -> Iterator[Path]:
     remove_stale_partials(target)
     if target.exists() and not replace and any(target.iterdir()):
         raise OutputExistsError(f"{str(target)!r} already exists and is not empty")
     with reporting_disk_full(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     with removed_on_failure(staging, target), _held(staging):
         yield staging
         give_plain_modes(staging)
+        if target.exists() and not replace and any(target.iterdir()):
+            raise OutputExistsError(f"{str(target)!r} was written by another process meanwhile")
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)
