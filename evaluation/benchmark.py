@@ -6,7 +6,7 @@ process ``i mod world_size`` under ``accelerate launch``, on one machine or many
 (``random``: uniform over the classes; ``balanced``: the same count per class, shuffled) and each shard samples with
 its own generator seeded from (seed, guidance scale, shard), so the images do not depend on the number of processes.
 A shard is written atomically as ``shard-NNNNN.npz`` (uint8 images, labels) beside a ``.json`` that records the run
-settings and the sha256 of its images; a restarted run keeps every shard whose record matches (settings and
+settings (the pipeline's weights fingerprint included) and the sha256 of its images; a restarted run keeps every shard whose record matches (settings and
 content) and generates only the others. The main process then computes FID, sFID, precision / recall and (where the
 Inception weights allow) IS against the reference, and writes ``report.json``, ``report.md`` and ``samples.png``.
 """
@@ -24,7 +24,8 @@ import torch
 
 from vfmtok.tokenizer.utils.atomic import atomic_file
 from vfmtok.tokenizer.utils.errors import InvalidValueError
-from vfmtok.evaluation.fid import ImageSource, InceptionFeatures, compare_sources, load_source
+from vfmtok.evaluation.fid import ImageSource, InceptionFeatures, check_sample_counts, compare_sources, load_source
+from vfmtok.evaluation.inception_weights import resolve_inception_weights
 
 __all__ = ["run_benchmark", "benchmark_labels", "card_results", "LABEL_MODES"]
 
@@ -94,7 +95,8 @@ def _protocol(pipe, settings: dict[str, Any], reference: ImageSource, extractor:
     tokenizer = getattr(pipe, pipe._image_tokenizer_name)
     kind = type(pipe).__name__
     protocol = {
-        "pipeline": kind, "num_samples": settings["num_samples"], "labels": settings["labels"],
+        "pipeline": kind, "weights_sha256": settings["weights"], "num_samples": settings["num_samples"],
+        "labels": settings["labels"],
         "seed": settings["seed"], "guidance_scale": settings["guidance_scale"],
         "guided_channels": _GUIDANCE_CHANNELS, "sampler_options": settings["options"],
         "resolution": f"generated at {tokenizer.output_size}, resized to {settings['output_size']} by the tokenizer's "
@@ -137,7 +139,9 @@ def run_benchmark(pipeline: str, output_dir: str | Path, num_samples: int, guida
     state = PartialState()
     output_dir = Path(output_dir)
     reference_source = load_source(reference)  # checked before any sample is generated
+    check_sample_counts(num_samples, reference_source, bool(resolve_inception_weights(inception_weights).has_fc))
     pipe = load_pipeline(pipeline)
+    weights = pipe.weights_fingerprint()  # a shard made by other weights at the same path is generated again
     pipe.to(device or state.device)
     pipe.set_progress_bar_config(disable=True)
     num_classes = getattr(pipe, "transformer").config.num_classes
@@ -145,8 +149,8 @@ def run_benchmark(pipeline: str, output_dir: str | Path, num_samples: int, guida
     options = dict(sampler_options or {})
     runs = []
     for scale in scales:
-        settings = {"pipeline": str(pipeline), "num_samples": num_samples, "labels": labels, "seed": seed,
-                    "guidance_scale": scale, "output_size": output_size, "options": options,
+        settings = {"pipeline": str(pipeline), "weights": weights, "num_samples": num_samples, "labels": labels,
+                    "seed": seed, "guidance_scale": scale, "output_size": output_size, "options": options,
                     "shard_size": shard_size}
         settings_hash = _settings_hash(settings)
         folder = output_dir / "samples" / f"cfg-{scale:g}"

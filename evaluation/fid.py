@@ -17,7 +17,8 @@ Sources (:func:`load_source`):
   ``num_samples``, ``extractor_sha256``): FID and sFID only.
 
 Feature statistics of image sources are cached under their content hash and the extractor's sha256
-(``$VFMTOK_CACHE/fid-stats``), so a reference is measured once.
+(``$VFMTOK_CACHE/fid-features``; a folder or dataset by its images' bytes, not their names), so a reference is
+measured once and a changed one is measured again.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from vfmtok.evaluation.metrics import (GaussianStatistics, feature_statistics, f
                       precision_recall, warn_if_few)
 
 __all__ = ["InceptionFeatures", "ImageSource", "load_source", "source_features", "compare_sources",
-           "save_statistics", "IMAGE_SUFFIXES"]
+           "check_sample_counts", "save_statistics", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SPATIAL_CHANNELS = 7  # ADM: mixed_6/conv[..., :7]
@@ -146,8 +147,25 @@ def _dataset_source(source: str, size: int) -> ImageSource:
     dataset = load_image_dataset(source)
     if not hasattr(dataset, "__len__"):
         raise InvalidValueError(f"{source!r}: a streamed dataset cannot be a reference; download it first")
-    digest = hashlib.sha256(f"{dataset._fingerprint}/{size}".encode()).hexdigest()
-    return ImageSource(Path(source), "dataset", dataset=dataset, dataset_size=size, content_hash=digest)
+    return ImageSource(Path(source), "dataset", dataset=dataset, dataset_size=size,
+                       content_hash=_hash_dataset(dataset, size))
+
+
+def _hash_dataset(dataset: Any, size: int) -> str:
+    """What determines a dataset source's images: every image's bytes (a file's contents where the dataset holds a
+    path, as a local folder's does: not its name), in order, and the crop size. Not datasets' fingerprint, which for
+    a local folder follows the file names only."""
+    digest = hashlib.sha256(f"dataset/{size}/{len(dataset)}".encode())
+    for batch in dataset.select_columns(["image"]).iter(batch_size=256):
+        for image in batch["image"]:
+            data = image.get("bytes") if isinstance(image, dict) else None
+            if data is None and isinstance(image, dict) and image.get("path"):
+                try:
+                    data = Path(image["path"]).read_bytes()
+                except OSError:
+                    data = f"unreadable:{image['path']}".encode()  # decoding reports it
+            digest.update(hashlib.sha256(data if data is not None else repr(image).encode()).digest())
+    return digest.hexdigest()
 
 
 def _is_dataset_folder(path: Path) -> bool:
@@ -187,7 +205,7 @@ def load_source(path: str | Path, dataset_size: int = 256) -> ImageSource:
         for name, (mu, sigma) in {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}.items():
             if {mu, sigma} <= keys:
                 count = int(data["num_samples"]) if "num_samples" in keys else 0
-                statistics[name] = GaussianStatistics(data[mu], data[sigma], count)
+                statistics[name] = _file_statistics(path, mu, sigma, data[mu], data[sigma], count)
         array = data["arr_0"] if "arr_0" in keys else None
     if array is None and "pool" not in statistics:
         raise InvalidValueError(f"{str(path)!r} has neither images (arr_0) nor statistics (mu, sigma); keys: "
@@ -198,6 +216,26 @@ def load_source(path: str | Path, dataset_size: int = 256) -> ImageSource:
     kind = "npz" if array is not None else "statistics"
     return ImageSource(path, kind, array=array, statistics=statistics,
                        content_hash=hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def _file_statistics(path: Path, mu_key: str, sigma_key: str, mu: np.ndarray, sigma: np.ndarray,
+                     count: int) -> GaussianStatistics:
+    """Statistics read from a file, checked as a covariance must be: finite, symmetric and positive semi-definite
+    (up to rounding). A matrix that is not would give a negative or meaningless FID."""
+    where = f"{str(path)!r} ({mu_key} / {sigma_key})"
+    try:
+        statistics = GaussianStatistics(mu, sigma, count)
+    except InvalidValueError as error:
+        raise InvalidValueError(f"{where}: {error}") from None
+    sigma = statistics.sigma
+    scale = max(float(np.abs(sigma).max()), np.finfo(np.float64).tiny)
+    if not np.allclose(sigma, sigma.T, rtol=0, atol=1e-9 * scale):
+        raise InvalidValueError(f"{where}: the covariance is not symmetric")
+    smallest = float(np.linalg.eigvalsh((sigma + sigma.T) / 2).min())
+    if smallest < -1e-9 * scale * len(sigma):
+        raise InvalidValueError(f"{where}: the covariance is not positive semi-definite (smallest eigenvalue "
+                                f"{smallest:.4g}): not statistics of real features")
+    return statistics
 
 
 def source_features(source: ImageSource, extractor: InceptionFeatures, batch_size: int = 50
@@ -214,10 +252,15 @@ def source_features(source: ImageSource, extractor: InceptionFeatures, batch_siz
 
 def _cached_features(source: ImageSource, extractor: InceptionFeatures, batch_size: int) -> dict[str, np.ndarray]:
     """Features of an image source, cached under (content hash, extractor sha256)."""
-    path = _cache_root() / "fid-features" / f"{source.content_hash[:24]}-{extractor.sha256[:12]}.npz"
+    path = _cache_root() / "fid-features" / f"{source.content_hash[:32]}-{extractor.sha256[:16]}.npz"
     if path.is_file():
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                cached = {k: data[k] for k in data.files}
+            if "pool" in cached and all(len(v) == source.num_images for v in cached.values()):
+                return cached
+        except Exception:  # a truncated or foreign cache file: measure again
+            pass
     features = source_features(source, extractor, batch_size)
     with atomic_file(path) as temporary:
         with open(temporary, "wb") as handle:
@@ -235,11 +278,35 @@ def save_statistics(features: dict[str, np.ndarray], path: str | Path, extractor
     return Path(path)
 
 
+PRECISION_RECALL_K = 3
+INCEPTION_SCORE_SPLITS = 10
+
+
+def check_sample_counts(num_samples: int, reference: ImageSource, has_fc: bool = False) -> None:
+    """Before any work: ``num_samples`` images against ``reference`` are enough for every metric compare_sources
+    computes (FID: 2; precision / recall with reference images: more than k in each set; IS: one per split)."""
+    needed = 2
+    if reference.kind != "statistics":
+        needed = PRECISION_RECALL_K + 1
+        if reference.num_images <= PRECISION_RECALL_K:
+            raise InvalidValueError(f"reference {str(reference.path)!r} holds {reference.num_images} image(s); "
+                                    f"precision / recall (k={PRECISION_RECALL_K}) need more than "
+                                    f"{PRECISION_RECALL_K}")
+    if has_fc:
+        needed = max(needed, INCEPTION_SCORE_SPLITS)
+    if num_samples < needed:
+        raise InvalidValueError(f"{num_samples} sample(s) are too few: against {str(reference.path)!r} the metrics "
+                                f"need at least {needed} (FID 2, precision / recall more than "
+                                f"{PRECISION_RECALL_K}, the Inception Score {INCEPTION_SCORE_SPLITS} with "
+                                "classification weights)")
+
+
 def compare_sources(samples: ImageSource, reference: ImageSource, extractor: InceptionFeatures,
                     batch_size: int = 50, cache: bool = True) -> dict[str, Any]:
     """Every metric of ``samples`` against ``reference`` that the two allow, with counts, hashes and timing."""
     if samples.kind == "statistics":
         raise InvalidValueError(f"{samples.path}: the samples must be images (a folder or an .npz with arr_0)")
+    check_sample_counts(samples.num_images, reference, extractor.has_fc)
     start = time.perf_counter()
     fake = source_features(samples, extractor, batch_size)
     extraction_seconds = time.perf_counter() - start
@@ -265,12 +332,13 @@ def compare_sources(samples: ImageSource, reference: ImageSource, extractor: Inc
         "warnings": [w for w in [warn_if_few(len(fake["pool"]))] if w],
     }
     if real is not None:
-        report["precision"], report["recall"] = precision_recall(real["pool"], fake["pool"], k=3)
+        report["precision"], report["recall"] = precision_recall(real["pool"], fake["pool"], k=PRECISION_RECALL_K)
     else:
         report["precision"] = report["recall"] = None
         report["warnings"].append("precision / recall need reference images; the reference holds statistics only")
     if extractor.has_fc and "logits" in fake:
-        report["inception_score"], report["inception_score_std"] = inception_score(fake["logits"])
+        report["inception_score"], report["inception_score_std"] = inception_score(fake["logits"],
+                                                                                   INCEPTION_SCORE_SPLITS)
     else:
         report["inception_score"] = None
         report["inception_score_unavailable"] = ("the Inception weights have no classification layer (fc), so the "

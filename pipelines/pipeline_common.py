@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import importlib
 import json
 import math
@@ -76,6 +77,17 @@ def _is_finite_number(value: Any) -> bool:
 def _check_guidance_scale(value: Any, name: str) -> None:
     if not _is_finite_number(value) or value < 0:
         raise InvalidValueError(f"{name} must be a finite number >= 0 (1 = no guidance), got {value!r}")
+
+
+def _check_finite(values: torch.Tensor, what: str, settings: Optional[dict]) -> None:
+    """Raise :class:`InvalidValueError` when ``values`` (floating point) hold a NaN or an infinity."""
+    if not values.is_floating_point() or bool(torch.isfinite(values).all()):
+        return
+    count = int((~torch.isfinite(values)).sum())
+    raise InvalidValueError(
+        f"sampling failed: {what} hold {count} NaN or infinite value(s) of {values.numel()}"
+        + (f" with {', '.join(f'{k}={v!r}' for k, v in settings.items())}" if settings else "")
+        + ": a guidance scale or scheduler setting too large for the arithmetic, or a model with broken weights")
 
 
 # Modules whose classes a saved pipeline's components may be (diffusers refuses to import modules itself).
@@ -220,7 +232,8 @@ class VFMTokPipelineBase(DiffusionPipeline):
     def resolve_class_labels(self, class_labels: ClassLabels) -> list[int]:
         """An int, a list of ints, a 0-/1-D integer tensor, a class name or a list of names -> a list of class ids."""
         if isinstance(class_labels, torch.Tensor):
-            if class_labels.dtype.is_floating_point or class_labels.dtype.is_complex or class_labels.ndim > 1:
+            if (class_labels.dtype.is_floating_point or class_labels.dtype.is_complex
+                    or class_labels.dtype == torch.bool or class_labels.ndim > 1):
                 raise InvalidValueError(f"a class-label tensor must be 0-D or 1-D integers, got dtype "
                                         f"{class_labels.dtype} and shape {tuple(class_labels.shape)}")
             ids = class_labels.reshape(-1).tolist()
@@ -280,18 +293,21 @@ class VFMTokPipelineBase(DiffusionPipeline):
     # -- the call ---------------------------------------------------------------------------------------------------
     def _generate(self, class_labels: ClassLabels, num_images_per_class: int, batch_size: Optional[int],
                   output_type: str, output_size: Optional[int], return_dict: bool,
-                  sample_chunk: Callable[[torch.Tensor], torch.Tensor]):
+                  sample_chunk: Callable[[torch.Tensor], torch.Tensor], settings: Optional[dict] = None):
         """Resolve labels, sample in chunks of ``batch_size`` with ``sample_chunk(labels) -> codes / latents``,
-        decode and convert to ``output_type``."""
+        decode and convert to ``output_type``. Non-finite latents or images are an error naming ``settings`` (the
+        sampling settings that may have caused them), never a result."""
         ids = self.resolve_class_labels(class_labels)
         labels = torch.tensor(ids, dtype=torch.long).repeat_interleave(num_images_per_class)
         size = batch_size or len(labels)
         raw = torch.cat([sample_chunk(chunk.to(self.device)) for chunk in labels.split(size)])
+        _check_finite(raw, f"the sampled {self._raw_output_type}", settings)
         if output_type == self._raw_output_type:
             images: Any = raw
         else:
             tokenizer = getattr(self, self._image_tokenizer_name)
             decoded = torch.cat([tokenizer.decode(chunk, output_size=output_size) for chunk in raw.split(size)])
+            _check_finite(decoded, "the decoded images", settings)
             images = self._convert(decoded, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
@@ -477,6 +493,27 @@ The components were trained with the `vfmtok train` commands; their configs are 
 {evaluation_text}
 """
         return ModelCard(content)
+
+    def weights_fingerprint(self) -> str:
+        """sha256 of everything that determines what the pipeline generates: every component's class, config and
+        weights (each module's state dict and the frozen modules it holds outside it, e.g. a tokenizer's VFM).
+        Equal for the same weights wherever they are loaded from; a benchmark keys its samples by it."""
+        digest = hashlib.sha256()
+        for name, component in sorted(self.components.items()):
+            digest.update(f"{name}:{type(component).__name__}:".encode())
+            config = getattr(component, "config", None)
+            if config is not None:
+                digest.update(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")},
+                                         sort_keys=True, default=str).encode())
+            if not isinstance(component, torch.nn.Module):
+                continue
+            modules = [component, *getattr(component, "_held_frozen", lambda: [])()]
+            for index, module in enumerate(modules):
+                for key, tensor in module.state_dict().items():
+                    tensor = tensor.detach().cpu().contiguous()
+                    digest.update(f"{index}/{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        return digest.hexdigest()
 
     def _eval_results(self) -> list:
         """The evaluation's numbers as Hub ``model-index`` entries (metric name: the key, e.g. ``gFID (cfg-1.5)``)."""

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -12,9 +14,47 @@ from vfmtok.generators.transport import guided_model, sample_sde
 from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError
 from vfmtok.pipelines.pipeline_common import ClassLabels, VFMTokPipelineBase
 
-__all__ = ["VFMTokFlowPipeline", "SAMPLERS"]
+__all__ = ["VFMTokFlowPipeline", "SAMPLERS", "check_flow_scheduler"]
 
 SAMPLERS = ("scheduler", "sde")
+
+
+# Scheduler settings this pipeline does not drive: dynamic shifting needs a ``mu`` per call, inverted sigmas run the
+# other time direction.
+_UNSUPPORTED_SETTINGS = ("use_dynamic_shifting", "invert_sigmas")
+
+
+def check_flow_scheduler(scheduler: Any) -> None:
+    """Refuse a scheduler that does not fit the transformer's convention (a diffusers flow-matching scheduler: sigma
+    from 1 = noise to 0 = data, model output ``-v``) or whose settings would not give such a schedule."""
+    name = type(scheduler).__name__
+    config = getattr(scheduler, "config", None)
+    if not name.startswith("FlowMatch") or config is None or not hasattr(scheduler, "step"):
+        raise InvalidValueError(
+            f"the scheduler {name} is not a flow-matching scheduler: the transformer predicts a flow-matching "
+            f"velocity (SiT convention); use FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler")
+    shift = config.get("shift", 1.0)
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not math.isfinite(shift) or shift <= 0:
+        raise InvalidValueError(f"scheduler {name}: shift must be a finite number > 0, got {shift!r}")
+    steps = config.get("num_train_timesteps", 1000)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise InvalidValueError(f"scheduler {name}: num_train_timesteps must be a positive integer, got {steps!r}")
+    for key in _UNSUPPORTED_SETTINGS:
+        if config.get(key):
+            raise InvalidValueError(f"scheduler {name}: {key}=True is not supported by this pipeline")
+
+
+def _check_sigmas(scheduler: Any) -> None:
+    """The schedule the settings gave: finite sigmas decreasing from at most 1 to 0."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None:
+        return
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+    decreasing = bool((sigmas[1:] <= sigmas[:-1]).all())
+    if (not bool(torch.isfinite(sigmas).all()) or not decreasing or float(sigmas[0]) > 1 + 1e-6
+            or float(sigmas[-1]) != 0.0):
+        raise InvalidValueError(f"scheduler {type(scheduler).__name__}: its settings {dict(scheduler.config)} give "
+                                f"the sigmas {sigmas[:6].tolist()}..., not a schedule decreasing from at most 1 to 0")
 
 
 class VFMTokFlowPipeline(VFMTokPipelineBase):
@@ -43,6 +83,7 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
             raise CheckpointError(f"weak_transformer has {weak_transformer.config.num_classes} classes, transformer "
                                   f"{transformer.config.num_classes}")
         scheduler = scheduler if scheduler is not None else FlowMatchEulerDiscreteScheduler()
+        check_flow_scheduler(scheduler)
         self.register_modules(vae=vae, transformer=transformer, scheduler=scheduler,
                               weak_transformer=weak_transformer)
         self._register_labels(id2label, evaluation, transformer.config.num_classes,
@@ -101,6 +142,7 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         guidance_scale = self.resolve_guidance_scale(guidance_scale)
         self._check_call(guidance_scale, num_images_per_class, batch_size, output_type, output_size,
                          callback_on_step_end, callback_on_step_end_tensor_inputs)
+        check_flow_scheduler(self.scheduler)  # it may have been swapped since (pipe.scheduler = ...)
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise InvalidValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if sampler not in SAMPLERS:
@@ -120,12 +162,15 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
                                                callback_on_step_end, callback_on_step_end_tensor_inputs)
             return self.transformer.denormalize_latents(latents).to(self.vae.dtype)
 
+        settings = {"guidance_scale": guidance_scale, "sampler": sampler, "num_inference_steps": num_inference_steps,
+                    "scheduler": type(self.scheduler).__name__, "shift": self.scheduler.config.get("shift", 1.0)}
         return self._generate(class_labels, num_images_per_class, batch_size, output_type, output_size,
-                              return_dict, sample_chunk)
+                              return_dict, sample_chunk, settings)
 
     def _scheduler_loop(self, velocity: Callable, latents: torch.Tensor, labels: torch.Tensor, steps: int,
                         callback: Optional[Callable], tensor_inputs: Sequence[str]) -> torch.Tensor:
         self._set_timesteps(steps)
+        _check_sigmas(self.scheduler)
         timesteps = self.scheduler.timesteps
         scale = float(self.scheduler.config.num_train_timesteps)
         with self.progress_bar(total=len(timesteps)) as progress:

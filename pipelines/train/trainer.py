@@ -49,7 +49,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -59,6 +58,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
+from accelerate.utils import load as load_checkpoint_part
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -66,8 +66,8 @@ from torch import nn
 
 from vfmtok.pipelines.config import TrainingConfig
 from vfmtok.pipelines.data import ImageDataset, ResumableBatchSampler, StreamingImageDataset, build_dataloader
-from vfmtok.tokenizer.utils.atomic import (atomic_file, removed_on_failure, reporting_disk_full, save_pretrained_atomically,
-                                   write_text_atomically)
+from vfmtok.tokenizer.utils.atomic import (atomic_file, exclusive_lock, give_plain_modes, removed_on_failure,
+                                           reporting_disk_full, save_pretrained_atomically, write_text_atomically)
 from vfmtok.tokenizer.utils.errors import (CheckpointError, InvalidValueError, MissingFileError, OutputExistsError,
                                     VFMTokError)
 
@@ -108,25 +108,9 @@ def output_lock(output_dir: str | Path) -> Iterator[Path]:
     """
     directory = Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "an unknown process"
-            raise OutputExistsError(f"{str(directory)!r} is in use by another training run ({holder}); wait for it "
-                                    f"to finish or choose another output directory") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-        try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with exclusive_lock(directory / LOCK_NAME, f"{str(directory)!r} is in use by another training run; wait for "
+                        f"it to finish or choose another output directory") as path:
+        yield path
 
 
 def remove_leftovers(output_dir: str | Path) -> list[Path]:
@@ -387,6 +371,7 @@ class Trainer:
                 save_file(ema, str(staging / "ema.safetensors"))
                 save_file(self._non_persistent_buffers(), str(staging / "buffers.safetensors"))
                 (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+                give_plain_modes(staging)
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(staging, final)
@@ -518,8 +503,9 @@ class Trainer:
                 raise self._unrestorable(checkpoint, name, ValueError("empty file"))
         name = f"random_states_{self.accelerator.process_index}.pkl"
         try:
-            # Our own file (accelerate's save_state), read the way accelerate reads it.
-            states = torch.load(checkpoint / name, map_location="cpu", weights_only=False)
+            # Read the way accelerate's load_state reads it: weights_only=True with its safe globals (numpy arrays
+            # and dtypes); a checkpoint copied from elsewhere never runs code.
+            states = load_checkpoint_part(checkpoint / name, map_location="cpu")
             needed = ["random_state", "numpy_random_seed", "torch_manual_seed"]
             if torch.cuda.is_available():
                 needed.append("torch_cuda_manual_seed")
@@ -559,7 +545,7 @@ class Trainer:
                 return path.name
         for name in self._expected_files()[:-2]:  # optimizers, schedulers, scaler
             try:
-                torch.load(checkpoint / name, map_location="cpu", weights_only=False)
+                load_checkpoint_part(checkpoint / name, map_location="cpu")  # weights_only=True, as accelerate
             except Exception:
                 return name
         return None

@@ -24,7 +24,8 @@ from typing import Iterator, Optional
 from vfmtok.tokenizer.utils.errors import DiskFullError, OutputExistsError
 
 __all__ = ["atomic_directory", "atomic_file", "write_text_atomically", "save_pretrained_atomically",
-           "removed_on_failure", "reporting_disk_full", "is_disk_full", "remove_stale_partials", "allocated_memmap"]
+           "removed_on_failure", "reporting_disk_full", "is_disk_full", "remove_stale_partials", "allocated_memmap",
+           "plain_mode", "give_plain_modes", "exclusive_lock"]
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # What writers that wrap the OS error say (safetensors: "IoError(Os { code: 28, kind: StorageFull, ... })").
@@ -132,6 +133,33 @@ def _held(path: Path) -> Iterator[None]:
         os.close(fd)  # drops the lock
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, busy_message: str) -> Iterator[Path]:
+    """Hold an exclusive, non-blocking ``flock`` on the file ``path`` (created) for the block, or raise
+    :class:`OutputExistsError` (``busy_message``, then the holder). The kernel releases it when the holder exits or
+    is killed, so a lock is never stale; the pid, host and start time written into the file only name the holder."""
+    import socket
+
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "an unknown process"
+            raise OutputExistsError(f"{busy_message} ({holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def _partials_pattern(target: Path) -> re.Pattern:
     name = re.escape(target.name)
     return re.compile(rf"^\.{name}\.(?:(staging)-[a-z0-9_]+|(old)-[a-z0-9_]+|[a-z0-9_]{{8}}{re.escape(target.suffix)})$")
@@ -171,6 +199,42 @@ def remove_stale_partials(target: str | Path) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(directory: bool = False) -> int:
+    """The permissions a plain ``open()`` (``mkdir()`` for a directory) would give a new file: 0666 (0777) less the
+    umask. ``tempfile`` creates its files 0600 and its directories 0700 whatever the umask; what is renamed into
+    place gets this mode instead, so that others can read what the suite writes where the umask lets them."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def give_plain_modes(path: str | Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions a plain ``open()`` / ``mkdir()``
+    would: writers such as ``tempfile`` and safetensors create private files (0600) whatever the umask. Executable
+    bits a file has are kept (as far as the umask allows); links are left alone."""
+    path = Path(path)
+    file_mode, dir_mode = plain_mode(), plain_mode(directory=True)
+    for entry in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else ())]:
+        if entry.is_symlink():
+            continue
+        if entry.is_dir():
+            os.chmod(entry, dir_mode)
+        else:
+            os.chmod(entry, file_mode | (entry.stat().st_mode & 0o111 & dir_mode))
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path]:
     """Yield a staging directory next to ``target``; on success it is renamed to ``target``.
@@ -179,14 +243,30 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
     after the new one is complete). Staging directories of ``target`` left by killed writers are removed first.
     """
     target = Path(target)
+    with reporting_disk_full(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(target.parent / f".{target.name}.lock",
+                        f"{str(target)!r} is being written by another process; wait for it to finish or choose "
+                        f"another output") as lock:
+        try:
+            with _staged_directory(target, replace) as staging:
+                yield staging
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _staged_directory(target: Path, replace: bool) -> Iterator[Path]:
     remove_stale_partials(target)
     if target.exists() and not replace and any(target.iterdir()):
         raise OutputExistsError(f"{str(target)!r} already exists and is not empty")
     with reporting_disk_full(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     with removed_on_failure(staging, target), _held(staging):
         yield staging
+        give_plain_modes(staging)
+        if target.exists() and not replace and any(target.iterdir()):
+            raise OutputExistsError(f"{str(target)!r} was written by another process meanwhile")
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)
@@ -209,6 +289,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
         with removed_on_failure(name, target):
             fcntl.flock(handle, fcntl.LOCK_EX)  # held until the file is in place (writers reopen it by name)
             yield Path(name)
+            give_plain_modes(name)  # the writer may have replaced the file by a private one of its own
             os.replace(name, target)
     finally:
         os.close(handle)

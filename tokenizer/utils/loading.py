@@ -29,7 +29,8 @@ from vfmtok.tokenizer.utils.types import check_value
 
 __all__ = ["read_state_dict", "read_training_checkpoint", "key_mismatch_message", "load_state_dict_strict",
            "StrictLoadingMixin", "strip_wrapper_prefixes", "rename_by_rules", "rename_state_dict", "RenameRules",
-           "meta_tensors", "download_state_dict", "DOWNLOAD_ERRORS", "bundled_file"]
+           "meta_tensors", "download_state_dict", "DOWNLOAD_ERRORS", "bundled_file", "nonfinite_weights",
+           "check_finite_weights"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -136,6 +137,31 @@ def meta_tensors(module: nn.Module) -> list[str]:
             if tensor.is_meta]
 
 
+def nonfinite_weights(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of ``state_dict`` holding a NaN or an infinity."""
+    return [name for name, tensor in state_dict.items()
+            if torch.is_tensor(tensor) and (tensor.is_floating_point() or tensor.is_complex())
+            and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())]
+
+
+def check_finite_weights(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointError` naming every weight of ``state_dict`` that holds a NaN or an infinity."""
+    bad = nonfinite_weights(state_dict)
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} weight(s) hold NaN or infinite values, e.g. {bad[:10]} (a "
+                              "diverged or corrupted run); pass allow_nonfinite=True to load them anyway")
+
+
+def _subclass_names(cls: type) -> set[str]:
+    """The names of ``cls`` and of every subclass of it defined so far."""
+    names, pending = set(), [cls]
+    while pending:
+        current = pending.pop()
+        names.add(current.__name__)
+        pending += current.__subclasses__()
+    return names
+
+
 class StrictLoadingMixin:
     """For diffusers ``ModelMixin`` subclasses (list it first among the bases): ``from_pretrained`` and
     ``load_state_dict`` raise :class:`CheckpointError` naming every missing, unexpected or mis-shaped weight, where
@@ -161,6 +187,11 @@ class StrictLoadingMixin:
         hub = {k: kwargs[k] for k in cls._HUB_KWARGS if kwargs.get(k) is not None}
         config = cls.load_config(pretrained_model_name_or_path, **hub)
         where = f"{pretrained_model_name_or_path}: {cls.config_name}"
+        saved_class = config.get("_class_name")
+        accepted = _subclass_names(cls)
+        if saved_class is not None and saved_class not in accepted:
+            raise CheckpointError(f"{where}: the folder holds a {saved_class!r} (_class_name), not a {cls.__name__} "
+                                  f"(accepted: {sorted(accepted)}); load it with its own class")
         target = cls.__init__
         parameters = {name: p for name, p in inspect.signature(target).parameters.items()
                       if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
@@ -186,7 +217,9 @@ class StrictLoadingMixin:
         return config
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_nonfinite: bool = False, **kwargs):
+        """diffusers' ``from_pretrained``, strictly (see the class). A weight that is NaN or infinite raises
+        :class:`CheckpointError` naming it; ``allow_nonfinite=True`` loads it anyway (for inspecting a broken run)."""
         cls.check_saved_config(pretrained_model_name_or_path, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
@@ -199,6 +232,8 @@ class StrictLoadingMixin:
         if left_on_meta:
             raise CheckpointError(f"{pretrained_model_name_or_path}: no value for {len(left_on_meta)} weight(s), "
                                   f"e.g. {left_on_meta[:10]}. " + cls._loading_hint())
+        if not allow_nonfinite:
+            check_finite_weights(model.state_dict(), str(pretrained_model_name_or_path))
         return (model, info) if want_info else model
 
     @classmethod
