@@ -76,16 +76,18 @@ class QuickstartBudget:
     ar_steps: int
     flow_steps: int
     gfid_samples: int  # generated images per guidance scale (balanced labels); also the floor's size
+    recon_images: int  # held-out images for the tokenizer metrics (the first of the held-out split)
     grid_per_class: int  # images per class in the sample grids
     flow_inference_steps: int
     guidance_scales: tuple[float, ...]  # the sweep (1 = no guidance)
 
 
 FULL = QuickstartBudget(images_per_class=None, held_out=300, tokenizer_steps=1000, ar_steps=1500, flow_steps=1500,
-                        gfid_samples=150, grid_per_class=6, flow_inference_steps=50,
+                        gfid_samples=100, recon_images=150, grid_per_class=6, flow_inference_steps=50,
                         guidance_scales=(1.0, 1.5, 2.0, 3.0, 4.0))
 FAST = QuickstartBudget(images_per_class=12, held_out=30, tokenizer_steps=6, ar_steps=20, flow_steps=20,
-                        gfid_samples=30, grid_per_class=2, flow_inference_steps=8, guidance_scales=(1.0, 2.0))
+                        gfid_samples=30, recon_images=30, grid_per_class=2, flow_inference_steps=8,
+                        guidance_scales=(1.0, 2.0))
 
 
 # -- data ------------------------------------------------------------------------------------------------------------
@@ -264,6 +266,23 @@ def _write_config(template: str, output: Path, params: dict[str, Any], training:
     return output
 
 
+# What a quickstart run writes at the top of its output folder (``--force`` removes these and nothing else).
+_OWN_NAMES = ("quickstart.json", "report.json", "report.md", "data", "configs", "runs", "codes", "latents",
+              "pipelines", "eval", "stages")
+_OWN_PATTERNS = ("samples_*.png", "guidance_*.png")
+
+
+def _own_outputs(output: Path) -> list[Path]:
+    """The quickstart's files and folders in ``output``, with the staging entries, temporary files and locks of
+    interrupted writes to them (``.<name>.*``); a user's own files stay."""
+    found = {output / name for name in _OWN_NAMES if (output / name).exists()}
+    for pattern in _OWN_PATTERNS:
+        found.update(output.glob(pattern))
+    for name in (*_OWN_NAMES, *(pattern.split("*")[0] for pattern in _OWN_PATTERNS)):
+        found.update(output.glob(f".{Path(name).stem}*"))
+    return sorted(found)
+
+
 def _options_record(data: Optional[str], vfm: Optional[str], seed: int, fast: bool) -> dict[str, Any]:
     return {"format": _FORMAT, "data": data, "vfm": vfm, "seed": seed, "fast": fast}
 
@@ -274,8 +293,8 @@ def _prepare_output(output: Path, options: dict[str, Any], force: bool) -> None:
     if record.is_file():
         previous = json.loads(record.read_text())
         if force:
-            for child in output.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            for child in _own_outputs(output):
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         elif previous != options:
             different = sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))
             raise OutputExistsError(
@@ -540,7 +559,8 @@ def _evaluation_stages(run: _Run, tokenizers: dict[str, Path], pipelines_dir: di
     for kind in ("vq", "ae"):
         recon[kind] = run.stages.run(f"recon-{kind}", lambda kind=kind: _recon_summary(run, reconstruction_metrics(
             load_tokenizer(str(tokenizers[kind])), run.held_out_dir, run.output / "eval" / f"recon-{kind}",
-            batch_size=64, eval_size=IMAGE_SIZE, inception_weights=weights, grid_images=16, grid_cell=GRID_CELL,
+            batch_size=64, eval_size=IMAGE_SIZE, limit=run.budget.recon_images, inception_weights=weights,
+            grid_images=16, grid_cell=GRID_CELL,
             lpips=False)))  # LPIPS would download VGG16 weights (528 MB); the quickstart stays offline
     floor = run.stages.run("floor", lambda: _floor(run, weights))
     sweeps = {}

@@ -583,3 +583,22 @@ def test_a_tokenizer_on_a_local_vfm_folder_saves_without_the_path_and_loads_else
     loaded = load_tokenizer(str(tmp_path / "saved"))
     for key, value in tokenizer.vfm.model.state_dict().items():
         assert torch.equal(loaded.vfm.model.state_dict()[key], value), key
+
+
+def test_default_guidance_scale_is_saved_and_used_when_no_scale_is_given(ar_pipe, tmp_path):
+    gpt = build_model(config("ar", "gpt-tiny")).eval()
+    with torch.no_grad():  # a head that is not zero: guidance changes the samples
+        for p in gpt.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    pipe = VFMTokARPipeline(ar_pipe.vqvae, gpt, default_guidance_scale=3.0)
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = load_pipeline(tmp_path / "p")
+    assert loaded.config.default_guidance_scale == 3.0
+    kw = dict(output_type="codes", top_k=50)
+    guided = pipe(207, guidance_scale=3.0, generator=seeded(), **kw).images
+    assert torch.equal(loaded(207, generator=seeded(), **kw).images, guided)
+    assert not torch.equal(loaded(207, guidance_scale=1.0, generator=seeded(), **kw).images, guided)
+    assert "guidance 3 unless given another" in (tmp_path / "p" / "README.md").read_text()
+    assert ar_pipe.config.get("default_guidance_scale") is None  # no default: no guidance, as before
+    with pytest.raises(InvalidValueError, match="default_guidance_scale"):
+        VFMTokARPipeline(ar_pipe.vqvae, ar_pipe.transformer, default_guidance_scale=float("nan"))

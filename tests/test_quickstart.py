@@ -213,3 +213,25 @@ def test_quickstart_vfm_spec_loads_a_locally_saved_dinov2(tmp_path):
     assert quickstart_vfm_spec(None, 70)[0] is None
     with pytest.raises(WeightsUnavailableError, match="no-such-vfm"):
         quickstart_vfm_spec(str(tmp_path / "no-such-vfm"), 70)
+
+
+def test_force_removes_only_what_the_quickstart_made(tmp_path):
+    from vfmtok.pipelines.quickstart import _options_record, _prepare_output
+
+    out = tmp_path / "out"
+    _prepare_output(out, _options_record(None, None, 0, True), force=False)
+    for made in ("report.md", "samples_ar_with_cfg.png", "runs/ar/x.txt", ".report.abcd1234.md", ".runs.staging-x/a"):
+        (out / made).parent.mkdir(parents=True, exist_ok=True)
+        (out / made).write_text("made by the quickstart")
+    for own in ("my_notes.txt", "mine/data.csv", ".my_hidden"):
+        (out / own).parent.mkdir(parents=True, exist_ok=True)
+        (out / own).write_text("the user's")
+    _prepare_output(out, _options_record(None, None, 0, True), force=True)
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == [".my_hidden", "mine/data.csv", "my_notes.txt", "quickstart.json"]
+
+
+def test_a_missing_inception_weights_file_is_refused_before_any_work(tmp_path, capsys):
+    assert main(["quickstart", "--fast", "--output-dir", str(tmp_path / "out"), "--inception-weights",
+                 str(tmp_path / "no-such.pth")]) == 2
+    assert "no-such.pth" in capsys.readouterr().err and not (tmp_path / "out").exists()
