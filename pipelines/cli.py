@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from vfmtok.tokenizer.utils.allocator import reuse_freed_cpu_memory
-from vfmtok.tokenizer.utils.errors import OutputExistsError, VFMTokError
+from vfmtok.tokenizer.utils.errors import InvalidValueError, OutputExistsError, VFMTokError
 
 __all__ = ["main"]
 
@@ -147,9 +147,9 @@ def _extract(args: argparse.Namespace) -> None:
 def _eval_fid(args: argparse.Namespace) -> None:
     from vfmtok.evaluation.fid import InceptionFeatures, compare_sources, load_source, write_report
 
+    samples, reference = load_source(args.samples), load_source(args.reference)  # checked before the network
     extractor = InceptionFeatures(args.inception_weights, device=args.device)
-    report = compare_sources(load_source(args.samples), load_source(args.reference), extractor,
-                             batch_size=args.batch_size)
+    report = compare_sources(samples, reference, extractor, batch_size=args.batch_size)
     report.update(samples=args.samples, reference=args.reference)
     if args.output:
         write_report(report, args.output)
@@ -197,9 +197,7 @@ def _sample(args: argparse.Namespace) -> None:
     labels = args.class_ids if args.class_ids is not None else args.class_names
     ids = pipe.resolve_class_labels(labels)
     options = {} if args.num_inference_steps is None else {"num_inference_steps": args.num_inference_steps}
-    if options and type(pipe).__name__ == "VFMTokARPipeline":
-        raise InvalidValueError("--num-inference-steps applies to flow pipelines; an AR pipeline samples one step "
-                                "per token")
+    pipe.check_sampler_options(options)
     images = pipe(ids, guidance_scale=args.guidance_scale, num_images_per_class=args.num_images_per_class,
                   generator=torch.Generator(pipe.device).manual_seed(args.seed), output_type="pil",
                   **options).images
@@ -574,6 +572,21 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# Bounds of the whole-number options, checked in one place before any work (a seed every generator takes: numpy's
+# and scikit-learn's refuse negative or > 32-bit seeds; counts that would otherwise be allocated before failing).
+INTEGER_BOUNDS = {"seed": (0, 2 ** 32 - 1), "num_samples": (2, 10 ** 7), "num_images_per_class": (1, 1024),
+                  "bins": (1, 10 ** 6)}
+
+
+def check_integer_options(args: argparse.Namespace) -> None:
+    """Refuse a whole-number option outside its bounds (:data:`INTEGER_BOUNDS`), naming it."""
+    for name, (low, high) in INTEGER_BOUNDS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, int) and not (low <= value and (high is None or value <= high)):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise InvalidValueError(f"--{name.replace('_', '-')} must be {bounds}, got {value}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. A user error (:class:`vfmtok.tokenizer.utils.errors.VFMTokError`) prints one line naming the problem
     and returns 2; any other exception is a bug or an environment failure and keeps its traceback. ``--debug`` shows
@@ -584,6 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # recorded next to every speed figure; both codes of a side-by-side run share the process's setting
     args.malloc = "reuse-freed" if not args.system_malloc and reuse_freed_cpu_memory() else "system"
     try:
+        check_integer_options(args)
         args.run(args)
     except VFMTokError as error:
         if args.debug:

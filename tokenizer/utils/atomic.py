@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from vfmtok.tokenizer.utils.errors import DiskFullError, OutputExistsError
+from vfmtok.tokenizer.utils.errors import DiskFullError, InvalidValueError, OutputExistsError, OutputWriteError
 
 __all__ = ["atomic_directory", "atomic_file", "write_text_atomically", "save_pretrained_atomically",
            "removed_on_failure", "reporting_disk_full", "is_disk_full", "remove_stale_partials", "allocated_memmap",
-           "plain_mode", "give_plain_modes", "exclusive_lock"]
+           "plain_mode", "give_plain_modes", "exclusive_lock", "make_directory"]
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # What writers that wrap the OS error say (safetensors: "IoError(Os { code: 28, kind: StorageFull, ... })").
@@ -63,7 +63,9 @@ def is_disk_full(error: BaseException, where: Optional[str | Path] = None) -> bo
         if any(phrase in text or phrase.replace(" ", "") in text.replace(" ", "") for phrase in _DISK_FULL_TEXT):
             return True
         current = current.__cause__ or current.__context__
-    if where is not None and isinstance(error, (OSError, RuntimeError)):
+    # only a writer that dropped the errno: an OSError with another errno (EACCES, EROFS, a pseudo file system such
+    # as /proc refusing the write) is not a full disk, whatever statvfs says of that file system
+    if where is not None and isinstance(error, (OSError, RuntimeError)) and getattr(error, "errno", None) is None:
         free = _free_bytes(Path(where))
         return free is not None and free < LOW_SPACE_BYTES
     return False
@@ -119,7 +121,27 @@ def reporting_disk_full(target: str | Path, advice: str = ADVICE) -> Iterator[No
     except Exception as error:
         if is_disk_full(error, target):
             raise _disk_full(Path(target), error, None, advice) from error
-        raise
+        raise _write_error(Path(target), error) from error
+
+
+def _write_error(target: Path, error: BaseException) -> BaseException:
+    """An operating-system refusal to write ``target`` (permission denied, a read-only or pseudo file system, a path
+    through a file) as the user error it is, naming the output; any other error unchanged."""
+    if isinstance(error, OSError) and not isinstance(error, DiskFullError) and error.errno is not None:
+        return OutputWriteError(f"cannot write {str(target)!r}: {error.strerror or error} "
+                                f"[{type(error).__name__}, errno {error.errno}]")
+    return error
+
+
+def make_directory(path: str | Path) -> Path:
+    """``path`` and its parents as directories; a file on the way is an :class:`InvalidValueError` naming it."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise InvalidValueError(f"{str(part)!r} is a file, where a directory is needed for {str(path)!r}")
+    with reporting_disk_full(path):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @contextlib.contextmanager
@@ -243,8 +265,9 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
     after the new one is complete). Staging directories of ``target`` left by killed writers are removed first.
     """
     target = Path(target)
-    with reporting_disk_full(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise InvalidValueError(f"{str(target)!r} is a file, where a directory is to be written")
+    make_directory(target.parent)
     with exclusive_lock(target.parent / f".{target.name}.lock",
                         f"{str(target)!r} is being written by another process; wait for it to finish or choose "
                         f"another output") as lock:
@@ -281,9 +304,11 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path in ``target``'s directory; on success it replaces ``target``. Temporary files of
     ``target`` left by killed writers are removed first."""
     target = Path(target)
+    if target.is_dir():
+        raise InvalidValueError(f"{str(target)!r} is a directory, where a file is to be written")
+    make_directory(target.parent)
     remove_stale_partials(target)
     with reporting_disk_full(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
     try:
         with removed_on_failure(name, target):
