@@ -164,8 +164,10 @@ def _eval_recon(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.tokenizer, args.vfm_weights, args.random_vfm)
     report = reconstruction_metrics(tokenizer, args.data, args.output_dir, batch_size=args.batch_size,
                                     eval_size=args.eval_size, limit=args.limit, device=args.device,
-                                    inception_weights=args.inception_weights)
-    print(json.dumps({k: report.get(k) for k in ("rfid", "psnr", "ssim", "lpips", "codebooks", "num_images")}))
+                                    inception_weights=args.inception_weights, lpips=not args.no_lpips,
+                                    lpips_vgg_weights=args.lpips_vgg_weights, lpips_lin_weights=args.lpips_lin_weights)
+    print(json.dumps({k: report.get(k) for k in ("rfid", "psnr", "ssim", "lpips", "lpips_unavailable", "codebooks",
+                                                 "num_images")}))
 
 
 def _benchmark(args: argparse.Namespace) -> None:
@@ -514,6 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
     eval_recon.add_argument("--inception-weights", default=None)
     eval_recon.add_argument("--vfm-weights", default=None, help="override the VFM source named in the tokenizer config")
     eval_recon.add_argument("--random-vfm", action="store_true", help="keep a random VFM (tests of tiny tokenizers)")
+    lpips_weights = eval_recon.add_mutually_exclusive_group()
+    lpips_weights.add_argument("--no-lpips", action="store_true", help="skip LPIPS (no weights read or downloaded)")
+    lpips_weights.add_argument("--lpips-vgg-weights", default=None, metavar="FILE",
+                               help="LPIPS: a torchvision VGG16 state dict such as vgg16-397923af.pth (default: "
+                                    "downloaded into torch.hub's cache on first use)")
+    eval_recon.add_argument("--lpips-lin-weights", default=None, metavar="FILE",
+                            help="LPIPS: the LPIPS repo's lpips/weights/v0.1/vgg.pth (default: the lpips package's "
+                                 "copy, else downloaded)")
     eval_recon.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     eval_recon.set_defaults(run=_eval_recon)
 

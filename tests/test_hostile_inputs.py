@@ -708,3 +708,64 @@ def test_benchmark_resume_regenerates_a_truncated_shard_and_one_whose_record_was
     again = run_benchmark(str(ar_folder), out, **kwargs)
     assert again["settings"][0]["generation"]["generated_by_main_process_now"] == 6
     assert again["settings"][0]["fid"] == first["settings"][0]["fid"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 8: `eval recon` and LPIPS: local weight files, an off switch, stdout for the JSON only, the reason
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def recon_inputs(tmp_path):
+    from test_dinotok import tiny as tiny_tokenizer
+
+    tokenizer = tmp_path / "tok"
+    tiny_tokenizer().save_pretrained(tokenizer)
+    return ["eval", "recon", "--tokenizer", str(tokenizer), "--data", str(_class_folder(tmp_path / "data", 0)),
+            "--output-dir", str(tmp_path / "out"), "--random-vfm", "--device", "cpu", "--inception-weights",
+            str(WEIGHTS)]
+
+
+@pytest.fixture
+def noisy_offline(monkeypatch):
+    """No network and no lpips package; a download prints its progress on stdout, as torch.hub's did, then fails."""
+    import urllib.error
+
+    import vfmtok.tokenizer.lpips
+
+    calls = []
+
+    def no_network(url, *args, **kwargs):
+        calls.append(url)
+        print(f"Downloading: {url!r}")
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(vfmtok.tokenizer.lpips, "_lpips_package_lin_file", lambda: None)
+    return calls
+
+
+@needs_shared
+@pytest.mark.parametrize("mode", ["offline", "local-files", "no-lpips"])
+def test_eval_recon_lpips_offline_gives_the_reason_local_files_or_off_and_stdout_is_json(
+        tmp_path, capsys, recon_inputs, noisy_offline, mode):
+    from test_losses import random_vgg_and_lin_files
+
+    from vfmtok.pipelines.cli import main
+
+    extra = {"offline": [], "no-lpips": ["--no-lpips"],
+             "local-files": ["--lpips-vgg-weights", str(tmp_path / "vgg16.pth"),
+                             "--lpips-lin-weights", str(tmp_path / "vgg.pth")]}[mode]
+    random_vgg_and_lin_files(tmp_path)
+    capsys.readouterr()
+    assert main(recon_inputs + extra) == 0
+    out = capsys.readouterr().out
+    (line,) = out.splitlines()  # the JSON only: no "Downloading:" line
+    row = json.loads(line)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    if mode == "offline":
+        assert noisy_offline and row["lpips"] is None
+        assert "no network" in report["lpips_unavailable"] and "VGG16" in report["lpips_unavailable"]
+        assert "lpips_vgg_weights" in report["lpips_unavailable"]
+    elif mode == "local-files":
+        assert not noisy_offline and isinstance(row["lpips"], float) and "lpips_unavailable" not in report
+    else:
+        assert not noisy_offline and row["lpips"] is None and "not asked for" in report["lpips_unavailable"]

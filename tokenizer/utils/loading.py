@@ -376,8 +376,13 @@ DOWNLOAD_ERRORS = (OSError, RuntimeError, ValueError)
 
 
 def download_state_dict(url: str) -> dict[str, torch.Tensor]:
-    """A state dict from ``url`` through torch.hub's cache (``$TORCH_HOME/hub/checkpoints``), tensors only."""
-    return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+    """A state dict from ``url`` through torch.hub's cache (``$TORCH_HOME/hub/checkpoints``), tensors only. Whatever
+    the download prints (``Downloading: ...``, progress) goes to stderr: stdout is kept for the commands' JSON."""
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
 
 
 def bundled_file(pretrained_model_name_or_path: Union[str, Path], filename: str,
