@@ -540,8 +540,8 @@ def test_out_of_range_whole_number_options_are_one_line_before_any_work(tmp_path
 @needs_shared
 @pytest.mark.parametrize("option, pipeline", [(("--temperature", "0.5"), "flow"),
                                               (("--num-inference-steps", "2"), "ar")])
-def test_benchmark_option_of_the_other_kind_of_pipeline_is_one_line_naming_it(tmp_path, capsys, ar_folder,
-                                                                               flow_pipe, option, pipeline):  # noqa: F811
+def test_benchmark_option_of_the_other_kind_of_pipeline_is_one_line_naming_it(
+        tmp_path, capsys, ar_folder, flow_pipe, option, pipeline):  # noqa: F811
     folder = ar_folder if pipeline == "ar" else tmp_path / "flow"
     if pipeline == "flow":
         flow_pipe.save_pretrained(folder)
@@ -769,3 +769,27 @@ def test_eval_recon_lpips_offline_gives_the_reason_local_files_or_off_and_stdout
         assert not noisy_offline and isinstance(row["lpips"], float) and "lpips_unavailable" not in report
     else:
         assert not noisy_offline and row["lpips"] is None and "not asked for" in report["lpips_unavailable"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 10: a rerun right after a killed extraction removes the staging folder the kill left
+# ----------------------------------------------------------------------------------------------------------------
+def test_rerun_of_a_killed_extraction_removes_its_fresh_staging_folder_and_nothing_else(tmp_path):
+    from test_dinotok import tiny as tiny_tokenizer
+
+    from vfmtok.pipelines.train.extract import extract_tokens
+
+    data, output = _class_folder(tmp_path / "data", seed=0), tmp_path / "latents"
+    # what kill -9 leaves an instant ago: a staging folder of the target with a partial array, no lock held
+    left = tmp_path / ".latents.staging-k1ll3d_0"
+    left.mkdir()
+    (left / "latents.npy").write_bytes(b"\x93NUMPY partial")
+    others = [tmp_path / ".codes.staging-abc12345", tmp_path / ".latents-notes.staging-abc12345",
+              tmp_path / ".latents.staging-notes.txt"]
+    others[0].mkdir()
+    others[1].mkdir()
+    others[2].write_text("not a staging folder of the extraction")
+    extract_tokens(tiny_tokenizer(), str(data), output, batch_size=8, num_workers=0)
+    assert (output / "meta.json").is_file()
+    assert not left.exists()
+    assert all(p.exists() for p in others)  # other targets' staging folders are not this writer's to remove

@@ -187,11 +187,16 @@ def _partials_pattern(target: Path) -> re.Pattern:
     return re.compile(rf"^\.{name}\.(?:(staging)-[a-z0-9_]+|(old)-[a-z0-9_]+|[a-z0-9_]{{8}}{re.escape(target.suffix)})$")
 
 
-def remove_stale_partials(target: str | Path) -> list[Path]:
+def remove_stale_partials(target: str | Path, target_locked: bool = False) -> list[Path]:
     """Remove the staging directories and temporary files of ``target`` (made by :func:`atomic_directory` and
     :func:`atomic_file`) that writers killed mid-write left beside it: those no live writer holds locked. An
     ``.old-`` directory (the previous version, between the two renames of a replacement) is kept while ``target``
-    itself is missing: it is then the only copy. Returns what was removed."""
+    itself is missing: it is then the only copy. Returns what was removed.
+
+    Entries younger than ``STALE_AFTER_S`` are kept (a writer may not have locked its new entry yet), except with
+    ``target_locked``: the caller holds ``target``'s exclusive lock (:func:`atomic_directory`), which every writer of
+    a staging directory of ``target`` holds before creating it, so an unlocked one is a dead writer's at any age (a
+    rerun right after a kill removes it)."""
     target = Path(target)
     parent = target.parent
     if not parent.is_dir():
@@ -202,7 +207,8 @@ def remove_stale_partials(target: str | Path) -> list[Path]:
         if match is None:
             continue
         with contextlib.suppress(FileNotFoundError):
-            if now - entry.lstat().st_mtime < STALE_AFTER_S:
+            directory = match.group(1, 2) != (None, None)  # a staging or old directory, not a temporary file
+            if now - entry.lstat().st_mtime < STALE_AFTER_S and not (target_locked and directory):
                 continue
             if match.group(2) == "old":
                 if target.exists():
@@ -280,7 +286,7 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
 
 @contextlib.contextmanager
 def _staged_directory(target: Path, replace: bool) -> Iterator[Path]:
-    remove_stale_partials(target)
+    remove_stale_partials(target, target_locked=True)  # called with the target's exclusive lock held
     if target.exists() and not replace and any(target.iterdir()):
         raise OutputExistsError(f"{str(target)!r} already exists and is not empty")
     with reporting_disk_full(target):
