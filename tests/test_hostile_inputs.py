@@ -793,3 +793,28 @@ def test_rerun_of_a_killed_extraction_removes_its_fresh_staging_folder_and_nothi
     assert (output / "meta.json").is_file()
     assert not left.exists()
     assert all(p.exists() for p in others)  # other targets' staging folders are not this writer's to remove
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 4 (rest): the same data or output folder spelled another way is the same run on resume
+# ----------------------------------------------------------------------------------------------------------------
+def test_resume_accepts_other_spellings_of_the_same_folders_and_refuses_another_folder(tmp_path, monkeypatch):
+    from test_faults import training
+
+    from vfmtok.pipelines.train.trainer import Trainer
+    from vfmtok.tokenizer.utils.errors import InvalidValueError
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("good", "other"):
+        _class_folder(tmp_path / "data" / name, seed=0)  # the same images: only the folder differs
+
+    def run(data: str, output: str | Path, max_steps: int, resume: bool = False) -> Path:
+        return Trainer(TinyTask(), training(max_steps=max_steps), output, images(4),
+                       run_config={"data": data}).fit(resume=resume)
+
+    run("data/good", "out", 2)
+    run("./data/good", "out", 3, resume=True)
+    run(str(tmp_path / "data" / "good"), tmp_path / "out", 4, resume=True)  # absolute data and output folder
+    with pytest.raises(InvalidValueError, match=r"different run.*data: '[^']*data/good' in the checkpoint, "
+                                                r"'data/other' now"):
+        run("data/other", "./out", 5, resume=True)
