@@ -22,14 +22,16 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from vfmtok.tokenizer.utils.atomic import atomic_file
+from vfmtok.tokenizer.utils.atomic import atomic_file, make_directory
 from vfmtok.tokenizer.utils.errors import InvalidValueError
+from vfmtok.tokenizer.utils.loading import read_npz
 from vfmtok.evaluation.fid import ImageSource, InceptionFeatures, check_sample_counts, compare_sources, load_source
 from vfmtok.evaluation.inception_weights import resolve_inception_weights
 
 __all__ = ["run_benchmark", "benchmark_labels", "card_results", "LABEL_MODES"]
 
 LABEL_MODES = ("random", "balanced")
+MAX_SAMPLES = 10 ** 7  # per guidance setting; the labels of the run are held in memory
 _GUIDANCE_CHANNELS = "all latent channels (flow) / all logits (AR)"
 
 
@@ -55,11 +57,11 @@ def _checked_shard(path: Path, settings_hash: str, count: int) -> Optional[np.nd
         return None
     try:
         record = json.loads(record_path.read_text())
-        with np.load(path, allow_pickle=False) as data:
-            images = data["arr_0"]
-        complete = (record.get("settings") == settings_hash and len(images) == count == record.get("count")
+        images = read_npz(path, "shard")["arr_0"]
+        complete = (isinstance(record, dict) and record.get("settings") == settings_hash
+                    and len(images) == count == record.get("count")
                     and hashlib.sha256(images.tobytes()).hexdigest() == record.get("sha256"))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):  # InvalidValueError included: an unreadable shard
         return None
     return images if complete else None
 
@@ -130,6 +132,9 @@ def run_benchmark(pipeline: str, output_dir: str | Path, num_samples: int, guida
 
     from vfmtok.pipelines.pipeline_common import load_pipeline
 
+    if num_samples > MAX_SAMPLES:
+        raise InvalidValueError(f"num_samples {num_samples} is more than this benchmark takes ({MAX_SAMPLES}; ADM "
+                                "uses 50000)")
     if num_samples < 2 or shard_size < 1 or batch_size < 1:
         raise InvalidValueError(f"num_samples must be >= 2, shard_size and batch_size >= 1; got {num_samples}, "
                                 f"{shard_size}, {batch_size}")
@@ -137,16 +142,17 @@ def run_benchmark(pipeline: str, output_dir: str | Path, num_samples: int, guida
     if not scales or any(not np.isfinite(s) or s < 0 for s in scales):
         raise InvalidValueError(f"guidance scales must be finite numbers >= 0, got {list(guidance_scales)}")
     state = PartialState()
-    output_dir = Path(output_dir)
+    output_dir = make_directory(output_dir)
     reference_source = load_source(reference)  # checked before any sample is generated
     check_sample_counts(num_samples, reference_source, bool(resolve_inception_weights(inception_weights).has_fc))
     pipe = load_pipeline(pipeline)
+    options = dict(sampler_options or {})
+    pipe.check_sampler_options(options)
     weights = pipe.weights_fingerprint()  # a shard made by other weights at the same path is generated again
     pipe.to(device or state.device)
     pipe.set_progress_bar_config(disable=True)
     num_classes = getattr(pipe, "transformer").config.num_classes
     all_labels = benchmark_labels(num_samples, num_classes, labels, seed)
-    options = dict(sampler_options or {})
     runs = []
     for scale in scales:
         settings = {"pipeline": str(pipeline), "weights": weights, "num_samples": num_samples, "labels": labels,
@@ -154,7 +160,7 @@ def run_benchmark(pipeline: str, output_dir: str | Path, num_samples: int, guida
                     "shard_size": shard_size}
         settings_hash = _settings_hash(settings)
         folder = output_dir / "samples" / f"cfg-{scale:g}"
-        folder.mkdir(parents=True, exist_ok=True)
+        make_directory(folder)
         starts = list(range(0, num_samples, shard_size))
         start_time, generated = time.perf_counter(), 0
         for shard, start in enumerate(starts):

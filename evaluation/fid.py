@@ -35,6 +35,7 @@ from PIL import Image
 
 from vfmtok.tokenizer.utils.atomic import atomic_file
 from vfmtok.tokenizer.utils.errors import InvalidValueError, MissingFileError
+from vfmtok.tokenizer.utils.loading import is_hub_id, read_npz
 from vfmtok.evaluation.metrics import (GaussianStatistics, feature_statistics, frechet_distance_of, inception_score,
                       precision_recall, warn_if_few)
 
@@ -131,8 +132,8 @@ def _read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except OSError as error:
-        raise InvalidValueError(f"cannot read image {str(path)!r}: {error}") from error
+    except (OSError, Image.DecompressionBombError) as error:  # a decompression bomb is no OSError
+        raise InvalidValueError(f"cannot read image {str(path)!r}: {error}") from None
 
 
 def _dataset_image(image: dict[str, Any], size: int) -> np.ndarray:
@@ -187,7 +188,7 @@ def load_source(path: str | Path, dataset_size: int = 256) -> ImageSource:
     docstring). A string that is no local path is read as a Hub dataset id."""
     source, path = str(path), Path(path)
     if not path.exists():
-        if "/" in source and not source.startswith((".", "/", "~")) and not path.suffix:
+        if is_hub_id(source):
             return _dataset_source(source, dataset_size)
         raise MissingFileError(f"image source {str(path)!r} does not exist")
     if path.is_dir() and _is_dataset_folder(path):
@@ -199,23 +200,33 @@ def load_source(path: str | Path, dataset_size: int = 256) -> ImageSource:
         return ImageSource(path, "folder", files=files, content_hash=_hash_files(files))
     if path.suffix != ".npz":
         raise InvalidValueError(f"{str(path)!r} is neither an image folder nor an .npz file")
-    with np.load(path, allow_pickle=False) as data:
-        keys = set(data.files)
-        statistics = {}
-        for name, (mu, sigma) in {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}.items():
-            if {mu, sigma} <= keys:
-                count = int(data["num_samples"]) if "num_samples" in keys else 0
-                statistics[name] = _file_statistics(path, mu, sigma, data[mu], data[sigma], count)
-        array = data["arr_0"] if "arr_0" in keys else None
+    data = read_npz(path, "image source")
+    keys = set(data)
+    statistics = {}
+    for name, (mu, sigma) in {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}.items():
+        if {mu, sigma} <= keys:
+            count = _count(path, data["num_samples"]) if "num_samples" in keys else 0
+            statistics[name] = _file_statistics(path, mu, sigma, data[mu], data[sigma], count)
+    array = data.get("arr_0")
     if array is None and "pool" not in statistics:
         raise InvalidValueError(f"{str(path)!r} has neither images (arr_0) nor statistics (mu, sigma); keys: "
                                 f"{sorted(keys)}")
     if array is not None and (array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3):
         raise InvalidValueError(f"{str(path)!r}: arr_0 must be uint8 images (N, H, W, 3), got {array.dtype} "
                                 f"{array.shape}")
+    if array is not None and not len(array) and "pool" not in statistics:
+        raise InvalidValueError(f"{str(path)!r} holds 0 images (arr_0 is empty) and no statistics")
     kind = "npz" if array is not None else "statistics"
     return ImageSource(path, kind, array=array, statistics=statistics,
                        content_hash=hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def _count(path: Path, value: np.ndarray) -> int:
+    """A statistics file's ``num_samples``: one whole number >= 0."""
+    if value.ndim != 0 or value.dtype.kind not in "iu" or int(value) < 0:
+        raise InvalidValueError(f"{str(path)!r}: num_samples must be one whole number >= 0, got {value.dtype} "
+                                f"{value.tolist()!r:.80}")
+    return int(value)
 
 
 def _file_statistics(path: Path, mu_key: str, sigma_key: str, mu: np.ndarray, sigma: np.ndarray,
@@ -223,6 +234,9 @@ def _file_statistics(path: Path, mu_key: str, sigma_key: str, mu: np.ndarray, si
     """Statistics read from a file, checked as a covariance must be: finite, symmetric and positive semi-definite
     (up to rounding). A matrix that is not would give a negative or meaningless FID."""
     where = f"{str(path)!r} ({mu_key} / {sigma_key})"
+    for key, value in ((mu_key, mu), (sigma_key, sigma)):
+        if value.dtype.kind not in "iuf":
+            raise InvalidValueError(f"{where}: {key} must hold numbers, got {value.dtype}")
     try:
         statistics = GaussianStatistics(mu, sigma, count)
     except InvalidValueError as error:
@@ -255,11 +269,10 @@ def _cached_features(source: ImageSource, extractor: InceptionFeatures, batch_si
     path = _cache_root() / "fid-features" / f"{source.content_hash[:32]}-{extractor.sha256[:16]}.npz"
     if path.is_file():
         try:
-            with np.load(path, allow_pickle=False) as data:
-                cached = {k: data[k] for k in data.files}
+            cached = read_npz(path, "feature cache")
             if "pool" in cached and all(len(v) == source.num_images for v in cached.values()):
                 return cached
-        except Exception:  # a truncated or foreign cache file: measure again
+        except (InvalidValueError, TypeError):  # a truncated or foreign cache file: measure again
             pass
     features = source_features(source, extractor, batch_size)
     with atomic_file(path) as temporary:

@@ -31,24 +31,28 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def _lpips_or_reason():
+def _lpips_or_reason(vgg_weights: Optional[str] = None, lin_weights: Optional[str] = None):
     from vfmtok.tokenizer.lpips import LPIPS
 
     try:
-        return LPIPS.pretrained(), None
-    except VFMTokError as error:  # no local copy and no network
-        return None, str(error).splitlines()[0]
+        return LPIPS.pretrained(vgg_weights, lin_weights), None
+    except VFMTokError as error:  # no local copy and no network: the whole reason, on one line
+        return None, " ".join(line.strip() for line in str(error).splitlines())
 
 
 @torch.no_grad()
 def reconstruction_metrics(tokenizer, data: str, output_dir: str | Path, batch_size: int = 16, eval_size: int = 256,
                            limit: Optional[int] = None, device: str | torch.device = "cpu",
                            inception_weights: Optional[str] = None, num_workers: int = 0,
-                           lpips: bool = True, grid_images: int = 8, grid_cell: Optional[int] = None) -> dict[str, Any]:
+                           lpips: bool = True, grid_images: int = 8, grid_cell: Optional[int] = None,
+                           lpips_vgg_weights: Optional[str] = None,
+                           lpips_lin_weights: Optional[str] = None) -> dict[str, Any]:
     """Reconstruct every image of ``data`` with ``tokenizer`` (any tokenizer family) and write ``report.json`` and
     ``reconstructions.png`` (the first ``grid_images`` originals above their reconstructions, each shown
     ``grid_cell`` pixels wide, nearest-neighbour, when given) into ``output_dir`` (atomically). Returns the report.
-    ``lpips=False`` skips LPIPS (whose VGG weights are downloaded on first use)."""
+    ``lpips=False`` skips LPIPS; ``lpips_vgg_weights`` / ``lpips_lin_weights``: its local weight files (default:
+    downloaded on first use, see :meth:`vfmtok.tokenizer.lpips.LPIPS.load_pretrained`). Unavailable weights leave
+    LPIPS out, with the reason in the report's ``lpips_unavailable``."""
     from vfmtok.evaluation.fid import InceptionFeatures
 
     if batch_size < 1 or eval_size < 1:
@@ -64,7 +68,8 @@ def reconstruction_metrics(tokenizer, data: str, output_dir: str | Path, batch_s
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=collate_images, generator=torch.Generator())
     extractor = InceptionFeatures(inception_weights, device=device)
-    lpips, lpips_reason = _lpips_or_reason() if lpips else (None, "not asked for (lpips=False)")
+    lpips, lpips_reason = _lpips_or_reason(lpips_vgg_weights, lpips_lin_weights) if lpips else \
+        (None, "not asked for (lpips=False, --no-lpips)")
     if lpips is not None:
         lpips = lpips.to(device)
     real, fake, psnrs, ssims, lpipses, codes, shown = [], [], [], [], [], [], ([], [])

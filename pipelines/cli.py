@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from vfmtok.tokenizer.utils.allocator import reuse_freed_cpu_memory
-from vfmtok.tokenizer.utils.errors import OutputExistsError, VFMTokError
+from vfmtok.tokenizer.utils.errors import InvalidValueError, OutputExistsError, VFMTokError
 
 __all__ = ["main"]
 
@@ -147,9 +147,9 @@ def _extract(args: argparse.Namespace) -> None:
 def _eval_fid(args: argparse.Namespace) -> None:
     from vfmtok.evaluation.fid import InceptionFeatures, compare_sources, load_source, write_report
 
+    samples, reference = load_source(args.samples), load_source(args.reference)  # checked before the network
     extractor = InceptionFeatures(args.inception_weights, device=args.device)
-    report = compare_sources(load_source(args.samples), load_source(args.reference), extractor,
-                             batch_size=args.batch_size)
+    report = compare_sources(samples, reference, extractor, batch_size=args.batch_size)
     report.update(samples=args.samples, reference=args.reference)
     if args.output:
         write_report(report, args.output)
@@ -164,8 +164,10 @@ def _eval_recon(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.tokenizer, args.vfm_weights, args.random_vfm)
     report = reconstruction_metrics(tokenizer, args.data, args.output_dir, batch_size=args.batch_size,
                                     eval_size=args.eval_size, limit=args.limit, device=args.device,
-                                    inception_weights=args.inception_weights)
-    print(json.dumps({k: report.get(k) for k in ("rfid", "psnr", "ssim", "lpips", "codebooks", "num_images")}))
+                                    inception_weights=args.inception_weights, lpips=not args.no_lpips,
+                                    lpips_vgg_weights=args.lpips_vgg_weights, lpips_lin_weights=args.lpips_lin_weights)
+    print(json.dumps({k: report.get(k) for k in ("rfid", "psnr", "ssim", "lpips", "lpips_unavailable", "codebooks",
+                                                 "num_images")}))
 
 
 def _benchmark(args: argparse.Namespace) -> None:
@@ -197,9 +199,7 @@ def _sample(args: argparse.Namespace) -> None:
     labels = args.class_ids if args.class_ids is not None else args.class_names
     ids = pipe.resolve_class_labels(labels)
     options = {} if args.num_inference_steps is None else {"num_inference_steps": args.num_inference_steps}
-    if options and type(pipe).__name__ == "VFMTokARPipeline":
-        raise InvalidValueError("--num-inference-steps applies to flow pipelines; an AR pipeline samples one step "
-                                "per token")
+    pipe.check_sampler_options(options)
     images = pipe(ids, guidance_scale=args.guidance_scale, num_images_per_class=args.num_images_per_class,
                   generator=torch.Generator(pipe.device).manual_seed(args.seed), output_type="pil",
                   **options).images
@@ -516,6 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
     eval_recon.add_argument("--inception-weights", default=None)
     eval_recon.add_argument("--vfm-weights", default=None, help="override the VFM source named in the tokenizer config")
     eval_recon.add_argument("--random-vfm", action="store_true", help="keep a random VFM (tests of tiny tokenizers)")
+    lpips_weights = eval_recon.add_mutually_exclusive_group()
+    lpips_weights.add_argument("--no-lpips", action="store_true", help="skip LPIPS (no weights read or downloaded)")
+    lpips_weights.add_argument("--lpips-vgg-weights", default=None, metavar="FILE",
+                               help="LPIPS: a torchvision VGG16 state dict such as vgg16-397923af.pth (default: "
+                                    "downloaded into torch.hub's cache on first use)")
+    eval_recon.add_argument("--lpips-lin-weights", default=None, metavar="FILE",
+                            help="LPIPS: the LPIPS repo's lpips/weights/v0.1/vgg.pth (default: the lpips package's "
+                                 "copy, else downloaded)")
     eval_recon.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     eval_recon.set_defaults(run=_eval_recon)
 
@@ -574,6 +582,21 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# Bounds of the whole-number options, checked in one place before any work (a seed every generator takes: numpy's
+# and scikit-learn's refuse negative or > 32-bit seeds; counts that would otherwise be allocated before failing).
+INTEGER_BOUNDS = {"seed": (0, 2 ** 32 - 1), "num_samples": (2, 10 ** 7), "num_images_per_class": (1, 1024),
+                  "bins": (1, 10 ** 6)}
+
+
+def check_integer_options(args: argparse.Namespace) -> None:
+    """Refuse a whole-number option outside its bounds (:data:`INTEGER_BOUNDS`), naming it."""
+    for name, (low, high) in INTEGER_BOUNDS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, int) and not (low <= value and (high is None or value <= high)):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise InvalidValueError(f"--{name.replace('_', '-')} must be {bounds}, got {value}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. A user error (:class:`vfmtok.tokenizer.utils.errors.VFMTokError`) prints one line naming the problem
     and returns 2; any other exception is a bug or an environment failure and keeps its traceback. ``--debug`` shows
@@ -584,6 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # recorded next to every speed figure; both codes of a side-by-side run share the process's setting
     args.malloc = "reuse-freed" if not args.system_malloc and reuse_freed_cpu_memory() else "system"
     try:
+        check_integer_options(args)
         args.run(args)
     except VFMTokError as error:
         if args.debug:

@@ -94,6 +94,9 @@ def load_image_dataset(source: str, split: str = "train", streaming: bool = Fals
     if path.is_dir():
         dataset = _load_local_directory(path, split)
         if dataset is None:  # no images and no saved dataset: let datasets' data-file builders read it
+            if not any(p.is_file() and not p.name.startswith(".") for p in path.rglob("*")):
+                raise InvalidValueError(f"dataset directory {source!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}) "
+                                        "and no data files")
             dataset = datasets.load_dataset(str(path), split=split, streaming=streaming)
     elif path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
@@ -368,7 +371,11 @@ def decode_image(image: dict[str, Any]) -> Image.Image:
     data, path = image.get("bytes"), image.get("path")
     if data is None and not path:
         raise InvalidValueError("image has neither bytes nor a path")
-    with Image.open(io.BytesIO(data) if data is not None else path) as opened:
+    try:
+        opened = Image.open(io.BytesIO(data) if data is not None else path)
+    except Image.DecompressionBombError as error:  # no OSError: would escape the callers' handling of bad files
+        raise InvalidValueError(f"{path or 'image'}: {error}") from None
+    with opened:
         check_image_size(opened.size)
         opened.load()
         return to_rgb(opened)

@@ -10,6 +10,7 @@ import contextlib
 import difflib
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import numbers
@@ -25,7 +26,8 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from vfmtok.tokenizer.utils.atomic import atomic_file
-from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError, WeightsUnavailableError
+from vfmtok.tokenizer.utils.errors import (CheckpointError, InvalidValueError, VFMTokError,
+                                           WeightsUnavailableError)
 from vfmtok.tokenizer.utils.remote_code import write_remote_code_module
 
 __all__ = ["VFMTokPipelineBase", "ClassLabels", "imagenet_id2label", "load_pipeline", "PIPELINE_CLASSES",
@@ -149,7 +151,12 @@ def _loadable_view(folder: Path) -> Iterator[Path]:
             if isinstance(value, list) and (folder / key).is_dir():
                 (view / key).symlink_to((folder / key).resolve(), target_is_directory=True)
         (view / "model_index.json").write_text(json.dumps(normalized))
-        yield view
+        try:
+            yield view
+        except VFMTokError as error:  # name the user's folder, not this temporary view
+            if staging not in str(error):
+                raise
+            raise type(error)(str(error).replace(staging, str(folder))) from error
 
 
 def _import_component_modules(index: dict[str, Any]) -> None:
@@ -493,6 +500,22 @@ The components were trained with the `vfmtok train` commands; their configs are 
 {evaluation_text}
 """
         return ModelCard(content)
+
+    # what callers other than __call__'s own arguments set for every call (e.g. the benchmark's sampler options)
+    _SET_BY_CALLER = ("class_labels", "generator", "output_type", "return_dict", "output_size", "batch_size",
+                      "guidance_scale", "num_images_per_class")
+
+    def check_sampler_options(self, options: dict[str, Any]) -> None:
+        """Refuse sampler options this pipeline's ``__call__`` does not take (an AR option such as ``temperature``
+        given to a flow pipeline, a flow option such as ``num_inference_steps`` to an AR one), naming them and the
+        options it does take, before any work."""
+        parameters = inspect.signature(type(self).__call__).parameters
+        accepted = sorted(name for name, p in parameters.items() if name != "self" and name not in self._SET_BY_CALLER
+                          and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise InvalidValueError(f"{type(self).__name__} takes no sampler option(s) {unknown} (they belong to the "
+                                    f"other kind of pipeline); its options: {accepted}")
 
     def weights_fingerprint(self) -> str:
         """sha256 of everything that determines what the pipeline generates: every component's class, config and

@@ -435,3 +435,386 @@ def test_second_extraction_into_the_same_folder_is_refused_while_the_first_runs(
     assert (output / "meta.json").is_file() and not list(tmp_path.glob(".codes.*"))
     with pytest.raises(OutputExistsError, match="already exists"):  # and after it: the folder is taken
         extract_tokens(tiny_tokenizer(), str(data), output, batch_size=8, num_workers=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 6: every user error through the command line is one line and exit 2, naming the value or file
+# ----------------------------------------------------------------------------------------------------------------
+def _cli(capsys, *argv) -> str:
+    """Run the command line; assert exit 2 with one error line; return that line."""
+    from vfmtok.pipelines.cli import main
+
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vfmtok ")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def ar_folder(tmp_path_factory):
+    from vfmtok.pipelines.config import build_model
+    from vfmtok.pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("ar-cli") / "pipe"
+    VFMTokARPipeline(build_model(root / "tokenizer" / "vfmtok-tiny.yaml").eval(),
+                     build_model(root / "ar" / "gpt-tiny.yaml").eval()).save_pretrained(folder)
+    return folder
+
+
+def _bad_npz(path: Path, kind: str) -> Path:
+    import pickle
+
+    features = np.random.default_rng(0).normal(size=(50, 8))
+    sigma = np.cov(features, rowvar=False)
+    if kind == "plain-npy":
+        np.save(path.with_suffix(".npy"), np.zeros((4, 8, 8, 3), np.uint8))
+        path.with_suffix(".npy").rename(path)
+    elif kind == "object":
+        np.savez(path, arr_0=np.array([{"a": 1}], dtype=object))
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps({"arr_0": 1}))
+    elif kind in ("truncated", "empty"):
+        np.savez(path, arr_0=np.zeros((6, 8, 8, 3), np.uint8))
+        path.write_bytes(path.read_bytes()[:100] if kind == "truncated" else b"")
+    elif kind == "zero-images":
+        np.savez(path, arr_0=np.zeros((0, 8, 8, 3), np.uint8))
+    elif kind == "string-mu":
+        np.savez(path, mu=np.array(["a"] * 8), sigma=sigma, num_samples=50)
+    elif kind == "array-count":
+        np.savez(path, mu=features.mean(0), sigma=sigma, num_samples=np.array([50, 3]))
+    elif kind == "string-count":
+        np.savez(path, mu=features.mean(0), sigma=sigma, num_samples=np.array("x"))
+    return path
+
+
+NPZ_KINDS = ["plain-npy", "object", "pickle", "truncated", "empty", "zero-images", "string-mu", "array-count",
+             "string-count"]
+
+
+@pytest.mark.parametrize("kind", NPZ_KINDS)
+def test_eval_fid_reference_that_is_no_readable_npz_is_one_line_naming_it(tmp_path, capsys, kind):
+    samples = _class_folder(tmp_path / "samples", seed=0)
+    reference = _bad_npz(tmp_path / "ref.npz", kind)
+    line = _cli(capsys, "eval", "fid", "--samples", samples, "--reference", reference, "--device", "cpu",
+                "--inception-weights", tmp_path / "unused.pth")
+    assert str(reference) in line
+
+
+@pytest.mark.parametrize("kind", ["truncated", "object", "zero-images"])
+def test_benchmark_reference_that_is_no_readable_npz_is_one_line_naming_it(tmp_path, capsys, ar_folder, kind):
+    reference = _bad_npz(tmp_path / "ref.npz", kind)
+    line = _cli(capsys, "benchmark", "--pipeline", ar_folder, "--num-samples", 4, "--guidance-scales", 1,
+                "--reference", reference, "--output-dir", tmp_path / "bench")
+    assert str(reference) in line
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["benchmark", "--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (["benchmark", "--seed", str(2 ** 70)], f"--seed must be in [0, 4294967295], got {2 ** 70}"),
+    (["benchmark", "--num-samples", str(10 ** 12)], f"--num-samples must be in [2, 10000000], got {10 ** 12}"),
+    (["sample", "--seed", "-1"], "--seed must be"),
+    (["sample", "--seed", str(2 ** 70)], "--seed must be"),
+    (["sample", "--num-images-per-class", str(10 ** 12)], "--num-images-per-class must be in [1, 1024]"),
+    (["glotok-teacher", "--bins", "0"], "--bins must be in [1, "),
+    (["glotok-teacher", "--seed", "-1"], "--seed must be"),
+], ids=["bench-seed-neg", "bench-seed-2**70", "bench-num-samples-10**12", "sample-seed-neg", "sample-seed-2**70",
+        "sample-per-class-10**12", "teacher-bins-0", "teacher-seed-neg"])
+def test_out_of_range_whole_number_options_are_one_line_before_any_work(tmp_path, capsys, ar_folder, argv, needle):
+    command, extra = argv[0], argv[1:]
+    base = {"benchmark": ["--pipeline", ar_folder, "--num-samples", 4, "--guidance-scales", 1, "--reference",
+                          tmp_path / "none.npz", "--output-dir", tmp_path / "bench"],
+            "sample": ["--pipeline", ar_folder, "--class-ids", 1, "--output", tmp_path / "s.png"],
+            "glotok-teacher": ["--config", Path(__file__).resolve().parents[1] / "configs" / "tokenizer" /
+                               "glotok-tiny.yaml", "--data", _class_folder(tmp_path / "data", 0), "--output",
+                               tmp_path / "t.safetensors", "--clusters", 4, "--device", "cpu"]}[command]
+    options = dict(zip(base[::2], base[1::2]))
+    options.update(zip(extra[::2], extra[1::2]))  # the bad value replaces the good one
+    flags = ["--random-vfm"] if command == "glotok-teacher" else []
+    assert needle in _cli(capsys, command, *[x for pair in options.items() for x in pair], *flags)
+    assert not (tmp_path / "bench").exists() and not (tmp_path / "s.png").exists()
+
+
+@needs_shared
+@pytest.mark.parametrize("option, pipeline", [(("--temperature", "0.5"), "flow"),
+                                              (("--num-inference-steps", "2"), "ar")])
+def test_benchmark_option_of_the_other_kind_of_pipeline_is_one_line_naming_it(
+        tmp_path, capsys, ar_folder, flow_pipe, option, pipeline):  # noqa: F811
+    folder = ar_folder if pipeline == "ar" else tmp_path / "flow"
+    if pipeline == "flow":
+        flow_pipe.save_pretrained(folder)
+    reference = tmp_path / "ref.npz"
+    np.savez(reference, arr_0=np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    line = _cli(capsys, "benchmark", "--pipeline", folder, "--num-samples", 4, "--guidance-scales", 1, "--reference",
+                reference, "--output-dir", tmp_path / "bench", "--inception-weights", WEIGHTS, *option)
+    name = option[0][2:].replace("-", "_")
+    assert f"takes no sampler option(s) ['{name}']" in line
+    assert not list((tmp_path / "bench").rglob("shard-*"))
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda f: (f / "model_index.json").write_text("{not json"), "model_index.json: not valid JSON"),
+    (lambda f: (f / "model_index.json").write_text("[1, 2]"), "model_index.json: expected a JSON object"),
+    (lambda f: (f / "transformer" / "diffusion_pytorch_model.safetensors").unlink(),
+     "transformer: cannot load the GPTModel weights"),
+    (lambda f: (f / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"12345678"),
+     "transformer: cannot load the GPTModel weights"),
+    (lambda f: (f / "transformer" / "config.json").write_text("{not json"), "transformer/config.json: cannot read"),
+], ids=["index-invalid-json", "index-a-list", "no-safetensors", "truncated-weights", "config-invalid-json"])
+def test_broken_pipeline_folder_is_one_line_naming_the_folder(tmp_path, capsys, ar_folder, edit, needle):
+    import shutil
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(ar_folder, folder)
+    edit(folder)
+    line = _cli(capsys, "sample", "--pipeline", folder, "--class-ids", 1, "--output", tmp_path / "s.png")
+    assert f"{folder}/{needle}" in line or (str(folder) in line and needle in line), line
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ("truncated", "cannot load the GPTModel weights"), ("missing", "no file named diffusion_pytorch_model.safetensors"),
+    ("wrong-shape", "expected shape"), ("invalid-config", "config.json: cannot read"),
+    ("list-config", "config.json: expected a JSON object"), ("absent-folder", "does not exist"),
+])
+def test_broken_model_folder_is_a_checkpoint_error_naming_it(tmp_path, edit, needle):
+    from safetensors.torch import load_file, save_file
+    from test_gpt import tiny_model
+
+    from vfmtok.generators.gpt import GPTModel
+    from vfmtok.tokenizer.utils.errors import CheckpointError, MissingFileError
+
+    folder = tmp_path / "gpt"
+    tiny_model().save_pretrained(folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if edit == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif edit == "missing":
+        weights.unlink()
+    elif edit == "wrong-shape":
+        state = load_file(str(weights))
+        state[sorted(state)[0]] = torch.zeros(3, 3)
+        save_file(state, str(weights))
+    elif edit == "invalid-config":
+        (folder / "config.json").write_text("{not json")
+    elif edit == "list-config":
+        (folder / "config.json").write_text("[1]")
+    else:
+        folder = tmp_path / "absent"
+    error = MissingFileError if edit == "absent-folder" else CheckpointError
+    with pytest.raises(error, match=re.escape(str(folder)) + ".*" + re.escape(needle)):
+        GPTModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("command", ["eval-recon", "pca-stats"])
+def test_tokenizer_commands_on_an_absent_tokenizer_or_empty_data_are_one_line(tmp_path, capsys, command):
+    from test_dinotok import tiny as tiny_tokenizer
+
+    tokenizer = tmp_path / "tok"
+    tiny_tokenizer().save_pretrained(tokenizer)
+    (tmp_path / "empty").mkdir()
+    argv = (["eval", "recon", "--device", "cpu", "--inception-weights", tmp_path / "unused.pth"]
+            if command == "eval-recon" else ["pca-stats"])
+    line = _cli(capsys, *argv, "--tokenizer", tmp_path / "absent", "--data", _class_folder(tmp_path / "d", 0),
+                "--output-dir", tmp_path / "out", "--random-vfm")
+    assert f"'{tmp_path / 'absent'}' does not exist" in line
+    line = _cli(capsys, *argv, "--tokenizer", tokenizer, "--data", tmp_path / "empty", "--output-dir",
+                tmp_path / "out", "--random-vfm")
+    assert f"'{tmp_path / 'empty'}' holds no images" in line
+
+
+def test_a_degenerate_latent_has_no_principal_directions_one_clear_error():
+    from vfmtok.tokenizer.dinotok import LatentMoments
+    from vfmtok.tokenizer.utils.errors import InvalidValueError
+
+    moments = LatentMoments(4)
+    moments.update(torch.tensor([[1.0, 2.0, 3.0, 4.0], [float("inf"), 0.0, 1.0, 2.0], [0.0, 1.0, 0.0, 1.0]],
+                                dtype=torch.float64))
+    with pytest.raises(InvalidValueError, match="covariance over 3 vectors holds NaN or infinite"):
+        moments.principal_directions()
+
+
+def test_glotok_teacher_on_all_unreadable_data_is_one_line(tmp_path, capsys):
+    data = tmp_path / "data" / "a"
+    data.mkdir(parents=True)
+    for i in range(3):
+        (data / f"{i}.png").write_bytes(b"not a png")
+    config = Path(__file__).resolve().parents[1] / "configs" / "tokenizer" / "glotok-tiny.yaml"
+    line = _cli(capsys, "glotok-teacher", "--config", config, "--data", data.parent, "--output",
+                tmp_path / "t.safetensors", "--clusters", 4, "--random-vfm", "--device", "cpu")
+    assert "got no feature vectors" in line
+
+
+def test_image_bomb_in_a_samples_folder_is_an_error_naming_the_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from vfmtok.evaluation.fid import load_source
+    from vfmtok.pipelines.data import decode_image
+    from vfmtok.tokenizer.utils.errors import InvalidValueError
+
+    folder = _class_folder(tmp_path / "samples", seed=0) / "cat"  # a flat folder of generated images
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 32 x 32 image is then more than twice the limit
+    source = load_source(folder)
+    with pytest.raises(InvalidValueError, match=re.escape(str(source.files[0])) + ".*decompression bomb"):
+        next(source.batches(4))
+    with pytest.raises(InvalidValueError, match="decompression bomb"):
+        decode_image({"bytes": None, "path": str(source.files[0])})
+
+
+@pytest.mark.parametrize("kind", ["output-is-a-directory", "output-dir-is-a-file", "under-proc"])
+def test_output_of_the_wrong_kind_or_unwritable_is_one_line_naming_it(tmp_path, capsys, ar_folder, kind):
+    if kind == "output-is-a-directory":
+        (tmp_path / "grid.png").mkdir()
+        line = _cli(capsys, "sample", "--pipeline", ar_folder, "--class-ids", 1, "--output", tmp_path / "grid.png")
+        assert f"'{tmp_path / 'grid.png'}' is a directory" in line
+    elif kind == "output-dir-is-a-file":
+        (tmp_path / "out").write_text("mine")
+        reference = tmp_path / "ref.npz"
+        np.savez(reference, arr_0=np.zeros((6, 8, 8, 3), np.uint8))
+        line = _cli(capsys, "benchmark", "--pipeline", ar_folder, "--num-samples", 4, "--guidance-scales", 1,
+                    "--reference", reference, "--output-dir", tmp_path / "out", "--inception-weights",
+                    WEIGHTS if WEIGHTS.is_file() else tmp_path / "x.pth")
+        assert str(tmp_path / "out") in line and (tmp_path / "out").read_text() == "mine"
+    else:
+        line = _cli(capsys, "sample", "--pipeline", ar_folder, "--class-ids", 1, "--output", "/proc/vfmtok-x.png")
+        assert "cannot write '/proc/vfmtok-x.png'" in line and "disk is full" not in line
+
+
+def test_a_write_refused_by_the_system_is_not_reported_as_a_full_disk(tmp_path):
+    from vfmtok.tokenizer.utils.atomic import write_text_atomically
+    from vfmtok.tokenizer.utils.errors import DiskFullError, OutputWriteError
+
+    with pytest.raises(OutputWriteError, match="cannot write '/proc/vfmtok-report.json'") as caught:
+        write_text_atomically("/proc/vfmtok-report.json", "{}")
+    assert not isinstance(caught.value, DiskFullError)
+
+
+@needs_shared
+def test_benchmark_resume_regenerates_a_truncated_shard_and_one_whose_record_was_altered(tmp_path, ar_folder):
+    from vfmtok.evaluation.benchmark import run_benchmark
+
+    out = tmp_path / "bench"
+    np.savez(tmp_path / "r.npz", arr_0=np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    kwargs = dict(num_samples=6, guidance_scales=[1.0], reference=str(tmp_path / "r.npz"), seed=1, batch_size=2,
+                  shard_size=2, output_size=32, inception_weights=str(WEIGHTS))
+    first = run_benchmark(str(ar_folder), out, **kwargs)
+    folder = out / "samples" / "cfg-1"
+    shard = folder / "shard-00000.npz"
+    shard.write_bytes(shard.read_bytes()[:200])
+    (folder / "shard-00001.json").write_text("[1, 2]")
+    record = json.loads((folder / "shard-00002.json").read_text())
+    (folder / "shard-00002.json").write_text(json.dumps({**record, "count": "two"}))
+    again = run_benchmark(str(ar_folder), out, **kwargs)
+    assert again["settings"][0]["generation"]["generated_by_main_process_now"] == 6
+    assert again["settings"][0]["fid"] == first["settings"][0]["fid"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 8: `eval recon` and LPIPS: local weight files, an off switch, stdout for the JSON only, the reason
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def recon_inputs(tmp_path):
+    from test_dinotok import tiny as tiny_tokenizer
+
+    tokenizer = tmp_path / "tok"
+    tiny_tokenizer().save_pretrained(tokenizer)
+    return ["eval", "recon", "--tokenizer", str(tokenizer), "--data", str(_class_folder(tmp_path / "data", 0)),
+            "--output-dir", str(tmp_path / "out"), "--random-vfm", "--device", "cpu", "--inception-weights",
+            str(WEIGHTS)]
+
+
+@pytest.fixture
+def noisy_offline(monkeypatch):
+    """No network and no lpips package; a download prints its progress on stdout, as torch.hub's did, then fails."""
+    import urllib.error
+
+    import vfmtok.tokenizer.lpips
+
+    calls = []
+
+    def no_network(url, *args, **kwargs):
+        calls.append(url)
+        print(f"Downloading: {url!r}")
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(vfmtok.tokenizer.lpips, "_lpips_package_lin_file", lambda: None)
+    return calls
+
+
+@needs_shared
+@pytest.mark.parametrize("mode", ["offline", "local-files", "no-lpips"])
+def test_eval_recon_lpips_offline_gives_the_reason_local_files_or_off_and_stdout_is_json(
+        tmp_path, capsys, recon_inputs, noisy_offline, mode):
+    from test_losses import random_vgg_and_lin_files
+
+    from vfmtok.pipelines.cli import main
+
+    extra = {"offline": [], "no-lpips": ["--no-lpips"],
+             "local-files": ["--lpips-vgg-weights", str(tmp_path / "vgg16.pth"),
+                             "--lpips-lin-weights", str(tmp_path / "vgg.pth")]}[mode]
+    random_vgg_and_lin_files(tmp_path)
+    capsys.readouterr()
+    assert main(recon_inputs + extra) == 0
+    out = capsys.readouterr().out
+    (line,) = out.splitlines()  # the JSON only: no "Downloading:" line
+    row = json.loads(line)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    if mode == "offline":
+        assert noisy_offline and row["lpips"] is None
+        assert "no network" in report["lpips_unavailable"] and "VGG16" in report["lpips_unavailable"]
+        assert "lpips_vgg_weights" in report["lpips_unavailable"]
+    elif mode == "local-files":
+        assert not noisy_offline and isinstance(row["lpips"], float) and "lpips_unavailable" not in report
+    else:
+        assert not noisy_offline and row["lpips"] is None and "not asked for" in report["lpips_unavailable"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 10: a rerun right after a killed extraction removes the staging folder the kill left
+# ----------------------------------------------------------------------------------------------------------------
+def test_rerun_of_a_killed_extraction_removes_its_fresh_staging_folder_and_nothing_else(tmp_path):
+    from test_dinotok import tiny as tiny_tokenizer
+
+    from vfmtok.pipelines.train.extract import extract_tokens
+
+    data, output = _class_folder(tmp_path / "data", seed=0), tmp_path / "latents"
+    # what kill -9 leaves an instant ago: a staging folder of the target with a partial array, no lock held
+    left = tmp_path / ".latents.staging-k1ll3d_0"
+    left.mkdir()
+    (left / "latents.npy").write_bytes(b"\x93NUMPY partial")
+    others = [tmp_path / ".codes.staging-abc12345", tmp_path / ".latents-notes.staging-abc12345",
+              tmp_path / ".latents.staging-notes.txt"]
+    others[0].mkdir()
+    others[1].mkdir()
+    others[2].write_text("not a staging folder of the extraction")
+    extract_tokens(tiny_tokenizer(), str(data), output, batch_size=8, num_workers=0)
+    assert (output / "meta.json").is_file()
+    assert not left.exists()
+    assert all(p.exists() for p in others)  # other targets' staging folders are not this writer's to remove
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defect 4 (rest): the same data or output folder spelled another way is the same run on resume
+# ----------------------------------------------------------------------------------------------------------------
+def test_resume_accepts_other_spellings_of_the_same_folders_and_refuses_another_folder(tmp_path, monkeypatch):
+    from test_faults import training
+
+    from vfmtok.pipelines.train.trainer import Trainer
+    from vfmtok.tokenizer.utils.errors import InvalidValueError
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("good", "other"):
+        _class_folder(tmp_path / "data" / name, seed=0)  # the same images: only the folder differs
+
+    def run(data: str, output: str | Path, max_steps: int, resume: bool = False) -> Path:
+        return Trainer(TinyTask(), training(max_steps=max_steps), output, images(4),
+                       run_config={"data": data}).fit(resume=resume)
+
+    run("data/good", "out", 2)
+    run("./data/good", "out", 3, resume=True)
+    run(str(tmp_path / "data" / "good"), tmp_path / "out", 4, resume=True)  # absolute data and output folder
+    with pytest.raises(InvalidValueError, match=r"different run.*data: '[^']*data/good' in the checkpoint, "
+                                                r"'data/other' now"):
+        run("data/other", "./out", 5, resume=True)

@@ -130,7 +130,15 @@ class LatentMoments:
     def principal_directions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(variances (dim,) descending, components (dim, dim) with the principal directions as columns), float64.
         Each direction's sign is fixed (its largest-magnitude entry positive) so that the result is deterministic."""
-        variances, vectors = torch.linalg.eigh(self.covariance())
+        covariance = self.covariance()
+        if not torch.isfinite(covariance).all():
+            raise InvalidValueError(f"the latent's covariance over {self.count} vectors holds NaN or infinite values "
+                                    "(a degenerate or diverged encoder): no principal directions")
+        try:
+            variances, vectors = torch.linalg.eigh(covariance)
+        except torch.linalg.LinAlgError as error:
+            raise InvalidValueError(f"the latent's covariance over {self.count} vectors has no eigendecomposition "
+                                    f"(a degenerate latent): {error}") from None
         variances, vectors = variances.flip(0).clamp_min(0.0), vectors.flip(1)
         largest = vectors.abs().argmax(0)
         signs = torch.sign(vectors[largest, torch.arange(self.dim)])

@@ -79,6 +79,8 @@ def histogram_bin_centres(bins: int, device=None, dtype=torch.float32) -> torch.
 
 def default_sharpness(bins: int) -> float:
     """``a = 1 / (2 w^2)``: a Gaussian kernel whose standard deviation is one bin width ``w = 2 / bins``."""
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise InvalidValueError(f"bins must be a whole number >= 1, got {bins!r}")
     return 1.0 / (2.0 * (2.0 / bins) ** 2)
 
 
@@ -179,6 +181,9 @@ class StreamingKMeans:
 
     def centroids(self) -> torch.Tensor:
         self._flush()
+        if not self._fitted:  # nothing was added (e.g. every image of the data unreadable)
+            raise InvalidValueError(f"k-means with {self.clusters} clusters got no feature vectors (were all images "
+                                    "unreadable?)")
         return torch.from_numpy(self.kmeans.cluster_centers_.copy()).float()
 
 

@@ -25,6 +25,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 
 from vfmtok.tokenizer.utils.errors import InvalidValueError
+from vfmtok.tokenizer.utils.loading import read_saved_config
 
 __all__ = ["CodeLayout", "ImageTokenizerMixin", "TOKENIZER_CLASSES", "load_tokenizer", "tokenizer_class"]
 
@@ -185,7 +186,7 @@ def load_tokenizer(pretrained_model_name_or_path: str, subfolder: Optional[str] 
     """Load a saved tokenizer (a ``save_pretrained`` folder or Hub repo id) as the class its ``config.json`` names;
     ``kwargs`` go to that class's ``from_pretrained``."""
     hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-    config = _ConfigFile.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
+    config = read_saved_config(_ConfigFile, pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
     name = config.get("_class_name")
     if name is None:
         raise InvalidValueError(f"{pretrained_model_name_or_path}: config.json names no model class (_class_name)")

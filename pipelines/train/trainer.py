@@ -198,6 +198,17 @@ def _optimizer(module: nn.Module, config: TrainingConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate, betas=config.betas)
 
 
+def _same_location(saved: Any, current: Any) -> bool:
+    """Two spellings of one local file or folder (``data/good``, ``./data/good``, its absolute path, a symlink to
+    it): the same data, not a different run. Hub ids and anything that does not exist here compare as text."""
+    if not (isinstance(saved, str) and isinstance(current, str)):
+        return False
+    try:
+        return os.path.samefile(os.path.expanduser(saved), os.path.expanduser(current))
+    except (OSError, ValueError):
+        return False
+
+
 class Trainer:
     """Runs a :class:`TrainingTask` on an image dataset (see the module docstring)."""
 
@@ -288,7 +299,7 @@ class Trainer:
                 for key in sorted(set(saved) | set(current), key=str):
                     compare(f"{prefix}.{key}" if prefix else str(key), saved.get(key, "<absent>"),
                             current.get(key, "<absent>"))
-            elif saved != current:
+            elif saved != current and not _same_location(saved, current):
                 differences.append((prefix, saved, current))
 
         saved_config = state.get("config")

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from vfmtok.tokenizer.utils.errors import DiskFullError, OutputExistsError
+from vfmtok.tokenizer.utils.errors import DiskFullError, InvalidValueError, OutputExistsError, OutputWriteError
 
 __all__ = ["atomic_directory", "atomic_file", "write_text_atomically", "save_pretrained_atomically",
            "removed_on_failure", "reporting_disk_full", "is_disk_full", "remove_stale_partials", "allocated_memmap",
-           "plain_mode", "give_plain_modes", "exclusive_lock"]
+           "plain_mode", "give_plain_modes", "exclusive_lock", "make_directory"]
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # What writers that wrap the OS error say (safetensors: "IoError(Os { code: 28, kind: StorageFull, ... })").
@@ -63,7 +63,9 @@ def is_disk_full(error: BaseException, where: Optional[str | Path] = None) -> bo
         if any(phrase in text or phrase.replace(" ", "") in text.replace(" ", "") for phrase in _DISK_FULL_TEXT):
             return True
         current = current.__cause__ or current.__context__
-    if where is not None and isinstance(error, (OSError, RuntimeError)):
+    # only a writer that dropped the errno: an OSError with another errno (EACCES, EROFS, a pseudo file system such
+    # as /proc refusing the write) is not a full disk, whatever statvfs says of that file system
+    if where is not None and isinstance(error, (OSError, RuntimeError)) and getattr(error, "errno", None) is None:
         free = _free_bytes(Path(where))
         return free is not None and free < LOW_SPACE_BYTES
     return False
@@ -119,7 +121,27 @@ def reporting_disk_full(target: str | Path, advice: str = ADVICE) -> Iterator[No
     except Exception as error:
         if is_disk_full(error, target):
             raise _disk_full(Path(target), error, None, advice) from error
-        raise
+        raise _write_error(Path(target), error) from error
+
+
+def _write_error(target: Path, error: BaseException) -> BaseException:
+    """An operating-system refusal to write ``target`` (permission denied, a read-only or pseudo file system, a path
+    through a file) as the user error it is, naming the output; any other error unchanged."""
+    if isinstance(error, OSError) and not isinstance(error, DiskFullError) and error.errno is not None:
+        return OutputWriteError(f"cannot write {str(target)!r}: {error.strerror or error} "
+                                f"[{type(error).__name__}, errno {error.errno}]")
+    return error
+
+
+def make_directory(path: str | Path) -> Path:
+    """``path`` and its parents as directories; a file on the way is an :class:`InvalidValueError` naming it."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise InvalidValueError(f"{str(part)!r} is a file, where a directory is needed for {str(path)!r}")
+    with reporting_disk_full(path):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @contextlib.contextmanager
@@ -165,11 +187,16 @@ def _partials_pattern(target: Path) -> re.Pattern:
     return re.compile(rf"^\.{name}\.(?:(staging)-[a-z0-9_]+|(old)-[a-z0-9_]+|[a-z0-9_]{{8}}{re.escape(target.suffix)})$")
 
 
-def remove_stale_partials(target: str | Path) -> list[Path]:
+def remove_stale_partials(target: str | Path, target_locked: bool = False) -> list[Path]:
     """Remove the staging directories and temporary files of ``target`` (made by :func:`atomic_directory` and
     :func:`atomic_file`) that writers killed mid-write left beside it: those no live writer holds locked. An
     ``.old-`` directory (the previous version, between the two renames of a replacement) is kept while ``target``
-    itself is missing: it is then the only copy. Returns what was removed."""
+    itself is missing: it is then the only copy. Returns what was removed.
+
+    Entries younger than ``STALE_AFTER_S`` are kept (a writer may not have locked its new entry yet), except with
+    ``target_locked``: the caller holds ``target``'s exclusive lock (:func:`atomic_directory`), which every writer of
+    a staging directory of ``target`` holds before creating it, so an unlocked one is a dead writer's at any age (a
+    rerun right after a kill removes it)."""
     target = Path(target)
     parent = target.parent
     if not parent.is_dir():
@@ -180,7 +207,8 @@ def remove_stale_partials(target: str | Path) -> list[Path]:
         if match is None:
             continue
         with contextlib.suppress(FileNotFoundError):
-            if now - entry.lstat().st_mtime < STALE_AFTER_S:
+            directory = match.group(1, 2) != (None, None)  # a staging or old directory, not a temporary file
+            if now - entry.lstat().st_mtime < STALE_AFTER_S and not (target_locked and directory):
                 continue
             if match.group(2) == "old":
                 if target.exists():
@@ -243,8 +271,9 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
     after the new one is complete). Staging directories of ``target`` left by killed writers are removed first.
     """
     target = Path(target)
-    with reporting_disk_full(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise InvalidValueError(f"{str(target)!r} is a file, where a directory is to be written")
+    make_directory(target.parent)
     with exclusive_lock(target.parent / f".{target.name}.lock",
                         f"{str(target)!r} is being written by another process; wait for it to finish or choose "
                         f"another output") as lock:
@@ -257,7 +286,7 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
 
 @contextlib.contextmanager
 def _staged_directory(target: Path, replace: bool) -> Iterator[Path]:
-    remove_stale_partials(target)
+    remove_stale_partials(target, target_locked=True)  # called with the target's exclusive lock held
     if target.exists() and not replace and any(target.iterdir()):
         raise OutputExistsError(f"{str(target)!r} already exists and is not empty")
     with reporting_disk_full(target):
@@ -281,9 +310,11 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path in ``target``'s directory; on success it replaces ``target``. Temporary files of
     ``target`` left by killed writers are removed first."""
     target = Path(target)
+    if target.is_dir():
+        raise InvalidValueError(f"{str(target)!r} is a directory, where a file is to be written")
+    make_directory(target.parent)
     remove_stale_partials(target)
     with reporting_disk_full(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
     try:
         with removed_on_failure(name, target):

@@ -10,7 +10,8 @@ Each subclass also derives from the built-in exception a Python user would expec
 from __future__ import annotations
 
 __all__ = ["VFMTokError", "InvalidValueError", "ConfigError", "CheckpointError", "MissingFileError",
-           "OutputExistsError", "WeightsUnavailableError", "DiskFullError"]
+           "OutputExistsError", "WeightsUnavailableError", "DiskFullError",
+           "OutputWriteError"]
 
 
 class VFMTokError(Exception):
@@ -44,3 +45,8 @@ class WeightsUnavailableError(VFMTokError, RuntimeError):
 
 class DiskFullError(VFMTokError, OSError):
     """The file system ran out of space (or quota) while writing an output; the partial output was removed."""
+
+
+class OutputWriteError(VFMTokError, OSError):
+    """The operating system refused to write an output (permission denied, a read-only or pseudo file system): not
+    a full disk, which is a :class:`DiskFullError`."""

@@ -17,20 +17,22 @@ import inspect
 import itertools
 import re
 import typing
+import zipfile
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from vfmtok.tokenizer.utils.errors import CheckpointError, ConfigError, MissingFileError
+from vfmtok.tokenizer.utils.errors import CheckpointError, ConfigError, InvalidValueError, MissingFileError
 from vfmtok.tokenizer.utils.remote_code import AUTO_MAP_KEY, write_auto_model_files
 from vfmtok.tokenizer.utils.types import check_value
 
 __all__ = ["read_state_dict", "read_training_checkpoint", "key_mismatch_message", "load_state_dict_strict",
            "StrictLoadingMixin", "strip_wrapper_prefixes", "rename_by_rules", "rename_state_dict", "RenameRules",
            "meta_tensors", "download_state_dict", "DOWNLOAD_ERRORS", "bundled_file", "nonfinite_weights",
-           "check_finite_weights"]
+           "check_finite_weights", "read_npz", "is_hub_id",
+           "read_saved_config"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -55,6 +57,61 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{str(path)!r} is not a flat state dict (name -> tensor)")
     return state_dict
+
+
+def read_npz(path: Union[str, Path], what: str = "file") -> dict:
+    """Every array of an ``.npz`` file (``allow_pickle=False``: an object array is refused, never unpickled). A file
+    that is missing, empty, truncated, no zip, a plain ``.npy`` or holds objects is an :class:`InvalidValueError`
+    naming it (``what``: how the error names its role, e.g. "reference")."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} {str(path)!r} does not exist or is no file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("a single array (.npy), not an .npz archive of named arrays")
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, KeyError, AttributeError, TypeError, zipfile.BadZipFile) as error:
+        raise InvalidValueError(f"{what} {str(path)!r} is no readable .npz of plain arrays: "
+                                f"{type(error).__name__}: {str(error)[:200]}") from None
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether ``source``, which is no existing local path, reads as a Hub repository id (``org/name``) rather than a
+    local path that does not exist (absolute, relative with ``./``, ``~``, or with a file suffix)."""
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).suffix
+
+
+def read_saved_config(loader, pretrained_model_name_or_path, subfolder: Optional[str] = None, **hub) -> dict:
+    """The ``config.json`` of a saved model folder or Hub repo, through diffusers' ``loader.load_config`` (any
+    ``ConfigMixin`` class). A local folder that does not exist is a :class:`MissingFileError` (never a download
+    attempt); a missing, unreadable or non-object config is a :class:`CheckpointError` naming the file."""
+    source = str(pretrained_model_name_or_path)
+    local = Path(source).expanduser()
+    if not local.exists() and not is_hub_id(source):
+        raise MissingFileError(f"model folder {source!r} does not exist (and is no Hub id 'org/name')")
+    where = str(local / (subfolder or "") / loader.config_name) if local.exists() else source
+    try:
+        config = loader.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub)
+    except (OSError, ValueError) as error:  # diffusers: no config.json, invalid JSON, a failed download
+        raise CheckpointError(f"{where}: cannot read the model's config: {error}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _loading_failure(error: BaseException) -> bool:
+    """Whether an error raised by diffusers' ``from_pretrained`` is about the folder's files (an unreadable, missing
+    or mis-shaped weights file, a config it cannot use) rather than a bug or the machine (out of memory)."""
+    from safetensors import SafetensorError
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    if isinstance(error, (OSError, ValueError, SafetensorError)):
+        return True
+    return isinstance(error, RuntimeError) and "state_dict" in str(error)
 
 
 def read_training_checkpoint(path: Union[str, Path], prefer: str = "ema",
@@ -185,7 +242,7 @@ class StrictLoadingMixin:
         which diffusers would only warn about, and a value of the wrong type raise :class:`CheckpointError` naming
         the key (and the expected type and the value). Keys starting with ``_`` (diffusers' own) are ignored."""
         hub = {k: kwargs[k] for k in cls._HUB_KWARGS if kwargs.get(k) is not None}
-        config = cls.load_config(pretrained_model_name_or_path, **hub)
+        config = read_saved_config(cls, pretrained_model_name_or_path, **hub)
         where = f"{pretrained_model_name_or_path}: {cls.config_name}"
         saved_class = config.get("_class_name")
         accepted = _subclass_names(cls)
@@ -222,8 +279,16 @@ class StrictLoadingMixin:
         :class:`CheckpointError` naming it; ``allow_nonfinite=True`` loads it anyway (for inspecting a broken run)."""
         cls.check_saved_config(pretrained_model_name_or_path, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
-                                              **kwargs)
+        if kwargs.get("use_safetensors") is None:  # never diffusers' fallback to a pickled .bin file
+            kwargs["use_safetensors"] = True
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                  **kwargs)
+        except Exception as error:
+            if not _loading_failure(error):
+                raise
+            raise CheckpointError(f"{pretrained_model_name_or_path}: cannot load the {cls.__name__} weights: "
+                                  f"{type(error).__name__}: {str(error)[:300]}. " + cls._loading_hint()) from error
         mismatched = [f"{key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in info["mismatched_keys"]]
         if info["missing_keys"] or info["unexpected_keys"] or mismatched:
             raise CheckpointError(f"{pretrained_model_name_or_path}: " + key_mismatch_message(
@@ -311,8 +376,13 @@ DOWNLOAD_ERRORS = (OSError, RuntimeError, ValueError)
 
 
 def download_state_dict(url: str) -> dict[str, torch.Tensor]:
-    """A state dict from ``url`` through torch.hub's cache (``$TORCH_HOME/hub/checkpoints``), tensors only."""
-    return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+    """A state dict from ``url`` through torch.hub's cache (``$TORCH_HOME/hub/checkpoints``), tensors only. Whatever
+    the download prints (``Downloading: ...``, progress) goes to stderr: stdout is kept for the commands' JSON."""
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
 
 
 def bundled_file(pretrained_model_name_or_path: Union[str, Path], filename: str,
