@@ -70,7 +70,8 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
     _callback_tensor_inputs = ["latents"]
 
     def __init__(self, vae, transformer, scheduler, weak_transformer=None, id2label: Optional[dict] = None,
-                 evaluation: Optional[dict] = None, default_guidance_scale: Optional[float] = None):
+                 evaluation: Optional[dict] = None, default_guidance_scale: Optional[float] = None,
+                 default_guidance_interval: Optional[Sequence[float]] = None):
         super().__init__()
         if getattr(vae, "is_discrete", True):
             raise CheckpointError(f"the flow pipeline needs a continuous tokenizer (latents); {type(vae).__name__} "
@@ -88,6 +89,15 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
                               weak_transformer=weak_transformer)
         self._register_labels(id2label, evaluation, transformer.config.num_classes,
                              default_guidance_scale)
+        self.set_default_guidance_interval(default_guidance_interval)
+
+    def set_default_guidance_interval(self, interval: Optional[Sequence[float]]) -> None:
+        """The ``guidance_interval`` a call uses when given none (saved with the pipeline); None: guidance at every
+        step."""
+        if interval is not None:
+            interval = [float(v) for v in interval] if isinstance(interval, (list, tuple)) else interval
+            guided_model(lambda x, t, y: x, 2.0, interval=interval)  # checks it: 0 <= t_lo <= t_hi <= 1
+        self.register_to_config(default_guidance_interval=interval)
 
     def _velocity(self, guidance_scale: float, guidance_interval: Optional[tuple[float, float]]) -> Callable:
         """The (guided) velocity ``v(x, t, y)`` in SiT time."""
@@ -133,7 +143,8 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
 
         ``guidance_scale``: CFG (or autoguidance with ``weak_transformer``), 1 = none, None = the pipeline's
         ``default_guidance_scale`` (else 1); ``guidance_interval``
-        ``(t_lo, t_hi)`` in SiT time (0 = noise) limits it. ``sampler``: "scheduler" (the ``scheduler`` component,
+        ``(t_lo, t_hi)`` in SiT time (0 = noise) limits it (None: the pipeline's ``default_guidance_interval``, else
+        every step). ``sampler``: "scheduler" (the ``scheduler`` component,
         ``num_inference_steps`` steps; callback after each scheduler step with ``{"latents": ...}``) or "sde"
         (the project's Euler–Maruyama SDE sampler, ``num_inference_steps`` + 1 model calls, shift from the
         scheduler config; no callback). Labels are repeated ``num_images_per_class`` times and sampled in chunks
@@ -149,6 +160,8 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
             raise InvalidValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if sampler == "sde" and callback_on_step_end is not None:
             raise InvalidValueError("callback_on_step_end works with sampler='scheduler' only")
+        if guidance_interval is None and self.config.get("default_guidance_interval") is not None:
+            guidance_interval = tuple(self.config.default_guidance_interval)
         velocity = self._velocity(guidance_scale, guidance_interval)  # checks the interval
 
         def sample_chunk(labels: torch.Tensor) -> torch.Tensor:

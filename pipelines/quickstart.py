@@ -60,6 +60,9 @@ logger = logging.getLogger(__name__)
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CONFIG_DIR = shipped_configs() / "quickstart"
 IMAGE_SIZE = 32  # the quickstart tokenizers' input and output size (configs/quickstart/tokenizer-*.yaml)
+# The flow denoiser is guided in the middle of its trajectory only (SiT time, 0 = noise): on the quickstart's trained
+# model, interval [0.2, 0.8] at scale 1.5 gave gFID 89.0 against 91.0 guided at every step and 90.3 unguided.
+FLOW_GUIDANCE_INTERVAL = (0.2, 0.8)
 GRID_CELL = 96  # pixels per image in the sample and reconstruction grids (upscaled so that a reader can judge them)
 DIGITS_JUDGE_SIZE = 8  # the digits' native resolution
 OTHER_JUDGE_SIZE = 16
@@ -84,7 +87,7 @@ class QuickstartBudget:
 
 FULL = QuickstartBudget(images_per_class=None, held_out=300, tokenizer_steps=1000, ar_steps=1500, flow_steps=1500,
                         gfid_samples=100, recon_images=150, grid_per_class=6, flow_inference_steps=50,
-                        guidance_scales=(1.0, 1.5, 2.0, 3.0, 4.0))
+                        guidance_scales=(1.0, 1.25, 1.5, 2.0, 3.0, 4.0))
 FAST = QuickstartBudget(images_per_class=12, held_out=30, tokenizer_steps=6, ar_steps=20, flow_steps=20,
                         gfid_samples=30, recon_images=30, grid_per_class=2, flow_inference_steps=8,
                         guidance_scales=(1.0, 2.0))
@@ -417,7 +420,8 @@ def run_quickstart(output_dir: str | Path = "quickstart", data: Optional[str] = 
     generators = _generator_stages(run, info["num_classes"], codes, latents)
     pipelines_dir = _pipeline_stage(run, tokenizers, generators, info["id2label"])
     judge = run.stages.run("judge", lambda: _fit_judge(run).describe())
-    flow_sampling = {"num_inference_steps": budget.flow_inference_steps}
+    flow_sampling = {"num_inference_steps": budget.flow_inference_steps,
+                     "guidance_interval": list(FLOW_GUIDANCE_INTERVAL)}
     recon, sweeps, floor = _evaluation_stages(run, tokenizers, pipelines_dir, flow_sampling, weights, no_inception,
                                               judge)
     defaults = {kind: (sweeps[kind] or {}).get("best_scale") for kind in ("ar", "flow")}
@@ -609,6 +613,8 @@ def _sweep(run: _Run, kind: str, pipeline: Path, options: dict[str, Any], weight
     without = next(r for r in rows if r["guidance_scale"] == 1.0)
     pipe = load_pipeline(pipeline)
     pipe.set_default_guidance_scale(best["guidance_scale"])
+    if "guidance_interval" in options:  # pipe(...) samples as evaluated
+        pipe.set_default_guidance_interval(options["guidance_interval"])
     evaluation = card_results(report)
     evaluation.update({f"class accuracy (cfg-{r['guidance_scale']:g})": round(r["class_accuracy"], 4)
                        for r in rows if r["class_accuracy"] is not None})
