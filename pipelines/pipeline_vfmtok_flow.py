@@ -95,8 +95,12 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         """The ``guidance_interval`` a call uses when given none (saved with the pipeline); None: guidance at every
         step."""
         if interval is not None:
-            interval = [float(v) for v in interval] if isinstance(interval, (list, tuple)) else interval
-            guided_model(lambda x, t, y: x, 2.0, interval=interval)  # checks it: 0 <= t_lo <= t_hi <= 1
+            if not (isinstance(interval, (list, tuple)) and len(interval) == 2 and all(
+                    isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in interval)
+                    and 0 <= interval[0] <= interval[1] <= 1):
+                raise InvalidValueError(f"default_guidance_interval must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1 "
+                                        f"(SiT time, 0 = noise), got {interval!r}")
+            interval = [float(v) for v in interval]
         self.register_to_config(default_guidance_interval=interval)
 
     def _velocity(self, guidance_scale: float, guidance_interval: Optional[tuple[float, float]]) -> Callable:

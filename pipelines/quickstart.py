@@ -143,15 +143,31 @@ def stratified_split(labels: np.ndarray, held_out: int, seed: int) -> tuple[np.n
 def write_images(dataset, directory: str | Path, indices: Optional[np.ndarray] = None,
                  size: int = IMAGE_SIZE) -> int:
     """Images of ``dataset`` (from :func:`vfmtok.pipelines.data.load_image_dataset`; all, or ``indices``) as PNGs,
-    ADM-centre-cropped to ``size``: an FID image folder."""
-    from vfmtok.pipelines.data import adm_center_crop, decode_image
+    ADM-centre-cropped to ``size``: an FID image folder. Unreadable images are skipped (and logged); returns how many
+    were written."""
+    from vfmtok.pipelines.data import adm_center_crop
 
-    indices = np.arange(len(dataset)) if indices is None else indices
+    written = 0
     with atomic_directory(directory, replace=True) as staging:
-        for k, index in enumerate(indices):
-            adm_center_crop(decode_image(dataset[int(index)]["image"]), size).convert("RGB").save(
-                staging / f"{k:05d}.png", format="PNG")
-    return len(indices)
+        for _, image in readable_images(dataset, indices):
+            adm_center_crop(image, size).convert("RGB").save(staging / f"{written:05d}.png", format="PNG")
+            written += 1
+    return written
+
+
+def readable_images(dataset, indices: Optional[np.ndarray] = None):
+    """(index, RGB PIL image) of the images of ``dataset`` (all, or ``indices``) that decode; an unreadable one is
+    skipped with a warning, as training skips it."""
+    from vfmtok.pipelines.data import decode_image
+
+    for index in (np.arange(len(dataset)) if indices is None else indices):
+        try:
+            image = decode_image(dataset[int(index)]["image"])
+        # PIL raises many exception types for a broken file; only decoding is inside the try
+        except Exception as error:
+            logger.warning("image %d skipped: %s: %s", int(index), type(error).__name__, error)
+            continue
+        yield int(index), image
 
 
 def balanced_indices(labels: np.ndarray, per_class: int) -> np.ndarray:
@@ -531,10 +547,12 @@ def _pipeline_stage(run: _Run, tokenizers: dict[str, Path], generators: dict[str
 
 # -- evaluation ------------------------------------------------------------------------------------------------------
 def _split_images(directory: str) -> tuple[list, np.ndarray]:
-    from vfmtok.pipelines.data import decode_image, load_image_dataset
+    from vfmtok.pipelines.data import load_image_dataset
 
     dataset = load_image_dataset(directory)
-    return [decode_image(dataset[i]["image"]) for i in range(len(dataset))], np.asarray(dataset["label"])
+    labels = np.asarray(dataset["label"])
+    pairs = list(readable_images(dataset))
+    return [image for _, image in pairs], labels[[index for index, _ in pairs]]
 
 
 def _fit_judge(run: _Run):
@@ -684,7 +702,7 @@ def _sample_grids(pipe, kind: str, classes: list[int], names: dict[int, str], pe
 
     written = {}
     for label, scale in (("without_cfg", 1.0), ("with_cfg", guidance)):
-        if scale is None:
+        if scale is None or (label == "with_cfg" and scale == 1.0):  # no guidance chosen: one grid says it all
             continue
         images = pipe(classes, guidance_scale=scale, num_images_per_class=per_class,
                       generator=torch.Generator().manual_seed(seed), output_type="pil", **options).images
@@ -845,9 +863,11 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"![guidance sweep]({entry['plot']})", ""]
         grids = entry["sample_grids"]
         if grids:
-            lines += [" ".join(f"![{label.replace('_', ' ')}]({path})" for label, path in grids.items()),
-                      "", f"Samples (one row per class): without guidance (left), at guidance "
-                          f"{entry['best_scale']:g} (right).", ""]
+            caption = ("Samples (one row per class): without guidance (left), at guidance "
+                       f"{entry['best_scale']:g} (right)." if "with_cfg" in grids else
+                       "Samples (one row per class) without guidance, the scale the sweep chose.")
+            lines += [" ".join(f"![{label.replace('_', ' ')}]({path})" for label, path in grids.items()), "",
+                      caption, ""]
     protocol = report["ar"].get("protocol") or {}
     if protocol and floor:
         lines += [f"gFID protocol: {protocol.get('num_samples')} samples per scale ({protocol.get('labels')} labels, "

@@ -602,3 +602,18 @@ def test_default_guidance_scale_is_saved_and_used_when_no_scale_is_given(ar_pipe
     assert ar_pipe.config.get("default_guidance_scale") is None  # no default: no guidance, as before
     with pytest.raises(InvalidValueError, match="default_guidance_scale"):
         VFMTokARPipeline(ar_pipe.vqvae, ar_pipe.transformer, default_guidance_scale=float("nan"))
+
+
+def test_flow_default_guidance_interval_is_saved_and_used(flow_pipe, tmp_path):
+    pipe = VFMTokFlowPipeline(flow_pipe.vae, flow_pipe.transformer, None, default_guidance_scale=3.0,
+                              default_guidance_interval=[0.3, 0.7])
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = load_pipeline(tmp_path / "p")
+    assert loaded.config.default_guidance_interval == [0.3, 0.7]
+    kw = dict(num_inference_steps=4, output_type="pt")
+    limited = flow_pipe(207, guidance_scale=3.0, guidance_interval=(0.3, 0.7), generator=seeded(), **kw).images
+    assert torch.equal(loaded(207, generator=seeded(), **kw).images, limited)
+    assert not torch.equal(flow_pipe(207, guidance_scale=3.0, generator=seeded(), **kw).images, limited)
+    for bad in ([0.8, 0.2], [0.0, 1.5], [float("nan"), 1.0], [0.5]):
+        with pytest.raises(InvalidValueError, match="default_guidance_interval"):
+            VFMTokFlowPipeline(flow_pipe.vae, flow_pipe.transformer, None, default_guidance_interval=bad)

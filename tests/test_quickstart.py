@@ -235,3 +235,20 @@ def test_a_missing_inception_weights_file_is_refused_before_any_work(tmp_path, c
     assert main(["quickstart", "--fast", "--output-dir", str(tmp_path / "out"), "--inception-weights",
                  str(tmp_path / "no-such.pth")]) == 2
     assert "no-such.pth" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_reference_images_skip_an_unreadable_image_as_training_does(tmp_path):
+    """`quickstart --data D` must not die when the first image of a class is unreadable."""
+    from PIL import Image
+
+    from vfmtok.pipelines.data import load_image_dataset
+    from vfmtok.pipelines.quickstart import write_images
+
+    data = tmp_path / "data"
+    for label in ("a", "b"):
+        (data / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 40), (40 * i, 90, 200)).save(data / label / f"{i}.png")
+    (data / "a" / "0.png").write_bytes(b"not a png")  # the first image of class a
+    written = write_images(load_image_dataset(str(data)), tmp_path / "reference")
+    assert written == 5 and len(list((tmp_path / "reference").glob("*.png"))) == 5
