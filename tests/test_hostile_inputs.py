@@ -818,3 +818,26 @@ def test_resume_accepts_other_spellings_of_the_same_folders_and_refuses_another_
     with pytest.raises(InvalidValueError, match=r"different run.*data: '[^']*data/good' in the checkpoint, "
                                                 r"'data/other' now"):
         run("data/other", "./out", 5, resume=True)
+
+
+def test_a_random_vfm_is_randomly_initialised_not_uninitialised_memory(tmp_path):
+    """diffusers builds models with torch's init functions switched off: a VFM that loads no weights must still be a
+    real random initialisation (finite, of the architecture's init scale, the same on every load)."""
+    import torch.nn as tnn
+
+    from vfmtok.pipelines.config import build_model
+    from vfmtok.pipelines.train.extract import load_tokenizer
+
+    model = build_model(Path(__file__).resolve().parents[1] / "configs" / "tokenizer" / "vfmtok-tiny.yaml")
+    model.save_pretrained(tmp_path / "tok")
+    garbage = tnn.Linear.reset_parameters
+    tnn.Linear.reset_parameters = lambda self: self.weight.data.fill_(float("nan"))  # stands in for empty memory
+    try:
+        loaded = [load_tokenizer(str(tmp_path / "tok"), random_vfm=True) for _ in range(2)]
+    finally:
+        tnn.Linear.reset_parameters = garbage
+    for name, value in loaded[0].vfm.model.state_dict().items():
+        assert torch.isfinite(value).all(), name
+        assert torch.equal(value, loaded[1].vfm.model.state_dict()[name]), name
+    weights = [v for k, v in loaded[0].vfm.model.state_dict().items() if k.endswith("q_proj.weight")]
+    assert weights and all(0.005 < float(w.std()) < 0.1 for w in weights)  # DINOv2's init: std 0.02

@@ -78,12 +78,15 @@ class FrozenVFMHolderMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, *args, load_vfm_weights: bool = True,
                         vfm_source: Optional[str] = None, **kwargs):
         """Strict diffusers loading, then the VFM weights: ``vfm_source``, else the folder's ``vfm.safetensors``,
-        else the source the config names; ``load_vfm_weights=False`` keeps a random VFM (offline tests)."""
+        else the source the config names; ``load_vfm_weights=False`` gives a random VFM (offline tests), drawn from
+        seed 0."""
         kwargs["low_cpu_mem_usage"] = False  # the VFM is built in the constructor; a meta-device load would miss it
         kwargs.pop("device_map", None)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
                                               **kwargs)
+        if not load_vfm_weights and model.vfm is not None:
+            model.vfm.reinitialize()  # a random VFM, the same on every load (not diffusers' uninitialised memory)
         if load_vfm_weights and model.vfm is not None:
             if vfm_source is None:
                 vfm_source = bundled_file(pretrained_model_name_or_path, VFM_WEIGHTS_NAME, kwargs)

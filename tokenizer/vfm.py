@@ -362,6 +362,15 @@ class FrozenVFM(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    def reinitialize(self, seed: int = 0) -> None:
+        """Fresh random weights, drawn as the constructor draws them, from ``seed``. diffusers builds a model with
+        torch's init functions switched off (its weights come from the checkpoint), so a VFM that then loads no
+        weights would keep uninitialised memory."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = _build_hf(self.architecture) if self.backend == "hf" else build_timm_vit(self.architecture)
+        self.model.load_state_dict(fresh.state_dict())
+
     @classmethod
     def from_preset(cls, name: str, image_size: int, feature_layers: Sequence[int] | None = None,
                     pretrained: str | None = None, resize: str | None = None) -> FrozenVFM:
