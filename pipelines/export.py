@@ -35,9 +35,9 @@ def run_model_folder(path: str, export_name: str) -> str:
 
 def _load_generator(path: str):
     from vfmtok.generators import DiTModel, GPTModel
-    from vfmtok.tokenizer.interface import _ConfigFile
+    from vfmtok.tokenizer.utils.loading import read_saved_config
 
-    name = _ConfigFile.load_config(path).get("_class_name")
+    name = read_saved_config(GPTModel, path).get("_class_name")  # any ConfigMixin reads config.json
     classes = {cls.__name__: cls for cls in (GPTModel, DiTModel)}
     if name not in classes:
         raise CheckpointError(f"{path}: config.json names {name!r}; a generator is one of {sorted(classes)}")
