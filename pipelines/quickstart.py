@@ -413,6 +413,17 @@ class _Run:
         """A path inside the output folder, relative to it (report.json holds only such paths)."""
         return str(Path(path).relative_to(self.output))
 
+    @functools.cached_property
+    def judge(self):
+        """6. The judge, fitted once per process on the training split and checked on the held-out split (about 2 s,
+        so a rerun refits it rather than reading a pickle)."""
+        from vfmtok.evaluation.judge import PixelJudge
+
+        judge = PixelJudge(DIGITS_JUDGE_SIZE if self.digits else OTHER_JUDGE_SIZE, seed=self.seed)
+        judge.fit(*_split_images(self.train_dir))
+        judge.check(*_split_images(self.held_out_dir))
+        return judge
+
 
 def run_quickstart(output_dir: str | Path = "quickstart", data: Optional[str] = None, vfm: Optional[str] = None,
                    seed: int = 0, fast: bool = False, force: bool = False,
@@ -435,7 +446,7 @@ def run_quickstart(output_dir: str | Path = "quickstart", data: Optional[str] = 
     codes, latents = _extraction_stages(run, tokenizers)
     generators = _generator_stages(run, info["num_classes"], codes, latents)
     pipelines_dir = _pipeline_stage(run, tokenizers, generators, info["id2label"])
-    judge = run.stages.run("judge", lambda: _fit_judge(run).describe())
+    judge = run.stages.run("judge", lambda: run.judge.describe())
     flow_sampling = {"num_inference_steps": budget.flow_inference_steps,
                      "guidance_interval": list(FLOW_GUIDANCE_INTERVAL)}
     recon, sweeps, floor = _evaluation_stages(run, tokenizers, pipelines_dir, flow_sampling, weights, no_inception,
@@ -555,17 +566,6 @@ def _split_images(directory: str) -> tuple[list, np.ndarray]:
     return [image for _, image in pairs], labels[[index for index, _ in pairs]]
 
 
-def _fit_judge(run: _Run):
-    """6. The judge, fitted on the training split and checked on the held-out split (about 2 s: refitted whenever
-    needed rather than pickled)."""
-    from vfmtok.evaluation.judge import PixelJudge
-
-    judge = PixelJudge(DIGITS_JUDGE_SIZE if run.digits else OTHER_JUDGE_SIZE, seed=run.seed)
-    judge.fit(*_split_images(run.train_dir))
-    judge.check(*_split_images(run.held_out_dir))
-    return judge
-
-
 def _evaluation_stages(run: _Run, tokenizers: dict[str, Path], pipelines_dir: dict[str, Path],
                        flow_sampling: dict[str, Any], weights: Optional[str], no_inception: Optional[str],
                        judge_record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Optional[dict]]:
@@ -621,7 +621,7 @@ def _sweep(run: _Run, kind: str, pipeline: Path, options: dict[str, Any], weight
     report = run_benchmark(str(pipeline), output, run.budget.gfid_samples, list(run.budget.guidance_scales),
                            str(run.output / "data" / "reference"), labels="balanced", seed=run.seed, batch_size=64,
                            output_size=IMAGE_SIZE, inception_weights=weights, sampler_options=options, device="cpu")
-    judge = _fit_judge(run) if judge_record["useful"] else None
+    judge = run.judge if judge_record["useful"] else None
     rows = []
     for row in report["settings"]:
         images, labels = _benchmark_samples(output / "samples" / row["setting"])
