@@ -32,6 +32,7 @@ CPUs (other SIMD kernels) give slightly different numbers.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import io
@@ -40,6 +41,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -66,7 +68,7 @@ FLOW_GUIDANCE_INTERVAL = (0.2, 0.8)
 GRID_CELL = 96  # pixels per image in the sample and reconstruction grids (upscaled so that a reader can judge them)
 DIGITS_JUDGE_SIZE = 8  # the digits' native resolution
 OTHER_JUDGE_SIZE = 16
-_FORMAT = 2  # of quickstart.json; a different format is a different run
+_FORMAT = 3  # of quickstart.json; a different format is a different run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,6 +440,12 @@ def run_quickstart(output_dir: str | Path = "quickstart", data: Optional[str] = 
     if inception_weights is not None and no_inception:
         raise MissingFileError(f"--inception-weights: {no_inception}")
     _prepare_output(output, _options_record(data, vfm, seed, fast), force)
+    with _library_bars_off_unless_terminal():
+        return _run_stages(output, budget, seed, data, vfm, weights, no_inception, fast)
+
+
+def _run_stages(output: Path, budget: QuickstartBudget, seed: int, data: Optional[str], vfm: Optional[str],
+                weights: Optional[str], no_inception: Optional[str], fast: bool) -> dict[str, Any]:
     started = time.perf_counter()
     run = _Run(output, _Stages(output, total=17), budget, seed, workers=min(2, os.cpu_count() or 1),
                digits=data is None)
@@ -462,28 +470,52 @@ def _data_stage(run: _Run, data: Optional[str]) -> dict[str, Any]:
     """1. The data (the digits unless ``--data`` named some), split once into training and held-out images; the FID
     reference (the held-out images) and the floor (a balanced training sample of the gFID sample size)."""
 
-    def prepare_data() -> dict[str, Any]:
-        from vfmtok.pipelines.data import load_image_dataset
-
-        dataset = digits_dataset(None, run.budget.images_per_class) if data is None else load_image_dataset(data)
-        summary = dataset_info(dataset, data or "digits")
-        labels = np.asarray(dataset["label"])
-        train, held_out = stratified_split(labels, min(run.budget.held_out, len(labels) // 2), run.seed)
-        for name, indices in (("train", train), ("held-out", held_out)):
-            with atomic_directory(run.output / "data" / name, replace=True) as staging:
-                dataset.select(indices).save_to_disk(str(staging))
-        summary.update(train_images=len(train), held_out_images=len(held_out), split_seed=run.seed)
-        summary["reference_images"] = write_images(load_image_dataset(run.held_out_dir),
-                                                   run.output / "data" / "reference")
-        training = load_image_dataset(run.train_dir)
-        per_class = max(1, run.budget.gfid_samples // summary["num_classes"])
-        summary["floor_images"] = write_images(training, run.output / "data" / "floor",
-                                               balanced_indices(np.asarray(training["label"]), per_class))
-        return summary
-
-    info = run.stages.run("data", prepare_data)
+    info = run.stages.run("data", lambda: _prepare_data(run, data))
     info["id2label"] = {str(k): v for k, v in info["id2label"].items()}
     return info
+
+
+@contextlib.contextmanager
+def _library_bars_off_unless_terminal():
+    """datasets' (saving) and diffusers' (loading a pipeline) own progress bars write carriage returns into a log
+    that is not a terminal: off for the run in that case, restored afterwards."""
+    import datasets
+    from diffusers.utils import logging as diffusers_logging
+
+    switches = [(datasets.is_progress_bar_enabled, datasets.disable_progress_bars, datasets.enable_progress_bars),
+                (diffusers_logging.is_progress_bar_enabled, diffusers_logging.disable_progress_bar,
+                 diffusers_logging.enable_progress_bar)]
+    turned_off = []
+    if not sys.stderr.isatty():
+        for is_enabled, disable, enable in switches:
+            if is_enabled():
+                disable()
+                turned_off.append(enable)
+    try:
+        yield
+    finally:
+        for enable in turned_off:
+            enable()
+
+
+def _prepare_data(run: _Run, data: Optional[str]) -> dict[str, Any]:
+    from vfmtok.pipelines.data import load_image_dataset
+
+    dataset = digits_dataset(None, run.budget.images_per_class) if data is None else load_image_dataset(data)
+    summary = dataset_info(dataset, data or "digits")
+    labels = np.asarray(dataset["label"])
+    train, held_out = stratified_split(labels, min(run.budget.held_out, len(labels) // 2), run.seed)
+    for name, indices in (("train", train), ("held-out", held_out)):
+        with atomic_directory(run.output / "data" / name, replace=True) as staging:
+            dataset.select(indices).save_to_disk(str(staging))
+    summary.update(train_images=len(train), held_out_images=len(held_out), split_seed=run.seed)
+    summary["reference_images"] = write_images(load_image_dataset(run.held_out_dir),
+                                               run.output / "data" / "reference")
+    training = load_image_dataset(run.train_dir)
+    per_class = max(1, run.budget.gfid_samples // summary["num_classes"])
+    summary["floor_images"] = write_images(training, run.output / "data" / "floor",
+                                           balanced_indices(np.asarray(training["label"]), per_class))
+    return summary
 
 
 def _tokenizer_stages(run: _Run, vfm: Optional[str]) -> tuple[dict[str, Path], str]:
@@ -584,7 +616,7 @@ def _evaluation_stages(run: _Run, tokenizers: dict[str, Path], pipelines_dir: di
             batch_size=64, eval_size=IMAGE_SIZE, limit=run.budget.recon_images, inception_weights=weights,
             grid_images=16, grid_cell=GRID_CELL,
             lpips=False)))  # LPIPS would download VGG16 weights (528 MB); the quickstart stays offline
-    floor = run.stages.run("floor", lambda: _floor(run, weights))
+    floor = run.stages.run("floor", lambda: _floor(run, tokenizers, weights))
     sweeps = {}
     for kind, options in (("ar", {}), ("flow", flow_sampling)):
         sweeps[kind] = run.stages.run(f"benchmark-{kind}", lambda kind=kind, options=options: _sweep(
@@ -599,15 +631,44 @@ def _recon_summary(run: _Run, report: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _floor(run: _Run, weights: Optional[str]) -> dict[str, Any]:
+def _floor(run: _Run, tokenizers: dict[str, Path], weights: Optional[str]) -> dict[str, Any]:
     """The FID of real training images against the held-out reference, at the gFID sample size and with the same
-    protocol: no generator can be expected below it."""
+    protocol: no generator can be expected below it. And the same images after a round trip through each tokenizer
+    (``through_tokenizer``): a generator draws its images through its tokenizer's decoder, so that is the floor it
+    can reach even if it learned the codes' or latents' distribution perfectly."""
     from vfmtok.evaluation.fid import InceptionFeatures, compare_sources, load_source
 
-    metrics = compare_sources(load_source(run.output / "data" / "floor"), load_source(run.output / "data" / "reference"),
-                              InceptionFeatures(weights), batch_size=50)
-    return {"fid": metrics["fid"], "num_images": metrics["num_samples"],
-            "what": "real training images (balanced) against the held-out reference, same protocol as gFID"}
+    extractor, reference = InceptionFeatures(weights), load_source(run.output / "data" / "reference")
+    floor_images = run.output / "data" / "floor"
+    metrics = compare_sources(load_source(floor_images), reference, extractor, batch_size=50)
+    through = {}
+    for kind, path in tokenizers.items():
+        reconstructions = _round_trip(path, floor_images, run.output / "eval" / f"floor-{kind}.npz")
+        through[kind] = compare_sources(load_source(reconstructions), reference, extractor, batch_size=50)["fid"]
+    return {"fid": metrics["fid"], "num_images": metrics["num_samples"], "through_tokenizer": through,
+            "what": "real training images (balanced) against the held-out reference, same protocol as gFID; "
+                    "through_tokenizer: the same images encoded and decoded by each tokenizer"}
+
+
+def _round_trip(tokenizer_path: Path, images: Path, output: Path) -> Path:
+    """The images of a folder encoded and decoded by a tokenizer, as an ``.npz`` of uint8 images (``arr_0``)."""
+    from vfmtok.evaluation.recon import to_uint8
+    from vfmtok.pipelines.train.extract import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer_path)).eval()
+    pixels = torch.stack([torch.from_numpy(array).permute(2, 0, 1) for array in _read_folder(images)])
+    with torch.no_grad():
+        decoded = tokenizer.decode(tokenizer.encode(pixels.float() / 127.5 - 1), output_size=IMAGE_SIZE)
+    with atomic_file(output) as temporary:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, arr_0=to_uint8(decoded).permute(0, 2, 3, 1).numpy())
+    return output
+
+
+def _read_folder(folder: Path) -> list[np.ndarray]:
+    from PIL import Image
+
+    return [np.array(Image.open(path).convert("RGB")) for path in sorted(folder.glob("*.png"))]
 
 
 def _sweep(run: _Run, kind: str, pipeline: Path, options: dict[str, Any], weights: Optional[str],
@@ -637,6 +698,7 @@ def _sweep(run: _Run, kind: str, pipeline: Path, options: dict[str, Any], weight
     evaluation.update({f"class accuracy (cfg-{r['guidance_scale']:g})": round(r["class_accuracy"], 4)
                        for r in rows if r["class_accuracy"] is not None})
     evaluation["FID floor (real training images)"] = round(floor["fid"], 4)
+    evaluation["FID floor through the tokenizer"] = round(floor["through_tokenizer"][GENERATOR_TOKENIZER[kind]], 4)
     pipe.record_evaluation(evaluation, pipeline)
     plot = _plot_sweep(kind, rows, floor, judge_record, run.output / f"guidance_{kind}.png")
     protocol = {k: v for k, v in report["settings"][0]["protocol"].items() if k != "guidance_scale"}
@@ -668,6 +730,9 @@ def _plot_sweep(kind: str, rows: list[dict[str, Any]], floor: dict[str, Any], ju
     left.plot(scales, [r["gfid"] for r in rows], "o-", color="tab:blue", label="gFID")
     left.axhline(floor["fid"], color="tab:blue", linestyle="--", linewidth=1,
                  label=f"floor: real images ({floor['fid']:.1f})")
+    through = floor["through_tokenizer"][GENERATOR_TOKENIZER[kind]]
+    left.axhline(through, color="tab:gray", linestyle="-.", linewidth=1,
+                 label=f"floor through the tokenizer ({through:.1f})")
     left.set_xlabel("classifier-free guidance scale (1 = none)")
     left.set_ylabel("gFID (lower is better)", color="tab:blue")
     left.set_xticks(scales)
@@ -685,6 +750,7 @@ def _plot_sweep(kind: str, rows: list[dict[str, Any]], floor: dict[str, Any], ju
     left.set_title(f"{'GPT over VQ codes' if kind == 'ar' else 'flow denoiser over latents'}: guidance sweep")
     figure.tight_layout()
     points = {"guidance_scale": scales, "gfid": [r["gfid"] for r in rows], "floor": floor["fid"],
+              "tokenizer_floor": through,
               "class_accuracy": [r["class_accuracy"] for r in rows]}
     with atomic_file(path) as temporary:  # the plotted numbers ride along in the PNG's text chunk
         figure.savefig(temporary, format="png", metadata={"Description": json.dumps(points)})
@@ -747,7 +813,8 @@ def _generator_entry(run: _Run, kind: str, sweep: Optional[dict[str, Any]], floo
         return entry
     best, without = sweep["best"], sweep["without_guidance"]
     entry.update(sweep=sweep["rows"], best_scale=sweep["best_scale"], default_guidance_scale=sweep["best_scale"],
-                 floor=floor["fid"], plot=sweep["plot"], protocol=sweep["protocol"],
+                 floor=floor["fid"], tokenizer_floor=floor["through_tokenizer"][GENERATOR_TOKENIZER[kind]],
+                 plot=sweep["plot"], protocol=sweep["protocol"],
                  gfid_without_cfg=without["gfid"], gfid_at_best_scale=best["gfid"],
                  class_accuracy_without_cfg=without["class_accuracy"],
                  class_accuracy_at_best_scale=best["class_accuracy"],
@@ -766,6 +833,7 @@ def _generator_entry(run: _Run, kind: str, sweep: Optional[dict[str, Any]], floo
 
 
 GENERATOR_NAMES = {"ar": "GPT over the discrete codes (ar)", "flow": "flow denoiser over the continuous latents (flow)"}
+GENERATOR_TOKENIZER = {"ar": "vq", "flow": "ae"}  # the tokenizer each generator decodes through
 
 
 def _report(run: _Run, info: dict[str, Any], vfm: Optional[str], vfm_note: str, tokenizers: dict[str, Path],
@@ -854,12 +922,13 @@ def report_markdown(report: dict[str, Any]) -> str:
         if entry.get("sweep") is None:
             lines += [f"gFID unavailable: {entry.get('gfid_unavailable')}", ""]
             continue
-        lines += ["| guidance scale | gFID | floor | class accuracy | precision | recall |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["| guidance scale | gFID | floor | floor through the tokenizer | class accuracy | precision | recall |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in entry["sweep"]:
             best = " (best, the pipeline's default)" if row["guidance_scale"] == entry["best_scale"] else ""
             lines.append(f"| {row['guidance_scale']:g}{best} | {_fmt(row['gfid'])} | {_fmt(floor['fid'])} | "
-                         f"{_pct(row['class_accuracy'])} | {_fmt(row['precision'], 3)} | {_fmt(row['recall'], 3)} |")
+                         f"{_fmt(entry['tokenizer_floor'])} | {_pct(row['class_accuracy'])} | "
+                         f"{_fmt(row['precision'], 3)} | {_fmt(row['recall'], 3)} |")
         lines += ["", f"![guidance sweep]({entry['plot']})", ""]
         grids = entry["sample_grids"]
         if grids:
@@ -874,7 +943,8 @@ def report_markdown(report: dict[str, Any]) -> str:
                   f"seed {protocol.get('seed')}), {protocol.get('resolution')}, against the "
                   f"{data['reference_images']} held-out images. The floor is the FID of {floor['num_images']} real "
                   f"training images against the same reference with the same protocol: no generator can be expected "
-                  f"below it. FIDs from so few images are biased far upwards: compare them with the floor and with "
+                  f"below it. The floor through the tokenizer is the FID of the same images encoded and decoded by "
+                  f"the generator's tokenizer: a generator that learned its tokens perfectly would reach it. FIDs from so few images are biased far upwards: compare them with the floor and with "
                   f"each other, never with published numbers.", ""]
     notes = [note for kind in ("ar", "flow") for note in report[kind].get("notes", [])]
     if notes:

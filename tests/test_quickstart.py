@@ -2,6 +2,7 @@
 sample by class id and by class name, a rerun skips finished stages, and a run with other options is refused."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -68,6 +69,7 @@ def test_quickstart_report_has_every_field(quickstart_run):
         assert plotted["guidance_scale"] == scales and plotted["floor"] == entry["floor"]
         assert plotted["gfid"] == [row["gfid"] for row in entry["sweep"]]
         assert plotted["class_accuracy"] == [row["class_accuracy"] for row in entry["sweep"]]
+        assert plotted["tokenizer_floor"] == entry["tokenizer_floor"]
         pipeline_config = json.loads((out / entry["pipeline"] / "model_index.json").read_text())
         assert pipeline_config["default_guidance_scale"] == entry["best_scale"]
     assert not [v for v in _strings(report) if v.startswith(str(out))]  # paths are relative to the output folder
@@ -77,6 +79,45 @@ def test_quickstart_report_has_every_field(quickstart_run):
     markdown = (out / "report.md").read_text()
     assert "--fast" in markdown and "randomly initialised" in markdown and "](guidance_ar.png)" in markdown
     assert "held-out" in markdown and "floor" in markdown
+
+
+def test_the_tokenizer_floor_is_the_fid_of_the_floor_images_after_a_round_trip(quickstart_run, tmp_path):
+    """Recomputed here from the saved tokenizers and the floor images: encode, decode, FID against the reference."""
+    from PIL import Image
+
+    from vfmtok.evaluation.fid import InceptionFeatures, compare_sources, load_source
+    from vfmtok.pipelines.train.extract import load_tokenizer
+
+    out, args = quickstart_run
+    report = json.loads((out / "report.json").read_text())
+    floor_files = sorted((out / "data" / "floor").glob("*.png"))
+    originals = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in floor_files])
+    weights = args[args.index("--inception-weights") + 1] if "--inception-weights" in args else None
+    for kind, tokenizer_kind, name in (("ar", "vq", "discrete"), ("flow", "ae", "continuous")):
+        tokenizer = load_tokenizer(str(out / report["tokenizers"][name]["path"])).eval()
+        with torch.no_grad():
+            pixels = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1
+            decoded = tokenizer.decode(tokenizer.encode(pixels), output_size=IMAGE_SIZE)
+        images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        assert images.shape == originals.shape and np.abs(images.astype(int) - originals).mean() > 0.5
+        np.savez(tmp_path / f"{kind}.npz", arr_0=images)
+        fid = compare_sources(load_source(tmp_path / f"{kind}.npz"), load_source(out / "data" / "reference"),
+                              InceptionFeatures(weights))["fid"]
+        assert report[kind]["tokenizer_floor"] == pytest.approx(fid, rel=1e-6)
+        assert report["floor"]["through_tokenizer"][tokenizer_kind] == report[kind]["tokenizer_floor"]
+
+
+def test_library_progress_bars_are_off_in_a_log_and_restored_afterwards(monkeypatch):
+    import datasets
+    from diffusers.utils import logging as diffusers_logging
+
+    from vfmtok.pipelines.quickstart import _library_bars_off_unless_terminal
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # a log, not a terminal
+    assert datasets.is_progress_bar_enabled() and diffusers_logging.is_progress_bar_enabled()
+    with _library_bars_off_unless_terminal():
+        assert not datasets.is_progress_bar_enabled() and not diffusers_logging.is_progress_bar_enabled()
+    assert datasets.is_progress_bar_enabled() and diffusers_logging.is_progress_bar_enabled()
 
 
 def _strings(value):
