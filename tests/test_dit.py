@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vfmtok.generators.convert_dit import convert_ddt_checkpoint, convert_ddt_state_dict
+from vfmtok.generators.convert_dit import convert_ddt_checkpoint, convert_ddt_state_dict, load_converted_state_dict
 from vfmtok.generators.dit import DiTModel, sincos_2d_pos_embed
 from vfmtok.generators.layers import apply_rotary_embedding, rope_2d_table
 from vfmtok.pipelines.config import build_model, load_config
@@ -351,9 +351,66 @@ def test_convert_ddt_state_dict_round_trip(tmp_path):
     mean, var = torch.randn(1, *fresh.latent_shape), torch.rand(1, *fresh.latent_shape) + 0.5
     torch.save({"mean": mean, "var": var}, tmp_path / "stat.pt")
     with_stats = DiTModel(**DDT_TINY).eval()
-    convert_ddt_checkpoint(path, with_stats, latent_stats=tmp_path / "stat.pt")
+    convert_ddt_checkpoint(path, with_stats, latent_stats=tmp_path / "stat.pt", stats_convention="rae")
     torch.testing.assert_close(with_stats.latent_mean, mean[0])
     torch.testing.assert_close(with_stats.latent_std, var[0].sqrt())
+
+
+def _vfmtok2_stats_file(path: Path, channels: int = 8, side: int = 4, seed: int = 0):
+    """A file laid out exactly like VFMTok2's stats/stats-500.pt (its tokenizer/utils/compute_stats.py):
+    ``torch.save({'mean': ndarray, 'var': ndarray})`` with float32 numpy arrays of shape (C, h*w)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=(channels, side * side)).astype(np.float32)
+    var = (rng.random(size=(channels, side * side)) * 0.3 + 0.2).astype(np.float32)
+    torch.save({"mean": mean, "var": var}, path)
+    return mean, var
+
+
+def test_vfmtok2_statistics_load_safely_and_denormalise_with_the_release_arithmetic(tmp_path):
+    """VFMTok2 trains on (x - mean) / (var + 1e-5) and decodes x * (var + 1e-5) + mean, with mean / var read by
+    ``torch.tensor(stats[k])`` and ``rearrange('c (h w) -> c h w')`` (train_c2i.py, test_c2i.py)."""
+    mean_np, var_np = _vfmtok2_stats_file(tmp_path / "stats-500.pt")
+    model = DiTModel(**DDT_TINY).eval()
+    path = tmp_path / "ddt.pt"
+    torch.save({"ema": _reference_layout(model)}, path)
+    convert_ddt_checkpoint(path, model, latent_stats=tmp_path / "stats-500.pt")  # the release's convention
+    mean = torch.tensor(mean_np).reshape(8, 4, 4)[None]  # the reference formula, written out here
+    var = torch.tensor(var_np).reshape(8, 4, 4)[None]
+    samples = torch.randn(3, 8, 4, 4)
+    assert torch.equal(model.denormalize_latents(samples), samples * (var + 1e-5) + mean)
+    x = torch.randn(3, 8, 4, 4)
+    torch.testing.assert_close(model.normalize_latents(x), (x - mean) / (var + 1e-5), rtol=1e-6, atol=1e-6)
+    # the square root of the variance (RAE's convention) would be a different model
+    assert not torch.allclose(model.latent_std, var[0].sqrt(), atol=1e-3)
+
+
+def test_statistics_files_that_could_run_code_or_hold_objects_are_refused(tmp_path):
+    import os as os_module
+
+    import numpy as np
+
+    from vfmtok.generators.convert_dit import read_latent_statistics
+    from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError
+
+    class Payload:
+        def __reduce__(self):
+            return os_module.system, ("echo pwned > " + str(tmp_path / "ran"),)
+
+    torch.save({"mean": np.zeros((8, 16), np.float32), "var": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        read_latent_statistics(tmp_path / "evil.pt")
+    assert not (tmp_path / "ran").exists()
+    torch.save({"mean": np.zeros((8, 16), np.float32), "var": np.array([object()] * 128).reshape(8, 16)},
+               tmp_path / "objects.pt")
+    with pytest.raises(CheckpointError, match="objects.pt"):
+        read_latent_statistics(tmp_path / "objects.pt")
+    torch.save({"mean": np.zeros((8, 15), np.float32), "var": np.ones((8, 15), np.float32)}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="square"):
+        read_latent_statistics(tmp_path / "odd.pt")
+    with pytest.raises(InvalidValueError, match="convention"):
+        read_latent_statistics(tmp_path / "odd.pt", convention="sqrt")
 
 
 def test_convert_ddt_state_dict_errors():
@@ -395,7 +452,7 @@ def test_parity_with_reference_ditwddthead():
                 p.normal_(std=0.1) if p.ndim > 1 else p.add_(0.1 * torch.randn_like(p))
     model = DiTModel(**DDT_TINY).eval()
     converted, dropped = convert_ddt_state_dict(ref.state_dict())
-    model.load_state_dict(converted)
+    load_converted_state_dict(model, converted)  # no statistics in the checkpoint: the model keeps the identity
     assert "pos_embed" in dropped
     x = torch.randn(4, 8, 4, 4)
     t = torch.tensor([0.0, 0.3, 0.77, 1.0])
@@ -403,7 +460,7 @@ def test_parity_with_reference_ditwddthead():
     with torch.no_grad():
         expected = ref(x, t, y)  # reference convention: t = 1 is noise, velocity = noise - data
         ours_raw = DiTModel(**{**DDT_TINY, "reverse_time": False}).eval()
-        ours_raw.load_state_dict(converted)
+        load_converted_state_dict(ours_raw, converted)
         raw = ours_raw(x, t, y)
         got = model(x, 1 - t, y)  # this project's convention
     assert expected.abs().max() > 0.1
