@@ -1,5 +1,15 @@
-"""Convert official RAE / VFMTok2 DiT^DH checkpoints (``denoise/models/DDT.py``, ``DiTwDDTHead``) to
+"""Convert official RAE / VFMTok2 DiT^DH checkpoints (``denoise/models/DDT.py``, ``DiTwDDTHead``) and VFMTok2
+LightningDiT checkpoints (``denoise/models/lightningDiT.py``, ``LightningDiT``) to
 :class:`vfmtok.generators.dit.DiTModel`.
+
+**LightningDiT** is a DiTModel without a head: build it from ``configs/flow/lightningdit-xl.yaml`` (the same reference
+options as DiT^DH except ``condition_silu: false``: LightningDiT conditions on ``t + y`` itself), then
+``convert_lightningdit_checkpoint(path, model)``. Its keys map as DiT^DH's trunk does, except that the patch embedding
+is ``x_embedder.proj`` (-> ``x_embedder``) and the RoPE table ``feat_rope.freqs_{cos,sin}`` (dropped, checked).
+The released VFMTok2 configs never set ``wo_shift`` (4-way adaLN) or ``learn_sigma``, which DiTModel does not have:
+such a checkpoint fails to load with the mis-shaped adaLN / final weights named.
+
+**DiT^DH**:
 
 Build the model from ``configs/flow/ditdh-xl.yaml`` (or any config with ``time_embedding: gaussian_fourier``,
 ``condition_silu: true``, ``reverse_time: true``, ``norm: rmsnorm``, ``mlp: swiglu``, ``rope: true``, patch 1 and a
@@ -43,6 +53,7 @@ from vfmtok.tokenizer.utils.loading import (RenameRules, read_state_dict, read_t
 
 __all__ = ["CheckpointError", "load_ddt_checkpoint", "convert_ddt_state_dict", "convert_ddt_checkpoint",
            "read_latent_statistics", "check_latent_statistics", "load_converted_state_dict",
+           "convert_lightningdit_state_dict", "convert_lightningdit_checkpoint",
            "STATS_CONVENTIONS"]
 
 _BLOCK_INNER = (r"(norm[12]\.weight|attn\.qkv\.(weight|bias)|attn\.[qk]_norm\.(weight|bias)|attn\.proj\.(weight|bias)"
@@ -60,6 +71,15 @@ _RULES: RenameRules = [
     (r"^y_embedder\.embedding_table\.weight$", r"class_embedding.weight"),
     (r"^final_layer\.(norm_final\.weight|linear\.(weight|bias)|adaLN_modulation\.1\.(weight|bias))$",
      r"final_layer.\1"),
+]
+
+
+_LIGHTNING_RULES: RenameRules = [
+    (r"^pos_embed$", None),
+    (r"^feat_rope\.freqs_(cos|sin)$", None),
+    (r"^x_embedder\.proj\.(weight|bias)$", r"x_embedder.\1"),
+    (r"^blocks\.(\d+)\." + _BLOCK_INNER + r"$", r"blocks.\1.\2"),
+    *[rule for rule in _RULES if rule[0].startswith((r"^t_embedder", r"^y_embedder", r"^final_layer"))],
 ]
 
 
@@ -155,6 +175,33 @@ def _as_latent_grid(tensor: torch.Tensor, name: str, path: str | Path) -> torch.
         raise CheckpointError(f"latent statistics {str(path)!r}: {name!r} has shape {list(tensor.shape)}; expected "
                               f"(C, h*w), (C, h, w) or (1, C, h, w)")
     return tensor
+
+
+def convert_lightningdit_state_dict(state_dict: Mapping[str, torch.Tensor], check_tables: bool = True
+                                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename a VFMTok2 ``LightningDiT`` state dict to :class:`DiTModel`'s layout (no head). Returns (converted,
+    dropped keys); the dropped sin-cos / RoPE tables are checked against ours. Unknown keys are a CheckpointError
+    listing them (a DiT^DH file, with its ``s_embedder``, is refused so)."""
+    converted, dropped = rename_state_dict(state_dict, _LIGHTNING_RULES, "LightningDiT")
+    if check_tables:
+        _check_tables({strip_wrapper_prefixes(key): tensor for key, tensor in dropped.items()})
+    return converted, list(dropped)
+
+
+def convert_lightningdit_checkpoint(path: str | Path, model, prefer: str = "ema",
+                                    latent_stats: Optional[str | Path] = None,
+                                    stats_convention: str = "vfmtok2") -> list[str]:
+    """:func:`convert_ddt_checkpoint` for a LightningDiT checkpoint (VFMTok2's training script saves it the same
+    way) and a head-less DiTModel built from a lightningdit config."""
+    if model.config.head_depth:
+        raise InvalidValueError(f"a LightningDiT checkpoint converts into a DiTModel without a head; this one has "
+                                f"head_depth={model.config.head_depth} (a DiT^DH config?)")
+    converted, dropped = convert_lightningdit_state_dict(
+        read_training_checkpoint(path, prefer, containers=("ema", "model", "module", "state_dict"),
+                                 what="LightningDiT"))
+    load_converted_state_dict(model, converted,
+                              None if latent_stats is None else read_latent_statistics(latent_stats, stats_convention))
+    return dropped
 
 
 def read_latent_statistics(path: str | Path, convention: str = "vfmtok2") -> tuple[torch.Tensor, torch.Tensor]:
