@@ -196,10 +196,14 @@ def _convert_vfmtok_gpt(files: Mapping[str, Path], release: Release, prefer: str
     return tokenizer, generator, None
 
 
-def _convert_vfmae_ditdh(files: Mapping[str, Path], release: Release, prefer: str):
-    """VFMAE ``AutoencoderAE`` + DiT^DH (+ its weak model) with the release's latent statistics (CVMI-Lab/VFMTok2)."""
-    from vfmtok.generators.convert_dit import convert_ddt_checkpoint
+def _convert_vfmae_denoiser(files: Mapping[str, Path], release: Release, prefer: str):
+    """VFMAE ``AutoencoderAE`` + DiT^DH or LightningDiT (+ its weak model) with the release's latent statistics
+    (CVMI-Lab/VFMTok2)."""
+    from vfmtok.generators.convert_dit import convert_ddt_checkpoint, convert_lightningdit_checkpoint
     from vfmtok.tokenizer.convert import convert_reference_checkpoint
+
+    convert_denoiser = convert_lightningdit_checkpoint if release.kind == "vfmae-lightningdit" else \
+        convert_ddt_checkpoint
 
     tokenizer = _build(release.configs["tokenizer"])
     convert_reference_checkpoint(files["tokenizer"], tokenizer, prefer=prefer)
@@ -207,15 +211,18 @@ def _convert_vfmae_ditdh(files: Mapping[str, Path], release: Release, prefer: st
     for role in ("generator", "weak_generator"):
         if role in files:
             model = _build(release.configs["generator"])
-            convert_ddt_checkpoint(files[role], model, prefer=prefer, latent_stats=files["latent_stats"],
-                                   stats_convention="vfmtok2")
+            convert_denoiser(files[role], model, prefer=prefer, latent_stats=files["latent_stats"],
+                             stats_convention="vfmtok2")
             models.append(model)
     return tokenizer, models[0], models[1] if len(models) > 1 else None
 
 
 CONVERTERS: dict[str, Callable[[Mapping[str, Path], Release, str], tuple]] = {
     "vfmtok-gpt": _convert_vfmtok_gpt,
-    "vfmae-ditdh": _convert_vfmae_ditdh,
+    "vfmae-ditdh": _convert_vfmae_denoiser,
+    # VFMTok2's code trains LightningDiT too (configs/flow/lightningdit-*.yaml), but no checkpoint is published yet:
+    # a release of it is one Release(kind="vfmae-lightningdit", ...) entry.
+    "vfmae-lightningdit": _convert_vfmae_denoiser,
 }
 
 
