@@ -146,7 +146,10 @@ msf.MSDeformAttnFunction = msm.MSDeformAttnFunction = Core
 mpe.load_pretrained_dino_v2 = lambda model, path: model
 
 from omegaconf import OmegaConf
-from vfmtok.tokenizer.vfmae.vfmae import AE_models
+try:  # the checkout's layout: tokenizer/vfmae/vfmae.py (the importing process may have this suite's vfmtok)
+    from tokenizer.vfmae.vfmae import AE_models
+except ImportError:
+    from vfmtok.tokenizer.vfmae.vfmae import AE_models
 
 cfg = OmegaConf.load(os.path.join(repo, "configs/vfmae/vfmae_config.yaml"))
 cfg.encoder_config.params.dim = dim

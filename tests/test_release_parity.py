@@ -1,0 +1,133 @@
+"""Opt-in: a converted release gives the reference code's images. Random weights are saved in each release's exact
+file layout by the reference code itself; the reference samples and decodes them as its own evaluation does
+(VFMTok2 ``test_c2i.py``: ODE Euler, shift 4, 100 grid points, ``x * (var + 1e-5) + mean``, ``decode_to_imgs``;
+VFMTok ``test_net.py``: ``generate`` then ``decode_codes_to_img(codes, 256)``); the suite converts the same files
+(release protocol by default) and samples with the same noise and labels. uint8 images must agree within 1.
+
+Run with ``VFMTOK2_REF_REPO`` (CVMI-Lab/VFMTok2 checkout) / ``VFMTOK_REF_REPO`` (CVMI-Lab/VFMTok checkout) and the
+reference's extra packages (torchdiffeq, omegaconf, einops, kornia) on ``PYTHONPATH``.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from test_reference_parity import VFMAE_REFERENCE_SCRIPT, vfmae_config
+
+pytestmark = pytest.mark.reference
+
+# The VFMAE part of test_reference_parity's script (shims, the reference AutoencoderAE with random weights, saved in
+# the release layout), then a VFMTok2 denoiser and its own sampler. Extra arguments: KIND (ditdh | lightningdit) and
+# the CFG scale.
+FLOW_REFERENCE_SCRIPT = VFMAE_REFERENCE_SCRIPT.split("images = torch.load")[0] + r"""
+import math
+import numpy as np
+from einops import rearrange
+from denoise.models.DDT import DiTwDDTHead
+from denoise.models.lightningDiT import LightningDiT
+from denoise.transport import Sampler, create_transport
+
+kind, scale = sys.argv[7], float(sys.argv[8])
+torch.manual_seed(2)
+if kind == "ditdh":
+    den = DiTwDDTHead(input_size=16, patch_size=1, in_channels=embed_dim, hidden_size=[64, 96], depth=[2, 1],
+                      num_heads=[4, 4], mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, use_qknorm=False,
+                      use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False, use_pos_embed=True)
+else:
+    den = LightningDiT(input_size=16, patch_size=1, in_channels=embed_dim, hidden_size=64, depth=2, num_heads=4,
+                       mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000)
+den.eval()
+with torch.no_grad():  # no zero-initialised layer left
+    for name, p in den.named_parameters():
+        if name not in ("pos_embed", "t_embedder.W"):
+            p.normal_(std=0.05) if p.ndim > 1 else p.add_(0.05 * torch.randn_like(p))
+torch.save({"ema": den.state_dict(), "model": {}}, os.path.join(workdir, "denoiser.pt"))
+rng = np.random.default_rng(0)  # stats-500.pt's layout: numpy float32 (C, h*w), 'var' a scale
+torch.save({"mean": (rng.normal(size=(embed_dim, 256)) * 0.3).astype(np.float32),
+            "var": (rng.random(size=(embed_dim, 256)) * 0.3 + 0.2).astype(np.float32)},
+           os.path.join(workdir, "stats-500.pt"))
+
+# test_c2i.py
+stats = torch.load(os.path.join(workdir, "stats-500.pt"), map_location="cpu", weights_only=False)
+mean, var = torch.tensor(stats["mean"]), torch.tensor(stats["var"])
+mean = rearrange(mean, "c (h w) -> c h w", h=16, w=16).unsqueeze(0)
+var = rearrange(var, "c (h w) -> c h w", h=16, w=16).unsqueeze(0)
+transport = create_transport("Linear", "velocity", None, None, None, time_dist_type="uniform",
+                             time_dist_shift=math.sqrt(65536 / 4096))
+sample_fn = Sampler(transport).sample_ode(sampling_method="euler", num_steps=100, atol=1e-6, rtol=1e-3,
+                                          reverse=False)
+z = torch.load(os.path.join(workdir, "noise.pt"))
+y = torch.load(os.path.join(workdir, "labels.pt"))
+ref.eval()
+with torch.no_grad():
+    if scale > 1.0:
+        n = len(y)
+        samples = sample_fn(torch.cat([z, z]), den.forward_with_cfg, y=torch.cat([y, torch.full((n,), 1000)]),
+                            cfg_scale=scale, cfg_interval=(0.0, 1.0))[-1]
+        samples, _ = samples.chunk(2, dim=0)
+    else:
+        samples = sample_fn(z, den.forward, y=y)[-1]
+    x = samples * (var.to(samples) + 1e-5) + mean.to(samples)
+    images = ref.decode_to_imgs(x)
+torch.save(images, os.path.join(workdir, "reference_images.pt"))
+"""
+
+DIM, ENCODER_DEPTH, DECODER_DEPTH, EMBED_DIM = 64, 2, 2, 32
+
+
+def _our_denoiser(kind: str):
+    from vfmtok.generators.dit import DiTModel
+
+    common = dict(in_channels=EMBED_DIM, latent_size=16, patch_size=1, num_classes=1000, dim=64, depth=2,
+                  num_heads=4, norm="rmsnorm", mlp="swiglu", rope=True, pos_embed="sincos",
+                  time_embedding="gaussian_fourier", reverse_time=True)
+    if kind == "ditdh":
+        return DiTModel(**common, condition_silu=True, head_width=96, head_depth=1, head_num_heads=4,
+                        head_patch_size=1)
+    return DiTModel(**common, condition_silu=False)
+
+
+def _uint8(images: np.ndarray) -> np.ndarray:
+    """The suite's conversion (benchmark): round(clip(x, 0, 1) * 255); the reference's clamp(127.5 x + 128) then
+    truncation is the same function of the decoder output x in [-1, 1] (up to ties)."""
+    return np.round(np.clip(images, 0, 1) * 255).astype(np.int16)
+
+
+@pytest.mark.parametrize("kind,scale", [("ditdh", 1.0), ("ditdh", 1.5), ("lightningdit", 1.0)])
+def test_converted_vfmae_release_gives_the_reference_images(kind, scale, tmp_path):
+    from vfmtok.generators.convert_dit import convert_ddt_checkpoint, convert_lightningdit_checkpoint
+    from vfmtok.pipelines.convert import assemble_pipeline
+    from vfmtok.pipelines.official import apply_protocol
+    from vfmtok.tokenizer.convert import convert_reference_checkpoint
+    from vfmtok.tokenizer.vfmtok import VFMTokModel
+
+    repo = os.environ.get("VFMTOK2_REF_REPO")
+    if not repo:
+        pytest.skip("set VFMTOK2_REF_REPO (a CVMI-Lab/VFMTok2 checkout)")
+    labels, seed = [3, 207, 999], 11
+    noise = torch.randn((3, EMBED_DIM, 16, 16), generator=torch.Generator().manual_seed(seed))  # the pipeline's draw
+    torch.save(noise, tmp_path / "noise.pt")
+    torch.save(torch.tensor(labels), tmp_path / "labels.pt")
+    run = subprocess.run([sys.executable, "-", repo, str(tmp_path), str(DIM), str(ENCODER_DEPTH), str(DECODER_DEPTH),
+                          str(EMBED_DIM), kind, str(scale)], input=FLOW_REFERENCE_SCRIPT, text=True,
+                         capture_output=True, cwd=repo, timeout=1800)
+    assert run.returncode == 0, f"the reference failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    reference = torch.load(tmp_path / "reference_images.pt", weights_only=True).numpy().astype(np.int16)
+
+    tokenizer = VFMTokModel(**vfmae_config(DIM, ENCODER_DEPTH, DECODER_DEPTH, EMBED_DIM))
+    assert convert_reference_checkpoint(tmp_path / "vfmae.pt", tokenizer) == []
+    denoiser = _our_denoiser(kind)
+    convert = convert_ddt_checkpoint if kind == "ditdh" else convert_lightningdit_checkpoint
+    convert(tmp_path / "denoiser.pt", denoiser, latent_stats=tmp_path / "stats-500.pt")  # the release's convention
+    pipe = assemble_pipeline(tokenizer, denoiser)
+    apply_protocol(pipe, "vfmtok2-flow")  # what convert pipeline / --official do
+    images = pipe(labels, guidance_scale=scale, generator=torch.Generator().manual_seed(seed), output_type="np").images
+    ours = _uint8(images)
+    diff = np.abs(ours - reference)
+    print(f"\n{kind} cfg {scale}: uint8 max |ours - reference| {diff.max()}, mean {diff.mean():.4f}, "
+          f"pixels differing {(diff > 0).mean():.2e}; reference image std {reference.std():.1f}")
+    assert reference.shape == ours.shape == (3, 256, 256, 3) and reference.std() > 5
+    assert diff.max() <= 1
