@@ -72,6 +72,7 @@ def _hub_cache(files: Path, cache: Path, repo_id: str, commit: str = COMMIT) -> 
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
+    (repo / "refs" / "v1.0").write_text(commit)  # a tag: --revision v1.0 resolves offline through refs/
     for file in sorted(p for p in files.rglob("*.pt") if p.name != "stats-500.pt"):
         data = file.read_bytes()
         blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
@@ -178,24 +179,36 @@ def test_plain_bicubic_resize_is_f_interpolate_of_the_unclamped_decoder_output()
 
 
 def test_benchmark_protocol_records_the_pipelines_sampling_defaults(release_files, tmp_path):
-    from vfmtok.evaluation.benchmark import _protocol, _resize_kind
+    from types import SimpleNamespace
 
-    pipe = _convert_flow(release_files, tmp_path)
-    assert pipe.sampling_protocol == {"num_inference_steps": 99, "scheduler": "FlowMatchEulerDiscreteScheduler",
-                                      "shift": 4.0, "final_sigma": 0.001, "guidance_interval": None,
-                                      "guidance": "cfg"}
-    assert "antialiased" in _resize_kind(pipe)
-    pipe.register_to_config(resize_antialias=False)
-    assert "without antialiasing" in _resize_kind(pipe)
-    assert callable(_protocol)
+    from vfmtok.evaluation.benchmark import _protocol
+
+    settings = {"weights": "w", "num_samples": 10, "labels": "random", "seed": 0, "guidance_scale": 1.0,
+                "options": {}, "output_size": 256}
+    reference, extractor = SimpleNamespace(path="ref.npz", content_hash="h", statistics={}), SimpleNamespace(sha256="e")
+    flow = _convert_flow(release_files, tmp_path)
+    options = _protocol(flow, settings, reference, extractor)["sampler_options"]
+    assert (options["num_inference_steps"], options["shift"], options["final_sigma"]) == (99, 4.0, 0.001)
+    assert options["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    assert _protocol(flow, {**settings, "options": {"num_inference_steps": 20}}, reference,
+                     extractor)["sampler_options"]["num_inference_steps"] == 20  # what the run asked for wins
+    ar_out = convert_official_pipeline("ar", str(release_files / "DINOv2/tokenizer/vfmtok-tokenizer.pt"),
+                                       str(config("tokenizer", "vfmtok-tiny")),
+                                       str(release_files / "DINOv2/GPT-B/GPT-B-300e.pt"),
+                                       str(config("ar", "gpt-tiny")), tmp_path / "ar")
+    ar = VFMTokARPipeline.from_pretrained(ar_out)
+    assert "without antialiasing" in _protocol(ar, settings, reference, extractor)["resolution"]
+    ar.set_resize_protocol(True, None)
+    assert "(bicubic, antialiased)" in _protocol(ar, settings, reference, extractor)["resolution"]
 
 
 # -- --official ---------------------------------------------------------------------------------------------------
 def test_official_gpt_release_converts_offline_from_the_hub_cache(offline_cache, release_files, tmp_path, capsys):
     cache, _ = offline_cache
     table = {"vfmtok-gpt-b": _tiny("vfmtok-gpt-b")}
-    out = convert_release("vfmtok-gpt-b", tmp_path / "pipe", cache_dir=cache, releases=table)
+    out = convert_release("vfmtok-gpt-b", tmp_path / "pipe", cache_dir=cache, revision="v1.0", releases=table)
     pipe = VFMTokARPipeline.from_pretrained(out)
+    assert pipe.config.source["revision"] == "v1.0"
     gpt = torch.load(release_files / "DINOv2/GPT-B/GPT-B-300e.pt", weights_only=True)["model"]
     assert torch.equal(pipe.transformer.state_dict()["head.weight"], gpt["output.weight"])
     card = (out / "README.md").read_text()

@@ -131,3 +131,70 @@ def test_converted_vfmae_release_gives_the_reference_images(kind, scale, tmp_pat
           f"pixels differing {(diff > 0).mean():.2e}; reference image std {reference.std():.1f}")
     assert reference.shape == ours.shape == (3, 256, 256, 3) and reference.std() > 5
     assert diff.max() <= 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPT over VFMTok (CVMI-Lab/VFMTok): the reference tokenizer built by ../shared/tools/vfmtok_ref.py (see
+# test_reference_parity.py; importing it patches .cuda() for the process, so run this file on its own)
+# ----------------------------------------------------------------------------------------------------------------------
+from test_reference_parity import our_config, reference_module  # noqa: E402,F401  (the fixture)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_converted_vfmtok_gpt_release_gives_the_reference_images(reference_module, scale, tmp_path, monkeypatch):
+    from vfmtok.generators.convert_gpt import convert_llamagen_checkpoint
+    from vfmtok.generators.gpt import GPTModel
+    from vfmtok.pipelines.convert import assemble_pipeline
+    from vfmtok.pipelines.official import apply_protocol
+    from vfmtok.tokenizer.convert import convert_reference_checkpoint
+    from vfmtok.tokenizer.vfmtok import VFMTokModel
+
+    ref_tool, repo = reference_module
+    monkeypatch.chdir(repo)
+    torch.manual_seed(0)
+    dim, depth = 64, 2
+    tokenizer_ref = ref_tool.build("dinov2_vitl14_reg", 1024, 336, dim=dim, depth=depth).eval()
+    with torch.no_grad():
+        for name, p in tokenizer_ref.named_parameters():
+            if "sampling_offsets" in name or "attention_weights" in name:
+                p.normal_(0, 0.05)
+    torch.save({"ema": {k: v for k, v in tokenizer_ref.state_dict().items() if "backbone" not in k}},
+               tmp_path / "vfmtok-tokenizer.pt")
+    sys.path.insert(0, repo)
+    try:
+        from autoregressive.models.generate import generate as reference_generate
+        from autoregressive.models.gpt import ModelArgs, Transformer
+    finally:
+        sys.path.remove(repo)
+    gpt_ref = Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, vocab_size=16384, block_size=256, num_classes=1000,
+                                    cls_token_num=1, class_dropout_prob=0.1, token_dropout_p=0.0,
+                                    resid_dropout_p=0.0, ffn_dropout_p=0.0)).eval()
+    with torch.no_grad():
+        for p in gpt_ref.parameters():
+            p.normal_(0, 0.3)
+    torch.save({"model": gpt_ref.state_dict()}, tmp_path / "GPT-B-300e.pt")
+    labels = torch.tensor([3, 207])
+    torch.manual_seed(7)  # test_net.py: generate, then decode_codes_to_img(codes, image_size_eval=256)
+    with torch.no_grad():
+        codes = reference_generate(gpt_ref, labels, 256, cfg_scale=scale, cfg_interval=-1, temperature=1.0, top_k=0,
+                                   top_p=1.0)
+        reference = tokenizer_ref.decode_codes_to_img(codes, 256).numpy().astype(np.int16)
+
+    tokenizer = VFMTokModel(**our_config(dim, depth))
+    convert_reference_checkpoint(tmp_path / "vfmtok-tokenizer.pt", tokenizer)
+    gpt = GPTModel(vocab_size=16384, num_tokens=256, num_classes=1000, dim=64, depth=2, num_heads=4,
+                   class_token_rope="zero")
+    convert_llamagen_checkpoint(tmp_path / "GPT-B-300e.pt", gpt)
+    pipe = assemble_pipeline(tokenizer, gpt)
+    apply_protocol(pipe, "vfmtok-ar")  # what convert pipeline / --official do: 256 px, plain bicubic
+    torch.manual_seed(7)
+    ours_codes = pipe(labels.tolist(), guidance_scale=scale, output_type="codes").images
+    torch.manual_seed(7)
+    images = pipe(labels.tolist(), guidance_scale=scale, output_type="np").images
+    ours = _uint8(images)
+    diff = np.abs(ours - reference)
+    print(f"\nGPT over VFMTok cfg {scale}: codes equal {torch.equal(ours_codes.cpu(), codes.long().cpu())}, uint8 max "
+          f"|ours - reference| {diff.max()}, mean {diff.mean():.4f}; reference image std {reference.std():.1f}")
+    assert torch.equal(ours_codes.cpu(), codes.long().cpu())
+    assert reference.shape == ours.shape == (2, 256, 256, 3) and reference.std() > 5
+    assert diff.max() <= 1
