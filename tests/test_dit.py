@@ -581,3 +581,22 @@ def test_parity_with_reference_lightningdit_velocity_and_euler_trajectory():
     print(f"\nLightningDiT parity: velocity max |diff| {velocity_diff:.2e} (scale {expected.abs().max().item():.2f}), "
           f"Euler trajectory (99 steps) max |diff| {trajectory_diff:.2e}, sample_ode final {sampler_diff:.2e}")
     assert reference_path.shape[0] == 100 and trajectory_diff <= 1e-5 and sampler_diff <= 1e-5
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(not os.environ.get("VFMTOK2_REF_REPO"), reason="set VFMTOK2_REF_REPO to a VFMTok2 checkout")
+def test_the_released_statistics_file_loads_safely_with_the_release_arithmetic():
+    """The checkout's own stats/stats-500.pt: numpy (32, 256) arrays, read without unpickling anything else, and the
+    file the --official table pins (sha256)."""
+    import hashlib
+
+    from vfmtok.generators.convert_dit import read_latent_statistics
+    from vfmtok.pipelines.official import VFMTOK2_STATS_SHA256
+
+    path = Path(os.environ["VFMTOK2_REF_REPO"]) / "stats" / "stats-500.pt"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == VFMTOK2_STATS_SHA256
+    mean, std = read_latent_statistics(path)
+    raw = torch.load(path, weights_only=False)  # the checkout's own file, trusted here only to write the expectation
+    assert mean.shape == std.shape == (32, 16, 16)
+    assert torch.equal(mean, torch.tensor(raw["mean"]).reshape(32, 16, 16))
+    assert torch.equal(std, torch.tensor(raw["var"]).reshape(32, 16, 16) + 1e-5)

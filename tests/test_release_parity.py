@@ -31,20 +31,29 @@ from denoise.models.lightningDiT import LightningDiT
 from denoise.transport import Sampler, create_transport
 
 kind, scale = sys.argv[7], float(sys.argv[8])
-torch.manual_seed(2)
-if kind == "ditdh":
-    den = DiTwDDTHead(input_size=16, patch_size=1, in_channels=embed_dim, hidden_size=[64, 96], depth=[2, 1],
-                      num_heads=[4, 4], mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, use_qknorm=False,
-                      use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False, use_pos_embed=True)
-else:
-    den = LightningDiT(input_size=16, patch_size=1, in_channels=embed_dim, hidden_size=64, depth=2, num_heads=4,
-                       mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000)
-den.eval()
-with torch.no_grad():  # no zero-initialised layer left
-    for name, p in den.named_parameters():
-        if name not in ("pos_embed", "t_embedder.W"):
-            p.normal_(std=0.05) if p.ndim > 1 else p.add_(0.05 * torch.randn_like(p))
-torch.save({"ema": den.state_dict(), "model": {}}, os.path.join(workdir, "denoiser.pt"))
+
+
+def denoiser(seed, name):
+    torch.manual_seed(seed)
+    if kind.startswith("ditdh"):
+        den = DiTwDDTHead(input_size=16, patch_size=1, in_channels=embed_dim, hidden_size=[64, 96], depth=[2, 1],
+                          num_heads=[4, 4], mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
+                          use_qknorm=False, use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False,
+                          use_pos_embed=True)
+    else:
+        den = LightningDiT(input_size=16, patch_size=1, in_channels=embed_dim, hidden_size=64, depth=2, num_heads=4,
+                           mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000)
+    den.eval()
+    with torch.no_grad():  # no zero-initialised layer left
+        for pname, p in den.named_parameters():
+            if pname not in ("pos_embed", "t_embedder.W"):
+                p.normal_(std=0.05) if p.ndim > 1 else p.add_(0.05 * torch.randn_like(p))
+    torch.save({"ema": den.state_dict(), "model": {}}, os.path.join(workdir, name))
+    return den
+
+
+den = denoiser(2, "denoiser.pt")
+weak = denoiser(3, "weak.pt") if kind == "ditdh-ag" else None
 rng = np.random.default_rng(0)  # stats-500.pt's layout: numpy float32 (C, h*w), 'var' a scale
 torch.save({"mean": (rng.normal(size=(embed_dim, 256)) * 0.3).astype(np.float32),
             "var": (rng.random(size=(embed_dim, 256)) * 0.3 + 0.2).astype(np.float32)},
@@ -63,7 +72,12 @@ z = torch.load(os.path.join(workdir, "noise.pt"))
 y = torch.load(os.path.join(workdir, "labels.pt"))
 ref.eval()
 with torch.no_grad():
-    if scale > 1.0:
+    if weak is not None:  # the _AG sampling config: forward_with_autoguidance on [z; z] with [y; null]
+        n = len(y)
+        samples = sample_fn(torch.cat([z, z]), den.forward_with_autoguidance, y=torch.cat([y, torch.full((n,), 1000)]),
+                            cfg_scale=scale, cfg_interval=(0.0, 1.0), additional_model_forward=weak.forward)[-1]
+        samples, _ = samples.chunk(2, dim=0)
+    elif scale > 1.0:
         n = len(y)
         samples = sample_fn(torch.cat([z, z]), den.forward_with_cfg, y=torch.cat([y, torch.full((n,), 1000)]),
                             cfg_scale=scale, cfg_interval=(0.0, 1.0))[-1]
@@ -84,7 +98,7 @@ def _our_denoiser(kind: str):
     common = dict(in_channels=EMBED_DIM, latent_size=16, patch_size=1, num_classes=1000, dim=64, depth=2,
                   num_heads=4, norm="rmsnorm", mlp="swiglu", rope=True, pos_embed="sincos",
                   time_embedding="gaussian_fourier", reverse_time=True)
-    if kind == "ditdh":
+    if kind.startswith("ditdh"):
         return DiTModel(**common, condition_silu=True, head_width=96, head_depth=1, head_num_heads=4,
                         head_patch_size=1)
     return DiTModel(**common, condition_silu=False)
@@ -96,7 +110,7 @@ def _uint8(images: np.ndarray) -> np.ndarray:
     return np.round(np.clip(images, 0, 1) * 255).astype(np.int16)
 
 
-@pytest.mark.parametrize("kind,scale", [("ditdh", 1.0), ("ditdh", 1.5), ("lightningdit", 1.0)])
+@pytest.mark.parametrize("kind,scale", [("ditdh", 1.0), ("ditdh", 1.5), ("ditdh-ag", 1.37), ("lightningdit", 1.0)])
 def test_converted_vfmae_release_gives_the_reference_images(kind, scale, tmp_path):
     from vfmtok.generators.convert_dit import convert_ddt_checkpoint, convert_lightningdit_checkpoint
     from vfmtok.pipelines.convert import assemble_pipeline
@@ -119,10 +133,12 @@ def test_converted_vfmae_release_gives_the_reference_images(kind, scale, tmp_pat
 
     tokenizer = VFMTokModel(**vfmae_config(DIM, ENCODER_DEPTH, DECODER_DEPTH, EMBED_DIM))
     assert convert_reference_checkpoint(tmp_path / "vfmae.pt", tokenizer) == []
-    denoiser = _our_denoiser(kind)
-    convert = convert_ddt_checkpoint if kind == "ditdh" else convert_lightningdit_checkpoint
-    convert(tmp_path / "denoiser.pt", denoiser, latent_stats=tmp_path / "stats-500.pt")  # the release's convention
-    pipe = assemble_pipeline(tokenizer, denoiser)
+    convert = convert_ddt_checkpoint if kind.startswith("ditdh") else convert_lightningdit_checkpoint
+    denoisers = {}
+    for name in ("denoiser", "weak") if kind == "ditdh-ag" else ("denoiser",):
+        denoisers[name] = _our_denoiser(kind)
+        convert(tmp_path / f"{name}.pt", denoisers[name], latent_stats=tmp_path / "stats-500.pt")  # VFMTok2's convention
+    pipe = assemble_pipeline(tokenizer, denoisers["denoiser"], weak_generator=denoisers.get("weak"))
     apply_protocol(pipe, "vfmtok2-flow")  # what convert pipeline / --official do
     images = pipe(labels, guidance_scale=scale, generator=torch.Generator().manual_seed(seed), output_type="np").images
     ours = _uint8(images)
