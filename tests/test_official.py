@@ -134,9 +134,11 @@ def test_a_converted_vfmtok2_pipeline_samples_with_the_release_grid_by_default(r
         for i in range(99):  # reference velocity at reference time t = -(ours at SiT time 1 - t)
             velocity = -pipe.transformer(x, torch.full((2,), 1 - float(t[i])), y)
             x = x + (t[i + 1] - t[i]) * velocity
-    stats = torch.load(release_files / "stats-500.pt", weights_only=False)  # our own test file
-    mean = torch.tensor(stats["mean"]).reshape(8, 4, 4)[None]
-    var = torch.tensor(stats["var"]).reshape(8, 4, 4)[None]
+    from test_dit import _vfmtok2_stats_file
+
+    mean_np, var_np = _vfmtok2_stats_file(tmp_path / "again.pt", channels=8, side=4, seed=3)  # the fixture's arrays
+    mean = torch.tensor(mean_np).reshape(8, 4, 4)[None]
+    var = torch.tensor(var_np).reshape(8, 4, 4)[None]
     expected = x * (var + 1e-5) + mean
     assert float(t[-1]) == pytest.approx(0.003988, abs=1e-6)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
