@@ -100,7 +100,8 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         pipeline): the unshifted noise levels are ``1 - linspace(0, 1 - final_sigma, steps + 1)``, shifted by the
         scheduler's ``shift``; ``final_sigma = 0`` integrates to the data. A release that stops early, as VFMTok2
         (99 steps over ``1 - linspace(0, 0.999, 100)``, shift 4, ending at sigma 0.004), gives its own images only
-        with its own grid, so a converted release stores it here."""
+        with its own grid, so a converted release stores it here. ``final_sigma`` concerns ``sampler="scheduler"``;
+        the SDE sampler ends with its own deterministic last step."""
         if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(
                 num_inference_steps, int) or num_inference_steps < 1):
             raise InvalidValueError(f"default_num_inference_steps must be a positive integer or None, got "

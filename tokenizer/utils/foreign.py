@@ -24,14 +24,20 @@ def reference_vfmtok_package(checkout: str | Path) -> Iterator[None]:
     """Within the block, ``import vfmtok...`` imports from ``checkout`` (put first on ``sys.path``; an editable
     install's finder comes after the path finder, a regular install's site-packages after the checkout)."""
     ours = _own_modules()
+    # The checkout's ``vfmtok`` has no __init__.py (a namespace package): a regular ``vfmtok`` package anywhere on
+    # sys.path (this project's, e.g. through PYTHONPATH) would win over it wherever it stands, so the folders that
+    # hold this project's package leave sys.path for the block.
+    own_file = getattr(ours.get("vfmtok"), "__file__", None)
+    own_roots = {str(Path(own_file).parent.parent)} if own_file else set()
+    saved_path = list(sys.path)
     for name in ours:
         del sys.modules[name]
     root = str(Path(checkout))
-    sys.path.insert(0, root)
+    sys.path[:] = [root] + [entry for entry in sys.path if entry not in own_roots]
     try:
         yield
     finally:
-        sys.path.remove(root)
+        sys.path[:] = saved_path
         for name in _own_modules():
             del sys.modules[name]
         sys.modules.update(ours)
