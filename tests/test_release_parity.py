@@ -154,6 +154,7 @@ def test_converted_vfmae_release_gives_the_reference_images(kind, scale, tmp_pat
 # test_reference_parity.py; importing it patches .cuda() for the process, so run this file on its own)
 # ----------------------------------------------------------------------------------------------------------------------
 from test_reference_parity import our_config, reference_module  # noqa: E402,F401  (the fixture)
+from vfmtok.tokenizer.utils.foreign import reference_vfmtok_package  # noqa: E402
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.0])
@@ -169,7 +170,8 @@ def test_converted_vfmtok_gpt_release_gives_the_reference_images(reference_modul
     monkeypatch.chdir(repo)
     torch.manual_seed(0)
     dim, depth = 64, 2
-    tokenizer_ref = ref_tool.build("dinov2_vitl14_reg", 1024, 336, dim=dim, depth=depth).eval()
+    with reference_vfmtok_package(repo, ref_tool.reference_modules):  # it imports its modules while building
+        tokenizer_ref = ref_tool.build("dinov2_vitl14_reg", 1024, 336, dim=dim, depth=depth).eval()
     with torch.no_grad():
         for name, p in tokenizer_ref.named_parameters():
             if "sampling_offsets" in name or "attention_weights" in name:
@@ -194,7 +196,8 @@ def test_converted_vfmtok_gpt_release_gives_the_reference_images(reference_modul
     with torch.no_grad():
         codes = reference_generate(gpt_ref, labels, 256, cfg_scale=scale, cfg_interval=-1, temperature=1.0, top_k=0,
                                    top_p=1.0)
-        reference = tokenizer_ref.decode_codes_to_img(codes, 256).numpy().astype(np.int16)
+        with reference_vfmtok_package(repo, ref_tool.reference_modules):
+            reference = tokenizer_ref.decode_codes_to_img(codes, 256).numpy().astype(np.int16)
 
     tokenizer = VFMTokModel(**our_config(dim, depth))
     convert_reference_checkpoint(tmp_path / "vfmtok-tokenizer.pt", tokenizer)
