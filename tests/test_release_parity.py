@@ -4,7 +4,7 @@ file layout by the reference code itself; the reference samples and decodes them
 VFMTok ``test_net.py``: ``generate`` then ``decode_codes_to_img(codes, 256)``); the suite converts the same files
 (release protocol by default) and samples with the same noise and labels. uint8 images must agree within 1.
 
-Run with ``VFMTOK2_REF_REPO`` (CVMI-Lab/VFMTok2 checkout) / ``VFMTOK_REF_REPO`` (CVMI-Lab/VFMTok checkout) and the
+Run with ``-m reference``, ``VFMTOK2_REF_REPO`` (CVMI-Lab/VFMTok2 checkout) / ``VFMTOK_REF_REPO`` (CVMI-Lab/VFMTok checkout) and the
 reference's extra packages (torchdiffeq, omegaconf, einops, kornia) on ``PYTHONPATH``.
 """
 import os
@@ -17,7 +17,7 @@ import torch
 
 from test_reference_parity import VFMAE_REFERENCE_SCRIPT, vfmae_config
 
-pytestmark = pytest.mark.reference
+pytestmark = [pytest.mark.reference, pytest.mark.slow]  # minutes each: run with -m reference
 
 # The VFMAE part of test_reference_parity's script (shims, the reference AutoencoderAE with random weights, saved in
 # the release layout), then a VFMTok2 denoiser and its own sampler. Extra arguments: KIND (ditdh | lightningdit) and
