@@ -4,8 +4,8 @@ file layout by the reference code itself; the reference samples and decodes them
 VFMTok ``test_net.py``: ``generate`` then ``decode_codes_to_img(codes, 256)``); the suite converts the same files
 (release protocol by default) and samples with the same noise and labels. uint8 images must agree within 1.
 
-Run with ``-m reference``, ``VFMTOK2_REF_REPO`` (CVMI-Lab/VFMTok2 checkout) / ``VFMTOK_REF_REPO`` (CVMI-Lab/VFMTok checkout) and the
-reference's extra packages (torchdiffeq, omegaconf, einops, kornia) on ``PYTHONPATH``.
+Run with ``-m reference``, ``VFMTOK2_REF_REPO`` (CVMI-Lab/VFMTok2 checkout) / ``VFMTOK_REF_REPO`` (CVMI-Lab/VFMTok
+checkout) and the reference's extra packages (torchdiffeq, omegaconf, einops, kornia) on ``PYTHONPATH``.
 """
 import os
 import subprocess
