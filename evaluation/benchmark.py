@@ -102,7 +102,7 @@ def _protocol(pipe, settings: dict[str, Any], reference: ImageSource, extractor:
         "seed": settings["seed"], "guidance_scale": settings["guidance_scale"],
         "guided_channels": _GUIDANCE_CHANNELS, "sampler_options": settings["options"],
         "resolution": f"generated at {tokenizer.output_size}, resized to {settings['output_size']} by the tokenizer's "
-                      "decode (bicubic, antialiased)" if tokenizer.output_size != settings["output_size"]
+                      f"decode ({_resize_kind(pipe)})" if tokenizer.output_size != settings["output_size"]
         else f"generated at {settings['output_size']}",
         "uint8_conversion": "round(clip(x, 0, 1) * 255)",
         "reference": str(reference.path), "reference_sha256": reference.content_hash,
@@ -115,9 +115,17 @@ def _protocol(pipe, settings: dict[str, Any], reference: ImageSource, extractor:
         protocol["sampler_options"] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "guidance_schedule": "constant",
                                        **settings["options"]}
     else:
-        protocol["sampler_options"] = {"sampler": "scheduler", "scheduler": type(pipe.scheduler).__name__,
-                                       "num_inference_steps": 50, **settings["options"]}
+        defaults = dict(getattr(pipe, "sampling_protocol", {}))  # steps, shift, final sigma the pipeline samples with
+        defaults.pop("guidance_interval", None)
+        protocol["sampler_options"] = {"sampler": "scheduler", "num_inference_steps": 50, **defaults,
+                                       **settings["options"]}
     return protocol
+
+
+def _resize_kind(pipe) -> str:
+    """How the pipeline resizes its images (saved with it: a converted VFMTok release resizes as its evaluation)."""
+    return "bicubic, antialiased" if pipe.config.get("resize_antialias", True) else \
+        "bicubic F.interpolate without antialiasing, as the release's evaluation"
 
 
 def run_benchmark(pipeline: str, output_dir: str | Path, num_samples: int, guidance_scales: Sequence[float],

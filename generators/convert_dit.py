@@ -1,5 +1,15 @@
-"""Convert official RAE / VFMTok2 DiT^DH checkpoints (``denoise/models/DDT.py``, ``DiTwDDTHead``) to
+"""Convert official RAE / VFMTok2 DiT^DH checkpoints (``denoise/models/DDT.py``, ``DiTwDDTHead``) and VFMTok2
+LightningDiT checkpoints (``denoise/models/lightningDiT.py``, ``LightningDiT``) to
 :class:`vfmtok.generators.dit.DiTModel`.
+
+**LightningDiT** is a DiTModel without a head: build it from ``configs/flow/lightningdit-xl.yaml`` (the same reference
+options as DiT^DH except ``condition_silu: false``: LightningDiT conditions on ``t + y`` itself), then
+``convert_lightningdit_checkpoint(path, model)``. Its keys map as DiT^DH's trunk does, except that the patch embedding
+is ``x_embedder.proj`` (-> ``x_embedder``) and the RoPE table ``feat_rope.freqs_{cos,sin}`` (dropped, checked).
+The released VFMTok2 configs never set ``wo_shift`` (4-way adaLN) or ``learn_sigma``, which DiTModel does not have:
+such a checkpoint fails to load with the mis-shaped adaLN / final weights named.
+
+**DiT^DH**:
 
 Build the model from ``configs/flow/ditdh-xl.yaml`` (or any config with ``time_embedding: gaussian_fourier``,
 ``condition_silu: true``, ``reverse_time: true``, ``norm: rmsnorm``, ``mlp: swiglu``, ``rope: true``, patch 1 and a
@@ -42,7 +52,9 @@ from vfmtok.tokenizer.utils.loading import (RenameRules, read_state_dict, read_t
                                      rename_state_dict, strip_wrapper_prefixes)
 
 __all__ = ["CheckpointError", "load_ddt_checkpoint", "convert_ddt_state_dict", "convert_ddt_checkpoint",
-           "read_latent_statistics", "check_latent_statistics"]
+           "read_latent_statistics", "check_latent_statistics", "load_converted_state_dict",
+           "convert_lightningdit_state_dict", "convert_lightningdit_checkpoint",
+           "STATS_CONVENTIONS"]
 
 _BLOCK_INNER = (r"(norm[12]\.weight|attn\.qkv\.(weight|bias)|attn\.[qk]_norm\.(weight|bias)|attn\.proj\.(weight|bias)"
                 r"|mlp\.(w12|w3|fc1|fc2)\.(weight|bias)|adaLN_modulation\.1\.(weight|bias))")
@@ -59,6 +71,15 @@ _RULES: RenameRules = [
     (r"^y_embedder\.embedding_table\.weight$", r"class_embedding.weight"),
     (r"^final_layer\.(norm_final\.weight|linear\.(weight|bias)|adaLN_modulation\.1\.(weight|bias))$",
      r"final_layer.\1"),
+]
+
+
+_LIGHTNING_RULES: RenameRules = [
+    (r"^pos_embed$", None),
+    (r"^feat_rope\.freqs_(cos|sin)$", None),
+    (r"^x_embedder\.proj\.(weight|bias)$", r"x_embedder.\1"),
+    (r"^blocks\.(\d+)\." + _BLOCK_INNER + r"$", r"blocks.\1.\2"),
+    *[rule for rule in _RULES if rule[0].startswith((r"^t_embedder", r"^y_embedder", r"^final_layer"))],
 ]
 
 
@@ -130,16 +151,81 @@ def convert_ddt_state_dict(state_dict: Mapping[str, torch.Tensor], depth: Option
     return converted, list(dropped)
 
 
-def read_latent_statistics(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) from a statistics file: keys ``mean`` and ``std`` (this project's ``latent_stats.safetensors``) or
-    ``mean`` and ``var`` (RAE's ``stat.pt`` layout), read safely."""
-    stats = read_state_dict(path)
+# How a statistics file's ``var`` entry becomes the scale the model divides by (``latent_std``):
+#   "vfmtok2": VFMTok2 trains on ``(x - mean) / (var + 1e-5)`` and decodes ``x * (var + 1e-5) + mean`` (its
+#              train_c2i.py / test_c2i.py; its compute_stats.py stores a standard deviation under the name ``var``);
+#   "rae":     ``var`` is a variance, the scale is ``sqrt(var)``.
+STATS_CONVENTIONS = ("vfmtok2", "rae")
+VFMTOK2_STATS_EPS = 1e-5
+
+
+def _as_latent_grid(tensor: torch.Tensor, name: str, path: str | Path) -> torch.Tensor:
+    """(C, h*w) (VFMTok2, reshaped row-major to (C, h, w) as its ``rearrange('c (h w) -> c h w')``), (1, C, h, w)
+    (RAE) or (C, h, w) -> (C, h, w) float32."""
+    tensor = tensor.float()
+    if tensor.ndim == 4 and tensor.shape[0] == 1:
+        return tensor[0]
+    if tensor.ndim == 2:
+        side = math.isqrt(tensor.shape[1])
+        if side * side != tensor.shape[1]:
+            raise CheckpointError(f"latent statistics {str(path)!r}: {name!r} has shape {list(tensor.shape)}; a "
+                                  f"(C, h*w) table needs a square number of positions")
+        return tensor.reshape(tensor.shape[0], side, side)
+    if tensor.ndim != 3:
+        raise CheckpointError(f"latent statistics {str(path)!r}: {name!r} has shape {list(tensor.shape)}; expected "
+                              f"(C, h*w), (C, h, w) or (1, C, h, w)")
+    return tensor
+
+
+def convert_lightningdit_state_dict(state_dict: Mapping[str, torch.Tensor], check_tables: bool = True
+                                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename a VFMTok2 ``LightningDiT`` state dict to :class:`DiTModel`'s layout (no head). Returns (converted,
+    dropped keys); the dropped sin-cos / RoPE tables are checked against ours. Unknown keys are a CheckpointError
+    listing them (a DiT^DH file, with its ``s_embedder``, is refused so)."""
+    converted, dropped = rename_state_dict(state_dict, _LIGHTNING_RULES, "LightningDiT")
+    if check_tables:
+        _check_tables({strip_wrapper_prefixes(key): tensor for key, tensor in dropped.items()})
+    return converted, list(dropped)
+
+
+def convert_lightningdit_checkpoint(path: str | Path, model, prefer: str = "ema",
+                                    latent_stats: Optional[str | Path] = None,
+                                    stats_convention: str = "vfmtok2") -> list[str]:
+    """:func:`convert_ddt_checkpoint` for a LightningDiT checkpoint (VFMTok2's training script saves it the same
+    way) and a head-less DiTModel built from a lightningdit config."""
+    if model.config.head_depth:
+        raise InvalidValueError(f"a LightningDiT checkpoint converts into a DiTModel without a head; this one has "
+                                f"head_depth={model.config.head_depth} (a DiT^DH config?)")
+    converted, dropped = convert_lightningdit_state_dict(
+        read_training_checkpoint(path, prefer, containers=("ema", "model", "module", "state_dict"),
+                                 what="LightningDiT"))
+    load_converted_state_dict(model, converted,
+                              None if latent_stats is None else read_latent_statistics(latent_stats, stats_convention))
+    return dropped
+
+
+def read_latent_statistics(path: str | Path, convention: str = "vfmtok2") -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of shape (C, h, w) from a statistics file, read safely: keys ``mean`` and ``std`` (this
+    project's ``latent_stats.safetensors``: used as they are) or ``mean`` and ``var`` (a release's file; numpy
+    arrays inside a torch file, as VFMTok2's ``stats/stats-500.pt``, are allowed). ``convention`` says what ``var``
+    means (see ``STATS_CONVENTIONS``): "vfmtok2" gives ``std = var + 1e-5`` (float32, the release's own arithmetic),
+    "rae" ``std = sqrt(var)``."""
+    if convention not in STATS_CONVENTIONS:
+        raise InvalidValueError(f"statistics convention must be one of {STATS_CONVENTIONS}, got {convention!r}")
+    stats = read_state_dict(path, allow_numpy=True)
     if "mean" not in stats or not ({"std", "var"} & set(stats)):
         raise CheckpointError(f"latent statistics {str(path)!r} need 'mean' and 'std' (or 'var'), found "
                               f"{sorted(stats)}")
-    std = stats["std"] if "std" in stats else stats["var"].clamp_min(0).sqrt()
-    # RAE's layout (1, C, h, w) -> (C, h, w); a (C, h, w) file keeps its shape even with C = 1
-    mean, std = (t.float().squeeze(0) if t.ndim == 4 and t.shape[0] == 1 else t.float() for t in (stats["mean"], std))
+    mean = _as_latent_grid(stats["mean"], "mean", path)
+    if "std" in stats:
+        std = _as_latent_grid(stats["std"], "std", path)
+    elif convention == "vfmtok2":
+        std = _as_latent_grid(stats["var"], "var", path) + VFMTOK2_STATS_EPS
+    else:
+        std = _as_latent_grid(stats["var"], "var", path).clamp_min(0).sqrt()
+    if mean.shape != std.shape:
+        raise CheckpointError(f"latent statistics {str(path)!r}: mean {list(mean.shape)} and std {list(std.shape)} "
+                              f"differ in shape")
     check_latent_statistics(mean, std, f"latent statistics {str(path)!r}")
     return mean, std
 
@@ -158,17 +244,27 @@ def check_latent_statistics(mean: torch.Tensor, std: torch.Tensor, where: str) -
 
 
 def convert_ddt_checkpoint(path: str | Path, model, prefer: str = "ema",
-                           latent_stats: Optional[str | Path] = None) -> list[str]:
+                           latent_stats: Optional[str | Path] = None, stats_convention: str = "vfmtok2") -> list[str]:
     """Load an official checkpoint file into ``model`` (a DiTModel built from the matching config), strictly.
 
     The released checkpoints keep the latent normalisation statistics in a separate file: ``latent_stats`` (see
-    :func:`read_latent_statistics`) stores them in the model; without it the model keeps the identity (mean 0,
-    std 1). Returns the dropped keys. A missing, unexpected or mis-shaped weight raises CheckpointError naming it.
+    :func:`read_latent_statistics`, read with ``stats_convention``) stores them in the model; without it the model
+    keeps the identity (mean 0, std 1). Returns the dropped keys. A missing, unexpected or mis-shaped weight raises
+    CheckpointError naming it.
     """
     converted, dropped = convert_ddt_state_dict(load_ddt_checkpoint(path, prefer), depth=model.config.depth)
+    load_converted_state_dict(model, converted,
+                              None if latent_stats is None else read_latent_statistics(latent_stats, stats_convention))
+    return dropped
+
+
+def load_converted_state_dict(model, converted: Mapping[str, torch.Tensor],
+                              statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+    """Load a converted state dict (which never holds the latent statistics: the releases keep them in a separate
+    file) into ``model`` strictly, then ``statistics`` (mean, std) when given, else the model keeps its own."""
+    converted = dict(converted)
     for name in ("latent_mean", "latent_std"):
         converted.setdefault(name, getattr(model, name).detach().clone())
     model.load_state_dict(converted, strict=True)
-    if latent_stats is not None:
-        model.set_latent_statistics(*read_latent_statistics(latent_stats))
-    return dropped
+    if statistics is not None:
+        model.set_latent_statistics(*statistics)

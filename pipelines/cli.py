@@ -64,9 +64,27 @@ def _convert_tokenizer(args: argparse.Namespace) -> None:
                       "dropped": len(dropped), "dropped_prefixes": sorted({k.rsplit('.', 2)[0] for k in dropped})[:5]}))
 
 
+_LOCAL_FILE_OPTIONS = ("kind_of_pipeline", "tokenizer_checkpoint", "tokenizer_config", "generator_checkpoint",
+                       "generator_config")
+
+
 def _convert_pipeline(args: argparse.Namespace) -> None:
     from vfmtok.pipelines.convert import convert_official_pipeline
+    from vfmtok.tokenizer.utils.errors import InvalidValueError
 
+    given = [name for name in _LOCAL_FILE_OPTIONS + ("latent_stats",) if getattr(args, name) is not None]
+    if args.official is not None:
+        from vfmtok.pipelines.official import convert_release
+
+        if given:
+            raise InvalidValueError(f"--official takes the release's own files; drop {', '.join(given)}")
+        output = convert_release(args.official, args.output_dir, revision=args.revision, cache_dir=args.cache_dir,
+                                 prefer=args.weights)
+        print(json.dumps({"output_dir": str(output), "release": args.official}))
+        return
+    missing = [name for name in _LOCAL_FILE_OPTIONS if getattr(args, name) is None]
+    if missing:
+        raise InvalidValueError(f"convert pipeline needs --official NAME or all of: {', '.join(missing)}")
     output = convert_official_pipeline(args.kind_of_pipeline, args.tokenizer_checkpoint, args.tokenizer_config,
                                        args.generator_checkpoint, args.generator_config, args.output_dir,
                                        latent_stats=args.latent_stats, prefer=args.weights)
@@ -416,11 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert_tok.set_defaults(run=_convert_tokenizer)
     convert_pipe = convert_kinds.add_parser("pipeline", help="official tokenizer + generator checkpoints -> a pipeline "
                                                              "folder (VFMTokARPipeline or VFMTokFlowPipeline)")
-    convert_pipe.add_argument("kind_of_pipeline", choices=["ar", "flow"], metavar="{ar,flow}")
-    convert_pipe.add_argument("--tokenizer-checkpoint", required=True, help="VFMTok (ar) / VFMAE (flow) .pt file")
-    convert_pipe.add_argument("--tokenizer-config", required=True, help="e.g. configs/tokenizer/vfmtok-l.yaml")
-    convert_pipe.add_argument("--generator-checkpoint", required=True, help="GPT (ar) / DiT^DH (flow) .pt file")
-    convert_pipe.add_argument("--generator-config", required=True, help="e.g. configs/ar/gpt-xl.yaml")
+    convert_pipe.add_argument("kind_of_pipeline", nargs="?", choices=["ar", "flow"], metavar="{ar,flow}")
+    convert_pipe.add_argument("--official", default=None, metavar="NAME",
+                              help="a release by name (table in the README, pipelines/official.py): downloads, "
+                                   "checks and converts its files; replaces the kind and file options")
+    convert_pipe.add_argument("--revision", default=None, help="--official: the Hub revision (default main)")
+    convert_pipe.add_argument("--cache-dir", default=None, help="--official: huggingface_hub cache folder")
+    convert_pipe.add_argument("--tokenizer-checkpoint", help="VFMTok (ar) / VFMAE (flow) .pt file")
+    convert_pipe.add_argument("--tokenizer-config", help="e.g. configs/tokenizer/vfmtok-l.yaml")
+    convert_pipe.add_argument("--generator-checkpoint", help="GPT (ar) / DiT^DH (flow) .pt file")
+    convert_pipe.add_argument("--generator-config", help="e.g. configs/ar/gpt-xl.yaml")
     convert_pipe.add_argument("--latent-stats", default=None, help="flow: the release's latent statistics file")
     convert_pipe.add_argument("--output-dir", required=True)
     convert_pipe.add_argument("--weights", choices=["ema", "model"], default="ema")

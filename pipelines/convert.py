@@ -2,10 +2,15 @@
 
 * ``ar``: a VFMTok tokenizer checkpoint (CVMI-Lab/VFMTok ``VQModel``, :mod:`vfmtok.tokenizer.convert`) and a VFMTok / LlamaGen
   GPT checkpoint (:mod:`vfmtok.generators.convert_gpt`) -> :class:`VFMTokARPipeline`;
-* ``flow``: a VFMAE checkpoint (CVMI-Lab/VFMTok2 ``AutoencoderAE``) and a DiT^DH checkpoint
-  (:mod:`vfmtok.generators.convert_dit`), with the latent statistics file the release ships -> :class:`VFMTokFlowPipeline`.
+* ``flow``: a VFMAE checkpoint (CVMI-Lab/VFMTok2 ``AutoencoderAE``) and a DiT^DH or LightningDiT checkpoint
+  (:mod:`vfmtok.generators.convert_dit`; which one the generator config says: a head or none), with the latent
+  statistics file the release ships -> :class:`VFMTokFlowPipeline`.
 
-Each model is built from the matching config file, loaded strictly, and the pipeline checks that the two fit.
+Each model is built from the matching config file, loaded strictly, and the pipeline checks that the two fit. The
+pipeline samples by default as the release's own evaluation does (``release_protocol``; see
+:data:`vfmtok.pipelines.official.PROTOCOLS`): VFMTok2's 99 shifted Euler steps ending at sigma 0.004, VFMTok's plain
+bicubic 336 -> 256 resize. ``vfmtok convert pipeline --official NAME`` (:mod:`vfmtok.pipelines.official`) does
+all of it from a release's name.
 """
 from __future__ import annotations
 
@@ -41,9 +46,16 @@ def assemble_pipeline(tokenizer, generator, id2label: Optional[dict] = None, eva
 
 def convert_official_pipeline(kind: str, tokenizer_checkpoint: str, tokenizer_config: str, generator_checkpoint: str,
                               generator_config: str, output_dir: str | Path, latent_stats: Optional[str] = None,
-                              prefer: str = "ema") -> Path:
-    """Convert both checkpoints and save the pipeline (``save_pretrained``, atomically) into ``output_dir``."""
-    from vfmtok.generators.convert_dit import convert_ddt_checkpoint
+                              prefer: str = "ema", release_protocol: bool = True,
+                              stats_convention: str = "vfmtok2") -> Path:
+    """Convert both checkpoints and save the pipeline (``save_pretrained``, atomically) into ``output_dir``.
+
+    ``release_protocol``: the pipeline's defaults are the release's sampling protocol (else this project's: 50
+    steps, shift 1, antialiased resize). ``stats_convention``: how ``latent_stats``' ``var`` is read
+    (:data:`vfmtok.generators.convert_dit.STATS_CONVENTIONS`; the flow releases are VFMTok2's)."""
+    from vfmtok.pipelines.official import apply_protocol
+
+    from vfmtok.generators.convert_dit import convert_ddt_checkpoint, convert_lightningdit_checkpoint
     from vfmtok.generators.convert_gpt import convert_llamagen_checkpoint
     from vfmtok.tokenizer.convert import convert_reference_checkpoint
 
@@ -60,8 +72,13 @@ def convert_official_pipeline(kind: str, tokenizer_checkpoint: str, tokenizer_co
     if kind == "ar":
         convert_llamagen_checkpoint(generator_checkpoint, generator, prefer=prefer)
     else:
-        convert_ddt_checkpoint(generator_checkpoint, generator, prefer=prefer, latent_stats=latent_stats)
+        # a config with a head is DiT^DH (DiTwDDTHead), one without VFMTok2's LightningDiT
+        convert = convert_ddt_checkpoint if generator.config.head_depth else convert_lightningdit_checkpoint
+        convert(generator_checkpoint, generator, prefer=prefer, latent_stats=latent_stats,
+                stats_convention=stats_convention)
     pipe = assemble_pipeline(tokenizer, generator)
+    if release_protocol:
+        apply_protocol(pipe, "vfmtok-ar" if kind == "ar" else "vfmtok2-flow")
     with atomic_directory(output) as staging:
         pipe.save_pretrained(staging)
     return output

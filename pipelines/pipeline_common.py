@@ -67,6 +67,31 @@ def _check_id2label(id2label: dict, num_classes: int) -> dict[str, str]:
     return clean
 
 
+def _source_text(source: dict) -> str:
+    """The model card's section on a converted release."""
+    files = "\n".join(f"| {role} | `{entry['file']}` | `{entry['sha256']}` |"
+                      for role, entry in source.get("files", {}).items())
+    published = "\n".join(f"| {k} | {v} |" for k, v in source.get("published", {}).items())
+    return f"""## Source
+
+Converted from the official release `{source.get('release')}` (Hub repo `{source.get('repo_id')}`, revision
+`{source.get('revision')}`; code {source.get('code')}).
+
+| role | file | sha256 |
+|---|---|---|
+{files}
+
+Published (ImageNet 256x256, 50k samples, ADM evaluator):
+
+| | |
+|---|---|
+{published}
+
+Sampling protocol of those numbers, this pipeline's defaults: {source.get('sampling_protocol')}; default guidance
+scale {source.get('default_guidance_scale')}.
+"""
+
+
 def _synonyms(name: str) -> list[str]:
     """A label may list synonyms separated by commas (``"tench, Tinca tinca"``)."""
     return [part.strip().lower() for part in name.split(",") if part.strip()]
@@ -193,6 +218,13 @@ class VFMTokPipelineBase(DiffusionPipeline):
             for synonym in {name.strip().lower(), *_synonyms(name)}:
                 self._label2id.setdefault(synonym, []).append(int(key))
 
+    def set_source(self, source: Optional[dict]) -> None:
+        """Where the weights came from (a converted release: its files with their sha256, the published numbers
+        and the sampling protocol behind them); saved with the pipeline and shown in its model card."""
+        if source is not None and not isinstance(source, dict):
+            raise InvalidValueError(f"source must be a dict, got {type(source).__name__}")
+        self.register_to_config(source=source)
+
     def resolve_guidance_scale(self, guidance_scale: Optional[float]) -> float:
         """The scale a call uses: the one given, else the pipeline's ``default_guidance_scale`` (the scale its
         evaluation chose, saved with it), else 1 (no guidance)."""
@@ -305,6 +337,8 @@ class VFMTokPipelineBase(DiffusionPipeline):
         decode and convert to ``output_type``. Non-finite latents or images are an error naming ``settings`` (the
         sampling settings that may have caused them), never a result."""
         ids = self.resolve_class_labels(class_labels)
+        if output_size is None:
+            output_size = self.config.get("default_output_size")
         labels = torch.tensor(ids, dtype=torch.long).repeat_interleave(num_images_per_class)
         size = batch_size or len(labels)
         raw = torch.cat([sample_chunk(chunk.to(self.device)) for chunk in labels.split(size)])
@@ -313,7 +347,11 @@ class VFMTokPipelineBase(DiffusionPipeline):
             images: Any = raw
         else:
             tokenizer = getattr(self, self._image_tokenizer_name)
-            decoded = torch.cat([tokenizer.decode(chunk, output_size=output_size) for chunk in raw.split(size)])
+            # a pipeline saved with resize_antialias=False (the VFMTok release's evaluation) resizes without
+            # antialiasing; only then is the argument passed, so a tokenizer without it keeps working
+            resize = {} if self.config.get("resize_antialias", True) else {"antialias": False}
+            decoded = torch.cat([tokenizer.decode(chunk, output_size=output_size, **resize)
+                                 for chunk in raw.split(size)])
             _check_finite(decoded, "the decoded images", settings)
             images = self._convert(decoded, output_type)
         self.maybe_free_model_hooks()
@@ -499,6 +537,9 @@ The components were trained with the `vfmtok train` commands; their configs are 
 
 {evaluation_text}
 """
+        source = self.config.get("source")
+        if source:
+            content += "\n" + _source_text(source)
         return ModelCard(content)
 
     # what callers other than __call__'s own arguments set for every call (e.g. the benchmark's sampler options)

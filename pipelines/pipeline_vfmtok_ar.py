@@ -5,7 +5,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from vfmtok.tokenizer.utils.errors import CheckpointError
+from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError
 from vfmtok.pipelines.pipeline_common import ClassLabels, VFMTokPipelineBase
 
 __all__ = ["VFMTokARPipeline"]
@@ -21,7 +21,8 @@ class VFMTokARPipeline(VFMTokPipelineBase):
     _callback_tensor_inputs = ["codes"]
 
     def __init__(self, vqvae, transformer, id2label: Optional[dict] = None, evaluation: Optional[dict] = None,
-                 default_guidance_scale: Optional[float] = None):
+                 default_guidance_scale: Optional[float] = None, resize_antialias: bool = True,
+                 default_output_size: Optional[int] = None, source: Optional[dict] = None):
         super().__init__()
         if not getattr(vqvae, "is_discrete", False):
             raise CheckpointError(f"the AR pipeline needs a discrete tokenizer (codes); {type(vqvae).__name__} "
@@ -37,6 +38,26 @@ class VFMTokARPipeline(VFMTokPipelineBase):
                                   f"codebook_sizes {list(gpt_sizes)} (one code per codebook and grid cell)")
         self.register_modules(vqvae=vqvae, transformer=transformer)
         self._register_labels(id2label, evaluation, config.num_classes, default_guidance_scale)
+        self.set_resize_protocol(resize_antialias, default_output_size)
+        self.set_source(source)
+
+    def set_resize_protocol(self, antialias: bool = True, output_size: Optional[int] = None) -> None:
+        """How images are resized when a call asks for another size (``antialias``: bicubic with antialiasing, else
+        plain bicubic ``F.interpolate`` as the VFMTok release's ``test_net.py``, which changes uint8 pixels by up
+        to 20), and the ``output_size`` a call uses when given none (None: the tokenizer's own size). Saved."""
+        if not isinstance(antialias, bool):
+            raise InvalidValueError(f"resize_antialias must be True or False, got {antialias!r}")
+        if output_size is not None and (isinstance(output_size, bool) or not isinstance(output_size, int)
+                                        or output_size < 1):
+            raise InvalidValueError(f"default_output_size must be a positive integer or None, got {output_size!r}")
+        self.register_to_config(resize_antialias=antialias, default_output_size=output_size)
+
+    @property
+    def sampling_protocol(self) -> dict:
+        """The settings a call uses by default: what a benchmark records as its sampling protocol."""
+        return {"resize": "bicubic, antialiased" if self.config.get("resize_antialias", True)
+                else "bicubic F.interpolate, no antialiasing (as the release's evaluation)",
+                "output_size": self.config.get("default_output_size") or self.vqvae.output_size}
 
     @torch.no_grad()
     def __call__(

@@ -71,7 +71,9 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
 
     def __init__(self, vae, transformer, scheduler, weak_transformer=None, id2label: Optional[dict] = None,
                  evaluation: Optional[dict] = None, default_guidance_scale: Optional[float] = None,
-                 default_guidance_interval: Optional[Sequence[float]] = None):
+                 default_guidance_interval: Optional[Sequence[float]] = None,
+                 default_num_inference_steps: Optional[int] = None, final_sigma: float = 0.0,
+                 source: Optional[dict] = None):
         super().__init__()
         if getattr(vae, "is_discrete", True):
             raise CheckpointError(f"the flow pipeline needs a continuous tokenizer (latents); {type(vae).__name__} "
@@ -90,6 +92,34 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         self._register_labels(id2label, evaluation, transformer.config.num_classes,
                              default_guidance_scale)
         self.set_default_guidance_interval(default_guidance_interval)
+        self.set_sampling_protocol(default_num_inference_steps, final_sigma)
+        self.set_source(source)
+
+    def set_sampling_protocol(self, num_inference_steps: Optional[int] = None, final_sigma: float = 0.0) -> None:
+        """The steps a call takes when given none (None: 50) and where the Euler grid ends (both saved with the
+        pipeline): the unshifted noise levels are ``1 - linspace(0, 1 - final_sigma, steps + 1)``, shifted by the
+        scheduler's ``shift``; ``final_sigma = 0`` integrates to the data. A release that stops early, as VFMTok2
+        (99 steps over ``1 - linspace(0, 0.999, 100)``, shift 4, ending at sigma 0.004), gives its own images only
+        with its own grid, so a converted release stores it here. ``final_sigma`` concerns ``sampler="scheduler"``;
+        the SDE sampler ends with its own deterministic last step."""
+        if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(
+                num_inference_steps, int) or num_inference_steps < 1):
+            raise InvalidValueError(f"default_num_inference_steps must be a positive integer or None, got "
+                                    f"{num_inference_steps!r}")
+        if (isinstance(final_sigma, bool) or not isinstance(final_sigma, numbers.Real)
+                or not 0.0 <= final_sigma < 1.0):
+            raise InvalidValueError(f"final_sigma must be a number in [0, 1) (the unshifted noise level the Euler "
+                                    f"grid ends at), got {final_sigma!r}")
+        self.register_to_config(default_num_inference_steps=num_inference_steps, final_sigma=float(final_sigma))
+
+    @property
+    def sampling_protocol(self) -> dict[str, Any]:
+        """The settings a call uses by default: what a benchmark records as its sampling protocol."""
+        return {"num_inference_steps": self.config.get("default_num_inference_steps") or 50,
+                "scheduler": type(self.scheduler).__name__, "shift": self.scheduler.config.get("shift", 1.0),
+                "final_sigma": self.config.get("final_sigma", 0.0),
+                "guidance_interval": self.config.get("default_guidance_interval"),
+                "guidance": "autoguidance (weak_transformer)" if self.weak_transformer is not None else "cfg"}
 
     def set_default_guidance_interval(self, interval: Optional[Sequence[float]]) -> None:
         """The ``guidance_interval`` a call uses when given none (saved with the pipeline); None: guidance at every
@@ -118,11 +148,18 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
                             null_class=self.transformer.null_class)
 
     def _set_timesteps(self, num_inference_steps: int) -> None:
-        """Uniform sigmas ``1, 1 - 1/N, ..., 1/N`` (then the scheduler's shift and terminal 0) where the scheduler
-        takes explicit sigmas, else its own ``num_inference_steps`` grid."""
+        """Uniform sigmas ``1, ..., final_sigma`` (``num_inference_steps + 1`` points; then the scheduler's shift)
+        where the scheduler takes explicit sigmas, else its own ``num_inference_steps`` grid. With ``final_sigma``
+        0 the last point is the scheduler's own terminal 0; else the grid keeps its last point and the loop stops
+        there, one step before the scheduler's appended 0."""
+        final_sigma = float(self.config.get("final_sigma", 0.0))
         if "sigmas" in inspect.signature(self.scheduler.set_timesteps).parameters:
-            sigmas = (1.0 - torch.linspace(0.0, 1.0, num_inference_steps + 1, dtype=torch.float64)[:-1]).tolist()
+            grid = 1.0 - torch.linspace(0.0, 1.0 - final_sigma, num_inference_steps + 1, dtype=torch.float64)
+            sigmas = (grid if final_sigma > 0 else grid[:-1]).tolist()
             self.scheduler.set_timesteps(sigmas=sigmas, device=self.device)
+        elif final_sigma > 0:
+            raise InvalidValueError(f"scheduler {type(self.scheduler).__name__} takes no explicit sigmas, so it "
+                                    f"cannot end at final_sigma={final_sigma}; use FlowMatchEulerDiscreteScheduler")
         else:
             self.scheduler.set_timesteps(num_inference_steps, device=self.device)
 
@@ -130,7 +167,7 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
     def __call__(
         self,
         class_labels: ClassLabels,
-        num_inference_steps: int = 50,
+        num_inference_steps: Optional[int] = None,
         guidance_scale: Optional[float] = None,
         guidance_interval: Optional[tuple[float, float]] = None,
         sampler: str = "scheduler",
@@ -145,6 +182,8 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
     ) -> Any:
         """Sample images of ``class_labels`` (ids, names, a list or a tensor of them).
 
+        ``num_inference_steps``: None = the pipeline's ``default_num_inference_steps`` (else 50); the grid ends at
+        its ``final_sigma`` (see :meth:`set_sampling_protocol`).
         ``guidance_scale``: CFG (or autoguidance with ``weak_transformer``), 1 = none, None = the pipeline's
         ``default_guidance_scale`` (else 1); ``guidance_interval``
         ``(t_lo, t_hi)`` in SiT time (0 = noise) limits it (None: the pipeline's ``default_guidance_interval``, else
@@ -158,6 +197,8 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         self._check_call(guidance_scale, num_images_per_class, batch_size, output_type, output_size,
                          callback_on_step_end, callback_on_step_end_tensor_inputs)
         check_flow_scheduler(self.scheduler)  # it may have been swapped since (pipe.scheduler = ...)
+        if num_inference_steps is None:
+            num_inference_steps = self.config.get("default_num_inference_steps") or 50
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise InvalidValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if sampler not in SAMPLERS:
@@ -180,7 +221,8 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
             return self.transformer.denormalize_latents(latents).to(self.vae.dtype)
 
         settings = {"guidance_scale": guidance_scale, "sampler": sampler, "num_inference_steps": num_inference_steps,
-                    "scheduler": type(self.scheduler).__name__, "shift": self.scheduler.config.get("shift", 1.0)}
+                    "scheduler": type(self.scheduler).__name__, "shift": self.scheduler.config.get("shift", 1.0),
+                    "final_sigma": self.config.get("final_sigma", 0.0)}
         return self._generate(class_labels, num_images_per_class, batch_size, output_type, output_size,
                               return_dict, sample_chunk, settings)
 
@@ -189,6 +231,8 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         self._set_timesteps(steps)
         _check_sigmas(self.scheduler)
         timesteps = self.scheduler.timesteps
+        if self.config.get("final_sigma", 0.0) > 0:  # stop at the grid's last point: skip the step to the appended 0
+            timesteps = timesteps[:-1]  # (Euler: one entry per step; Heun: its last step to 0 is a single Euler one)
         scale = float(self.scheduler.config.num_train_timesteps)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vfmtok.generators.convert_dit import convert_ddt_checkpoint, convert_ddt_state_dict
+from vfmtok.generators.convert_dit import convert_ddt_checkpoint, convert_ddt_state_dict, load_converted_state_dict
 from vfmtok.generators.dit import DiTModel, sincos_2d_pos_embed
 from vfmtok.generators.layers import apply_rotary_embedding, rope_2d_table
 from vfmtok.pipelines.config import build_model, load_config
@@ -351,9 +351,66 @@ def test_convert_ddt_state_dict_round_trip(tmp_path):
     mean, var = torch.randn(1, *fresh.latent_shape), torch.rand(1, *fresh.latent_shape) + 0.5
     torch.save({"mean": mean, "var": var}, tmp_path / "stat.pt")
     with_stats = DiTModel(**DDT_TINY).eval()
-    convert_ddt_checkpoint(path, with_stats, latent_stats=tmp_path / "stat.pt")
+    convert_ddt_checkpoint(path, with_stats, latent_stats=tmp_path / "stat.pt", stats_convention="rae")
     torch.testing.assert_close(with_stats.latent_mean, mean[0])
     torch.testing.assert_close(with_stats.latent_std, var[0].sqrt())
+
+
+def _vfmtok2_stats_file(path: Path, channels: int = 8, side: int = 4, seed: int = 0):
+    """A file laid out exactly like VFMTok2's stats/stats-500.pt (its tokenizer/utils/compute_stats.py):
+    ``torch.save({'mean': ndarray, 'var': ndarray})`` with float32 numpy arrays of shape (C, h*w)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=(channels, side * side)).astype(np.float32)
+    var = (rng.random(size=(channels, side * side)) * 0.3 + 0.2).astype(np.float32)
+    torch.save({"mean": mean, "var": var}, path)
+    return mean, var
+
+
+def test_vfmtok2_statistics_load_safely_and_denormalise_with_the_release_arithmetic(tmp_path):
+    """VFMTok2 trains on (x - mean) / (var + 1e-5) and decodes x * (var + 1e-5) + mean, with mean / var read by
+    ``torch.tensor(stats[k])`` and ``rearrange('c (h w) -> c h w')`` (train_c2i.py, test_c2i.py)."""
+    mean_np, var_np = _vfmtok2_stats_file(tmp_path / "stats-500.pt")
+    model = DiTModel(**DDT_TINY).eval()
+    path = tmp_path / "ddt.pt"
+    torch.save({"ema": _reference_layout(model)}, path)
+    convert_ddt_checkpoint(path, model, latent_stats=tmp_path / "stats-500.pt")  # the release's convention
+    mean = torch.tensor(mean_np).reshape(8, 4, 4)[None]  # the reference formula, written out here
+    var = torch.tensor(var_np).reshape(8, 4, 4)[None]
+    samples = torch.randn(3, 8, 4, 4)
+    assert torch.equal(model.denormalize_latents(samples), samples * (var + 1e-5) + mean)
+    x = torch.randn(3, 8, 4, 4)
+    torch.testing.assert_close(model.normalize_latents(x), (x - mean) / (var + 1e-5), rtol=1e-6, atol=1e-6)
+    # the square root of the variance (RAE's convention) would be a different model
+    assert not torch.allclose(model.latent_std, var[0].sqrt(), atol=1e-3)
+
+
+def test_statistics_files_that_could_run_code_or_hold_objects_are_refused(tmp_path):
+    import os as os_module
+
+    import numpy as np
+
+    from vfmtok.generators.convert_dit import read_latent_statistics
+    from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError
+
+    class Payload:
+        def __reduce__(self):
+            return os_module.system, ("echo pwned > " + str(tmp_path / "ran"),)
+
+    torch.save({"mean": np.zeros((8, 16), np.float32), "var": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        read_latent_statistics(tmp_path / "evil.pt")
+    assert not (tmp_path / "ran").exists()
+    torch.save({"mean": np.zeros((8, 16), np.float32), "var": np.array([object()] * 128).reshape(8, 16)},
+               tmp_path / "objects.pt")
+    with pytest.raises(CheckpointError, match="objects.pt"):
+        read_latent_statistics(tmp_path / "objects.pt")
+    torch.save({"mean": np.zeros((8, 15), np.float32), "var": np.ones((8, 15), np.float32)}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="square"):
+        read_latent_statistics(tmp_path / "odd.pt")
+    with pytest.raises(InvalidValueError, match="convention"):
+        read_latent_statistics(tmp_path / "odd.pt", convention="sqrt")
 
 
 def test_convert_ddt_state_dict_errors():
@@ -395,7 +452,7 @@ def test_parity_with_reference_ditwddthead():
                 p.normal_(std=0.1) if p.ndim > 1 else p.add_(0.1 * torch.randn_like(p))
     model = DiTModel(**DDT_TINY).eval()
     converted, dropped = convert_ddt_state_dict(ref.state_dict())
-    model.load_state_dict(converted)
+    load_converted_state_dict(model, converted)  # no statistics in the checkpoint: the model keeps the identity
     assert "pos_embed" in dropped
     x = torch.randn(4, 8, 4, 4)
     t = torch.tensor([0.0, 0.3, 0.77, 1.0])
@@ -403,7 +460,7 @@ def test_parity_with_reference_ditwddthead():
     with torch.no_grad():
         expected = ref(x, t, y)  # reference convention: t = 1 is noise, velocity = noise - data
         ours_raw = DiTModel(**{**DDT_TINY, "reverse_time": False}).eval()
-        ours_raw.load_state_dict(converted)
+        load_converted_state_dict(ours_raw, converted)
         raw = ours_raw(x, t, y)
         got = model(x, 1 - t, y)  # this project's convention
     assert expected.abs().max() > 0.1
@@ -411,3 +468,135 @@ def test_parity_with_reference_ditwddthead():
           f"reversed {(got + expected).abs().max().item():.3e} (scale {expected.abs().max().item():.3f})")
     assert torch.allclose(raw, expected, atol=1e-5, rtol=1e-5)
     assert torch.allclose(got, -expected, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LightningDiT (VFMTok2 denoise/models/lightningDiT.py): a head-less DiTModel
+# ----------------------------------------------------------------------------------------------------------------------
+LIGHTNING_TINY = {**{k: v for k, v in DDT_TINY.items() if not k.startswith("head_")}, "condition_silu": False}
+
+
+def _lightning_layout(model: DiTModel) -> dict:
+    """``model``'s weights under LightningDiT's key names (written from denoise/models/lightningDiT.py)."""
+    ours = model.state_dict()
+    ref = {"x_embedder.proj.weight": ours["x_embedder.weight"], "x_embedder.proj.bias": ours["x_embedder.bias"],
+           "t_embedder.W": ours["t_embedder.frequencies"],
+           "y_embedder.embedding_table.weight": ours["class_embedding.weight"],
+           "pos_embed": sincos_2d_pos_embed(model.config.dim, model.grid_size)[None],
+           "feat_rope.freqs_cos": model.rope_table[..., 0].repeat_interleave(2, dim=-1),
+           "feat_rope.freqs_sin": model.rope_table[..., 1].repeat_interleave(2, dim=-1)}
+    for key, tensor in ours.items():
+        if key.startswith(("t_embedder.mlp.", "blocks.", "final_layer.")):
+            ref[key] = tensor
+    return ref
+
+
+def test_lightningdit_configs_build_and_convert_from_the_release_layout(tmp_path):
+    from vfmtok.generators.convert_dit import convert_lightningdit_checkpoint
+
+    for size, (dim, depth) in {"b": (768, 12), "l": (1024, 24), "xl": (1152, 28)}.items():
+        params = load_config(CONFIGS / f"lightningdit-{size}.yaml")["params"]
+        assert (params["dim"], params["depth"], params["head_depth"] if "head_depth" in params else 0) == (dim, depth, 0)
+        assert params["condition_silu"] is False and params["reverse_time"] is True
+    torch.manual_seed(0)
+    model = build_model(CONFIGS / "lightningdit-tiny.yaml").eval()
+    _randomise_all(model)
+    path = tmp_path / "lightning.pt"
+    torch.save({"model": {}, "ema": {f"module.{k}": v for k, v in _lightning_layout(model).items()}}, path)
+    fresh = build_model(CONFIGS / "lightningdit-tiny.yaml").eval()
+    dropped = convert_lightningdit_checkpoint(path, fresh)
+    assert sorted(dropped) == ["module.feat_rope.freqs_cos", "module.feat_rope.freqs_sin", "module.pos_embed"]
+    x, t, y = _inputs(model, 3)
+    assert torch.equal(fresh(x, t, y), model(x, t, y))
+    # a DiT^DH checkpoint or model is refused, naming what is wrong
+    ddt = DiTModel(**DDT_TINY)
+    torch.save({"ema": _reference_layout(ddt)}, tmp_path / "ddt.pt")
+    with pytest.raises(ValueError, match="s_embedder"):
+        convert_lightningdit_checkpoint(tmp_path / "ddt.pt", build_model(CONFIGS / "lightningdit-tiny.yaml"))
+    with pytest.raises(ValueError, match="head_depth=1"):
+        convert_lightningdit_checkpoint(path, ddt)
+
+
+def _reference_lightningdit(repo: str):
+    sys.path.insert(0, repo)
+    try:
+        from denoise.models.lightningDiT import LightningDiT
+    finally:
+        sys.path.remove(repo)
+    torch.manual_seed(0)
+    ref = LightningDiT(input_size=4, patch_size=1, in_channels=8, hidden_size=64, depth=2, num_heads=4,
+                       mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10).eval()
+    with torch.no_grad():  # no zero-initialised layer left: every path carries signal
+        for name, p in ref.named_parameters():
+            if name not in ("pos_embed", "t_embedder.W"):
+                p.normal_(std=0.1) if p.ndim > 1 else p.add_(0.1 * torch.randn_like(p))
+    return ref
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(not os.environ.get("VFMTOK2_REF_REPO"), reason="set VFMTOK2_REF_REPO to a VFMTok2 checkout")
+def test_parity_with_reference_lightningdit_velocity_and_euler_trajectory():
+    """Reference LightningDiT (random weights) -> convert -> DiTModel: the same velocity (<= 1e-5, fp32) and the same
+    Euler trajectory as the reference's own ODE sampler (VFMTok2 transport, shift 4, 100 grid points)."""
+    from vfmtok.generators.convert_dit import convert_lightningdit_state_dict, load_converted_state_dict
+
+    repo = os.environ["VFMTOK2_REF_REPO"]
+    ref = _reference_lightningdit(repo)
+    model = DiTModel(**{**LIGHTNING_TINY, "latent_size": 4}).eval()
+    converted, dropped = convert_lightningdit_state_dict(ref.state_dict())
+    load_converted_state_dict(model, converted)
+    assert sorted(dropped) == ["feat_rope.freqs_cos", "feat_rope.freqs_sin", "pos_embed"]
+    x = torch.randn(4, 8, 4, 4)
+    t = torch.tensor([0.0, 0.3, 0.77, 1.0])
+    y = torch.tensor([0, 3, 9, 10])  # 10 = the null class
+    with torch.no_grad():
+        expected = ref(x, t, y)  # reference convention: t = 1 is noise
+        got = model(x, 1 - t, y)
+    velocity_diff = (got + expected).abs().max().item()
+    assert expected.abs().max() > 0.1 and velocity_diff <= 1e-5, velocity_diff
+
+    sys.path.insert(0, repo)
+    try:
+        from denoise.transport import Sampler, create_transport
+    finally:
+        sys.path.remove(repo)
+    sampler = Sampler(create_transport("Linear", "velocity", time_dist_type="uniform", time_dist_shift=4.0))
+    sample_fn = sampler.sample_ode(sampling_method="euler", num_steps=100, atol=1e-6, rtol=1e-3, reverse=False)
+    noise, labels = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(5)), torch.tensor([1, 4, 7])
+    with torch.no_grad():
+        reference_path = sample_fn(noise, ref.forward, y=labels)  # (100, B, C, H, W), t from 1 down to 0.004
+        grid = 1 - torch.linspace(0, 0.999, 100)
+        grid = 4.0 * grid / (1 + 3.0 * grid)
+        ours, x_t = [noise], noise
+        for i in range(99):  # the same grid in this project's time (t_sit = 1 - t) and velocity convention
+            h = float(grid[i] - grid[i + 1])
+            x_t = x_t + h * model(x_t, torch.full((3,), 1 - float(grid[i])), labels)
+            ours.append(x_t)
+        # and the project's own sampler on that grid
+        from vfmtok.generators.transport import sample_ode
+
+        final = sample_ode(model, noise, labels, 99, times=(1 - grid).double())
+    trajectory_diff = (torch.stack(ours) - reference_path).abs().max().item()
+    sampler_diff = (final - reference_path[-1]).abs().max().item()
+    print(f"\nLightningDiT parity: velocity max |diff| {velocity_diff:.2e} (scale {expected.abs().max().item():.2f}), "
+          f"Euler trajectory (99 steps) max |diff| {trajectory_diff:.2e}, sample_ode final {sampler_diff:.2e}")
+    assert reference_path.shape[0] == 100 and trajectory_diff <= 1e-5 and sampler_diff <= 1e-5
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(not os.environ.get("VFMTOK2_REF_REPO"), reason="set VFMTOK2_REF_REPO to a VFMTok2 checkout")
+def test_the_released_statistics_file_loads_safely_with_the_release_arithmetic():
+    """The checkout's own stats/stats-500.pt: numpy (32, 256) arrays, read without unpickling anything else, and the
+    file the --official table pins (sha256)."""
+    import hashlib
+
+    from vfmtok.generators.convert_dit import read_latent_statistics
+    from vfmtok.pipelines.official import VFMTOK2_STATS_SHA256
+
+    path = Path(os.environ["VFMTOK2_REF_REPO"]) / "stats" / "stats-500.pt"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == VFMTOK2_STATS_SHA256
+    mean, std = read_latent_statistics(path)
+    raw = torch.load(path, weights_only=False)  # the checkout's own file, trusted here only to write the expectation
+    assert mean.shape == std.shape == (32, 16, 16)
+    assert torch.equal(mean, torch.tensor(raw["mean"]).reshape(32, 16, 16))
+    assert torch.equal(std, torch.tensor(raw["var"]).reshape(32, 16, 16) + 1e-5)

@@ -122,6 +122,20 @@ def test_reference_package_is_imported_beside_ours_and_ours_comes_back(tmp_path)
     assert GPTModel.__module__ == "vfmtok.generators.gpt"
 
 
+def test_a_reference_checkout_without_init_file_wins_over_ours_on_sys_path(tmp_path, monkeypatch):
+    """CVMI-Lab/VFMTok's ``vfmtok`` has no __init__.py (a namespace package): it must be found even when this
+    project's regular package stands on sys.path (PYTHONPATH), which a namespace portion never beats."""
+    checkout = tmp_path / "VFMTok"
+    (checkout / "vfmtok" / "modules").mkdir(parents=True)
+    (checkout / "vfmtok" / "modules" / "layer.py").write_text("def who():\n    return 'reference'\n")
+    ours = sys.modules["vfmtok"]
+    monkeypatch.syspath_prepend(str(Path(ours.__file__).parent.parent))  # as PYTHONPATH=<folder holding vfmtok>
+    before = list(sys.path)
+    with reference_vfmtok_package(checkout):
+        import vfmtok.modules.layer as layer
+    assert layer.who() == "reference" and sys.modules["vfmtok"] is ours and sys.path == before
+
+
 # -- a built wheel, installed on its own ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:

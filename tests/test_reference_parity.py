@@ -38,8 +38,14 @@ def reference_module():
         pytest.skip("set VFMTOK_REF_REPO (a CVMI-Lab/VFMTok checkout) and provide vfmtok_ref.py to compare")
     spec = importlib.util.spec_from_file_location("vfmtok_ref", TOOL)
     module = importlib.util.module_from_spec(spec)
-    with reference_vfmtok_package(repo):  # the checkout's package is also called `vfmtok`
+    # timm registers torch ops on its first import, reading its caller's source through inspect, which fails on the
+    # checkout's namespace package ``vfmtok`` (no __file__) in sys.modules: import it before the block
+    import timm.models.layers  # noqa: F401
+    import timm.models.registry  # noqa: F401
+    import timm.models.vision_transformer  # noqa: F401
+    with reference_vfmtok_package(repo) as modules:  # the checkout's package is also called `vfmtok`
         spec.loader.exec_module(module)
+    module.reference_modules = modules  # the shimmed modules: later blocks that build the reference reuse them
     return module, repo
 
 
@@ -60,7 +66,8 @@ def test_vfmtok_matches_the_reference_code(reference_module, tmp_path, monkeypat
     monkeypatch.chdir(repo)  # the reference reads configs/vit_transformer.yaml relative to its root
     torch.manual_seed(0)
     dim, depth = 64, 2
-    ref = ref_tool.build("dinov2_vitl14_reg", 1024, 336, dim=dim, depth=depth)
+    with reference_vfmtok_package(repo, ref_tool.reference_modules):  # it imports its modules while building
+        ref = ref_tool.build("dinov2_vitl14_reg", 1024, 336, dim=dim, depth=depth)
     for module in ref.modules():  # switch the reference decoder's attention dropout off to compare in train mode
         if hasattr(module, "dropout") and isinstance(module.dropout, float):
             module.dropout = 0.0
@@ -146,7 +153,10 @@ msf.MSDeformAttnFunction = msm.MSDeformAttnFunction = Core
 mpe.load_pretrained_dino_v2 = lambda model, path: model
 
 from omegaconf import OmegaConf
-from vfmtok.tokenizer.vfmae.vfmae import AE_models
+try:  # the checkout's layout: tokenizer/vfmae/vfmae.py (the importing process may have this suite's vfmtok)
+    from tokenizer.vfmae.vfmae import AE_models
+except ImportError:
+    from vfmtok.tokenizer.vfmae.vfmae import AE_models
 
 cfg = OmegaConf.load(os.path.join(repo, "configs/vfmae/vfmae_config.yaml"))
 cfg.encoder_config.params.dim = dim

@@ -20,8 +20,8 @@ from test_trainer import ROOT, SAMPLES, Interrupted, interrupt_after_checkpoint,
 DIT_TINY = ROOT / "configs" / "flow" / "dit-tiny.yaml"
 
 
-def flow_config(directory, flow=None, **training):
-    config = yaml.safe_load(DIT_TINY.read_text())
+def flow_config(directory, flow=None, base=DIT_TINY, **training):
+    config = yaml.safe_load(base.read_text())
     config["flow"] = {"time_schedule": "logit_normal", **(flow or {})}
     config["sampling"] = {"guidance_scale": 1.5, "steps": 4}
     config["training"] = {"batch_size": 16, "num_workers": 0, "log_every": 1, "checkpoint_every": 3,
@@ -138,3 +138,27 @@ def test_repa_training_aligns_with_the_tokenizer_vfm(latents, tmp_path):
     assert 0 < record["model/repa"] <= 2 and record["model/loss"] > record["model/mse"]
     with pytest.raises(ValueError, match="repa_weight"):
         train_flow(path, tmp_path / "other", latents=str(latents["latents"]))
+
+
+@needs_samples
+def test_lightningdit_trains_through_the_command_line_and_samples_in_the_flow_pipeline(latents, tmp_path):
+    """VFMTok2's LightningDiT (configs/flow/lightningdit-*.yaml) trains as any denoiser: `vfmtok train flow`."""
+    from vfmtok.generators import DiTModel
+    from vfmtok.pipelines.pipeline_vfmtok_flow import VFMTokFlowPipeline
+    from vfmtok.tokenizer.vfmtok import VFMTokModel
+
+    main(["latent-stats", "--latents", str(latents["latents"])])
+    config = flow_config(tmp_path, flow={"time_schedule": "uniform"}, base=ROOT / "configs/flow/lightningdit-tiny.yaml",
+                         max_steps=80, batch_size=32, checkpoint_every=80, sample_every=80)
+    assert main(["train", "flow", "--config", str(config), "--latents", str(latents["latents"]),
+                 "--output-dir", str(tmp_path / "out")]) == 0
+    records = metrics(tmp_path / "out")
+    first = sum(r["model/mse"] for r in records[:5]) / 5
+    last = sum(r["model/mse"] for r in records[-5:]) / 5
+    assert last < 0.9 * first, (first, last)
+    model = DiTModel.from_pretrained(tmp_path / "out" / "generator")
+    assert model.config.head_depth == 0 and model.config.condition_silu is False
+    tokenizer = VFMTokModel.from_pretrained(latents["tokenizer"], vfm_source=str(latents["vfm"]))
+    pipe = VFMTokFlowPipeline(tokenizer.eval(), model.eval(), None)
+    images = pipe([1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()

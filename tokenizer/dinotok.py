@@ -409,7 +409,7 @@ class DINOTokModel(FrozenVFMHolderMixin, StrictLoadingMixin, FrozenModulesMixin,
         return latent.transpose(1, 2).reshape(latent.shape[0], -1, self.grid, self.grid)
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, output_size: Optional[int] = None) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, output_size: Optional[int] = None, antialias: bool = True) -> torch.Tensor:
         """Codes (B, num_tokens) or latents (B, C, g, g) -> images (B, 3, S, S) in [-1, 1]."""
         if self.is_discrete:
             latent = self.codes_to_latent(tokens)
@@ -418,7 +418,7 @@ class DINOTokModel(FrozenVFMHolderMixin, StrictLoadingMixin, FrozenModulesMixin,
             latent = tokens.flatten(2).transpose(1, 2)
         images = self.decoder(latent.to(self.decoder.proj_in.weight.dtype))
         if output_size is not None:
-            images = resize_images(images, output_size)
+            images = resize_images(images, output_size, antialias)
         return images.clamp(-1, 1)
 
     # -- training forward -----------------------------------------------------------------------------------------

@@ -438,11 +438,11 @@ class GloTokModel(FrozenVFMHolderMixin, StrictLoadingMixin, FrozenModulesMixin, 
         return self._interleave(*indices)
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, output_size: Optional[int] = None) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, output_size: Optional[int] = None, antialias: bool = True) -> torch.Tensor:
         """Codes (B, 2 g^2) -> images (B, 3, S, S) in [-1, 1]."""
         images = self._decode_streams(self.refined_code_vectors(tokens))
         if output_size is not None:
-            images = resize_images(images, output_size)
+            images = resize_images(images, output_size, antialias)
         return images.clamp(-1, 1)
 
     # -- training forward -----------------------------------------------------------------------------------------

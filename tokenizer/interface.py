@@ -98,8 +98,9 @@ class ImageTokenizerMixin:
         """Images (B, 3, H, W) in [-1, 1] -> codes (B, num_tokens) or latents (B, *latent_shape)."""
         raise NotImplementedError
 
-    def decode(self, tokens: torch.Tensor, output_size: Optional[int] = None) -> torch.Tensor:
-        """Codes or latents -> images (B, 3, S, S) in [-1, 1]; ``S = output_size or self.output_size``."""
+    def decode(self, tokens: torch.Tensor, output_size: Optional[int] = None, antialias: bool = True) -> torch.Tensor:
+        """Codes or latents -> images (B, 3, S, S) in [-1, 1]; ``S = output_size or self.output_size`` (bicubic
+        resize of the unclamped decoder output, antialiased unless ``antialias`` is False)."""
         raise NotImplementedError
 
     @property

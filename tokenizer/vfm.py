@@ -309,11 +309,12 @@ def build_timm_vit(architecture: dict) -> nn.Module:
     return model
 
 
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bicubic, antialiased resize to ``size x size`` (identity when already that size)."""
+def resize_images(images: torch.Tensor, size: int, antialias: bool = True) -> torch.Tensor:
+    """Bicubic resize to ``size x size`` (identity when already that size), antialiased unless ``antialias`` is
+    False (plain ``F.interpolate(mode="bicubic")``, what the VFMTok release's evaluation uses for 336 -> 256)."""
     if images.shape[-2:] == (size, size):
         return images
-    return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return F.interpolate(images, size=(size, size), mode="bicubic", antialias=antialias, align_corners=False)
 
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")

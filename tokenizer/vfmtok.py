@@ -408,14 +408,14 @@ class VFMTokModel(FrozenVFMHolderMixin, StrictLoadingMixin, FrozenModulesMixin, 
         return self._latent_to_decoder_tokens(tokens)
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, output_size: Optional[int] = None) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, output_size: Optional[int] = None, antialias: bool = True) -> torch.Tensor:
         """Indices (B, num_tokens) or latents (B, C, g, g) -> images (B, 3, S, S) in [-1, 1].
 
         S is ``image_size`` unless ``output_size`` is given (bicubic resize, e.g. 336 -> 256 for ImageNet-256 FID).
         """
         images, _ = self._decode_tokens(self._tokens_to_decoder_input(tokens), semantic=False)
         if output_size is not None:
-            images = resize_images(images, output_size)
+            images = resize_images(images, output_size, antialias)
         return images.clamp(-1, 1)
 
     # -- training forward ---------------------------------------------------------------------------------------

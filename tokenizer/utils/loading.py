@@ -31,7 +31,7 @@ from vfmtok.tokenizer.utils.types import check_value
 __all__ = ["read_state_dict", "read_training_checkpoint", "key_mismatch_message", "load_state_dict_strict",
            "StrictLoadingMixin", "strip_wrapper_prefixes", "rename_by_rules", "rename_state_dict", "RenameRules",
            "meta_tensors", "download_state_dict", "DOWNLOAD_ERRORS", "bundled_file", "nonfinite_weights",
-           "check_finite_weights", "read_npz", "is_hub_id",
+           "check_finite_weights", "read_npz", "is_hub_id", "numpy_array_globals",
            "read_saved_config"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -40,8 +40,30 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 RenameRules = Sequence[tuple[str, Optional[str]]]
 
 
-def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
-    """A flat ``name -> tensor`` file: ``.safetensors``, or a torch file read with ``weights_only=True``."""
+def numpy_array_globals() -> list:
+    """What ``torch.load(weights_only=True)`` must additionally allow to rebuild plain numpy arrays of floats: exactly
+    numpy's array reconstruction (``_reconstruct``, under the name numpy 1.x pickles it with and under numpy 2's),
+    the ``ndarray`` and ``dtype`` classes and the float dtype classes. Nothing that runs code: ``_reconstruct`` is
+    ``ndarray.__new__``, and an object dtype (whose items could be anything) is not allowed."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    allowed = [(_reconstruct, "numpy.core.multiarray._reconstruct"),
+               (_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype]
+    allowed += [type(np.dtype(kind)) for kind in ("f2", "f4", "f8")]
+    return allowed
+
+
+def read_state_dict(path: Union[str, Path], allow_numpy: bool = False) -> dict[str, torch.Tensor]:
+    """A flat ``name -> tensor`` file: ``.safetensors``, or a torch file read with ``weights_only=True``.
+
+    ``allow_numpy``: the torch file may also hold numpy float arrays (VFMTok2 saves its latent statistics so), read
+    through :func:`numpy_array_globals` and returned as tensors."""
+    import numpy as np
+
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"weights file {str(path)!r} does not exist")
@@ -50,10 +72,16 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             state_dict = load_file(str(path))
+        elif allow_numpy:
+            with torch.serialization.safe_globals(numpy_array_globals()):
+                state_dict = torch.load(path, map_location="cpu", weights_only=True)
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated file, a foreign format, a pickle weights_only refuses
         raise CheckpointError(f"cannot read weights from {str(path)!r}: {type(error).__name__}: {error}") from error
+    if allow_numpy and isinstance(state_dict, dict):
+        state_dict = {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v
+                      for k, v in state_dict.items()}
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{str(path)!r} is not a flat state dict (name -> tensor)")
     return state_dict
