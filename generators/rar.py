@@ -54,10 +54,11 @@ PREFIX = 2
 
 def permutation_probability(step: int, anneal_start: int, anneal_end: int) -> float:
     """RAR's randomness annealing: the probability that a training sequence uses a random order at ``step`` (updates
-    done): 1 up to ``anneal_start``, linear down to 0 at ``anneal_end``, 0 after (``train_utils.get_rar_random_ratio``)."""
+    done): 1 before ``anneal_start``, linear down to 0 at ``anneal_end``, 0 after (``train_utils.get_rar_random_ratio``;
+    with ``anneal_start == anneal_end`` a step from 1 to 0 there, where the reference would divide by zero)."""
     if step < anneal_start:
         return 1.0
-    if step > anneal_end:
+    if step >= anneal_end:
         return 0.0
     return 1.0 - (step - anneal_start) / (anneal_end - anneal_start)
 

@@ -170,6 +170,9 @@ class TrainingConfig:
         if not 0 <= self.min_learning_rate <= self.learning_rate:
             raise InvalidValueError(f"{source}: min_learning_rate must be in [0, learning_rate], got "
                                     f"{self.min_learning_rate!r}")
+        if self.min_learning_rate > 0 and self.lr_scheduler == "constant":
+            raise InvalidValueError(f"{source}: min_learning_rate ({self.min_learning_rate!r}) is where a cosine or "
+                                    f"linear schedule ends; lr_scheduler is 'constant'")
         if self.weight_decay < 0:
             raise InvalidValueError(f"{source}: weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0 <= self.max_unreadable_fraction <= 1:
