@@ -101,8 +101,10 @@ def _protocol(pipe, settings: dict[str, Any], reference: ImageSource, extractor:
         "labels": settings["labels"],
         "seed": settings["seed"], "guidance_scale": settings["guidance_scale"],
         "guided_channels": _GUIDANCE_CHANNELS, "sampler_options": settings["options"],
-        "resolution": f"generated at {tokenizer.output_size}, resized to {settings['output_size']} by the tokenizer's "
-                      "decode (bicubic, antialiased)" if tokenizer.output_size != settings["output_size"]
+        "resolution": f"generated at {tokenizer.output_size}, resized to {settings['output_size']} " + (
+            "by bicubic interpolation without antialiasing (the reference evaluation's)"
+            if pipe.config.get("output_resize") == "bicubic" else "by the tokenizer's decode (bicubic, antialiased)")
+        if tokenizer.output_size != settings["output_size"]
         else f"generated at {settings['output_size']}",
         "uint8_conversion": "round(clip(x, 0, 1) * 255)",
         "reference": str(reference.path), "reference_sha256": reference.content_hash,

@@ -94,6 +94,7 @@ def convert_rar_release(name: str, tokenizer_checkpoint: str | Path, generator_c
     generator = build_model(generator_config or release["config"])
     convert_rar_checkpoint(generator_checkpoint, generator, prefer=prefer)
     pipe = assemble_pipeline(tokenizer, generator, evaluation=release_evaluation(name))
+    pipe.register_to_config(output_resize="bicubic")  # test_net.py's 336 -> 256 resize (decode_tokens)
     sampling = dict(release["sampling"])
     pipe.set_default_guidance_scale(sampling.pop("guidance_scale"))
     pipe.set_default_sampler_options(sampling)

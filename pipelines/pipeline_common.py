@@ -313,11 +313,15 @@ class VFMTokPipelineBase(DiffusionPipeline):
             images: Any = raw
         else:
             tokenizer = getattr(self, self._image_tokenizer_name)
-            decoded = torch.cat([tokenizer.decode(chunk, output_size=output_size) for chunk in raw.split(size)])
+            decoded = torch.cat([self._decode_images(tokenizer, chunk, output_size) for chunk in raw.split(size)])
             _check_finite(decoded, "the decoded images", settings)
             images = self._convert(decoded, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _decode_images(self, tokenizer, raw: torch.Tensor, output_size: Optional[int]) -> torch.Tensor:
+        """Codes / latents -> images in [-1, 1] at ``output_size`` (the tokenizer's resize)."""
+        return tokenizer.decode(raw, output_size=output_size)
 
     def _convert(self, images: torch.Tensor, output_type: str) -> Any:
         """Decoded images in [-1, 1] -> "pt" (B, 3, H, W) in [0, 1], "np" (B, H, W, 3) in [0, 1] or PIL images."""

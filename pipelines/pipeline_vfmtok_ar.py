@@ -5,12 +5,19 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from vfmtok.generators.interface import SAMPLING_OPTIONS, AutoregressiveGeneratorMixin
 from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError
 from vfmtok.pipelines.pipeline_common import ClassLabels, VFMTokPipelineBase
 
-__all__ = ["VFMTokARPipeline"]
+__all__ = ["VFMTokARPipeline", "OUTPUT_RESIZE"]
+
+# How decoded images reach another ``output_size``: "antialias" = the tokenizer's own resize (antialiased bicubic);
+# "bicubic" = ``F.interpolate(mode="bicubic")`` without antialiasing, as the
+# VFMTok-RAR / LlamaGen evaluation scripts resize 336 -> 256 (``decode_tokens``), so that released pipelines
+# generate the images their published numbers were measured on.
+OUTPUT_RESIZE = ("antialias", "bicubic")
 
 
 class VFMTokARPipeline(VFMTokPipelineBase):
@@ -28,7 +35,7 @@ class VFMTokARPipeline(VFMTokPipelineBase):
 
     def __init__(self, vqvae, transformer, id2label: Optional[dict] = None, evaluation: Optional[dict] = None,
                  default_guidance_scale: Optional[float] = None,
-                 default_sampler_options: Optional[dict[str, Any]] = None):
+                 default_sampler_options: Optional[dict[str, Any]] = None, output_resize: str = "antialias"):
         super().__init__()
         if not isinstance(transformer, AutoregressiveGeneratorMixin):
             raise CheckpointError(f"the AR pipeline needs an autoregressive generator over codes; "
@@ -48,6 +55,9 @@ class VFMTokARPipeline(VFMTokPipelineBase):
         self.register_modules(vqvae=vqvae, transformer=transformer)
         self._register_labels(id2label, evaluation, config.num_classes, default_guidance_scale)
         self.set_default_sampler_options(default_sampler_options)
+        if output_resize not in OUTPUT_RESIZE:
+            raise InvalidValueError(f"output_resize must be one of {OUTPUT_RESIZE}, got {output_resize!r}")
+        self.register_to_config(output_resize=output_resize)
 
     def set_default_sampler_options(self, options: Optional[dict[str, Any]]) -> None:
         """The sampler options (``guidance_schedule``, ``guidance_power``, ``guidance_interval``, ``temperature``,
@@ -61,6 +71,14 @@ class VFMTokARPipeline(VFMTokPipelineBase):
                                          resolved["guidance_interval"])
         self.transformer._check_sampler(resolved["temperature"], resolved["top_k"], resolved["top_p"])
         self.register_to_config(default_sampler_options=options or None)
+
+    def _decode_images(self, tokenizer, raw: torch.Tensor, output_size: Optional[int]) -> torch.Tensor:
+        if self.config.get("output_resize", "antialias") == "antialias" or output_size is None or \
+                output_size == tokenizer.output_size:
+            return tokenizer.decode(raw, output_size=output_size)
+        # The reference resizes the decoder's unclamped output; the tokenizer interface hands out images clamped to
+        # [-1, 1] (pixels the decoder pushed past the range differ at most where they border such values).
+        return F.interpolate(tokenizer.decode(raw), size=(output_size, output_size), mode="bicubic").clamp(-1, 1)
 
     def sampler_defaults(self) -> dict[str, Any]:
         """The sampler options a call uses for those it leaves None."""

@@ -420,3 +420,18 @@ def test_a_release_converts_into_a_pipeline_with_its_published_sampling(tmp_path
     assert (tmp_path / "out" / "model_index.json").is_file()
     with pytest.raises(InvalidValueError, match="RAR-M"):
         convert_rar_release("RAR-M", tmp_path / "vfmtok-tokenizer.pt", tmp_path / "model.safetensors")
+
+
+def test_bicubic_output_resize_is_the_reference_evaluations(rar_pipe):
+    from vfmtok.pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
+
+    pipe = VFMTokARPipeline(rar_pipe.vqvae, rar_pipe.transformer, output_resize="bicubic")
+    codes = pipe([1, 2], generator=torch.Generator().manual_seed(2), output_type="codes").images
+    images = pipe([1, 2], generator=torch.Generator().manual_seed(2), output_type="pt", output_size=48).images
+    native = pipe.vqvae.decode(codes)  # F.interpolate(mode="bicubic"), no antialiasing, as decode_tokens
+    expected = (F.interpolate(native, size=(48, 48), mode="bicubic").clamp(-1, 1) + 1) / 2
+    assert (images - expected).abs().max() < 1e-6
+    antialiased = (pipe.vqvae.decode(codes, output_size=48) + 1) / 2  # the default ("antialias") resize
+    assert (antialiased - expected).abs().max() > 1e-3
+    with pytest.raises(InvalidValueError, match="output_resize"):
+        VFMTokARPipeline(rar_pipe.vqvae, rar_pipe.transformer, output_resize="nearest")
