@@ -76,9 +76,9 @@ class VFMTokARPipeline(VFMTokPipelineBase):
         if self.config.get("output_resize", "antialias") == "antialias" or output_size is None or \
                 output_size == tokenizer.output_size:
             return tokenizer.decode(raw, output_size=output_size)
-        # The reference resizes the decoder's unclamped output; the tokenizer interface hands out images clamped to
-        # [-1, 1] (pixels the decoder pushed past the range differ at most where they border such values).
-        return F.interpolate(tokenizer.decode(raw), size=(output_size, output_size), mode="bicubic").clamp(-1, 1)
+        # as the reference: the decoder's unclamped output is resized, then clamped
+        images = tokenizer.decode_unclamped(raw)
+        return F.interpolate(images, size=(output_size, output_size), mode="bicubic").clamp(-1, 1)
 
     def sampler_defaults(self) -> dict[str, Any]:
         """The sampler options a call uses for those it leaves None."""

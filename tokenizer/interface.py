@@ -102,6 +102,11 @@ class ImageTokenizerMixin:
         """Codes or latents -> images (B, 3, S, S) in [-1, 1]; ``S = output_size or self.output_size``."""
         raise NotImplementedError
 
+    def decode_unclamped(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The decoder's output at ``output_size`` before clamping to [-1, 1] (the official evaluation scripts resize
+        it as it is). Families that do not expose it return :meth:`decode`'s clamped images."""
+        return self.decode(tokens)
+
     @property
     def last_decoder_layer(self) -> torch.Tensor:
         """The weight of the decoder's last layer (taming's adaptive GAN weight balances gradients there)."""

@@ -413,10 +413,16 @@ class VFMTokModel(FrozenVFMHolderMixin, StrictLoadingMixin, FrozenModulesMixin, 
 
         S is ``image_size`` unless ``output_size`` is given (bicubic resize, e.g. 336 -> 256 for ImageNet-256 FID).
         """
-        images, _ = self._decode_tokens(self._tokens_to_decoder_input(tokens), semantic=False)
+        images = self.decode_unclamped(tokens)
         if output_size is not None:
             images = resize_images(images, output_size)
         return images.clamp(-1, 1)
+
+    @torch.no_grad()
+    def decode_unclamped(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The decoder's output (B, 3, image_size, image_size) before clamping to [-1, 1]."""
+        images, _ = self._decode_tokens(self._tokens_to_decoder_input(tokens), semantic=False)
+        return images
 
     # -- training forward ---------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, semantic: bool = True,
