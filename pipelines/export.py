@@ -14,7 +14,7 @@ from typing import Any, Optional
 from vfmtok.evaluation.benchmark import card_results
 from vfmtok.pipelines.convert import assemble_pipeline
 from vfmtok.tokenizer.utils.atomic import atomic_directory
-from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError, MissingFileError, OutputExistsError
+from vfmtok.tokenizer.utils.errors import InvalidValueError, MissingFileError, OutputExistsError
 
 __all__ = ["export_pipeline", "run_model_folder"]
 
