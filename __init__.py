@@ -23,6 +23,8 @@ _EXPORTS: dict[str, str] = {
     "GloTokModel": "vfmtok.tokenizer.glotok",
     "FrozenVFM": "vfmtok.tokenizer.vfm",
     "GPTModel": "vfmtok.generators.gpt",
+    "RARModel": "vfmtok.generators.rar",
+    "AutoregressiveGeneratorMixin": "vfmtok.generators.interface",
     "DiTModel": "vfmtok.generators.dit",
     "build_model": "vfmtok.pipelines.config",
     "load_config": "vfmtok.pipelines.config",

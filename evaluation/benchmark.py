@@ -112,8 +112,9 @@ def _protocol(pipe, settings: dict[str, Any], reference: ImageSource, extractor:
         "package_versions": _package_versions(),
     }
     if kind == "VFMTokARPipeline":
-        protocol["sampler_options"] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "guidance_schedule": "constant",
-                                       **settings["options"]}
+        # every option the samples were drawn with: the pipeline's (or its generator family's) defaults, then those
+        # given (a RAR pipeline's power-cosine guidance is recorded as such)
+        protocol["sampler_options"] = {**pipe.sampler_defaults(), **settings["options"]}
     else:
         defaults = dict(getattr(pipe, "sampling_protocol", {}))  # steps, shift, final sigma the pipeline samples with
         defaults.pop("guidance_interval", None)

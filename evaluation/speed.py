@@ -185,7 +185,7 @@ def speed_ar(config_path: str, device: str = "cpu", batch_size: int = 8, cfg: bo
     def generate():
         with _autocast(device_t, precision):
             model.generate(labels, guidance_scale=guidance_scale if cfg else 1.0, generator=generator,
-                           use_kv_cache=kv_cache, compile_decode=compile)
+                           use_kv_cache=kv_cache, **({"compile_decode": True} if compile else {}))
 
     seconds = time_call(generate, device_t, steps, warmup, windows=windows)
     tokens = batch_size * model.config.num_tokens

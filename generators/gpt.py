@@ -41,11 +41,11 @@ from torch import nn
 from vfmtok.tokenizer.utils.errors import InvalidValueError
 from vfmtok.tokenizer.utils.types import class_label_tensor, finite_number
 from vfmtok.tokenizer.utils.loading import StrictLoadingMixin
+from vfmtok.generators.interface import GUIDANCE_SCHEDULES, AutoregressiveGeneratorMixin, filter_logits
 from vfmtok.generators.layers import RMSNorm, apply_rotary_embedding, rope_2d_table
 
 __all__ = ["GPTModel", "KVCache", "GUIDANCE_SCHEDULES", "filter_logits", "ffn_hidden_dim"]
 
-GUIDANCE_SCHEDULES = ("constant", "linear", "cosine_power", "interval")
 CLASS_TOKEN_ROPE = ("zero", "none")
 
 
@@ -55,26 +55,6 @@ def ffn_hidden_dim(dim: int, multiple_of: int = 256, dim_multiplier: Optional[fl
     if dim_multiplier is not None:
         hidden = int(dim_multiplier * hidden)
     return -(-hidden // multiple_of) * multiple_of
-
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set logits outside the top-k (``top_k > 0``) and outside the nucleus (``top_p < 1``) to -inf (a copy).
-
-    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``: a token is dropped when
-    the tokens ranked before it already hold more than ``top_p``; the most likely token is always kept.
-    """
-    logits = logits.clone()
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        drop_sorted = mass_before > top_p
-        drop_sorted[..., 0] = False
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -166,7 +146,7 @@ class KVCache:
 # ----------------------------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------------------------
-class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
+class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGeneratorMixin):
     """LlamaGen-style class-conditional GPT over ``num_tokens`` image tokens (a square grid).
 
     ``forward(tokens, class_labels)`` -> teacher-forced logits (training); ``generate(class_labels, ...)`` -> sampled
@@ -268,16 +248,6 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         # .half() / .to(bfloat16) would round the rotation table: keep it fp32 (as the reference does).
         self.rope = self._rope_table(self.rope.device)
         return self
-
-    # -- properties ---------------------------------------------------------------------------------------------
-    @property
-    def num_tokens(self) -> int:
-        return self.config.num_tokens
-
-    @property
-    def null_class(self) -> int:
-        """The class id of the unconditional (dropped) label: ``num_classes``."""
-        return self.config.num_classes
 
     # -- core ---------------------------------------------------------------------------------------------------
     def _check_labels(self, class_labels: torch.Tensor, allow_null: bool) -> None:
@@ -434,50 +404,6 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         return self._run(x, where, view, attend_to_whole_cache=True)[:, 0]
 
     # -- sampling -----------------------------------------------------------------------------------------------
-    def guidance_scales(self, guidance_scale: float, guidance_schedule: str = "constant",
-                        guidance_power: float = 2.75, guidance_interval: Optional[int] = None) -> list[float]:
-        """The CFG scale s_t used for image token t = 0 .. num_tokens - 1 (t tokens already generated), T = num_tokens:
-
-        * constant: s_t = s (LlamaGen);
-        * linear: s_t = 1 + (s - 1) * t / T (ramp from no guidance; the MAR / VAR idea);
-        * cosine_power: s_t = 1 + (s - 1) * (1 - cos(pi * (t / T) ** power)) / 2 (RAR's "power-cosine", same t / T);
-        * interval: s_t = s for t < guidance_interval, then 1.
-
-        ``guidance_interval`` (with any schedule) sets s_t = 1 from token ``guidance_interval`` on. LlamaGen's
-        ``cfg_interval = k`` guides tokens 0 .. k + 1, i.e. ``guidance_interval = k + 2``.
-        """
-        self._check_guidance(guidance_scale, guidance_schedule, guidance_power, guidance_interval)
-        guidance_scale, guidance_power = float(guidance_scale), float(guidance_power)
-        total = self.num_tokens
-        scales = []
-        for t in range(total):
-            if guidance_schedule == "linear":
-                s = 1.0 + (guidance_scale - 1.0) * t / total
-            elif guidance_schedule == "cosine_power":
-                s = 1.0 + (guidance_scale - 1.0) * (1.0 - math.cos(math.pi * (t / total) ** guidance_power)) / 2.0
-            else:
-                s = float(guidance_scale)
-            if guidance_interval is not None and t >= guidance_interval:
-                s = 1.0
-            scales.append(s)
-        return scales
-
-    def _check_guidance(self, guidance_scale, guidance_schedule, guidance_power, guidance_interval) -> None:
-        guidance_scale = finite_number("guidance_scale", guidance_scale)
-        guidance_power = finite_number("guidance_power", guidance_power)
-        if guidance_scale < 0:
-            raise InvalidValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise InvalidValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
-        if guidance_power <= 0:
-            raise InvalidValueError(f"guidance_power must be > 0, got {guidance_power}")
-        if guidance_schedule == "interval" and guidance_interval is None:
-            raise InvalidValueError("guidance_schedule='interval' needs guidance_interval (the number of guided "
-                                    "tokens)")
-        if guidance_interval is not None and not (isinstance(guidance_interval, int) and guidance_interval >= 0):
-            raise InvalidValueError(f"guidance_interval must be an integer >= 0 (number of guided tokens), "
-                             f"got {guidance_interval!r}")
-
     @torch.no_grad()
     def generate(
         self,
@@ -584,15 +510,6 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         finally:
             self.train(was_training)
         return (tokens, all_logits) if return_logits else tokens
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-        logits = logits / temperature
-        if top_k > 0 or top_p < 1.0:
-            logits = filter_logits(logits, top_k, top_p)
-        probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
 
     # -- reporting ----------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

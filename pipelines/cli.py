@@ -194,7 +194,7 @@ def _benchmark(args: argparse.Namespace) -> None:
     options = {name: value for name, value in (
         ("num_inference_steps", args.num_inference_steps), ("sampler", args.sampler),
         ("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
-        ("guidance_schedule", args.guidance_schedule)) if value is not None}
+        ("guidance_schedule", args.guidance_schedule), ("guidance_power", args.guidance_power)) if value is not None}
     report = run_benchmark(args.pipeline, args.output_dir, args.num_samples, args.guidance_scales, args.reference,
                            labels=args.labels, seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size,
                            output_size=args.output_size, inception_weights=args.inception_weights,
@@ -509,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--top-k", type=int, default=None, help="AR pipelines")
     bench.add_argument("--top-p", type=float, default=None, help="AR pipelines")
     bench.add_argument("--guidance-schedule", default=None, help="AR pipelines: constant, linear, cosine_power, "
-                                                                 "interval")
+                                                                 "interval (default: the pipeline's)")
+    bench.add_argument("--guidance-power", type=float, default=None, help="AR pipelines: cosine_power's exponent "
+                                                                          "(default: the pipeline's)")
     bench.add_argument("--update-model-card", action="store_true", help="record the results in the (local) "
                                                                        "pipeline folder's model card")
     bench.set_defaults(run=_benchmark)

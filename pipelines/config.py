@@ -43,6 +43,7 @@ MODEL_CLASSES: dict[str, str] = {
     "DINOTokModel": "vfmtok.tokenizer.dinotok:DINOTokModel",
     "GloTokModel": "vfmtok.tokenizer.glotok:GloTokModel",
     "GPTModel": "vfmtok.generators.gpt:GPTModel",
+    "RARModel": "vfmtok.generators.rar:RARModel",
     "DiTModel": "vfmtok.generators.dit:DiTModel",
 }
 
@@ -102,6 +103,7 @@ class TrainingConfig:
     weight_decay: float = 0.0
     lr_scheduler: str = "constant"  # constant | cosine | linear, after a linear warm-up
     lr_warmup_steps: int = 0
+    min_learning_rate: float = 0.0  # cosine / linear schedules end here instead of 0 (RAR: 1e-5)
     max_grad_norm: Optional[float] = 1.0
     ema_decay: float = 0.9999
     seed: int = 0
@@ -165,6 +167,12 @@ class TrainingConfig:
             raise InvalidValueError(f"{source}: betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise InvalidValueError(f"{source}: max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}")
+        if not 0 <= self.min_learning_rate <= self.learning_rate:
+            raise InvalidValueError(f"{source}: min_learning_rate must be in [0, learning_rate], got "
+                                    f"{self.min_learning_rate!r}")
+        if self.min_learning_rate > 0 and self.lr_scheduler == "constant":
+            raise InvalidValueError(f"{source}: min_learning_rate ({self.min_learning_rate!r}) is where a cosine or "
+                                    f"linear schedule ends; lr_scheduler is 'constant'")
         if self.weight_decay < 0:
             raise InvalidValueError(f"{source}: weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0 <= self.max_unreadable_fraction <= 1:
@@ -178,9 +186,13 @@ class TrainingConfig:
 
 @dataclasses.dataclass
 class ARSamplingConfig:
-    """The ``sampling:`` section of a GPT config: the defaults of sample grids and of the AR pipeline."""
+    """The ``sampling:`` section of an AR generator config (GPT, RAR): the defaults of sample grids and of the AR
+    pipeline. Options left null take the generator family's ``default_sampling``."""
 
     guidance_scale: float = 2.0  # LlamaGen's recommendation for B / L; XL / XXL 1.75, 3B 1.65
+    guidance_schedule: Optional[str] = None  # constant | linear | cosine_power | interval
+    guidance_power: Optional[float] = None  # cosine_power's exponent
+    temperature: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -216,6 +228,7 @@ SECTIONS: dict[str, dict[str, Callable[[], Any]]] = {
     "DINOTokModel": {"training": lambda: TrainingConfig, "loss": _tokenizer_loss_class},
     "GloTokModel": {"training": lambda: TrainingConfig, "loss": _tokenizer_loss_class},
     "GPTModel": {"training": lambda: TrainingConfig, "sampling": lambda: ARSamplingConfig},
+    "RARModel": {"training": lambda: TrainingConfig, "sampling": lambda: ARSamplingConfig},
     "DiTModel": {"training": lambda: TrainingConfig, "sampling": lambda: FlowSamplingConfig,
                  "flow": lambda: FlowConfig},
 }

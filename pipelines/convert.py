@@ -2,6 +2,8 @@
 
 * ``ar``: a VFMTok tokenizer checkpoint (CVMI-Lab/VFMTok ``VQModel``, :mod:`vfmtok.tokenizer.convert`) and a VFMTok / LlamaGen
   GPT checkpoint (:mod:`vfmtok.generators.convert_gpt`) -> :class:`VFMTokARPipeline`;
+* a RAR release (:func:`convert_rar_release`; the release facts are data in :mod:`vfmtok.generators.convert_rar`): the
+  VFMTok tokenizer and a RAR ``.safetensors`` -> :class:`VFMTokARPipeline` sampling as behind the published numbers;
 * ``flow``: a VFMAE checkpoint (CVMI-Lab/VFMTok2 ``AutoencoderAE``) and a DiT^DH or LightningDiT checkpoint
   (:mod:`vfmtok.generators.convert_dit`; which one the generator config says: a head or none), with the latent
   statistics file the release ships -> :class:`VFMTokFlowPipeline`.
@@ -21,17 +23,18 @@ from vfmtok.tokenizer.utils.atomic import atomic_directory
 from vfmtok.tokenizer.utils.errors import InvalidValueError, OutputExistsError
 from vfmtok.pipelines.config import build_model
 
-__all__ = ["convert_official_pipeline", "assemble_pipeline"]
+__all__ = ["convert_official_pipeline", "assemble_pipeline", "convert_rar_release"]
 
 
 def assemble_pipeline(tokenizer, generator, id2label: Optional[dict] = None, evaluation: Optional[dict] = None,
                       weak_generator=None):
-    """The pipeline for a tokenizer and a generator: :class:`VFMTokARPipeline` for a GPT over codes,
+    """The pipeline for a tokenizer and a generator: :class:`VFMTokARPipeline` for an autoregressive generator (GPT,
+    RAR) over codes,
     :class:`VFMTokFlowPipeline` (diffusers' default flow scheduler) for a denoiser over latents. The pipeline checks
     that the two fit (a continuous tokenizer under a GPT is refused there, naming both)."""
-    from vfmtok.generators.gpt import GPTModel
+    from vfmtok.generators.interface import AutoregressiveGeneratorMixin
 
-    if isinstance(generator, GPTModel):
+    if isinstance(generator, AutoregressiveGeneratorMixin):
         from vfmtok.pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
 
         if weak_generator is not None:
@@ -82,3 +85,37 @@ def convert_official_pipeline(kind: str, tokenizer_checkpoint: str, tokenizer_co
     with atomic_directory(output) as staging:
         pipe.save_pretrained(staging)
     return output
+
+
+def convert_rar_release(name: str, tokenizer_checkpoint: str | Path, generator_checkpoint: str | Path,
+                        output_dir: Optional[str | Path] = None, tokenizer_config: Optional[str] = None,
+                        generator_config: Optional[str] = None, prefer: str = "ema"):
+    """One VFMTok-RAR release (``RAR-L-ultra``, ``RAR-L``, ``RAR-XL``, ``RAR-XXL``; see
+    :data:`vfmtok.generators.convert_rar.RAR_RELEASES`) from its downloaded files (``DINOv2/tokenizer/
+    vfmtok-tokenizer.pt`` and the generator's ``.safetensors``) -> a :class:`VFMTokARPipeline` whose defaults are the
+    sampling behind the published gFID with CFG (``pipe(...)``; ``guidance_scale=1`` gives the CFG-free numbers' setting)
+    and whose model card holds the published numbers. Saved (atomically) into ``output_dir`` when given. The configs
+    default to the release's (``tokenizer_config`` / ``generator_config`` replace them, e.g. tiny ones in tests)."""
+    from vfmtok.generators.convert_rar import (RAR_RELEASES, TOKENIZER_RELEASE, convert_rar_checkpoint,
+                                               release_evaluation)
+    from vfmtok.tokenizer.convert import convert_reference_checkpoint
+
+    if name not in RAR_RELEASES:
+        raise InvalidValueError(f"unknown RAR release {name!r}; known: {sorted(RAR_RELEASES)}")
+    release = RAR_RELEASES[name]
+    output = Path(output_dir) if output_dir is not None else None
+    if output is not None and output.exists() and any(output.iterdir()):
+        raise OutputExistsError(f"output directory {str(output)!r} already exists and is not empty")
+    tokenizer = build_model(tokenizer_config or TOKENIZER_RELEASE["config"])
+    convert_reference_checkpoint(tokenizer_checkpoint, tokenizer, prefer=prefer)
+    generator = build_model(generator_config or release["config"])
+    convert_rar_checkpoint(generator_checkpoint, generator, prefer=prefer)
+    pipe = assemble_pipeline(tokenizer, generator, evaluation=release_evaluation(name))
+    pipe.set_resize_protocol(antialias=False, output_size=256)  # test_net.py's 336 -> 256 (decode_tokens)
+    sampling = dict(release["sampling"])
+    pipe.set_default_guidance_scale(sampling.pop("guidance_scale"))
+    pipe.set_default_sampler_options(sampling)
+    if output is not None:
+        with atomic_directory(output) as staging:
+            pipe.save_pretrained(staging)
+    return pipe

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from vfmtok.evaluation.benchmark import card_results
 from vfmtok.pipelines.convert import assemble_pipeline
 from vfmtok.tokenizer.utils.atomic import atomic_directory
-from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError, MissingFileError, OutputExistsError
+from vfmtok.tokenizer.utils.errors import InvalidValueError, MissingFileError, OutputExistsError
 
 __all__ = ["export_pipeline", "run_model_folder"]
 
@@ -34,14 +34,9 @@ def run_model_folder(path: str, export_name: str) -> str:
 
 
 def _load_generator(path: str):
-    from vfmtok.generators import DiTModel, GPTModel
-    from vfmtok.tokenizer.utils.loading import read_saved_config
+    from vfmtok.generators import load_generator
 
-    name = read_saved_config(GPTModel, path).get("_class_name")  # any ConfigMixin reads config.json
-    classes = {cls.__name__: cls for cls in (GPTModel, DiTModel)}
-    if name not in classes:
-        raise CheckpointError(f"{path}: config.json names {name!r}; a generator is one of {sorted(classes)}")
-    return classes[name].from_pretrained(path)
+    return load_generator(path)
 
 
 def _id2label(id2label_file: Optional[str], data: Optional[str]) -> Optional[dict[str, str]]:

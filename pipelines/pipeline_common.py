@@ -357,6 +357,10 @@ class VFMTokPipelineBase(DiffusionPipeline):
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
+    def _decode_images(self, tokenizer, raw: torch.Tensor, output_size: Optional[int]) -> torch.Tensor:
+        """Codes / latents -> images in [-1, 1] at ``output_size`` (the tokenizer's resize)."""
+        return tokenizer.decode(raw, output_size=output_size)
+
     def _convert(self, images: torch.Tensor, output_type: str) -> Any:
         """Decoded images in [-1, 1] -> "pt" (B, 3, H, W) in [0, 1], "np" (B, H, W, 3) in [0, 1] or PIL images."""
         images = (images.float() / 2 + 0.5).clamp(0, 1)

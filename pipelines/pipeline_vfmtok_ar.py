@@ -1,10 +1,12 @@
-"""Class-conditional generation with a discrete tokenizer and an autoregressive GPT over its codes."""
+"""Class-conditional generation with a discrete tokenizer and an autoregressive generator over its codes (any family
+of :class:`vfmtok.generators.interface.AutoregressiveGeneratorMixin`: the LlamaGen-style GPT, RAR)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from vfmtok.generators.interface import SAMPLING_OPTIONS, AutoregressiveGeneratorMixin
 from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError
 from vfmtok.pipelines.pipeline_common import ClassLabels, VFMTokPipelineBase
 
@@ -12,8 +14,12 @@ __all__ = ["VFMTokARPipeline"]
 
 
 class VFMTokARPipeline(VFMTokPipelineBase):
-    """``vqvae`` (any discrete tokenizer of the interface) + ``transformer`` (a :class:`vfmtok.generators.GPTModel` over its
-    codes). ``pipe(207)`` returns an ``ImagePipelineOutput`` with one image of class 207."""
+    """``vqvae`` (any discrete tokenizer of the interface) + ``transformer`` (any autoregressive generator of the
+    interface over its codes: :class:`vfmtok.generators.GPTModel`, :class:`vfmtok.generators.RARModel`).
+    ``pipe(207)`` returns an ``ImagePipelineOutput`` with one image of class 207.
+
+    Sampler options a call leaves None come from ``default_sampler_options`` (saved with the pipeline, e.g. the
+    settings behind a release's published numbers), else from the generator family's ``default_sampling``."""
 
     model_cpu_offload_seq = "transformer->vqvae"
     _image_tokenizer_name = "vqvae"
@@ -22,24 +28,29 @@ class VFMTokARPipeline(VFMTokPipelineBase):
 
     def __init__(self, vqvae, transformer, id2label: Optional[dict] = None, evaluation: Optional[dict] = None,
                  default_guidance_scale: Optional[float] = None, resize_antialias: bool = True,
-                 default_output_size: Optional[int] = None, source: Optional[dict] = None):
+                 default_output_size: Optional[int] = None, source: Optional[dict] = None,
+                 default_sampler_options: Optional[dict[str, Any]] = None):
         super().__init__()
+        if not isinstance(transformer, AutoregressiveGeneratorMixin):
+            raise CheckpointError(f"the AR pipeline needs an autoregressive generator over codes; "
+                                  f"{type(transformer).__name__} is not one")
         if not getattr(vqvae, "is_discrete", False):
             raise CheckpointError(f"the AR pipeline needs a discrete tokenizer (codes); {type(vqvae).__name__} "
                                   f"encodes to continuous latents")
         layout, config = vqvae.code_layout, transformer.config
         if (layout.vocab_size, layout.num_tokens) != (config.vocab_size, config.num_tokens):
             raise CheckpointError(f"the tokenizer's codes (vocab_size {layout.vocab_size}, num_tokens "
-                                  f"{layout.num_tokens}) do not fit the GPT (vocab_size {config.vocab_size}, "
-                                  f"num_tokens {config.num_tokens})")
-        gpt_sizes = tuple(config.get("codebook_sizes") or (config.vocab_size,))
-        if tuple(layout.codebook_sizes) != gpt_sizes:
-            raise CheckpointError(f"the tokenizer's codebooks {list(layout.codebook_sizes)} do not match the GPT's "
-                                  f"codebook_sizes {list(gpt_sizes)} (one code per codebook and grid cell)")
+                                  f"{layout.num_tokens}) do not fit the {type(transformer).__name__} (vocab_size "
+                                  f"{config.vocab_size}, num_tokens {config.num_tokens})")
+        if tuple(layout.codebook_sizes) != transformer.codebook_sizes:
+            raise CheckpointError(f"the tokenizer's codebooks {list(layout.codebook_sizes)} do not match the "
+                                  f"{type(transformer).__name__}'s codebook_sizes {list(transformer.codebook_sizes)} "
+                                  f"(one code per codebook and grid cell)")
         self.register_modules(vqvae=vqvae, transformer=transformer)
         self._register_labels(id2label, evaluation, config.num_classes, default_guidance_scale)
         self.set_resize_protocol(resize_antialias, default_output_size)
         self.set_source(source)
+        self.set_default_sampler_options(default_sampler_options)
 
     def set_resize_protocol(self, antialias: bool = True, output_size: Optional[int] = None) -> None:
         """How images are resized when a call asks for another size (``antialias``: bicubic with antialiasing, else
@@ -59,17 +70,34 @@ class VFMTokARPipeline(VFMTokPipelineBase):
                 else "bicubic F.interpolate, no antialiasing (as the release's evaluation)",
                 "output_size": self.config.get("default_output_size") or self.vqvae.output_size}
 
+    def set_default_sampler_options(self, options: Optional[dict[str, Any]]) -> None:
+        """The sampler options (``guidance_schedule``, ``guidance_power``, ``guidance_interval``, ``temperature``,
+        ``top_k``, ``top_p``) ``pipe(...)`` uses when given none (saved with the pipeline); None: the generator's."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(SAMPLING_OPTIONS))
+        if unknown:
+            raise InvalidValueError(f"unknown sampler option(s) {unknown}; known: {list(SAMPLING_OPTIONS)}")
+        resolved = self.transformer.sampling_options(**options)
+        self.transformer.guidance_scales(1.0, resolved["guidance_schedule"], resolved["guidance_power"],
+                                         resolved["guidance_interval"])
+        self.transformer._check_sampler(resolved["temperature"], resolved["top_k"], resolved["top_p"])
+        self.register_to_config(default_sampler_options=options or None)
+
+    def sampler_defaults(self) -> dict[str, Any]:
+        """The sampler options a call uses for those it leaves None."""
+        return self.transformer.sampling_options(**(self.config.get("default_sampler_options") or {}))
+
     @torch.no_grad()
     def __call__(
         self,
         class_labels: ClassLabels,
         guidance_scale: Optional[float] = None,
-        guidance_schedule: str = "constant",
-        guidance_power: float = 2.75,
+        guidance_schedule: Optional[str] = None,
+        guidance_power: Optional[float] = None,
         guidance_interval: Optional[int] = None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        temperature: Optional[float] = None,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
         num_images_per_class: int = 1,
         batch_size: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
@@ -82,8 +110,9 @@ class VFMTokARPipeline(VFMTokPipelineBase):
     ) -> Any:
         """Sample images of ``class_labels`` (ids, names, a list or a tensor of them).
 
-        ``guidance_*``, ``temperature``, ``top_k``, ``top_p``: as :meth:`vfmtok.generators.GPTModel.generate`
-        (``guidance_scale = 1`` is no guidance; None: the pipeline's ``default_guidance_scale``, else 1). Labels are repeated ``num_images_per_class`` times and sampled in
+        ``guidance_*``, ``temperature``, ``top_k``, ``top_p``: as the generator's ``generate``
+        (``guidance_scale = 1`` is no guidance; None: the pipeline's ``default_guidance_scale``, else 1; the other
+        options left None: :meth:`sampler_defaults`). Labels are repeated ``num_images_per_class`` times and sampled in
         chunks of ``batch_size`` (default: all at once); the callback runs after every sampled token (step = token
         index in the chunk, ``t`` = the same) with ``{"codes": (B, num_tokens)}`` (not yet sampled positions 0) and
         may return replaced codes, which the following tokens condition on. ``output_size`` is the
@@ -92,7 +121,11 @@ class VFMTokARPipeline(VFMTokPipelineBase):
         guidance_scale = self.resolve_guidance_scale(guidance_scale)
         self._check_call(guidance_scale, num_images_per_class, batch_size, output_type, output_size,
                          callback_on_step_end, callback_on_step_end_tensor_inputs)
-        self.transformer.guidance_scales(guidance_scale, guidance_schedule, guidance_power, guidance_interval)
+        options = {**self.sampler_defaults(), **{k: v for k, v in dict(
+            guidance_schedule=guidance_schedule, guidance_power=guidance_power, guidance_interval=guidance_interval,
+            temperature=temperature, top_k=top_k, top_p=top_p).items() if v is not None}}
+        self.transformer.guidance_scales(guidance_scale, options["guidance_schedule"], options["guidance_power"],
+                                         options["guidance_interval"])
         chunks = []
 
         def on_token(t: int, codes: torch.Tensor) -> torch.Tensor:
@@ -101,9 +134,7 @@ class VFMTokARPipeline(VFMTokPipelineBase):
 
         def sample_chunk(labels: torch.Tensor) -> torch.Tensor:
             codes = self.transformer.generate(
-                labels, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
-                guidance_power=guidance_power, guidance_interval=guidance_interval, temperature=temperature,
-                top_k=top_k, top_p=top_p, generator=generator, use_kv_cache=use_kv_cache,
+                labels, guidance_scale=guidance_scale, **options, generator=generator, use_kv_cache=use_kv_cache,
                 step_callback=on_token if callback_on_step_end is not None else None)
             self.vqvae.check_tokens(codes)
             chunks.append(len(codes))

@@ -573,13 +573,13 @@ def _pipeline_stage(run: _Run, tokenizers: dict[str, Path], generators: dict[str
     pipelines_dir = {"ar": run.output / "pipelines" / "ar", "flow": run.output / "pipelines" / "flow"}
 
     def save_pipelines() -> dict[str, Any]:
-        from vfmtok.generators import DiTModel, GPTModel
+        from vfmtok.generators import load_generator
         from vfmtok.pipelines.convert import assemble_pipeline
         from vfmtok.pipelines.train.extract import load_tokenizer
 
-        for kind, tokenizer, generator_cls in (("ar", "vq", GPTModel), ("flow", "ae", DiTModel)):
+        for kind, tokenizer in (("ar", "vq"), ("flow", "ae")):
             pipe = assemble_pipeline(load_tokenizer(str(tokenizers[tokenizer])),
-                                     generator_cls.from_pretrained(generators[kind] / "generator"), id2label=id2label)
+                                     load_generator(str(generators[kind] / "generator")), id2label=id2label)
             with atomic_directory(pipelines_dir[kind], replace=True) as staging:
                 pipe.save_pretrained(staging)
         return {k: run.relative(v) for k, v in pipelines_dir.items()}

@@ -65,7 +65,8 @@ def test_sections_a_model_does_not_have_are_refused(tmp_path):
 
 def test_missing_sections_get_their_defaults(tmp_path):
     path = variant(tmp_path, GPT, lambda c: c.pop("sampling"))
-    assert load_config(path)["sampling"] == {"guidance_scale": 2.0}
+    assert load_config(path)["sampling"] == {"guidance_scale": 2.0, "guidance_schedule": None, "guidance_power": None,
+                                             "temperature": None}  # None: the generator family's default
     flow = load_config(ROOT / "configs" / "flow" / "dit-tiny.yaml")
     assert flow["sampling"] == {"guidance_scale": 1.5, "steps": 50}
     assert flow["flow"]["repa_weight"] == 0.0

@@ -155,7 +155,7 @@ def test_bad_flow_inputs_raise_clear_errors(flow_pipe, kwargs, match):
 # -- mismatched components, strict loading ---------------------------------------------------------------------------
 def test_mismatched_components_are_refused_at_construction(ar_pipe, flow_pipe):
     small = build_model({"model": "GPTModel", "params": {**ar_pipe.transformer.config, "vocab_size": 256}})
-    with pytest.raises(CheckpointError, match=r"vocab_size 512, num_tokens 16\) do not fit the GPT \(vocab_size 256"):
+    with pytest.raises(CheckpointError, match=r"vocab_size 512, num_tokens 16\) do not fit the GPTModel \(vocab_size 256"):
         VFMTokARPipeline(ar_pipe.vqvae, small)
     with pytest.raises(CheckpointError, match="discrete tokenizer"):
         VFMTokARPipeline(flow_pipe.vae, ar_pipe.transformer)
@@ -171,7 +171,7 @@ def test_mismatched_components_are_refused_at_load_time(ar_dir, tmp_path):
     shutil.copytree(ar_dir, folder)
     path = folder / "transformer" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "num_tokens": 9}))
-    with pytest.raises(CheckpointError, match=r"num_tokens 16\) do not fit the GPT \(vocab_size 512, num_tokens 9\)"):
+    with pytest.raises(CheckpointError, match=r"num_tokens 16\) do not fit the GPTModel \(vocab_size 512, num_tokens 9\)"):
         VFMTokARPipeline.from_pretrained(folder)
 
 

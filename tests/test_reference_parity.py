@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,3 +248,83 @@ def test_vfmae_matches_the_reference_code(tmp_path):
     check("latent (encode)", ours.encode(images), ref["latents"])
     check("decode", ours.decode(ref["latents"]), ref["decoded"].clamp(-1, 1))
     print("\nVFMAE vs reference, max abs diff:", ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RAR over VFMTok (CVMI-Lab/VFMTok-RAR): the converted pipeline against test_net.py's path
+# ----------------------------------------------------------------------------------------------------------------------
+def test_rar_pipeline_images_match_the_reference_test_net_path(reference_module, tmp_path, monkeypatch):
+    """VFMTOK_REF_REPO must be a CVMI-Lab/VFMTok-RAR checkout (its own vfmtok/tokenizer/vq_model.py and
+    modeling/rar.py); with PYTHONPATH pointing at this worktree give the checkout's ``vfmtok/`` an empty
+    ``__init__.py`` (a namespace package would lose to ours on the path). Same random weights, labels and greedy decoding (the reference's multinomial draw becomes the
+    argmax): test_net.py's ``generator.generate`` + ``tokenizer.decode_tokens`` + uint8, against
+    ``convert_rar_release`` + ``pipe(...)`` + the benchmark's uint8 conversion, at the tokenizer's own size."""
+    import yaml
+    from safetensors.torch import save_file
+    from rar_reference import reference_rar
+    from vfmtok.pipelines.convert import convert_rar_release
+
+    _, repo = reference_module
+    if not (Path(repo) / "modeling" / "rar.py").is_file():
+        pytest.skip("VFMTOK_REF_REPO is not a CVMI-Lab/VFMTok-RAR checkout (no modeling/rar.py)")
+    monkeypatch.chdir(repo)
+    torch.manual_seed(0)
+    dim, depth = 64, 2
+    with reference_vfmtok_package(repo):  # the reference instantiates its modules by name while building: load the
+        spec = importlib.util.spec_from_file_location("vfmtok_ref_rar", TOOL)  # tool (and its CPU shims) again here
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+        ref = tool.build("dinov2_vitl14_reg", 1024, 336, dim=dim, depth=depth).eval()
+    with torch.no_grad():  # non-trivial sampling offsets / attention weights (their init is all zeros)
+        for name, p in ref.named_parameters():
+            if "sampling_offsets" in name or "attention_weights" in name:
+                p.normal_(0, 0.05)
+    state = ref.state_dict()
+    backbone = {k.split("pretrained_encoder.", 1)[1]: v for k, v in state.items() if "pretrained_encoder." in k}
+    torch.save({"ema": {k: v for k, v in state.items() if "backbone" not in k}}, tmp_path / "vfmtok-tokenizer.pt")
+    torch.save(backbone, tmp_path / "dinov2.pth")
+    sizes = dict(vocab_size=16384, num_tokens=256, num_classes=1000, dim=64, depth=2, num_heads=4,
+                 intermediate_size=256)
+    ref_rar = reference_rar(repo, **sizes).eval()
+    with torch.no_grad():
+        for p in ref_rar.parameters():
+            p.normal_(0, 0.02)
+    save_file({k: v.contiguous() for k, v in ref_rar.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "tok.yaml").write_text(yaml.safe_dump({"model": "VFMTokModel", "params": our_config(dim, depth)}))
+    (tmp_path / "rar.yaml").write_text(yaml.safe_dump({"model": "RARModel", "params": sizes}))
+    pipe = convert_rar_release("RAR-L-ultra", tmp_path / "vfmtok-tokenizer.pt", tmp_path / "model.safetensors",
+                               tokenizer_config=str(tmp_path / "tok.yaml"), generator_config=str(tmp_path / "rar.yaml"))
+    pipe.vqvae.load_vfm_weights(str(tmp_path / "dinov2.pth"))
+    # The RAR repo's own tokenizer (vq_model.py differs from CVMI-Lab/VFMTok's only by added methods): same codes
+    # and reconstructions as the converted one.
+    images = torch.rand(2, 3, 336, 336, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        (ref_images, _, _), _, ref_indices = ref(images)
+        codes = pipe.vqvae.encode(images)
+        assert torch.equal(codes.flatten(), ref_indices)
+        tokenizer_delta = (pipe.vqvae.decode(codes) - ref_images.clamp(-1, 1)).abs().max().item()
+    assert tokenizer_delta < 1e-4
+    labels = torch.tensor([207, 3])
+    with torch.no_grad(), monkeypatch.context() as patch:
+        patch.setattr(torch, "multinomial", lambda probs, num_samples, **_: probs.argmax(dim=-1, keepdim=True))
+        tokens = ref_rar.generate(labels, guidance_scale=16.0, randomize_temperature=1.0, guidance_scale_pow=2.75)
+        # test_net.py: sample_fn -> tokenizer.decode_tokens(tokens) (tgt_size 256), then clamp and uint8
+        theirs = torch.clamp(ref.decode_tokens(tokens.view(2, -1)), 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+        theirs_336 = torch.clamp(ref.decode_tokens(tokens.view(2, -1), tgt_size=336), 0, 255)
+        theirs_336 = theirs_336.permute(0, 2, 3, 1).to(torch.uint8).numpy().astype(int)
+    assert pipe.config.resize_antialias is False and pipe.config.default_output_size == 256
+
+    def uint8(images):  # the benchmark's conversion
+        return np.round(np.clip(images, 0, 1) * 255).astype(int)
+
+    ours = uint8(pipe(labels.tolist(), top_k=1, output_type="np", output_size=256).images)
+    ours_336 = uint8(pipe(labels.tolist(), top_k=1, output_type="np").images)
+    delta = np.abs(ours - theirs.numpy().astype(int))
+    delta_336 = np.abs(ours_336 - theirs_336).max()
+    pipe.set_resize_protocol(antialias=True, output_size=256)
+    antialiased = np.abs(uint8(pipe(labels.tolist(), top_k=1, output_type="np", output_size=256).images)
+                         - theirs.numpy().astype(int))
+    print(f"\nRAR repo tokenizer: max |decode - reference| {tokenizer_delta:.2e}. RAR pipeline vs test_net.py "
+          f"path: max |uint8 difference| {delta.max()} at 256 px (mean {delta.mean():.4f}), {delta_336} at 336 px; "
+          f"with the tokenizer's antialiased resize instead: max {antialiased.max()}, mean {antialiased.mean():.3f}")
+    assert len(tokens.unique()) > 16 and delta.max() <= 1 and delta_336 <= 1

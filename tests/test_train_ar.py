@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from vfmtok.generators import GPTModel
@@ -100,3 +101,55 @@ def test_trained_tiny_ar_beats_the_uniform_baseline_on_held_out_images(extracted
     unigram = float(-(frequencies[frequencies > 0] * np.log(frequencies[frequencies > 0])).sum())
     print(json.dumps({"validation_loss": loss, "uniform": uniform, "unigram_entropy": unigram}))
     assert loss < 0.8 * uniform and loss < unigram, (loss, uniform, unigram)
+
+
+# -- RAR through `vfmtok train ar` ---------------------------------------------------------------------------------
+RAR_TINY = ROOT / "configs" / "ar" / "rar-tiny.yaml"
+
+
+def rar_config(directory, start, end, **training):
+    config = yaml.safe_load(RAR_TINY.read_text())
+    config["params"].update(randomness_anneal_start=start, randomness_anneal_end=end)
+    config["training"] = {**config["training"], "num_workers": 0, "log_every": 1, "checkpoint_every": 3,
+                          "sample_every": 3, "num_sample_images": 2, "log_with": ["none"], **training}
+    path = directory / "rar.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@needs_samples
+def test_tiny_rar_anneals_resumes_bitwise_and_samples_through_the_pipeline(extracted, tmp_path, monkeypatch):
+    from vfmtok.generators import RARModel, load_generator
+    from vfmtok.pipelines.convert import assemble_pipeline
+    from vfmtok.tokenizer.interface import load_tokenizer
+
+    config = rar_config(tmp_path, start=2, end=5, max_steps=7)
+    codes = str(extracted["codes"]["train"])
+    seen = []
+    original = RARModel.sample_orders
+
+    def recording(self, batch_size, device):
+        seen.append(self.permutation_probability)
+        return original(self, batch_size, device)
+
+    monkeypatch.setattr(RARModel, "sample_orders", recording)
+    exported = train_ar(config, tmp_path / "full", codes=codes)
+    # direct computation of RAR's schedule: 1 before step 2, the line to 0 at step 5, 0 after
+    assert seen == pytest.approx([1.0, 1.0, 1.0, 2 / 3, 1 / 3, 0.0, 0.0], abs=1e-12)
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, at_step=3)
+        with pytest.raises(Interrupted):
+            train_ar(config, tmp_path / "resumed", codes=codes)
+    train_ar(config, tmp_path / "resumed", codes=codes, resume=True)
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "resumed")
+    assert [m["model/loss"] for m in a] == [m["model/loss"] for m in b] and len(a) == 7
+    assert [m["lr"] for m in a] == [m["lr"] for m in b]
+    # the random orders matter: the same run with raster orders only has another trajectory
+    (tmp_path / "r").mkdir()
+    raster = rar_config(tmp_path / "r", start=0, end=0, max_steps=2)
+    train_ar(raster, tmp_path / "raster", codes=codes)
+    assert metrics(tmp_path / "raster")[0]["model/loss"] != a[0]["model/loss"]
+    pipe = assemble_pipeline(load_tokenizer(str(extracted["tokenizer"])), load_generator(str(exported)))
+    images = pipe([0, 5], guidance_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape[0] == 2 and np.isfinite(images).all()
+    assert pipe.sampler_defaults()["guidance_schedule"] == "cosine_power"

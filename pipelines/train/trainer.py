@@ -186,16 +186,38 @@ def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
 
 
 def _optimizer(module: nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
-    params = [p for p in module.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise InvalidValueError(f"{type(module).__name__} has no trainable parameters")
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.learning_rate, betas=config.betas,
                                 weight_decay=config.weight_decay)
-    # AdamW: decay matrices and convolution kernels, not biases, norms, embeddings' 1-D scales.
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    # AdamW: decay matrices and convolution kernels, not biases, norms, embeddings' 1-D scales, nor what the model
+    # names (``no_weight_decay_parameters``: RAR's embeddings and position tables, as its recipe).
+    exempt = getattr(module, "no_weight_decay_parameters", lambda: set())()
+    groups = [{"params": [p for n, p in named if p.ndim >= 2 and n not in exempt], "weight_decay": config.weight_decay},
+              {"params": [p for n, p in named if p.ndim < 2 or n in exempt], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate, betas=config.betas)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``lr_warmup_steps``, then constant, or a cosine / linear decay over the remaining steps to
+    ``min_learning_rate`` (RAR: cosine to 1e-5, ``utils/lr_schedulers.py``; 0: diffusers' schedules)."""
+    if config.lr_scheduler == "constant" or config.min_learning_rate == 0:
+        return get_scheduler(config.lr_scheduler if config.lr_scheduler != "constant" else "constant_with_warmup",
+                             optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_steps)
+    floor, warmup, total = config.min_learning_rate / config.learning_rate, config.lr_warmup_steps, config.max_steps
+    cosine = config.lr_scheduler == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if cosine else 1.0 - progress
+        return floor + (1.0 - floor) * decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _same_location(saved: Any, current: Any) -> bool:
@@ -244,9 +266,7 @@ class Trainer:
             raise InvalidValueError(f"{type(self.task).__name__}.modules() must contain 'model'")
         self.names = list(modules)
         optimizers = [_optimizer(modules[name], config) for name in self.names]
-        schedulers = [get_scheduler(config.lr_scheduler if config.lr_scheduler != "constant" else
-                                    "constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                    num_training_steps=config.max_steps) for optimizer in optimizers]
+        schedulers = [_scheduler(optimizer, config) for optimizer in optimizers]
         if config.compile:
             modules["model"].compile()  # in place: parameter names (checkpoints, EMA) stay the same
         prepared = accelerator.prepare(*[modules[n] for n in self.names], *optimizers, *schedulers)
@@ -309,6 +329,7 @@ class Trainer:
                     {k: v for k, v in current_config.items() if k not in RESUME_FREE_RUN_KEYS})
         saved_training = state.get("training")
         if isinstance(saved_training, dict):
+            saved_training = {"min_learning_rate": 0.0, **saved_training}  # older checkpoints: decay to 0
             current = self.config.to_dict()
             free = set(RESUME_FREE_OPTIONS)
             if "constant" not in (saved_training.get("lr_scheduler"), current["lr_scheduler"]):

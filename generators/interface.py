@@ -1,0 +1,165 @@
+"""The interface of the autoregressive generators over discrete codes: what the AR pipeline, ``vfmtok sample``,
+``vfmtok benchmark``, ``vfmtok train ar`` and the quickstart may rely on, whichever family (the LlamaGen-style
+:class:`vfmtok.generators.gpt.GPTModel`, the RAR :class:`vfmtok.generators.rar.RARModel`) is behind it. It plays the
+part :class:`vfmtok.tokenizer.interface.ImageTokenizerMixin` plays for the tokenizers.
+
+A family lists :class:`AutoregressiveGeneratorMixin` among its bases and provides:
+
+* ``config`` with ``vocab_size``, ``num_tokens``, ``num_classes`` (and optionally ``codebook_sizes``);
+* ``forward(tokens, class_labels)`` -> logits (B, T, vocab_size) with ``logits[:, t]`` predicting ``tokens[:, t]``
+  (teacher forcing in the family's own generation order; label dropout and, for RAR, order randomisation in training
+  mode): the training loss of every family is ``cross_entropy(logits, tokens)``;
+* ``generate(class_labels, guidance_scale, guidance_schedule, guidance_power, guidance_interval, temperature, top_k,
+  top_p, generator, use_kv_cache, step_callback)`` -> (B, num_tokens) codes in raster order;
+* ``default_sampling`` (the sampler options ``generate`` uses unless told otherwise: the family's published recipe);
+* optionally ``on_train_step(step)`` (per-step training schedules, e.g. RAR's randomness annealing) and
+  ``no_weight_decay_parameters()`` (parameter names AdamW must not decay).
+
+The helpers below (the guidance schedules, top-k / top-p filtering, drawing a token) are the one implementation every
+family samples with.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from vfmtok.tokenizer.utils.errors import InvalidValueError
+from vfmtok.tokenizer.utils.types import finite_number
+
+__all__ = ["AutoregressiveGeneratorMixin", "GUIDANCE_SCHEDULES", "SAMPLING_OPTIONS", "filter_logits",
+           "sample_from_logits"]
+
+GUIDANCE_SCHEDULES = ("constant", "linear", "cosine_power", "interval")
+# The sampler options of ``generate`` that have family defaults (``default_sampling``) and pipeline defaults.
+SAMPLING_OPTIONS = ("guidance_schedule", "guidance_power", "guidance_interval", "temperature", "top_k", "top_p")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k (``top_k > 0``) and outside the nucleus (``top_p < 1``) to -inf (a copy).
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``: a token is dropped when
+    the tokens ranked before it already hold more than ``top_p``; the most likely token is always kept.
+    """
+    logits = logits.clone()
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_sorted = mass_before > top_p
+        drop_sorted[..., 0] = False
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def sample_from_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                       generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token per row of ``logits`` (B, vocab): divide by ``temperature``, filter (:func:`filter_logits`), draw
+    from the softmax with ``torch.multinomial(generator=generator)``."""
+    logits = logits / temperature
+    if top_k > 0 or top_p < 1.0:
+        logits = filter_logits(logits, top_k, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+
+
+class AutoregressiveGeneratorMixin:
+    """Shared sampling arithmetic and the facts a pipeline checks (see the module docstring)."""
+
+    # The sampler options ``generate`` uses when a caller gives none; families override with their recipe.
+    default_sampling: dict[str, Any] = {"guidance_schedule": "constant", "guidance_power": 2.75,
+                                        "guidance_interval": None, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    @property
+    def null_class(self) -> int:
+        """The class id of the unconditional (dropped) label: ``num_classes``."""
+        return self.config.num_classes
+
+    @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        """The codebooks of the vocabulary (one entry for a single codebook)."""
+        return tuple(self.config.get("codebook_sizes") or (self.config.vocab_size,))
+
+    def on_train_step(self, step: int) -> None:
+        """Called by ``vfmtok train ar`` before every update with the number of updates done so far."""
+
+    def no_weight_decay_parameters(self) -> set[str]:
+        """Names of parameters AdamW leaves undecayed besides the 1-D ones (biases, norms)."""
+        return set()
+
+    def sampling_options(self, **given: Any) -> dict[str, Any]:
+        """``default_sampling`` updated with the options given (None = not given), checked."""
+        unknown = sorted(set(given) - set(SAMPLING_OPTIONS))
+        if unknown:
+            raise InvalidValueError(f"unknown sampler option(s) {unknown}; known: {list(SAMPLING_OPTIONS)}")
+        options = {**self.default_sampling, **{k: v for k, v in given.items() if v is not None}}
+        return options
+
+    def guidance_scales(self, guidance_scale: float, guidance_schedule: str = "constant",
+                        guidance_power: float = 2.75, guidance_interval: Optional[int] = None) -> list[float]:
+        """The CFG scale s_t used for image token t = 0 .. num_tokens - 1 (t tokens already generated), T = num_tokens:
+
+        * constant: s_t = s (LlamaGen);
+        * linear: s_t = 1 + (s - 1) * t / T (ramp from no guidance; the MAR / VAR idea);
+        * cosine_power: s_t = 1 + (s - 1) * (1 - cos(pi * (t / T) ** power)) / 2 (RAR's "power-cosine", same t / T);
+        * interval: s_t = s for t < guidance_interval, then 1.
+
+        ``guidance_interval`` (with any schedule) sets s_t = 1 from token ``guidance_interval`` on. LlamaGen's
+        ``cfg_interval = k`` guides tokens 0 .. k + 1, i.e. ``guidance_interval = k + 2``.
+        """
+        self._check_guidance(guidance_scale, guidance_schedule, guidance_power, guidance_interval)
+        guidance_scale, guidance_power = float(guidance_scale), float(guidance_power)
+        total = self.num_tokens
+        scales = []
+        for t in range(total):
+            if guidance_schedule == "linear":
+                s = 1.0 + (guidance_scale - 1.0) * t / total
+            elif guidance_schedule == "cosine_power":
+                s = 1.0 + (guidance_scale - 1.0) * (1.0 - math.cos(math.pi * (t / total) ** guidance_power)) / 2.0
+            else:
+                s = float(guidance_scale)
+            if guidance_interval is not None and t >= guidance_interval:
+                s = 1.0
+            scales.append(s)
+        return scales
+
+    def _check_guidance(self, guidance_scale, guidance_schedule, guidance_power, guidance_interval) -> None:
+        guidance_scale = finite_number("guidance_scale", guidance_scale)
+        guidance_power = finite_number("guidance_power", guidance_power)
+        if guidance_scale < 0:
+            raise InvalidValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise InvalidValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        if guidance_power <= 0:
+            raise InvalidValueError(f"guidance_power must be > 0, got {guidance_power}")
+        if guidance_schedule == "interval" and guidance_interval is None:
+            raise InvalidValueError("guidance_schedule='interval' needs guidance_interval (the number of guided "
+                                    "tokens)")
+        if guidance_interval is not None and not (isinstance(guidance_interval, int) and guidance_interval >= 0):
+            raise InvalidValueError(f"guidance_interval must be an integer >= 0 (number of guided tokens), "
+                                    f"got {guidance_interval!r}")
+
+    @staticmethod
+    def _check_sampler(temperature: float, top_k: int, top_p: float) -> tuple[float, float]:
+        temperature = finite_number("temperature", temperature)
+        top_p = finite_number("top_p", top_p)
+        if temperature <= 0:
+            raise InvalidValueError(f"temperature must be > 0, got {temperature}")
+        if not isinstance(top_k, int) or top_k < 0:
+            raise InvalidValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+        if not 0.0 < top_p <= 1.0:
+            raise InvalidValueError(f"top_p must be in (0, 1], got {top_p}")
+        return temperature, top_p
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+        return sample_from_logits(logits, temperature, top_k, top_p, generator)
