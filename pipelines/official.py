@@ -69,6 +69,7 @@ class Release:
     guidance_scale: Optional[float] = None
     sha256: Mapping[str, str] = field(default_factory=dict)
     code: str = ""
+    sampler_options: Mapping[str, Any] = field(default_factory=dict)  # AR defaults (schedule, power, temperature)
 
 
 def _gpt(size: str, checkpoint: str, guided: float, unguided: float) -> Release:
@@ -96,6 +97,26 @@ def _ditdh(epochs: int, guided: float, unguided: float, autoguidance: bool) -> R
         sha256={VFMTOK2_STATS_URL: VFMTOK2_STATS_SHA256}, code="https://github.com/CVMI-Lab/VFMTok2")
 
 
+def _rar(name: str) -> Release:
+    """A VFMTok-RAR release; its facts (files, configs, published numbers, sampling) are data in
+    :data:`vfmtok.generators.convert_rar.RAR_RELEASES`."""
+    from vfmtok.generators.convert_rar import RAR_RELEASES, TOKENIZER_RELEASE
+
+    facts = RAR_RELEASES[name]
+    sampling = dict(facts["sampling"])
+    scale = sampling.pop("guidance_scale")
+    with_cfg, without = facts["published"]["with_cfg"], facts["published"]["without_cfg"]
+    return Release(
+        kind="vfmtok-rar", repo_id=VFMTOK_HUB,
+        files={"tokenizer": TOKENIZER_RELEASE["path"], "generator": facts["path"]},
+        configs={"tokenizer": TOKENIZER_RELEASE["config"], "generator": facts["config"]},
+        published={"gFID with CFG": with_cfg["gfid"], "gFID without CFG": without["gfid"],
+                   "guidance": f"{sampling['guidance_schedule']} CFG, scale {scale:g}, power {sampling['guidance_power']:g} "
+                               f"(the released training config's)"},
+        protocol="vfmtok-ar", guidance_scale=scale, sampler_options=sampling,
+        code="https://github.com/CVMI-Lab/VFMTok-RAR")
+
+
 RELEASES: dict[str, Release] = {
     "vfmtok-gpt-b": _gpt("B", "GPT-B-300e.pt", 3.43, 3.09),
     "vfmtok-gpt-l": _gpt("L", "GPT-L-300e.pt", 2.76, 2.15),
@@ -107,6 +128,10 @@ RELEASES: dict[str, Release] = {
     "vfmae-ditdh-xl-80ep-ag": _ditdh(80, 1.68, 3.29, autoguidance=True),
     "vfmae-ditdh-xl-800ep": _ditdh(800, 1.25, 1.65, autoguidance=False),
     "vfmae-ditdh-xl-800ep-ag": _ditdh(800, 1.25, 1.65, autoguidance=True),
+    "vfmtok-rar-l-ultra": _rar("RAR-L-ultra"),
+    "vfmtok-rar-l": _rar("RAR-L"),
+    "vfmtok-rar-xl": _rar("RAR-XL"),
+    "vfmtok-rar-xxl": _rar("RAR-XXL"),
 }
 
 
@@ -217,8 +242,20 @@ def _convert_vfmae_denoiser(files: Mapping[str, Path], release: Release, prefer:
     return tokenizer, models[0], models[1] if len(models) > 1 else None
 
 
+def _convert_vfmtok_rar(files: Mapping[str, Path], release: Release, prefer: str):
+    """VFMTok ``VQModel`` + RAR ``model.safetensors`` (CVMI-Lab/VFMTok-RAR) -> (tokenizer, generator, None)."""
+    from vfmtok.generators.convert_rar import convert_rar_checkpoint
+    from vfmtok.tokenizer.convert import convert_reference_checkpoint
+
+    tokenizer, generator = _build(release.configs["tokenizer"]), _build(release.configs["generator"])
+    convert_reference_checkpoint(files["tokenizer"], tokenizer, prefer=prefer)
+    convert_rar_checkpoint(files["generator"], generator, prefer=prefer)
+    return tokenizer, generator, None
+
+
 CONVERTERS: dict[str, Callable[[Mapping[str, Path], Release, str], tuple]] = {
     "vfmtok-gpt": _convert_vfmtok_gpt,
+    "vfmtok-rar": _convert_vfmtok_rar,
     "vfmae-ditdh": _convert_vfmae_denoiser,
     # VFMTok2's code trains LightningDiT too (configs/flow/lightningdit-*.yaml), but no checkpoint is published yet:
     # a release of it is one Release(kind="vfmae-lightningdit", ...) entry.
@@ -245,7 +282,8 @@ def _source_record(name: str, release: Release, files: Mapping[str, tuple[Path, 
     return {"release": name, "repo_id": release.repo_id, "revision": revision or "main", "code": release.code,
             "files": {role: {"file": release.files[role], "sha256": digest} for role, (_, digest) in files.items()},
             "published": dict(release.published), "sampling_protocol": PROTOCOLS[release.protocol]["description"],
-            "default_guidance_scale": release.guidance_scale}
+            "default_guidance_scale": release.guidance_scale,
+            **({"default_sampler_options": dict(release.sampler_options)} if release.sampler_options else {})}
 
 
 def convert_release(name: str, output_dir: str | Path, revision: Optional[str] = None,
@@ -276,6 +314,8 @@ def convert_release(name: str, output_dir: str | Path, revision: Optional[str] =
         tokenizer.load_vfm_weights(vfm_source)
     pipe = assemble_pipeline(tokenizer, generator, weak_generator=weak)
     apply_protocol(pipe, release.protocol, release.guidance_scale)
+    if release.sampler_options:
+        pipe.set_default_sampler_options(dict(release.sampler_options))
     pipe.set_source(_source_record(name, release, files, revision))
     with atomic_directory(output) as staging:
         pipe.save_pretrained(staging)

@@ -63,6 +63,15 @@ def release_files(tmp_path_factory) -> Path:
     for epochs, seed in ((800, 4), (20, 5)):
         torch.save({"ema": _ddt_release_layout(seed), "model": {}, "opt": {}}, root / f"DiTDH-XL/DiTDH-XL_{epochs}e.pt")
     _vfmtok2_stats(root / "stats-500.pt")
+    from safetensors.torch import save_file
+    from test_rar import reference_layout as rar_reference_layout
+
+    rar = build_model(config("ar", "rar-tiny"))
+    with torch.no_grad():
+        for parameter in rar.parameters():
+            parameter.normal_(0, 0.02, generator=torch.Generator().manual_seed(6))
+    (root / "VFMTok-RAR/RAR-L-ultra").mkdir(parents=True)
+    save_file(rar_reference_layout(rar), str(root / "VFMTok-RAR/RAR-L-ultra/model.safetensors"))
     return root
 
 
@@ -73,7 +82,7 @@ def _hub_cache(files: Path, cache: Path, repo_id: str, commit: str = COMMIT) -> 
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     (repo / "refs" / "v1.0").write_text(commit)  # a tag: --revision v1.0 resolves offline through refs/
-    for file in sorted(p for p in files.rglob("*.pt") if p.name != "stats-500.pt"):
+    for file in sorted(p for p in files.rglob("*") if p.suffix in (".pt", ".safetensors") and p.name != "stats-500.pt"):
         data = file.read_bytes()
         blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
         blob.parent.mkdir(exist_ok=True)
@@ -86,8 +95,9 @@ def _hub_cache(files: Path, cache: Path, repo_id: str, commit: str = COMMIT) -> 
 def _tiny(name: str, **changes):
     """The release ``name`` of the real table with tiny configs (same files, repo and protocol)."""
     release = RELEASES[name]
-    tokenizer = "vfmtok-tiny" if release.kind == "vfmtok-gpt" else "vfmae-tiny"
-    generator = ("ar", "gpt-tiny") if release.kind == "vfmtok-gpt" else ("flow", "ditdh-tiny")
+    tokenizer = "vfmae-tiny" if release.kind.startswith("vfmae") else "vfmtok-tiny"
+    generator = {"vfmtok-gpt": ("ar", "gpt-tiny"), "vfmtok-rar": ("ar", "rar-tiny")}.get(release.kind,
+                                                                                        ("flow", "ditdh-tiny"))
     return dataclasses.replace(release, configs={"tokenizer": str(config("tokenizer", tokenizer)),
                                                  "generator": str(config(*generator))}, **changes)
 
@@ -218,6 +228,24 @@ def test_official_gpt_release_converts_offline_from_the_hub_cache(offline_cache,
         assert name in card and hashlib.sha256((release_files / name).read_bytes()).hexdigest() in card
     assert "3.43" in card and "3.09" in card and "no antialiasing" in card
     assert pipe.config.source["files"]["generator"]["file"] == "DINOv2/GPT-B/GPT-B-300e.pt"
+
+
+def test_official_rar_release_converts_offline_with_its_published_sampling(offline_cache, release_files, tmp_path):
+    from safetensors.torch import load_file
+
+    cache, _ = offline_cache
+    out = convert_release("vfmtok-rar-l-ultra", tmp_path / "pipe", cache_dir=cache,
+                          releases={"vfmtok-rar-l-ultra": _tiny("vfmtok-rar-l-ultra")})
+    pipe = VFMTokARPipeline.from_pretrained(out)
+    reference = load_file(str(release_files / "VFMTok-RAR/RAR-L-ultra/model.safetensors"))
+    assert torch.equal(pipe.transformer.state_dict()["head.weight"], reference["lm_head.weight"])
+    # RAR's released sampling (configs/training/generator/rar.yaml) and test_net.py's plain bicubic 336 -> 256
+    assert pipe.config.default_guidance_scale == 16.0 and pipe.config.resize_antialias is False
+    assert pipe.sampler_defaults()["guidance_schedule"] == "cosine_power"
+    assert pipe.sampler_defaults()["guidance_power"] == 2.75
+    card = (out / "README.md").read_text()
+    digest = hashlib.sha256((release_files / "VFMTok-RAR/RAR-L-ultra/model.safetensors").read_bytes()).hexdigest()
+    assert "VFMTok-RAR/RAR-L-ultra/model.safetensors" in card and digest in card and "1.33" in card and "2.01" in card
 
 
 def test_official_autoguidance_release_carries_its_weak_model(offline_cache, release_files, tmp_path):
