@@ -35,6 +35,8 @@ __all__ = ["VFMTokPipelineBase", "ClassLabels", "imagenet_id2label", "load_pipel
 
 ClassLabels = Union[int, str, Sequence[int], Sequence[str], torch.Tensor]
 OUTPUT_TYPES = ("pil", "np", "pt")
+# An unknown class name lists every name when the pipeline has at most this many classes.
+MAX_LISTED_CLASS_NAMES = 30
 
 # Pipeline class name in model_index.json -> "module:attribute" (imported on demand).
 PIPELINE_CLASSES: dict[str, str] = {
@@ -230,6 +232,8 @@ class VFMTokPipelineBase(DiffusionPipeline):
                                             f"(id2label is empty); pass class ids in [0, {self.num_classes})")
                 close = difflib.get_close_matches(name.strip().lower(), list(self._label2id), n=3, cutoff=0.6)
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                if len(self.id2label) <= MAX_LISTED_CLASS_NAMES:  # few classes: the whole list is the best hint
+                    hint += f"; the classes are {', '.join(repr(n) for _, n in sorted(self.id2label.items()))}"
                 raise InvalidValueError(f"unknown class name {name!r}{hint}")
             if len(found) > 1:
                 raise InvalidValueError(f"class name {name!r} is ambiguous: classes {sorted(found)}; pass an id")
@@ -549,10 +553,18 @@ The components were trained with the `vfmtok train` commands; their configs are 
                 for key, value in evaluation.items() if key != "protocol" and _is_finite_number(value)]
 
 
-def captioned_image_grid(images: list, captions: list[str], columns: int) -> "PIL.Image.Image":
-    """PIL images in rows of ``columns``, each with its caption below (PIL's default font, clipped to the cell)."""
+def captioned_image_grid(images: list, captions: list[str], columns: int,
+                         cell_size: Optional[int] = None) -> "PIL.Image.Image":
+    """PIL images in rows of ``columns``, each with its caption below (PIL's default font, clipped to the cell).
+    ``cell_size``: each image resized to that side for viewing (nearest neighbour when enlarging, so the pixels the
+    model made stay visible as blocks; Lanczos when shrinking)."""
     from PIL import Image, ImageDraw
 
+    if cell_size is not None:
+        if isinstance(cell_size, bool) or not isinstance(cell_size, int) or cell_size < 1:
+            raise InvalidValueError(f"cell_size must be a positive integer, got {cell_size!r}")
+        images = [image.resize((cell_size, cell_size), Image.NEAREST if cell_size >= max(image.size) else
+                               Image.LANCZOS) for image in images]
     width, height = images[0].size
     caption_height = 14
     rows = -(-len(images) // columns)
