@@ -233,7 +233,8 @@ class VFMTokPipelineBase(DiffusionPipeline):
                 close = difflib.get_close_matches(name.strip().lower(), list(self._label2id), n=3, cutoff=0.6)
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
                 if len(self.id2label) <= MAX_LISTED_CLASS_NAMES:  # few classes: the whole list is the best hint
-                    hint += f"; the classes are {', '.join(repr(n) for _, n in sorted(self.id2label.items()))}"
+                    names = ", ".join(repr(n) for _, n in sorted(self.id2label.items()))
+                    hint += f"{' T' if close else '; t'}he {len(self.id2label)} class names: {names}"
                 raise InvalidValueError(f"unknown class name {name!r}{hint}")
             if len(found) > 1:
                 raise InvalidValueError(f"class name {name!r} is ambiguous: classes {sorted(found)}; pass an id")
