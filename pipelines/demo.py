@@ -129,7 +129,7 @@ def build_demo(pipe: Any, max_images: int = DEFAULT_MAX_IMAGES, concurrency_limi
         gr.Markdown(f"# {name}\nClass-conditional samples; the same seed and settings give the same images as "
                     f"`pipe(...)` in Python.")
         with gr.Row():
-            with gr.Column(scale=3):
+            with gr.Column(scale=2):
                 class_box = gr.Dropdown(choices, value=default_class, label="Class", filterable=True,
                                         allow_custom_value=True, elem_id="class",
                                         info=f"{pipe.num_classes} classes: type to search by name or id")
@@ -142,10 +142,11 @@ def build_demo(pipe: Any, max_images: int = DEFAULT_MAX_IMAGES, concurrency_limi
                     count_box = gr.Number(value=4, precision=0, label="Images", elem_id="count",
                                           info=f"at most {max_images}")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Samples", columns=4, format="png", elem_id="gallery",
-                                     object_fit="contain")
-            with gr.Column(scale=2):
-                gr.Markdown(pipe.model_card().text, elem_id="model-card")
+                                     object_fit="contain", height="auto")
+                with gr.Accordion("Model card", open=True):
+                    gr.Markdown(pipe.model_card().text, elem_id="model-card")
 
         def generate(class_text, guidance_scale, seed, num_images, *settings, progress=gr.Progress(track_tqdm=True)):
             try:
