@@ -35,6 +35,22 @@ __all__ = ["VFMTokPipelineBase", "ClassLabels", "imagenet_id2label", "load_pipel
 
 ClassLabels = Union[int, str, Sequence[int], Sequence[str], torch.Tensor]
 OUTPUT_TYPES = ("pil", "np", "pt")
+# The Gradio app saved with every pipeline (a Hub Space runs app.py): the installed vfmtok's demo page of the folder
+# it lies in. Nothing but imports from vfmtok and pathlib.
+DEMO_APP_FILE = "app.py"
+DEMO_APP_TEXT = '''"""The demo page of the pipeline in this folder (`vfmtok demo`), e.g. as a Hugging Face Space.
+Needs the demo extra: pip install "vfmtok[demo]". Run: python app.py"""
+from pathlib import Path
+
+from vfmtok.pipelines.demo import build_demo
+from vfmtok.pipelines.pipeline_common import load_pipeline
+
+demo = build_demo(load_pipeline(Path(__file__).resolve().parent))
+
+if __name__ == "__main__":
+    demo.launch()
+'''
+
 # An unknown class name lists every name when the pipeline has at most this many classes.
 MAX_LISTED_CLASS_NAMES = 30
 
@@ -378,6 +394,8 @@ class VFMTokPipelineBase(DiffusionPipeline):
                                  f"Lets diffusers load this pipeline: DiffusionPipeline.from_pretrained(<folder or "
                                  f"repo id>, trust_remote_code=True).\nThe component classes are imported too: "
                                  f"diffusers resolves them among imported modules.")
+        with atomic_file(directory / DEMO_APP_FILE) as tmp:
+            tmp.write_text(DEMO_APP_TEXT)
         index["_class_name"] = [self.remote_code_module, cls.__name__]
         index.pop("_name_or_path", None)  # where it was loaded from: a local path means nothing once published
         with atomic_file(directory / "model_index.json") as tmp:
@@ -485,6 +503,9 @@ pipe = DiffusionPipeline.from_pretrained("{where}", trust_remote_code=True)
 ```
 
 On the command line: `vfmtok sample --pipeline {where} {cli_example} --output grid.png`.
+
+A web page to try it (Gradio, `pip install "vfmtok[demo]"`): `vfmtok demo --pipeline {where}`, or `python
+{DEMO_APP_FILE}` in this folder (the file a Hugging Face Space runs).
 
 {guidance_text}
 

@@ -132,6 +132,23 @@ def test_without_gradio_the_demo_says_how_to_install_it(flow_dir, monkeypatch, c
                   'checkout: pip install -e ".[demo]")'
 
 
+def test_a_saved_pipeline_folder_carries_an_app_for_a_space(flow_pipe, flow_dir):
+    import ast
+    import runpy
+
+    app = flow_dir / "app.py"
+    imports = [node for node in ast.walk(ast.parse(app.read_text())) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert {node.module for node in imports} == {"pathlib", "vfmtok.pipelines.demo", "vfmtok.pipelines.pipeline_common"}
+    assert "vfmtok demo --pipeline" in (flow_dir / "README.md").read_text()
+    _gradio()
+    demo = runpy.run_path(str(app))["demo"]  # built, not launched (run_name is not __main__)
+    functions = [f for f in demo.fns.values() if f.api_name == "generate"]
+    assert len(functions) == 1
+    pairs = functions[0].fn("otter (360)", 2.0, 1, 1, 3, "sde")
+    expected = flow_pipe(360, guidance_scale=2.0, generator=_seeded(1), num_inference_steps=3, sampler="sde").images
+    assert np.array_equal(_uint8(p[0] for p in pairs), _uint8(expected))
+
+
 # -- the page's HTTP API (gradio_client) ---------------------------------------------------------------------------
 def test_the_served_page_gives_pipe_images_and_errors_and_keeps_serving(flow_pipe):
     _gradio()
