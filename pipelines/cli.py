@@ -212,7 +212,7 @@ def _demo(args: argparse.Namespace) -> None:
     from vfmtok.pipelines.demo import serve_demo
 
     serve_demo(args.pipeline, host=args.host, port=args.port, device=args.device,
-               max_images=args.max_images, concurrency_limit=args.concurrency_limit)
+               max_images=args.max_images, max_queue=args.max_queue)
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -587,8 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=7860, help="port to listen on (0: any free port)")
     demo.add_argument("--device", default="auto", help=AUTO_DEVICE_HELP)
     demo.add_argument("--max-images", type=int, default=16, help="the most images one request may ask for")
-    demo.add_argument("--concurrency-limit", type=int, default=1, help="requests sampled at once; the others wait "
-                                                                       "in the queue")
+    demo.add_argument("--max-queue", type=int, default=64, help="requests that may wait (they are sampled one at "
+                                                                "a time); more are refused with a message")
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("benchmark", help="gFID (and sFID, precision / recall, IS) of a pipeline at several "
@@ -715,7 +715,7 @@ def resolve_device(args: argparse.Namespace) -> None:
 # and scikit-learn's refuse negative or > 32-bit seeds; counts that would otherwise be allocated before failing).
 INTEGER_BOUNDS = {"seed": (0, 2 ** 32 - 1), "num_samples": (2, 10 ** 7), "num_images_per_class": (1, 1024),
                   "bins": (1, 10 ** 6), "cell_size": (8, 4096), "port": (0, 65535), "max_images": (1, 1024),
-                  "concurrency_limit": (1, 64)}
+                  "max_queue": (1, 10 ** 4)}
 
 
 def check_integer_options(args: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ with their class and settings, a progress bar, and the pipeline's model card bes
 ``pipe(class_id, num_images_per_class=n, generator=torch.Generator(pipe.device).manual_seed(seed), ...)``.
 
 Bad input (an unknown class, a scale or setting the pipeline refuses, too many images) is shown in the page as the
-pipeline's own one-line message; the server keeps serving. Requests queue, ``concurrency_limit`` at a time. Nothing
+pipeline's own one-line message; the server keeps serving. Requests queue and run one at a time. Nothing
 is fetched from the internet at run time: Gradio's analytics are off, its default theme's fonts are served locally
 and server-side rendering (a Node.js process) is off.
 
@@ -16,6 +16,7 @@ Gradio is an optional dependency (``pip install "vfmtok[demo]"``); without it, t
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Optional
 
@@ -26,6 +27,7 @@ __all__ = ["build_demo", "serve_demo", "sample_for_demo", "class_choices", "clas
 INSTALL_HINT = 'pip install "vfmtok[demo]" (in a checkout: pip install -e ".[demo]")'
 # What one request may ask for unless the server says otherwise (`vfmtok demo --max-images`).
 DEFAULT_MAX_IMAGES = 16
+DEFAULT_MAX_QUEUE = 64
 
 
 def _import_gradio() -> Any:
@@ -60,7 +62,8 @@ def class_id_of(pipe: Any, text: Any) -> int:
 
 def _whole_number(value: Any, what: str) -> int:
     """Gradio's Number gives floats: a whole number as int, else the one-line error."""
-    if value is None or isinstance(value, bool) or float(value) != int(float(value)):
+    if (value is None or isinstance(value, bool) or not math.isfinite(float(value))
+            or float(value) != int(float(value))):
         raise InvalidValueError(f"{what} must be a whole number, got {value!r}")
     return int(float(value))
 
@@ -116,9 +119,11 @@ def _settings_inputs(gr: Any, pipe: Any) -> tuple[list[Any], list[str]]:
         ["temperature", "top_k", "top_p", "guidance_schedule"]
 
 
-def build_demo(pipe: Any, max_images: int = DEFAULT_MAX_IMAGES, concurrency_limit: int = 1) -> Any:
-    """The page (a ``gradio.Blocks``, queued, ``concurrency_limit`` requests at a time) for a loaded pipeline; call
-    ``.launch()`` on it. See the module's docstring."""
+def build_demo(pipe: Any, max_images: int = DEFAULT_MAX_IMAGES, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
+    """The page (a ``gradio.Blocks``) for a loaded pipeline; call ``.launch()`` on it. See the module's docstring.
+
+    Requests queue and are sampled one at a time: a flow pipeline is not safe to call from two threads at once (its
+    scheduler's timesteps are state of the pipeline), and one call already uses every core or the GPU. Beyond ``max_queue`` waiting requests, Gradio refuses new ones with a message."""
     gr = _import_gradio()
     pipe.set_progress_bar_config(disable=False)  # Gradio's progress bar follows the pipeline's tqdm
     name = type(pipe).__name__
@@ -156,17 +161,17 @@ def build_demo(pipe: Any, max_images: int = DEFAULT_MAX_IMAGES, concurrency_limi
                 raise gr.Error(str(error), duration=None, print_exception=False) from None
 
         button.click(generate, [class_box, scale_box, seed_box, count_box, *settings_boxes], gallery,
-                     api_name="generate", concurrency_limit=concurrency_limit)
-    demo.queue(default_concurrency_limit=concurrency_limit, max_size=64)
+                     api_name="generate", concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=max_queue)
     return demo
 
 
 def serve_demo(pipeline: str, host: str = "127.0.0.1", port: int = 7860, device: str = "cpu",
-               max_images: int = DEFAULT_MAX_IMAGES, concurrency_limit: int = 1) -> None:
+               max_images: int = DEFAULT_MAX_IMAGES, max_queue: int = DEFAULT_MAX_QUEUE) -> None:
     """Load ``pipeline`` (a folder or Hub id), move it to ``device`` and serve its page until interrupted."""
     _import_gradio()  # the missing extra is the first error, before the pipeline is loaded
     from vfmtok.pipelines.pipeline_common import load_pipeline
 
     pipe = load_pipeline(pipeline).to(device)
-    build_demo(pipe, max_images=max_images, concurrency_limit=concurrency_limit).launch(
+    build_demo(pipe, max_images=max_images, max_queue=max_queue).launch(
         server_name=host, server_port=port, share=False, ssr_mode=False, inbrowser=False, show_error=False)

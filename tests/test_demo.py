@@ -114,6 +114,7 @@ def test_classes_are_chosen_by_name_or_id(ar_pipe):
     (("1000", 1.0, 0, 1), r"outside \[0, 1000\)"),
     (("otter", -1.0, 0, 1), r"guidance_scale must be a finite number >= 0"),
     (("otter", 1.0, 0.5, 1), "the seed must be a whole number"),
+    (("otter", 1.0, float("nan"), 1), "the seed must be a whole number"),
     (("otter", 1.0, 0, 17), r"the number of images must be in \[1, 16\] \(this server's limit\), got 17"),
     (("otter", 1.0, 0, 0), r"must be in \[1, 16\]"),
 ])
