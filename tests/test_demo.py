@@ -150,6 +150,19 @@ def test_a_saved_pipeline_folder_carries_an_app_for_a_space(flow_pipe, flow_dir)
     assert np.array_equal(_uint8(p[0] for p in pairs), _uint8(expected))
 
 
+def test_vfmtok_demo_serves_the_folder_locally_without_ssr_or_sharing(flow_dir, monkeypatch):
+    gr = _gradio()
+    from vfmtok.pipelines.cli import main
+
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs, blocks=self))
+    assert main(["demo", "--pipeline", str(flow_dir), "--port", "0", "--device", "cpu", "--max-images", "3"]) == 0
+    assert {k: launched[k] for k in ("server_name", "server_port", "share", "ssr_mode")} == {
+        "server_name": "127.0.0.1", "server_port": 0, "share": False, "ssr_mode": False}
+    assert launched["blocks"].title == "vfmtok: VFMTokFlowPipeline"
+    assert launched["blocks"].analytics_enabled is False
+
+
 # -- the page's HTTP API (gradio_client) ---------------------------------------------------------------------------
 def test_the_served_page_gives_pipe_images_and_errors_and_keeps_serving(flow_pipe):
     _gradio()
