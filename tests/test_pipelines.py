@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
@@ -116,6 +117,21 @@ def test_synonyms_of_a_configured_label_resolve(ar_pipe, tmp_path):
     assert pipe.resolve_class_labels(["Tinca Tinca", "tench", "goldfish"]) == [0, 0, 1]
     pipe.save_pretrained(tmp_path / "p")
     assert json.loads((tmp_path / "p" / "model_index.json").read_text())["id2label"]["0"] == "tench, Tinca tinca"
+
+
+def test_an_unknown_name_lists_the_classes_of_a_pipeline_with_few(ar_pipe):
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    digits = VFMTokARPipeline(ar_pipe.vqvae, ar_pipe.transformer, id2label=dict(enumerate(names)))
+    with pytest.raises(InvalidValueError) as error:
+        digits.get_label_ids("dog")
+    message = str(error.value)
+    assert message.startswith("unknown class name 'dog'") and "\n" not in message
+    assert message.endswith("; the 10 class names: " + ", ".join(repr(n) for n in names))
+    with pytest.raises(InvalidValueError, match=r"did you mean 'seven'\? The 10 class names: 'zero', 'one'"):
+        digits.get_label_ids("sevn")
+    with pytest.raises(InvalidValueError) as error:  # 1000 ImageNet classes: close matches only
+        ar_pipe.get_label_ids("golden retreiver")
+    assert "class names:" not in str(error.value) and len(str(error.value)) < 200
 
 
 @pytest.mark.parametrize("call,match", [
@@ -301,6 +317,58 @@ def test_vfmtok_sample_writes_a_png_grid(flow_dir, tmp_path, capsys):
     assert main(["sample", "--pipeline", str(flow_dir), "--class-names", "golden retreiver",
                  "--output", str(tmp_path / "x.png")]) == 2
     assert "did you mean 'golden retriever'" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def _grid_cells(grid: Image.Image, count: int, columns: int, cell: int) -> list[np.ndarray]:
+    """The images of a captioned grid (cells of ``cell`` pixels with a 14-pixel caption below each)."""
+    array = np.asarray(grid)
+    return [array[(k // columns) * (cell + 14):(k // columns) * (cell + 14) + cell,
+                  (k % columns) * cell:(k % columns + 1) * cell] for k in range(count)]
+
+
+@pytest.mark.parametrize("kind,argv,kwargs", [
+    ("flow", ["--num-inference-steps", "3", "--sampler", "sde", "--guidance-interval", "0.2", "0.9"],
+     dict(num_inference_steps=3, sampler="sde", guidance_interval=(0.2, 0.9))),
+    ("flow", ["--num-inference-steps", "2", "--sampler", "scheduler"], dict(num_inference_steps=2, sampler="scheduler")),
+    ("ar", ["--temperature", "0.7", "--top-k", "50", "--top-p", "0.9", "--guidance-schedule", "cosine_power",
+            "--guidance-power", "2"], dict(temperature=0.7, top_k=50, top_p=0.9, guidance_schedule="cosine_power",
+                                           guidance_power=2.0)),
+    ("ar", ["--guidance-schedule", "interval", "--guidance-interval", "5"], dict(guidance_schedule="interval",
+                                                                                guidance_interval=5)),
+])
+def test_vfmtok_sample_gives_the_images_of_pipe_with_the_same_arguments(ar_dir, flow_dir, tmp_path, capsys, kind,
+                                                                         argv, kwargs):
+    from vfmtok.pipelines.cli import main
+
+    folder = ar_dir if kind == "ar" else flow_dir
+    output = tmp_path / "grid.png"
+    assert main(["sample", "--pipeline", str(folder), "--class-ids", "207", "360", "--num-images-per-class", "2",
+                 "--seed", "5", "--guidance-scale", "1.5", "--batch-size", "3", "--output-size", "48",
+                 "--device", "cpu", "--dtype", "float32", "--cell-size", "96", "--output", str(output), *argv]) == 0
+    capsys.readouterr()
+    expected = load_pipeline(folder)([207, 360], num_images_per_class=2, guidance_scale=1.5, batch_size=3,
+                                     output_size=48, generator=seeded(5), output_type="np", **kwargs).images
+    expected = np.round(expected * 255).astype(np.uint8).repeat(2, axis=1).repeat(2, axis=2)  # 48 -> 96 px cells
+    grid = Image.open(output)
+    assert grid.size == (2 * 96, 2 * (96 + 14))
+    for got, want in zip(_grid_cells(grid, 4, 2, 96), expected):
+        assert np.array_equal(got, want)
+
+
+def test_vfmtok_sample_in_bfloat16_and_options_of_the_other_kind(ar_dir, flow_dir, tmp_path, capsys):
+    from vfmtok.pipelines.cli import main
+
+    output = tmp_path / "grid.png"
+    assert main(["sample", "--pipeline", str(ar_dir), "--class-ids", "3", "--seed", "1", "--dtype", "bfloat16",
+                 "--device", "cpu", "--output", str(output)]) == 0
+    capsys.readouterr()
+    pipe = load_pipeline(ar_dir, torch_dtype=torch.bfloat16)
+    assert pipe.transformer.dtype == torch.bfloat16
+    expected = np.round(pipe(3, generator=seeded(1), output_type="np").images[0] * 255).astype(np.uint8)
+    assert np.array_equal(_grid_cells(Image.open(output), 1, 1, 64)[0], expected)
+    assert main(["sample", "--pipeline", str(flow_dir), "--class-ids", "3", "--top-k", "5",
+                 "--output", str(tmp_path / "x.png")]) == 2
+    assert "takes no sampler option(s) ['top_k']" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
 def test_convert_pipeline_from_official_layout_checkpoints(tmp_path, capsys):

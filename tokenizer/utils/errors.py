@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __all__ = ["VFMTokError", "InvalidValueError", "ConfigError", "CheckpointError", "MissingFileError",
            "OutputExistsError", "WeightsUnavailableError", "DiskFullError",
-           "OutputWriteError"]
+           "OutputWriteError", "MissingDependencyError"]
 
 
 class VFMTokError(Exception):
@@ -50,3 +50,8 @@ class DiskFullError(VFMTokError, OSError):
 class OutputWriteError(VFMTokError, OSError):
     """The operating system refused to write an output (permission denied, a read-only or pseudo file system): not
     a full disk, which is a :class:`DiskFullError`."""
+
+
+class MissingDependencyError(VFMTokError, ImportError):
+    """An optional dependency (an extra such as ``vfmtok[demo]``) is not installed; the message says how to install
+    it."""
