@@ -115,8 +115,12 @@ def _protocol(pipe, settings: dict[str, Any], reference: ImageSource, extractor:
         protocol["sampler_options"] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "guidance_schedule": "constant",
                                        **settings["options"]}
     else:
-        protocol["sampler_options"] = {"sampler": "scheduler", "scheduler": type(pipe.scheduler).__name__,
-                                       "num_inference_steps": 50, **settings["options"]}
+        from vfmtok.generators.transport import FLOW_SCHEDULERS, scheduler_shift
+
+        sampler = settings["options"].get("sampler", "scheduler")
+        scheduler = FLOW_SCHEDULERS[sampler][0] if sampler in FLOW_SCHEDULERS else type(pipe.scheduler).__name__
+        protocol["sampler_options"] = {"sampler": sampler, "scheduler": scheduler, "num_inference_steps": 50,
+                                       "shift": scheduler_shift(pipe.scheduler), **settings["options"]}
     return protocol
 
 

@@ -14,6 +14,9 @@ from vfmtok.tokenizer.utils.errors import InvalidValueError, OutputExistsError, 
 __all__ = ["main"]
 
 logger = logging.getLogger("vfmtok")
+# The flow pipeline's samplers (pipeline_vfmtok_flow.SAMPLERS), spelled out so that parsing imports no torch; a test
+# keeps the two equal.
+FLOW_SAMPLER_CHOICES = ("scheduler", "sde", "euler", "ab2", "heun", "dpm++2m", "dpm++3m", "unipc", "unipc3")
 
 
 def _describe(args: argparse.Namespace) -> None:
@@ -198,7 +201,8 @@ def _sample(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.pipeline)
     labels = args.class_ids if args.class_ids is not None else args.class_names
     ids = pipe.resolve_class_labels(labels)
-    options = {} if args.num_inference_steps is None else {"num_inference_steps": args.num_inference_steps}
+    options = {name: value for name, value in (("num_inference_steps", args.num_inference_steps),
+                                               ("sampler", args.sampler)) if value is not None}
     pipe.check_sampler_options(options)
     images = pipe(ids, guidance_scale=args.guidance_scale, num_images_per_class=args.num_images_per_class,
                   generator=torch.Generator(pipe.device).manual_seed(args.seed), output_type="pil",
@@ -465,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--num-images-per-class", type=int, default=1)
     sample.add_argument("--num-inference-steps", type=int, default=None, help="flow pipelines (default: 50)")
+    sample.add_argument("--sampler", choices=FLOW_SAMPLER_CHOICES, default=None,
+                        help="flow pipelines: the pipeline's scheduler, the SDE, or a flow solver by name (default: "
+                             "scheduler)")
     sample.set_defaults(run=_sample)
 
     bench = commands.add_parser("benchmark", help="gFID (and sFID, precision / recall, IS) of a pipeline at several "
@@ -481,7 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output-size", type=int, default=256, help="evaluated resolution (ADM: 256)")
     bench.add_argument("--inception-weights", default=None)
     bench.add_argument("--num-inference-steps", type=int, default=None, help="flow pipelines")
-    bench.add_argument("--sampler", choices=["scheduler", "sde"], default=None, help="flow pipelines")
+    bench.add_argument("--sampler", choices=FLOW_SAMPLER_CHOICES, default=None,
+                       help="flow pipelines: the pipeline's scheduler, the SDE, or a flow solver by name (default: "
+                            "scheduler)")
     bench.add_argument("--temperature", type=float, default=None, help="AR pipelines")
     bench.add_argument("--top-k", type=int, default=None, help="AR pipelines")
     bench.add_argument("--top-p", type=float, default=None, help="AR pipelines")

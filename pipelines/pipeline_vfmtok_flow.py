@@ -1,7 +1,6 @@
 """Class-conditional generation with a continuous tokenizer and a flow-matching denoiser over its latents."""
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from typing import Any, Callable, Optional, Sequence
@@ -10,13 +9,18 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from vfmtok.generators.transport import guided_model, sample_sde
+from vfmtok.generators.transport import (FLOW_SCHEDULERS, flow_scheduler, guided_model, sample_sde,
+                                         sample_with_scheduler, scheduler_shift, set_flow_timesteps)
 from vfmtok.tokenizer.utils.errors import CheckpointError, InvalidValueError
 from vfmtok.pipelines.pipeline_common import ClassLabels, VFMTokPipelineBase
 
 __all__ = ["VFMTokFlowPipeline", "SAMPLERS", "check_flow_scheduler"]
 
-SAMPLERS = ("scheduler", "sde")
+# "scheduler": the pipeline's scheduler component; "sde": the project's Euler-Maruyama sampler; a name of
+# FLOW_SCHEDULERS: that scheduler, built for this call with the component's time shift.
+SAMPLERS = ("scheduler", "sde", *FLOW_SCHEDULERS)
+# Diffusion solvers that integrate a flow-matching velocity when set up with flow sigmas.
+_FLOW_CAPABLE = ("UniPCMultistepScheduler", "DPMSolverMultistepScheduler")
 
 
 # Scheduler settings this pipeline does not drive: dynamic shifting needs a ``mu`` per call, inverted sigmas run the
@@ -26,16 +30,29 @@ _UNSUPPORTED_SETTINGS = ("use_dynamic_shifting", "invert_sigmas")
 
 def check_flow_scheduler(scheduler: Any) -> None:
     """Refuse a scheduler that does not fit the transformer's convention (a diffusers flow-matching scheduler: sigma
-    from 1 = noise to 0 = data, model output ``-v``) or whose settings would not give such a schedule."""
+    from 1 = noise to 0 = data, model output ``-v``) or whose settings would not give such a schedule. UniPC and
+    DPM-Solver(++) multistep fit when set up with ``use_flow_sigmas=True, prediction_type="flow_prediction"`` and the
+    model's time shift as ``flow_shift``."""
     name = type(scheduler).__name__
     config = getattr(scheduler, "config", None)
-    if not name.startswith("FlowMatch") or config is None or not hasattr(scheduler, "step"):
+    if config is None or not hasattr(scheduler, "step") or not (name.startswith("FlowMatch") or name in _FLOW_CAPABLE):
         raise InvalidValueError(
             f"the scheduler {name} is not a flow-matching scheduler: the transformer predicts a flow-matching "
-            f"velocity (SiT convention); use FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler")
-    shift = config.get("shift", 1.0)
+            f"velocity (SiT convention); use a FlowMatch* scheduler, or {' / '.join(_FLOW_CAPABLE)} with flow sigmas")
+    shift_key = "shift" if name.startswith("FlowMatch") else "flow_shift"
+    if name in _FLOW_CAPABLE:
+        how = (f"{name}.from_config(pipe.scheduler.config, use_flow_sigmas=True, prediction_type='flow_prediction', "
+               f"flow_shift=<the model's shift>)")
+        if not config.get("use_flow_sigmas") or config.get("prediction_type") != "flow_prediction":
+            raise InvalidValueError(f"scheduler {name} needs use_flow_sigmas=True and prediction_type="
+                                    f"'flow_prediction' to integrate the flow velocity; use {how}")
+        carried = config.get("shift")  # a FlowMatch config's shift, kept by from_config as an unused key
+        if carried is not None and carried != config.get("flow_shift"):
+            raise InvalidValueError(f"scheduler {name}: flow_shift {config.get('flow_shift')} differs from the shift "
+                                    f"{carried} of the scheduler config it was made from; use {how}")
+    shift = config.get(shift_key, 1.0)
     if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not math.isfinite(shift) or shift <= 0:
-        raise InvalidValueError(f"scheduler {name}: shift must be a finite number > 0, got {shift!r}")
+        raise InvalidValueError(f"scheduler {name}: {shift_key} must be a finite number > 0, got {shift!r}")
     steps = config.get("num_train_timesteps", 1000)
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise InvalidValueError(f"scheduler {name}: num_train_timesteps must be a positive integer, got {steps!r}")
@@ -117,15 +134,6 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         return guided_model(model, guidance_scale, interval=guidance_interval, weak_model=weak,
                             null_class=self.transformer.null_class)
 
-    def _set_timesteps(self, num_inference_steps: int) -> None:
-        """Uniform sigmas ``1, 1 - 1/N, ..., 1/N`` (then the scheduler's shift and terminal 0) where the scheduler
-        takes explicit sigmas, else its own ``num_inference_steps`` grid."""
-        if "sigmas" in inspect.signature(self.scheduler.set_timesteps).parameters:
-            sigmas = (1.0 - torch.linspace(0.0, 1.0, num_inference_steps + 1, dtype=torch.float64)[:-1]).tolist()
-            self.scheduler.set_timesteps(sigmas=sigmas, device=self.device)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-
     @torch.no_grad()
     def __call__(
         self,
@@ -149,9 +157,11 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         ``default_guidance_scale`` (else 1); ``guidance_interval``
         ``(t_lo, t_hi)`` in SiT time (0 = noise) limits it (None: the pipeline's ``default_guidance_interval``, else
         every step). ``sampler``: "scheduler" (the ``scheduler`` component,
-        ``num_inference_steps`` steps; callback after each scheduler step with ``{"latents": ...}``) or "sde"
+        ``num_inference_steps`` steps; callback after each scheduler step with ``{"latents": ...}``), "sde"
         (the project's Euler–Maruyama SDE sampler, ``num_inference_steps`` + 1 model calls, shift from the
-        scheduler config; no callback). Labels are repeated ``num_images_per_class`` times and sampled in chunks
+        scheduler config; no callback) or the name of a flow scheduler of
+        :data:`vfmtok.generators.transport.FLOW_SCHEDULERS` ("euler", "ab2", "heun", "dpm++2m", "unipc", ...), built
+        for this call with the scheduler component's shift (the component is left as it is). Labels are repeated ``num_images_per_class`` times and sampled in chunks
         of ``batch_size``. ``output_type`` "pil", "np", "pt" (in [0, 1]) or "latent" (the tokenizer's latents).
         """
         guidance_scale = self.resolve_guidance_scale(guidance_scale)
@@ -167,34 +177,34 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         if guidance_interval is None and self.config.get("default_guidance_interval") is not None:
             guidance_interval = tuple(self.config.default_guidance_interval)
         velocity = self._velocity(guidance_scale, guidance_interval)  # checks the interval
+        scheduler = self.scheduler
+        if sampler in FLOW_SCHEDULERS:
+            scheduler = flow_scheduler(sampler, scheduler_shift(self.scheduler),
+                                       self.scheduler.config.get("num_train_timesteps", 1000))
 
         def sample_chunk(labels: torch.Tensor) -> torch.Tensor:
             shape = (len(labels), *self.transformer.latent_shape)
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.transformer.dtype)
             if sampler == "sde":
                 latents = sample_sde(velocity, latents, labels, num_inference_steps, generator=generator,
-                                     shift=float(self.scheduler.config.get("shift", 1.0)))
+                                     shift=scheduler_shift(self.scheduler))
             else:
-                latents = self._scheduler_loop(velocity, latents, labels, num_inference_steps,
+                latents = self._scheduler_loop(scheduler, velocity, latents, labels, num_inference_steps,
                                                callback_on_step_end, callback_on_step_end_tensor_inputs)
             return self.transformer.denormalize_latents(latents).to(self.vae.dtype)
 
         settings = {"guidance_scale": guidance_scale, "sampler": sampler, "num_inference_steps": num_inference_steps,
-                    "scheduler": type(self.scheduler).__name__, "shift": self.scheduler.config.get("shift", 1.0)}
+                    "scheduler": type(scheduler).__name__, "shift": scheduler_shift(scheduler)}
         return self._generate(class_labels, num_images_per_class, batch_size, output_type, output_size,
                               return_dict, sample_chunk, settings)
 
-    def _scheduler_loop(self, velocity: Callable, latents: torch.Tensor, labels: torch.Tensor, steps: int,
-                        callback: Optional[Callable], tensor_inputs: Sequence[str]) -> torch.Tensor:
-        self._set_timesteps(steps)
-        _check_sigmas(self.scheduler)
-        timesteps = self.scheduler.timesteps
-        scale = float(self.scheduler.config.num_train_timesteps)
-        with self.progress_bar(total=len(timesteps)) as progress:
-            for i, t in enumerate(timesteps):
-                sit_time = torch.full((len(latents),), 1.0 - float(t) / scale, device=latents.device)
-                v = velocity(latents, sit_time, labels)
-                latents = self.scheduler.step(-v, t, latents, return_dict=False)[0]
-                latents = self._run_callback(callback, self, i, t, {"latents": latents}, tensor_inputs)["latents"]
+    def _scheduler_loop(self, scheduler: Any, velocity: Callable, latents: torch.Tensor, labels: torch.Tensor,
+                        steps: int, callback: Optional[Callable], tensor_inputs: Sequence[str]) -> torch.Tensor:
+        set_flow_timesteps(scheduler, steps, device=latents.device)  # sample_with_scheduler sets the same again
+        _check_sigmas(scheduler)
+        with self.progress_bar(total=len(scheduler.timesteps)) as progress:
+            def on_step(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
                 progress.update()
-        return latents
+                return self._run_callback(callback, self, i, t, {"latents": latents}, tensor_inputs)["latents"]
+
+            return sample_with_scheduler(velocity, latents, labels, scheduler, steps, on_step=on_step)
