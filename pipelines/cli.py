@@ -130,6 +130,18 @@ def _speed_flow(args: argparse.Namespace) -> None:
     print(json.dumps(row), flush=True)
 
 
+def _speed_flow_samplers(args: argparse.Namespace) -> None:
+    from vfmtok.evaluation.sampler_curves import DEFAULT_STEPS, flow_sampler_curves
+
+    folder = Path(args.quickstart)
+    steps = {name: DEFAULT_STEPS[name] for name in args.samplers}
+    report = flow_sampler_curves(str(folder / "pipelines" / "flow"), str(folder / "data" / "reference"),
+                                 str(folder / "data" / "train"), str(folder / "data" / "held-out"), args.output_dir,
+                                 steps=steps, num_samples=args.num_samples, seed=args.seed,
+                                 spread_seeds=args.spread_seeds, inception_weights=args.inception_weights)
+    print(json.dumps({"plot": report["plot"], "gfid_spread": report["gfid_spread"]}))
+
+
 def _speed_eval(args: argparse.Namespace) -> None:
     from vfmtok.evaluation.speed import speed_eval
 
@@ -179,7 +191,7 @@ def _benchmark(args: argparse.Namespace) -> None:
     options = {name: value for name, value in (
         ("num_inference_steps", args.num_inference_steps), ("sampler", args.sampler),
         ("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
-        ("guidance_schedule", args.guidance_schedule)) if value is not None}
+        ("guidance_schedule", args.guidance_schedule), ("sjd_window", args.sjd_window)) if value is not None}
     report = run_benchmark(args.pipeline, args.output_dir, args.num_samples, args.guidance_scales, args.reference,
                            labels=args.labels, seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size,
                            output_size=args.output_size, inception_weights=args.inception_weights,
@@ -202,7 +214,8 @@ def _sample(args: argparse.Namespace) -> None:
     labels = args.class_ids if args.class_ids is not None else args.class_names
     ids = pipe.resolve_class_labels(labels)
     options = {name: value for name, value in (("num_inference_steps", args.num_inference_steps),
-                                               ("sampler", args.sampler)) if value is not None}
+                                               ("sampler", args.sampler), ("sjd_window", args.sjd_window))
+               if value is not None}
     pipe.check_sampler_options(options)
     images = pipe(ids, guidance_scale=args.guidance_scale, num_images_per_class=args.num_images_per_class,
                   generator=torch.Generator(pipe.device).manual_seed(args.seed), output_type="pil",
@@ -399,6 +412,20 @@ def build_parser() -> argparse.ArgumentParser:
     speed_flow.add_argument("--no-cfg", action="store_true")
     speed_flow.set_defaults(run=_speed_flow)
 
+    curves = speed_kinds.add_parser("flow-samplers", help="gFID, judge class accuracy and ODE error against velocity "
+                                                          "evaluations for each flow sampler, on a quickstart run")
+    curves.add_argument("--quickstart", required=True, metavar="DIR", help="a `vfmtok quickstart` output folder")
+    curves.add_argument("--output-dir", required=True, help="report.json and flow_samplers.png go here")
+    curves.add_argument("--samplers", nargs="+", default=["euler", "ab2", "heun", "dpm++2m", "unipc"],
+                        choices=["euler", "ab2", "heun", "dpm++2m", "unipc"],
+                        help="default: all five, at the step counts of evaluation/sampler_curves.py")
+    curves.add_argument("--num-samples", type=int, default=300, help="per setting (default: 300)")
+    curves.add_argument("--seed", type=int, default=0)
+    curves.add_argument("--spread-seeds", type=int, default=2,
+                        help="other seeds of Euler 50 that measure the gFID's own noise (default: 2)")
+    curves.add_argument("--inception-weights", default=None)
+    curves.set_defaults(run=_speed_flow_samplers)
+
     speed_ev = speed_kinds.add_parser("eval", help="FID feature extraction images/s, this suite vs torch-fidelity's "
                                                    "calculate_metrics on the same two image folders")
     speed_ev.add_argument("--samples", required=True)
@@ -472,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--sampler", choices=FLOW_SAMPLER_CHOICES, default=None,
                         help="flow pipelines: the pipeline's scheduler, the SDE, or a flow solver by name (default: "
                              "scheduler)")
+    sample.add_argument("--sjd-window", type=int, default=None, metavar="N",
+                        help="AR pipelines: speculative Jacobi decoding with N draft tokens per step, the same "
+                             "distribution in fewer model calls (default: off, one token per step)")
     sample.set_defaults(run=_sample)
 
     bench = commands.add_parser("benchmark", help="gFID (and sFID, precision / recall, IS) of a pipeline at several "
@@ -496,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--top-p", type=float, default=None, help="AR pipelines")
     bench.add_argument("--guidance-schedule", default=None, help="AR pipelines: constant, linear, cosine_power, "
                                                                  "interval")
+    bench.add_argument("--sjd-window", type=int, default=None, metavar="N",
+                       help="AR pipelines: speculative Jacobi decoding with N draft tokens per step (default: off)")
     bench.add_argument("--update-model-card", action="store_true", help="record the results in the (local) "
                                                                        "pipeline folder's model card")
     bench.set_defaults(run=_benchmark)

@@ -56,12 +56,15 @@ class VFMTokARPipeline(VFMTokPipelineBase):
         output_type: str = "pil",
         return_dict: bool = True,
         use_kv_cache: bool = True,
+        sjd_window: Optional[int] = None,
         callback_on_step_end: Optional[Callable[..., dict]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("codes",),
     ) -> Any:
         """Sample images of ``class_labels`` (ids, names, a list or a tensor of them).
 
-        ``guidance_*``, ``temperature``, ``top_k``, ``top_p``: as :meth:`vfmtok.generators.GPTModel.generate`
+        ``guidance_*``, ``temperature``, ``top_k``, ``top_p``, ``sjd_window`` (speculative Jacobi decoding with that
+        many draft tokens per step: the same distribution in fewer model calls; no callback): as
+        :meth:`vfmtok.generators.GPTModel.generate`
         (``guidance_scale = 1`` is no guidance; None: the pipeline's ``default_guidance_scale``, else 1). Labels are repeated ``num_images_per_class`` times and sampled in
         chunks of ``batch_size`` (default: all at once); the callback runs after every sampled token (step = token
         index in the chunk, ``t`` = the same) with ``{"codes": (B, num_tokens)}`` (not yet sampled positions 0) and
@@ -83,7 +86,7 @@ class VFMTokARPipeline(VFMTokPipelineBase):
                 labels, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
                 guidance_power=guidance_power, guidance_interval=guidance_interval, temperature=temperature,
                 top_k=top_k, top_p=top_p, generator=generator, use_kv_cache=use_kv_cache,
-                step_callback=on_token if callback_on_step_end is not None else None)
+                step_callback=on_token if callback_on_step_end is not None else None, sjd_window=sjd_window)
             self.vqvae.check_tokens(codes)
             chunks.append(len(codes))
             progress.update()

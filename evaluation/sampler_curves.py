@@ -1,0 +1,167 @@
+"""Sample quality against sampling cost, behind ``vfmtok speed flow-samplers``: for each flow sampler and step count,
+gFID and the class accuracy of an independent judge (:mod:`vfmtok.evaluation.judge`) of the same samples, plus the
+distance of the sampled latents to an accurate solution of the same ODE from the same noise, against the number of
+velocity evaluations; a JSON report and one plot.
+
+Every setting samples from the same noise and labels (one generator seeded per setting with the same seed, balanced
+labels), so the settings differ only by their solver: differences between them are not sampling noise, while the
+gFID of a few hundred images itself carries a spread of a few points (``gfid_spread`` measures it: the gFID of the
+reference setting at other seeds).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from vfmtok.evaluation.fid import ImageSource, InceptionFeatures, compare_sources, load_source
+from vfmtok.evaluation.judge import PixelJudge
+from vfmtok.tokenizer.utils.atomic import atomic_file, make_directory
+from vfmtok.tokenizer.utils.errors import InvalidValueError
+
+__all__ = ["flow_sampler_curves", "DEFAULT_STEPS", "plot_flow_sampler_curves"]
+
+# Step counts per sampler: Heun spends 2N - 1 velocity evaluations on N steps.
+DEFAULT_STEPS = {"euler": (8, 12, 16, 25, 50, 100), "ab2": (4, 6, 8, 12, 16, 25), "heun": (3, 4, 5, 7, 9, 13),
+                 "dpm++2m": (4, 6, 8, 12, 16, 25), "unipc": (4, 6, 8, 12, 16, 25)}
+ACCURATE = ("heun", 100)  # the "exact" ODE solution the latent error is measured against (199 evaluations)
+
+
+def _judge(train: str, held_out: str, size: int, seed: int) -> PixelJudge:
+    from vfmtok.pipelines.data import decode_image, load_image_dataset
+
+    def split(directory: str):
+        dataset = load_image_dataset(directory)
+        return [decode_image(row["image"]) for row in dataset], np.asarray(dataset["label"])
+
+    judge = PixelJudge(size, seed=seed).fit(*split(train))
+    judge.check(*split(held_out))
+    return judge
+
+
+def _sample_latents(pipe, labels: torch.Tensor, sampler: str, steps: int, guidance_scale: float, seed: int,
+                    batch_size: int) -> torch.Tensor:
+    generator = torch.Generator(pipe.device).manual_seed(seed)
+    return pipe(labels, sampler=sampler, num_inference_steps=steps, guidance_scale=guidance_scale,
+                generator=generator, batch_size=batch_size, output_type="latent").images
+
+
+def _decode(pipe, latents: torch.Tensor, output_size: int, batch_size: int) -> np.ndarray:
+    with torch.no_grad():
+        images = torch.cat([pipe.vae.decode(chunk, output_size=output_size) for chunk in latents.split(batch_size)])
+    array = pipe._convert(images, "np")
+    return (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _evaluations(pipe, sampler: str, steps: int) -> int:
+    """Velocity evaluations of one sample (each is one transformer call on the CFG-doubled batch)."""
+    from vfmtok.generators.transport import flow_scheduler, scheduler_shift, set_flow_timesteps
+
+    scheduler = flow_scheduler(sampler, scheduler_shift(pipe.scheduler))
+    set_flow_timesteps(scheduler, steps)
+    return len(scheduler.timesteps)
+
+
+def flow_sampler_curves(pipeline: str, reference: str, judge_train: str, judge_held_out: str, output_dir: str,
+                        steps: Optional[dict[str, Sequence[int]]] = None, num_samples: int = 300,
+                        guidance_scale: Optional[float] = None, seed: int = 0, batch_size: int = 100,
+                        output_size: int = 32, judge_size: int = 8, spread_seeds: int = 2,
+                        inception_weights: Optional[str] = None) -> dict[str, Any]:
+    """Measure every (sampler, steps) of ``steps`` (default :data:`DEFAULT_STEPS`) on a flow pipeline; write
+    ``report.json`` and ``flow_samplers.png`` to ``output_dir`` and return the report."""
+    from vfmtok.generators.transport import scheduler_shift
+    from vfmtok.pipelines.pipeline_common import load_pipeline
+
+    steps = dict(steps or DEFAULT_STEPS)
+    if num_samples < 2 or batch_size < 1 or spread_seeds < 0:
+        raise InvalidValueError(f"num_samples must be >= 2, batch_size >= 1, spread_seeds >= 0; got {num_samples}, "
+                                f"{batch_size}, {spread_seeds}")
+    output = make_directory(output_dir)
+    pipe = load_pipeline(pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    scale = pipe.resolve_guidance_scale(guidance_scale)
+    num_classes = pipe.transformer.config.num_classes
+    labels = torch.from_numpy(np.random.default_rng(seed).permutation(np.arange(num_samples) % num_classes))
+    reference_source = load_source(reference)
+    extractor = InceptionFeatures(inception_weights)
+    judge = _judge(judge_train, judge_held_out, judge_size, seed)
+
+    def measure(latents: torch.Tensor, name: str) -> dict[str, Any]:
+        images = _decode(pipe, latents, output_size, batch_size)
+        source = ImageSource(Path(name), "npz", array=images,
+                             content_hash=hashlib.sha256(images.tobytes()).hexdigest())
+        metrics = compare_sources(source, reference_source, extractor, batch_size=50, cache=False)
+        return {"gfid": metrics["fid"], "class_accuracy": judge.accuracy(images, labels.numpy())}
+
+    accurate = _sample_latents(pipe, labels, *ACCURATE, scale, seed, batch_size)
+    rows = []
+    for sampler, counts in steps.items():
+        for count in counts:
+            start = time.perf_counter()
+            latents = _sample_latents(pipe, labels, sampler, count, scale, seed, batch_size)
+            seconds = time.perf_counter() - start
+            error = float((latents - accurate).pow(2).mean().sqrt() / accurate.pow(2).mean().sqrt())
+            row = {"sampler": sampler, "steps": count, "evaluations": _evaluations(pipe, sampler, count),
+                   "relative_latent_error": error, "sampling_seconds": seconds,
+                   **measure(latents, f"{sampler}-{count}")}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    spread = []
+    for extra in range(1, spread_seeds + 1):  # the same reference setting at other seeds: the gFID's own noise
+        latents = _sample_latents(pipe, labels, "euler", 50, scale, seed + extra, batch_size)
+        spread.append(measure(latents, f"euler-50-seed{seed + extra}"))
+    report = {"pipeline": str(pipeline), "reference": str(reference), "num_samples": num_samples,
+              "guidance_scale": scale, "guidance_interval": pipe.config.get("default_guidance_interval"),
+              "shift": scheduler_shift(pipe.scheduler), "seed": seed,
+              "judge_held_out_accuracy": judge.held_out_accuracy, "accurate_solution": list(ACCURATE),
+              "rows": rows, "gfid_spread": spread, "threads": torch.get_num_threads()}
+    with atomic_file(output / "report.json") as temporary:
+        temporary.write_text(json.dumps(report, indent=1))
+    report["plot"] = str(plot_flow_sampler_curves(report, output / "flow_samplers.png"))
+    return report
+
+
+def plot_flow_sampler_curves(report: dict[str, Any], path: Path) -> Path:
+    """Three panels against velocity evaluations per image: gFID, class accuracy, latent error (log-log); the
+    Euler-50 setting and the spread of its gFID over seeds are marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    samplers = list(dict.fromkeys(r["sampler"] for r in report["rows"]))
+    for sampler in samplers:
+        rows = sorted((r for r in report["rows"] if r["sampler"] == sampler), key=lambda r: r["evaluations"])
+        calls = [r["evaluations"] for r in rows]
+        axes[0].plot(calls, [r["gfid"] for r in rows], "o-", label=sampler)
+        axes[1].plot(calls, [r["class_accuracy"] for r in rows], "o-", label=sampler)
+        axes[2].loglog(calls, [r["relative_latent_error"] for r in rows], "o-", label=sampler)
+    baseline = next((r for r in report["rows"] if r["sampler"] == "euler" and r["steps"] == 50), None)
+    if baseline is not None:
+        fids = [baseline["gfid"], *(s["gfid"] for s in report["gfid_spread"])]
+        accuracies = [baseline["class_accuracy"], *(s["class_accuracy"] for s in report["gfid_spread"])]
+        axes[0].axhspan(min(fids), max(fids), color="grey", alpha=0.25, label="euler 50, seeds")
+        axes[1].axhspan(min(accuracies), max(accuracies), color="grey", alpha=0.25)
+        for axis in axes:
+            axis.axvline(50 / 3, color="grey", linestyle=":", linewidth=1)
+    axes[0].set_ylabel("gFID")
+    axes[1].set_ylabel("class accuracy (judge)")
+    axes[2].set_ylabel(f"latent error vs {report['accurate_solution'][0]} {report['accurate_solution'][1]} steps")
+    for axis in axes:
+        axis.set_xlabel("velocity evaluations per image (x2 model passes with CFG)")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"flow samplers, {report['num_samples']} samples, guidance {report['guidance_scale']:g} "
+                 f"interval {report['guidance_interval']}, shift {report['shift']:g} (dotted: 1/3 of Euler 50)",
+                 fontsize=10)
+    fig.tight_layout()
+    with atomic_file(path) as temporary:
+        fig.savefig(temporary, format="png", dpi=90)
+    plt.close(fig)
+    return path
