@@ -131,3 +131,26 @@ def test_sjd_argument_errors():
     with pytest.raises(InvalidValueError, match="return_sjd_stats needs sjd_window"):
         model.generate(labels, return_sjd_stats=True)
     assert token_probabilities(torch.tensor([[0.0, 2.0, 1.0, -1.0]]), top_k=1).tolist() == [[0.0, 1.0, 0.0, 0.0]]
+
+
+def test_ar_pipeline_and_vfmtok_sample_take_sjd(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from vfmtok.pipelines import VFMTokARPipeline
+    from vfmtok.pipelines.cli import main
+    from vfmtok.pipelines.config import build_model
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    torch.manual_seed(0)
+    gpt = build_model(configs / "ar" / "gpt-tiny.yaml").eval()
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    pipe = VFMTokARPipeline(build_model(configs / "tokenizer" / "vfmtok-tiny.yaml").eval(), gpt)
+    kw = dict(guidance_scale=2.0, top_k=1, output_type="codes")
+    assert torch.equal(pipe([3, 7], **kw).images, pipe([3, 7], sjd_window=4, **kw).images)
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert main(["sample", "--pipeline", str(tmp_path / "pipe"), "--class-ids", "1", "--sjd-window", "4",
+                 "--output", str(tmp_path / "grid.png")]) in (0, None)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 1
