@@ -44,7 +44,13 @@ def _speed_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _speed_ar(args: argparse.Namespace) -> None:
-    from vfmtok.evaluation.speed import speed_ar
+    from vfmtok.evaluation.speed import compare_reference_ar, speed_ar
+
+    if args.compare_reference:
+        print(json.dumps(compare_reference_ar(args.config, args.compare_reference, batch_size=args.batch_size,
+                                              guidance_scale=args.guidance_scale, rounds=args.rounds,
+                                              sjd_window=args.sjd_window)), flush=True)
+        return
 
     row = speed_ar(args.config, device=args.device, batch_size=args.batch_size, cfg=not args.no_cfg,
                    guidance_scale=args.guidance_scale, kv_cache=not args.no_kv_cache, compile=args.compile,
@@ -137,9 +143,21 @@ def _speed_flow_samplers(args: argparse.Namespace) -> None:
     steps = {name: DEFAULT_STEPS[name] for name in args.samplers}
     report = flow_sampler_curves(str(folder / "pipelines" / "flow"), str(folder / "data" / "reference"),
                                  str(folder / "data" / "train"), str(folder / "data" / "held-out"), args.output_dir,
-                                 steps=steps, num_samples=args.num_samples, seed=args.seed,
+                                 steps=steps, num_samples=args.num_samples, guidance_scale=args.guidance_scale,
+                                 guidance_interval=args.guidance_interval, seed=args.seed,
                                  spread_seeds=args.spread_seeds, inception_weights=args.inception_weights)
     print(json.dumps({"plot": report["plot"], "gfid_spread": report["gfid_spread"]}))
+
+
+def _speed_sjd(args: argparse.Namespace) -> None:
+    from vfmtok.evaluation.sampler_curves import ar_sjd_comparison
+
+    folder = Path(args.quickstart)
+    report = ar_sjd_comparison(str(folder / "pipelines" / "ar"), str(folder / "data" / "reference"),
+                               str(folder / "data" / "train"), str(folder / "data" / "held-out"), args.output_dir,
+                               windows=args.windows, num_samples=args.num_samples, seed=args.seed, seeds=args.seeds,
+                               inception_weights=args.inception_weights)
+    print(json.dumps(report["summary"]))
 
 
 def _speed_eval(args: argparse.Namespace) -> None:
@@ -387,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     speed_ar.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix at every step")
     speed_ar.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     speed_ar.add_argument("--steps", type=int, default=1, help="generate calls per timing window")
+    speed_ar.add_argument("--compare-reference", default=None, metavar="LLAMAGEN_CHECKOUT",
+                          help="time plain sampling side by side with LlamaGen's generate() from this checkout of "
+                               "FoundationVision/LlamaGen, same random weights, CPU fp32 (alternating rounds)")
+    speed_ar.add_argument("--rounds", type=int, default=3, help="with --compare-reference: alternating rounds")
+    speed_ar.add_argument("--sjd-window", type=int, default=None, metavar="N",
+                          help="with --compare-reference: also time speculative Jacobi decoding with N drafts")
     speed_ar.set_defaults(run=_speed_ar)
 
     train_flow = train_kinds.add_parser("flow", help="train the flow denoiser over continuous latents; exports the EMA "
@@ -420,11 +444,27 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["euler", "ab2", "heun", "dpm++2m", "unipc"],
                         help="default: all five, at the step counts of evaluation/sampler_curves.py")
     curves.add_argument("--num-samples", type=int, default=300, help="per setting (default: 300)")
+    curves.add_argument("--guidance-scale", type=float, default=None,
+                        help="default: the pipeline's default_guidance_scale, else 1")
+    curves.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
+                        help="default: the pipeline's default_guidance_interval, else every step")
     curves.add_argument("--seed", type=int, default=0)
     curves.add_argument("--spread-seeds", type=int, default=2,
                         help="other seeds of Euler 50 that measure the gFID's own noise (default: 2)")
     curves.add_argument("--inception-weights", default=None)
     curves.set_defaults(run=_speed_flow_samplers)
+
+    sjd = speed_kinds.add_parser("sjd", help="plain KV-cache sampling vs speculative Jacobi decoding on a quickstart "
+                                             "GPT: seconds, tokens per step, gFID and judge class accuracy")
+    sjd.add_argument("--quickstart", required=True, metavar="DIR", help="a `vfmtok quickstart` output folder")
+    sjd.add_argument("--output-dir", required=True, help="report.json goes here")
+    sjd.add_argument("--windows", type=int, nargs="+", default=[2, 4, 8, 16],
+                     help="SJD draft tokens per step to measure (default: 2 4 8 16)")
+    sjd.add_argument("--num-samples", type=int, default=300, help="per setting and seed (default: 300)")
+    sjd.add_argument("--seed", type=int, default=0)
+    sjd.add_argument("--seeds", type=int, default=3, help="seeds per setting (default: 3)")
+    sjd.add_argument("--inception-weights", default=None)
+    sjd.set_defaults(run=_speed_sjd)
 
     speed_ev = speed_kinds.add_parser("eval", help="FID feature extraction images/s, this suite vs torch-fidelity's "
                                                    "calculate_metrics on the same two image folders")
