@@ -93,8 +93,10 @@ class Attention(nn.Module):
         writes this chunk's keys/values at ``positions`` ((S,), or (B, S) per row) and attends to the buffers under
         ``attn_mask`` ((S, L) or (B, 1, S, L))."""
         b, s, d = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).unbind(dim=2)
-        q, k = apply_rotary_embedding(q, rope), apply_rotary_embedding(k, rope)
+        heads = self.num_heads
+        qkv = self.qkv(x).view(b, s, 3 * heads, self.head_dim)
+        qk = apply_rotary_embedding(qkv[:, :, :2 * heads], rope)  # q and k rotated in one pass: fewer small ops
+        q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, 2 * heads:]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
