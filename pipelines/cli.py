@@ -155,7 +155,8 @@ def _speed_sjd(args: argparse.Namespace) -> None:
     folder = Path(args.quickstart)
     report = ar_sjd_comparison(str(folder / "pipelines" / "ar"), str(folder / "data" / "reference"),
                                str(folder / "data" / "train"), str(folder / "data" / "held-out"), args.output_dir,
-                               windows=args.windows, num_samples=args.num_samples, seed=args.seed, seeds=args.seeds,
+                               windows=args.windows, num_samples=args.num_samples,
+                               guidance_scale=args.guidance_scale, seed=args.seed, seeds=args.seeds,
                                inception_weights=args.inception_weights)
     print(json.dumps(report["summary"]))
 
@@ -461,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     sjd.add_argument("--windows", type=int, nargs="+", default=[2, 4, 8, 16],
                      help="SJD draft tokens per step to measure (default: 2 4 8 16)")
     sjd.add_argument("--num-samples", type=int, default=300, help="per setting and seed (default: 300)")
+    sjd.add_argument("--guidance-scale", type=float, default=None,
+                     help="default: the pipeline's default_guidance_scale, else 1")
     sjd.add_argument("--seed", type=int, default=0)
     sjd.add_argument("--seeds", type=int, default=3, help="seeds per setting (default: 3)")
     sjd.add_argument("--inception-weights", default=None)
