@@ -19,6 +19,10 @@ __all__ = ["VFMTokFlowPipeline", "SAMPLERS", "check_flow_scheduler"]
 # "scheduler": the pipeline's scheduler component; "sde": the project's Euler-Maruyama sampler; a name of
 # FLOW_SCHEDULERS: that scheduler, built for this call with the component's time shift.
 SAMPLERS = ("scheduler", "sde", *FLOW_SCHEDULERS)
+# The sampler a new pipeline uses when a call names none (chosen from the NFE-vs-quality curve of
+# `vfmtok speed flow-samplers`, README "Flow samplers"): quality of 50 Euler steps at a third of the model calls.
+DEFAULT_SAMPLER = ("ab2", 16)
+LEGACY_STEPS = 50  # num_inference_steps of a call to a pipeline saved without a default sampler
 # Diffusion solvers that integrate a flow-matching velocity when set up with flow sigmas.
 _FLOW_CAPABLE = ("UniPCMultistepScheduler", "DPMSolverMultistepScheduler")
 
@@ -88,7 +92,8 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
 
     def __init__(self, vae, transformer, scheduler, weak_transformer=None, id2label: Optional[dict] = None,
                  evaluation: Optional[dict] = None, default_guidance_scale: Optional[float] = None,
-                 default_guidance_interval: Optional[Sequence[float]] = None):
+                 default_guidance_interval: Optional[Sequence[float]] = None,
+                 default_sampler: Optional[Sequence[Any]] = None):
         super().__init__()
         if getattr(vae, "is_discrete", True):
             raise CheckpointError(f"the flow pipeline needs a continuous tokenizer (latents); {type(vae).__name__} "
@@ -100,13 +105,44 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         if weak_transformer is not None and weak_transformer.config.num_classes != transformer.config.num_classes:
             raise CheckpointError(f"weak_transformer has {weak_transformer.config.num_classes} classes, transformer "
                                   f"{transformer.config.num_classes}")
-        scheduler = scheduler if scheduler is not None else FlowMatchEulerDiscreteScheduler()
+        if scheduler is None:  # a new pipeline: the stock scheduler, sampled by the default sampler
+            scheduler = FlowMatchEulerDiscreteScheduler()
+            default_sampler = default_sampler if default_sampler is not None else list(DEFAULT_SAMPLER)
         check_flow_scheduler(scheduler)
         self.register_modules(vae=vae, transformer=transformer, scheduler=scheduler,
                               weak_transformer=weak_transformer)
         self._register_labels(id2label, evaluation, transformer.config.num_classes,
                              default_guidance_scale)
         self.set_default_guidance_interval(default_guidance_interval)
+        self.set_default_sampler(default_sampler)
+
+    def set_default_sampler(self, sampler: Optional[Sequence[Any]]) -> None:
+        """``[name, num_inference_steps]``: the solver of :data:`FLOW_SCHEDULERS` and step count a call uses when
+        given no ``sampler``; saved with the pipeline. Setting ``pipe.scheduler`` (the diffusers way) clears it, so
+        that the scheduler set is the one used. None: the scheduler component, 50 steps (also pipelines saved before
+        there was a default sampler)."""
+        if sampler is not None:
+            if not (isinstance(sampler, (list, tuple)) and len(sampler) == 2 and sampler[0] in FLOW_SCHEDULERS
+                    and isinstance(sampler[1], int) and not isinstance(sampler[1], bool) and sampler[1] >= 1):
+                raise InvalidValueError(f"default_sampler must be [name, steps] with a name of "
+                                        f"{sorted(FLOW_SCHEDULERS)} and steps >= 1, got {sampler!r}")
+            sampler = [sampler[0], int(sampler[1])]
+        self.register_to_config(default_sampler=sampler)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "scheduler" and self.config.get("default_sampler") is not None:
+            self.register_to_config(default_sampler=None)  # a scheduler set by hand is the sampler from now on
+
+    def _resolve_sampler(self, sampler: Optional[str], steps: Optional[int]) -> tuple[str, int]:
+        default = self.config.get("default_sampler")
+        if sampler is None:
+            if default is not None:
+                return default[0], default[1] if steps is None else steps
+            sampler = "scheduler"
+        if steps is None:
+            steps = default[1] if default is not None and sampler == default[0] else LEGACY_STEPS
+        return sampler, steps
 
     def set_default_guidance_interval(self, interval: Optional[Sequence[float]]) -> None:
         """The ``guidance_interval`` a call uses when given none (saved with the pipeline); None: guidance at every
@@ -138,10 +174,10 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
     def __call__(
         self,
         class_labels: ClassLabels,
-        num_inference_steps: int = 50,
+        num_inference_steps: Optional[int] = None,
         guidance_scale: Optional[float] = None,
         guidance_interval: Optional[tuple[float, float]] = None,
-        sampler: str = "scheduler",
+        sampler: Optional[str] = None,
         num_images_per_class: int = 1,
         batch_size: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
@@ -156,7 +192,8 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         ``guidance_scale``: CFG (or autoguidance with ``weak_transformer``), 1 = none, None = the pipeline's
         ``default_guidance_scale`` (else 1); ``guidance_interval``
         ``(t_lo, t_hi)`` in SiT time (0 = noise) limits it (None: the pipeline's ``default_guidance_interval``, else
-        every step). ``sampler``: "scheduler" (the ``scheduler`` component,
+        every step). ``sampler`` (None: the pipeline's ``default_sampler`` with its steps, else "scheduler"; ``num_inference_steps`` None: the default sampler's
+        steps, else 50): "scheduler" (the ``scheduler`` component,
         ``num_inference_steps`` steps; callback after each scheduler step with ``{"latents": ...}``), "sde"
         (the project's Euler–Maruyama SDE sampler, ``num_inference_steps`` + 1 model calls, shift from the
         scheduler config; no callback) or the name of a flow scheduler of
@@ -168,6 +205,9 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         self._check_call(guidance_scale, num_images_per_class, batch_size, output_type, output_size,
                          callback_on_step_end, callback_on_step_end_tensor_inputs)
         check_flow_scheduler(self.scheduler)  # it may have been swapped since (pipe.scheduler = ...)
+        if sampler is not None and sampler not in SAMPLERS:
+            raise InvalidValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        sampler, num_inference_steps = self._resolve_sampler(sampler, num_inference_steps)
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise InvalidValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if sampler not in SAMPLERS:

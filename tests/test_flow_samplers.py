@@ -223,3 +223,30 @@ def test_vfmtok_sample_takes_a_sampler_by_name(flow_pipe, tmp_path, capsys):
                  "--num-inference-steps", "3", "--output", str(tmp_path / "grid.png")]) in (0, None)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 1
     assert Image.open(tmp_path / "grid.png").size[0] > 0
+
+
+def test_default_sampler_of_a_new_pipeline_is_saved_and_a_swapped_scheduler_replaces_it(flow_pipe, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from vfmtok.pipelines import VFMTokFlowPipeline
+    from vfmtok.pipelines.pipeline_common import load_pipeline
+    from vfmtok.pipelines.pipeline_vfmtok_flow import DEFAULT_SAMPLER
+
+    pipe = VFMTokFlowPipeline(flow_pipe.vae, flow_pipe.transformer, None)
+    assert pipe.config.default_sampler == list(DEFAULT_SAMPLER)
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = load_pipeline(tmp_path / "p")
+    assert loaded.config.default_sampler == list(DEFAULT_SAMPLER)
+    name, steps = DEFAULT_SAMPLER
+    kw = dict(guidance_scale=1.5, output_type="latent")
+    default = loaded(4, generator=torch.Generator().manual_seed(0), **kw).images
+    explicit = loaded(4, sampler=name, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                      **kw).images
+    assert torch.equal(default, explicit)
+    loaded.scheduler = FlowMatchEulerDiscreteScheduler.from_config(loaded.scheduler.config)  # the diffusers way
+    assert loaded.config.default_sampler is None
+    euler = loaded(4, generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.equal(euler, loaded(4, sampler="euler", num_inference_steps=50,
+                                     generator=torch.Generator().manual_seed(0), **kw).images)
+    with pytest.raises(InvalidValueError, match="default_sampler must be"):
+        VFMTokFlowPipeline(flow_pipe.vae, flow_pipe.transformer, None, default_sampler=["rk45", 8])
