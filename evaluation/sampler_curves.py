@@ -183,7 +183,7 @@ def ar_sjd_comparison(pipeline: str, reference: str, judge_train: str, judge_hel
                       windows: Sequence[int] = (2, 4, 8, 16), num_samples: int = 300,
                       guidance_scale: Optional[float] = None, seed: int = 0, batch_size: int = 100,
                       output_size: int = 32, judge_size: int = 8, seeds: int = 3,
-                      inception_weights: Optional[str] = None) -> dict[str, Any]:
+                      inception_weights: Optional[str] = None, fid: bool = True) -> dict[str, Any]:
     """Plain KV-cache sampling against speculative Jacobi decoding with each of ``windows`` draft tokens on an AR
     pipeline: wall-clock seconds, model forwards (steps) and tokens accepted per step, gFID and judge class accuracy
     of ``num_samples`` images, each at ``seeds`` seeds (SJD draws other random numbers than plain sampling, so its
@@ -209,16 +209,19 @@ def ar_sjd_comparison(pipeline: str, reference: str, judge_train: str, judge_hel
     for index in range(seeds):
         for window in settings:
             generator = torch.Generator().manual_seed(seed + index)
-            start, codes, steps, accepted = time.perf_counter(), [], 0, 0.0
+            start, codes, steps, committed, row_steps = time.perf_counter(), [], 0, 0, 0
             for chunk in labels.split(batch_size):
                 if window is None:
                     codes.append(gpt.generate(chunk, guidance_scale=scale, generator=generator))
                     steps += gpt.num_tokens - 1
+                    committed += len(chunk) * (gpt.num_tokens - 1)
+                    row_steps += len(chunk) * (gpt.num_tokens - 1)
                 else:
                     out, stats = gpt.generate(chunk, guidance_scale=scale, generator=generator, sjd_window=window,
                                               return_sjd_stats=True)
                     codes.append(out)
-                    steps += stats.steps
+                    steps, committed, row_steps = steps + stats.steps, committed + stats.tokens, \
+                        row_steps + stats.row_steps
             seconds = time.perf_counter() - start
             codes = torch.cat(codes)
             with torch.no_grad():
@@ -226,21 +229,23 @@ def ar_sjd_comparison(pipeline: str, reference: str, judge_train: str, judge_hel
             array = (np.clip(pipe._convert(images, "np"), 0, 1) * 255).round().astype(np.uint8)
             source = ImageSource(Path(f"{window}-{index}"), "npz", array=array,
                                  content_hash=hashlib.sha256(array.tobytes()).hexdigest())
-            metrics = compare_sources(source, reference_source, extractor, batch_size=50, cache=False)
+            gfid = compare_sources(source, reference_source, extractor, batch_size=50, cache=False)["fid"] \
+                if fid else None
             chunks = -(-num_samples // batch_size)
             row = {"setting": "plain" if window is None else f"sjd-{window}", "seed": seed + index,
                    "seconds": seconds, "forwards_per_batch": steps / chunks,
-                   "tokens_per_step": (gpt.num_tokens - 1) * chunks / steps,
-                   "gfid": metrics["fid"], "class_accuracy": judge.accuracy(array, labels.numpy())}
+                   "tokens_per_row_step": committed / row_steps,
+                   "gfid": gfid, "class_accuracy": judge.accuracy(array, labels.numpy())}
             runs[row["setting"]].append(row)
             print(json.dumps(row), flush=True)
     summary = {}
     plain_seconds = float(np.median([r["seconds"] for r in runs["plain"]]))
     for name, rows in runs.items():
         summary[name] = {key: float(np.mean([r[key] for r in rows])) for key in
-                         ("seconds", "forwards_per_batch", "tokens_per_step", "gfid", "class_accuracy")}
-        summary[name].update(gfid_min=min(r["gfid"] for r in rows), gfid_max=max(r["gfid"] for r in rows),
-                             accuracy_min=min(r["class_accuracy"] for r in rows),
+                         ("seconds", "forwards_per_batch", "tokens_per_row_step", "class_accuracy")}
+        fids = [r["gfid"] for r in rows if r["gfid"] is not None]
+        summary[name].update(gfid=float(np.mean(fids)) if fids else None, gfid_min=min(fids, default=None),
+                             gfid_max=max(fids, default=None), accuracy_min=min(r["class_accuracy"] for r in rows),
                              accuracy_max=max(r["class_accuracy"] for r in rows),
                              speedup=plain_seconds / float(np.median([r["seconds"] for r in rows])))
     report = {"pipeline": str(pipeline), "num_samples": num_samples, "batch_size": batch_size,

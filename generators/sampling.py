@@ -81,17 +81,19 @@ class BlockDecoder(Protocol):
 
 @dataclass
 class SJDStats:
-    """``steps``: block forwards after the first token's logits; ``tokens``: tokens committed by them (per row,
-    summed); ``tokens_per_step``: their ratio over the rows, the mean tokens accepted per step (1 for plain
-    decoding)."""
+    """``steps``: block forwards of the batch after the first token's logits (plain decoding: ``num_tokens - 1``);
+    the batch runs until its slowest row is done. ``tokens``: tokens committed by them, summed over the rows;
+    ``row_steps``: the steps each row took until it was done, summed. ``tokens_per_step``: the mean tokens a row
+    commits per step (1 for plain decoding)."""
 
     steps: int
     tokens: int
     rows: int
+    row_steps: int
 
     @property
     def tokens_per_step(self) -> float:
-        return self.tokens / max(1, self.steps * self.rows)
+        return self.tokens / max(1, self.row_steps)
 
 
 def _leading_true(mask: torch.Tensor) -> torch.Tensor:
@@ -131,7 +133,7 @@ def speculative_jacobi_decode(
     if drafts > 0:
         draft_index = (committed[:, None] + offsets).clamp(max=total - 1)
         seq.scatter_(1, draft_index, sample_tokens(proposals, generator))
-    steps = tokens = 0
+    steps = tokens = row_steps = 0
     while total > 1 and bool((committed < total).any()):
         start = torch.minimum(committed - 1, torch.full_like(committed, total - 1 - block))
         fed = seq.gather(1, start[:, None] + torch.arange(block, device=device))
@@ -165,6 +167,7 @@ def speculative_jacobi_decode(
         advanced = torch.where(committed < total, (position + 1).clamp(max=total) - committed,
                                torch.zeros_like(committed))
         steps, tokens = steps + 1, tokens + int(advanced.sum())
+        row_steps += int((committed < total).sum())
         committed = committed + advanced
         if drafts > 0:  # fresh drafts from this step's distributions at their indices (beyond the block: the last)
             index = committed[:, None] + offsets
@@ -173,6 +176,4 @@ def speculative_jacobi_decode(
             new_drafts = sample_tokens(proposals, generator)
             keep = index < total
             seq[rows[:, None].expand_as(index)[keep], index[keep]] = new_drafts[keep]
-    # Rows that finished early took part in later steps without committing: counted per active row would be fairer,
-    # but the batch's steps are what the wall clock pays for.
-    return seq, SJDStats(steps=steps, tokens=tokens, rows=batch)
+    return seq, SJDStats(steps=steps, tokens=tokens, rows=batch, row_steps=row_steps)

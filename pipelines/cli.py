@@ -157,6 +157,7 @@ def _speed_sjd(args: argparse.Namespace) -> None:
                                str(folder / "data" / "train"), str(folder / "data" / "held-out"), args.output_dir,
                                windows=args.windows, num_samples=args.num_samples,
                                guidance_scale=args.guidance_scale, seed=args.seed, seeds=args.seeds,
+                               batch_size=args.batch_size, fid=not args.no_fid,
                                inception_weights=args.inception_weights)
     print(json.dumps(report["summary"]))
 
@@ -466,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: the pipeline's default_guidance_scale, else 1")
     sjd.add_argument("--seed", type=int, default=0)
     sjd.add_argument("--seeds", type=int, default=3, help="seeds per setting (default: 3)")
+    sjd.add_argument("--batch-size", type=int, default=100, help="images per generate call (default: 100)")
+    sjd.add_argument("--no-fid", action="store_true", help="skip gFID (timing, tokens per step and accuracy only)")
     sjd.add_argument("--inception-weights", default=None)
     sjd.set_defaults(run=_speed_sjd)
 

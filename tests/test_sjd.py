@@ -119,6 +119,7 @@ def test_sjd_on_a_model_that_repeats_itself_accepts_whole_windows():
                                               window=window, generator=torch.Generator().manual_seed(0))
     assert tokens.shape == (3, total) and isinstance(stats, SJDStats)
     assert stats.steps == -(-(total - 1) // (window + 1)) and stats.tokens == 3 * (total - 1)
+    assert stats.tokens_per_step == pytest.approx((total - 1) / stats.steps)
 
 
 def test_sjd_argument_errors():
