@@ -469,8 +469,8 @@ def compare_reference_ar(config_path: str, reference_path: str, batch_size: int 
     """Plain KV-cache sampling of this suite's GPT and LlamaGen's ``generate()`` on the same random weights (the
     reference model's initialisation converted with :mod:`vfmtok.generators.convert_gpt`), CPU, fp32, CFG at
     ``guidance_scale``, all ``num_tokens`` tokens, ``batch_size`` images, timed alternately in one process: ``rounds``
-    rounds of (ours, reference). Returns the seconds of each per round, their ratio
-    (reference / ours) and the median ratio. ``sjd_window``: also time our SJD sampling in each round."""
+    rounds of (ours, reference). Returns the wall-clock and CPU seconds of each per round, their ratios
+    (reference / ours) and the median ratios. ``sjd_window``: also time our SJD sampling in each round."""
     from vfmtok.generators.convert_gpt import convert_llamagen_state_dict
 
     if rounds < 1 or batch_size < 1:
@@ -492,7 +492,6 @@ def compare_reference_ar(config_path: str, reference_path: str, batch_size: int 
     state, _ = convert_llamagen_state_dict(reference.state_dict())
     model.load_state_dict(state)
     labels = torch.arange(batch_size) % p["num_classes"]
-    device = torch.device("cpu")
 
     def ours():
         model.generate(labels, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0))
@@ -506,15 +505,24 @@ def compare_reference_ar(config_path: str, reference_path: str, batch_size: int 
         generate_module.generate(reference, labels, p["num_tokens"], cfg_scale=guidance_scale, cfg_interval=-1,
                                  temperature=1.0, top_k=0, top_p=1.0, sample_logits=True)
 
+    def timed(fn) -> tuple[float, float]:
+        """Wall-clock and CPU seconds of this process: on a shared machine the wall clock carries the other
+        processes' load, which changes from one call to the next; the CPU time of a one-thread run much less so."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        return time.perf_counter() - wall, time.process_time() - cpu
+
     per_round = []
-    for index in range(rounds):  # no warm-up call: one call is hundreds of steps, the first step's set-up is noise
-        row = {"vfmtok_seconds": time_call(ours, device, 1, 0, windows=1),
-               "reference_seconds": time_call(theirs, device, 1, 0, windows=1)}
-        if sjd_window is not None:
-            row["vfmtok_sjd_seconds"] = time_call(ours_sjd, device, 1, 0, windows=1)
+    for _ in range(rounds):  # no warm-up call: one call is hundreds of steps, the first step's set-up is noise
+        row = {}
+        for name, fn in (("vfmtok", ours), ("reference", theirs), *((("vfmtok_sjd", ours_sjd),) if sjd_window
+                                                                   else ())):
+            row[f"{name}_seconds"], row[f"{name}_cpu_seconds"] = timed(fn)
         row["ratio"] = row["reference_seconds"] / row["vfmtok_seconds"]
+        row["cpu_ratio"] = row["reference_cpu_seconds"] / row["vfmtok_cpu_seconds"]
         per_round.append(row)
     return {"mode": "generate", "config": str(config_path), "reference": str(reference_path), "device": "cpu",
             "precision": "fp32", "batch_size": batch_size, "guidance_scale": guidance_scale,
             "num_tokens": p["num_tokens"], "threads": torch.get_num_threads(), "rounds": per_round,
-            "ratio": statistics.median(r["ratio"] for r in per_round)}
+            "ratio": statistics.median(r["ratio"] for r in per_round),
+            "cpu_ratio": statistics.median(r["cpu_ratio"] for r in per_round)}
