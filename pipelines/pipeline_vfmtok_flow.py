@@ -117,16 +117,18 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         self.set_default_sampler(default_sampler)
 
     def set_default_sampler(self, sampler: Optional[Sequence[Any]]) -> None:
-        """``[name, num_inference_steps]``: the solver of :data:`FLOW_SCHEDULERS` and step count a call uses when
+        """``[name, num_inference_steps]`` (saved as ``{"name", "steps"}``): the solver of :data:`FLOW_SCHEDULERS` and step count a call uses when
         given no ``sampler``; saved with the pipeline. Setting ``pipe.scheduler`` (the diffusers way) clears it, so
         that the scheduler set is the one used. None: the scheduler component, 50 steps (also pipelines saved before
         there was a default sampler)."""
         if sampler is not None:
-            if not (isinstance(sampler, (list, tuple)) and len(sampler) == 2 and sampler[0] in FLOW_SCHEDULERS
-                    and isinstance(sampler[1], int) and not isinstance(sampler[1], bool) and sampler[1] >= 1):
+            # Saved as a dict: a [library, class] list in model_index.json is what diffusers reads as a component.
+            pair = (sampler.get("name"), sampler.get("steps")) if isinstance(sampler, dict) else sampler
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and pair[0] in FLOW_SCHEDULERS
+                    and isinstance(pair[1], int) and not isinstance(pair[1], bool) and pair[1] >= 1):
                 raise InvalidValueError(f"default_sampler must be [name, steps] with a name of "
                                         f"{sorted(FLOW_SCHEDULERS)} and steps >= 1, got {sampler!r}")
-            sampler = [sampler[0], int(sampler[1])]
+            sampler = {"name": pair[0], "steps": int(pair[1])}
         self.register_to_config(default_sampler=sampler)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -138,10 +140,10 @@ class VFMTokFlowPipeline(VFMTokPipelineBase):
         default = self.config.get("default_sampler")
         if sampler is None:
             if default is not None:
-                return default[0], default[1] if steps is None else steps
+                return default["name"], default["steps"] if steps is None else steps
             sampler = "scheduler"
         if steps is None:
-            steps = default[1] if default is not None and sampler == default[0] else LEGACY_STEPS
+            steps = default["steps"] if default is not None and sampler == default["name"] else LEGACY_STEPS
         return sampler, steps
 
     def set_default_guidance_interval(self, interval: Optional[Sequence[float]]) -> None:

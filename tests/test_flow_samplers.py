@@ -233,11 +233,11 @@ def test_default_sampler_of_a_new_pipeline_is_saved_and_a_swapped_scheduler_repl
     from vfmtok.pipelines.pipeline_vfmtok_flow import DEFAULT_SAMPLER
 
     pipe = VFMTokFlowPipeline(flow_pipe.vae, flow_pipe.transformer, None)
-    assert pipe.config.default_sampler == list(DEFAULT_SAMPLER)
+    name, steps = DEFAULT_SAMPLER
+    assert pipe.config.default_sampler == {"name": name, "steps": steps}
     pipe.save_pretrained(tmp_path / "p")
     loaded = load_pipeline(tmp_path / "p")
-    assert loaded.config.default_sampler == list(DEFAULT_SAMPLER)
-    name, steps = DEFAULT_SAMPLER
+    assert loaded.config.default_sampler == {"name": name, "steps": steps}
     kw = dict(guidance_scale=1.5, output_type="latent")
     default = loaded(4, generator=torch.Generator().manual_seed(0), **kw).images
     explicit = loaded(4, sampler=name, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
