@@ -116,10 +116,10 @@ def _protocol(pipe, settings: dict[str, Any], reference: ImageSource, extractor:
         # given (a RAR pipeline's power-cosine guidance is recorded as such)
         protocol["sampler_options"] = {**pipe.sampler_defaults(), **settings["options"]}
     else:
-        defaults = dict(getattr(pipe, "sampling_protocol", {}))  # steps, shift, final sigma the pipeline samples with
-        defaults.pop("guidance_interval", None)
-        protocol["sampler_options"] = {"sampler": "scheduler", "num_inference_steps": 50, **defaults,
-                                       **settings["options"]}
+        options = settings["options"]  # steps, scheduler, shift and end of the grid the samples were drawn with
+        defaults = pipe.describe_sampling(options.get("sampler"), options.get("num_inference_steps"))
+        defaults.pop("guidance_interval", None)  # recorded as given (options) or not at all
+        protocol["sampler_options"] = {**defaults, **options}
     return protocol
 
 

@@ -443,3 +443,86 @@ before the first round). Returns
             "precision": "fp32", "batch_size": batch_size, "lpips": lpips, "lpips_weights": weights,
             "threads": torch.get_num_threads(), "steps": steps, "rounds": per_round,
             "ratio": statistics.median(r["ratio"] for r in per_round)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Side by side with LlamaGen's generate(), ``vfmtok speed ar --compare-reference PATH``
+# ----------------------------------------------------------------------------------------------------------------------
+def _import_llamagen(path: str):
+    """``autoregressive.models.gpt`` and ``.generate`` of a FoundationVision/LlamaGen checkout (read, not modified;
+    its root goes on ``sys.path`` for this process, a benchmark command)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    root = Path(path).expanduser()
+    if not (root / "autoregressive" / "models" / "generate.py").is_file():
+        raise InvalidValueError(f"--compare-reference {path!r} is not a checkout of FoundationVision/LlamaGen "
+                                "(expected autoregressive/models/generate.py under it)")
+    sys.path.insert(0, str(root))
+    return (importlib.import_module("autoregressive.models.gpt"),
+            importlib.import_module("autoregressive.models.generate"))
+
+
+def compare_reference_ar(config_path: str, reference_path: str, batch_size: int = 8, guidance_scale: float = 2.0,
+                         rounds: int = 3, sjd_window: int | None = None) -> dict[str, Any]:
+    """Plain KV-cache sampling of this suite's GPT and LlamaGen's ``generate()`` on the same random weights (the
+    reference model's initialisation converted with :mod:`vfmtok.generators.convert_gpt`), CPU, fp32, CFG at
+    ``guidance_scale``, all ``num_tokens`` tokens, ``batch_size`` images, timed alternately in one process: ``rounds``
+    rounds of (ours, reference). Returns the wall-clock and CPU seconds of each per round, their ratios
+    (reference / ours) and the median ratios. ``sjd_window``: also time our SJD sampling in each round."""
+    from vfmtok.generators.convert_gpt import convert_llamagen_state_dict
+
+    if rounds < 1 or batch_size < 1:
+        raise InvalidValueError(f"rounds and batch size must be >= 1, got {rounds}, {batch_size}")
+    config = load_config(config_path)
+    if config.get("model") != "GPTModel":
+        raise InvalidValueError(f"--compare-reference needs a GPTModel config, {config_path} has "
+                                f"{config.get('model')!r}")
+    gpt_module, generate_module = _import_llamagen(reference_path)
+    p = config["params"]
+    torch.manual_seed(0)
+    reference = gpt_module.Transformer(gpt_module.ModelArgs(
+        dim=p["dim"], n_layer=p["depth"], n_head=p["num_heads"], vocab_size=p["vocab_size"],
+        block_size=p["num_tokens"], num_classes=p["num_classes"], cls_token_num=1,
+        ffn_dim_multiplier=p.get("ffn_dim_multiplier"), multiple_of=p.get("ffn_multiple_of", 256))).eval()
+    with torch.no_grad():  # the reference zero-initialises its head: random logits sample like a trained model
+        reference.output.weight.normal_(0, 0.02)
+    model = build_model(config).eval()
+    state, _ = convert_llamagen_state_dict(reference.state_dict())
+    model.load_state_dict(state)
+    labels = torch.arange(batch_size) % p["num_classes"]
+
+    def ours():
+        model.generate(labels, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0))
+
+    def ours_sjd():
+        model.generate(labels, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0),
+                       sjd_window=sjd_window)
+
+    def theirs():
+        torch.manual_seed(0)
+        generate_module.generate(reference, labels, p["num_tokens"], cfg_scale=guidance_scale, cfg_interval=-1,
+                                 temperature=1.0, top_k=0, top_p=1.0, sample_logits=True)
+
+    def timed(fn) -> tuple[float, float]:
+        """Wall-clock and CPU seconds of this process: on a shared machine the wall clock carries the other
+        processes' load, which changes from one call to the next; the CPU time of a one-thread run much less so."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    per_round = []
+    for _ in range(rounds):  # no warm-up call: one call is hundreds of steps, the first step's set-up is noise
+        row = {}
+        for name, fn in (("vfmtok", ours), ("reference", theirs), *((("vfmtok_sjd", ours_sjd),) if sjd_window
+                                                                   else ())):
+            row[f"{name}_seconds"], row[f"{name}_cpu_seconds"] = timed(fn)
+        row["ratio"] = row["reference_seconds"] / row["vfmtok_seconds"]
+        row["cpu_ratio"] = row["reference_cpu_seconds"] / row["vfmtok_cpu_seconds"]
+        per_round.append(row)
+    return {"mode": "generate", "config": str(config_path), "reference": str(reference_path), "device": "cpu",
+            "precision": "fp32", "batch_size": batch_size, "guidance_scale": guidance_scale,
+            "num_tokens": p["num_tokens"], "threads": torch.get_num_threads(), "rounds": per_round,
+            "ratio": statistics.median(r["ratio"] for r in per_round),
+            "cpu_ratio": statistics.median(r["cpu_ratio"] for r in per_round)}

@@ -41,8 +41,9 @@ from torch import nn
 from vfmtok.tokenizer.utils.errors import InvalidValueError
 from vfmtok.tokenizer.utils.types import class_label_tensor, finite_number
 from vfmtok.tokenizer.utils.loading import StrictLoadingMixin
-from vfmtok.generators.interface import GUIDANCE_SCHEDULES, AutoregressiveGeneratorMixin, filter_logits
+from vfmtok.generators.interface import GUIDANCE_SCHEDULES, AutoregressiveGeneratorMixin
 from vfmtok.generators.layers import RMSNorm, apply_rotary_embedding, rope_2d_table
+from vfmtok.generators.sampling import filter_logits, speculative_jacobi_decode, token_probabilities
 
 __all__ = ["GPTModel", "KVCache", "GUIDANCE_SCHEDULES", "filter_logits", "ffn_hidden_dim"]
 
@@ -89,18 +90,26 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Without ``cache``: causal attention within ``x``. With ``cache`` (key, value buffers (B, H, L, head_dim)):
-        writes this chunk's keys/values at ``positions`` and attends to the buffers under ``attn_mask`` (S, L)."""
+        writes this chunk's keys/values at ``positions`` ((S,), or (B, S) per row) and attends to the buffers under
+        ``attn_mask`` ((S, L) or (B, 1, S, L))."""
         b, s, d = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).unbind(dim=2)
-        q, k = apply_rotary_embedding(q, rope), apply_rotary_embedding(k, rope)
+        heads = self.num_heads
+        qkv = self.qkv(x).view(b, s, 3 * heads, self.head_dim)
+        qk = apply_rotary_embedding(qkv[:, :, :2 * heads], rope)  # q and k rotated in one pass: fewer small ops
+        q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, 2 * heads:]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                  dropout_p=self.attention_dropout if self.training else 0.0)
         else:
             keys, values = cache
-            keys.index_copy_(2, positions, k.to(keys.dtype))
-            values.index_copy_(2, positions, v.to(values.dtype))
+            if positions.dim() == 1:
+                keys.index_copy_(2, positions, k.to(keys.dtype))
+                values.index_copy_(2, positions, v.to(values.dtype))
+            else:  # (B, S): each row's own positions
+                index = positions[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+                keys.scatter_(2, index, k.to(keys.dtype))
+                values.scatter_(2, index, v.to(values.dtype))
             out = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=attn_mask)
         return self.residual_dropout(self.proj(out.transpose(1, 2).reshape(b, s, d).to(x.dtype)))
 
@@ -152,6 +161,8 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
     ``forward(tokens, class_labels)`` -> teacher-forced logits (training); ``generate(class_labels, ...)`` -> sampled
     tokens with a static KV cache and classifier-free guidance. See the module docstring for the sequence layout.
     """
+
+    supports_sjd = True
 
     config_name = "config.json"
     converter = "vfmtok.generators.convert_gpt"  # named in loading errors (StrictLoadingMixin)
@@ -285,7 +296,7 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         """Input embeddings (B, S, dim) -> fp32 logits (B, S, vocab).
 
         Without ``cache``: ``x`` is the sequence from position 0, causal. With ``cache``: ``x`` sits at ``positions``
-        (S,), attending to every cached position <= its own; ``attend_to_whole_cache`` (one token, a cache view that
+        (S,) or per row (B, S), attending to every cached position <= its own; ``attend_to_whole_cache`` (one token, a cache view that
         ends at its position) skips the mask.
         """
         if cache is None:
@@ -293,7 +304,9 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         else:
             rope = self.rope[positions]
             mask = None if attend_to_whole_cache else \
-                torch.arange(cache.max_length, device=x.device)[None, :] <= positions[:, None]
+                torch.arange(cache.max_length, device=x.device) <= positions[..., None]
+            if positions.dim() == 2:  # per-row positions: (B, 1, S, L), one mask per row for every head
+                mask = mask[:, None]
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
             x = block(x, rope, layer_cache, positions, mask)
@@ -403,6 +416,15 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         where = torch.tensor([position], device=tokens.device)
         return self._run(x, where, view, attend_to_whole_cache=True)[:, 0]
 
+    def decode_block(self, tokens: torch.Tensor, first_index: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The block step of speculative Jacobi decoding (:class:`vfmtok.generators.sampling.BlockDecoder`): row b's
+        image tokens ``first_index[b] .. first_index[b] + k - 1`` (``tokens`` (B, k)) at sequence positions
+        ``first_index + 1 ..``, written to ``cache``; returns logits (B, k, vocab_size), ``[:, j]`` predicting image
+        token ``first_index[b] + j + 1``."""
+        positions = first_index[:, None] + 1 + torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embedding_dropout(self.token_embedding(tokens))
+        return self._run(x, positions, cache)
+
     # -- sampling -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
@@ -420,7 +442,9 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         compile_decode: bool = False,
         return_logits: bool = False,
         step_callback: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None,
-    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        sjd_window: Optional[int] = None,
+        return_sjd_stats: bool = False,
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, Any]]:
         """Sample ``num_tokens`` image tokens per class label (B,) (a tensor or a list of ints) -> LongTensor
         (B, num_tokens), raster order.
 
@@ -440,6 +464,12 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         after token ``t`` is sampled with the (B, num_tokens) buffer (positions after ``t`` are 0); a returned
         tensor replaces the buffer, so the next tokens condition on a replaced token ``t`` (with the KV cache,
         earlier positions are already encoded and a change there only affects the output).
+        sjd_window: speculative Jacobi decoding (:mod:`vfmtok.generators.sampling`) with this many draft tokens per
+        step (None: one token per step). It samples the same distribution as plain decoding (the same guidance
+        schedule, temperature, top-k and top-p), in fewer model calls; it needs the KV cache and takes neither
+        ``compile_decode``, ``return_logits`` nor ``step_callback``; with guidance both halves run at every step.
+        return_sjd_stats: with ``sjd_window``, also return the :class:`~vfmtok.generators.sampling.SJDStats` (block
+        steps and tokens accepted per step).
         The model is put in eval mode for the call and restored afterwards.
         """
         class_labels = class_label_tensor(class_labels)  # refuses floats (no silent truncation of 1.5) and bools
@@ -458,6 +488,16 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
             raise InvalidValueError("compile_decode=True compiles the KV-cached decode step: it needs "
                                     "use_kv_cache=True")
 
+        if sjd_window is not None:
+            if not use_kv_cache or compile_decode or return_logits or step_callback is not None:
+                raise InvalidValueError("sjd_window (speculative Jacobi decoding) needs use_kv_cache=True and takes "
+                                        "no compile_decode, return_logits or step_callback")
+            if isinstance(sjd_window, bool) or not isinstance(sjd_window, int) or sjd_window < 1:
+                raise InvalidValueError(f"sjd_window must be an integer >= 1 (draft tokens per step), got "
+                                        f"{sjd_window!r}")
+        elif return_sjd_stats:
+            raise InvalidValueError("return_sjd_stats needs sjd_window")
+
         total, batch = self.num_tokens, len(class_labels)
         device = self.token_embedding.weight.device
         labels = class_labels.to(device)
@@ -471,6 +511,13 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
 
         was_training = self.training
         self.eval()
+        if sjd_window is not None:
+            try:
+                tokens, stats = self._generate_sjd(labels, batch, scales, bool(guided_steps), temperature, top_k, top_p,
+                                                   generator, sjd_window)
+            finally:
+                self.train(was_training)
+            return (tokens, stats) if return_sjd_stats else tokens
         try:
             if use_kv_cache:
                 cache = self.allocate_kv_cache(len(labels), total)
@@ -510,6 +557,30 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         finally:
             self.train(was_training)
         return (tokens, all_logits) if return_logits else tokens
+
+    def _generate_sjd(self, labels: torch.Tensor, batch: int, scales: list[float], guided: bool, temperature: float,
+                      top_k: int, top_p: float, generator: Optional[torch.Generator], window: int):
+        """``generate`` by speculative Jacobi decoding over :meth:`decode_block` (labels: [cond; uncond] when
+        guided)."""
+        total, device = self.num_tokens, labels.device
+        cache = self.allocate_kv_cache(len(labels), total)
+        scale_of = torch.tensor(scales, device=device)  # s_t of the predicted token t
+
+        def guide(logits: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+            if not guided:
+                return logits
+            cond, uncond = logits[:batch], logits[batch:]
+            return uncond + scale_of[predicted.clamp(max=total - 1)][..., None] * (cond - uncond)
+
+        def decode(tokens: torch.Tensor, first_index: torch.Tensor) -> torch.Tensor:
+            copies = len(labels) // batch
+            logits = self.decode_block(tokens.repeat(copies, 1), first_index.repeat(copies), cache)
+            return guide(logits, first_index[:, None] + 1 + torch.arange(tokens.shape[1], device=device))
+
+        first = guide(self.prefill(labels, cache)[:, None], torch.zeros(batch, 1, dtype=torch.long, device=device))
+        return speculative_jacobi_decode(decode, first[:, 0], total,
+                                         lambda logits: token_probabilities(logits, temperature, top_k, top_p),
+                                         window=window, generator=generator)
 
     # -- reporting ----------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 
 from vfmtok.tokenizer.utils.errors import InvalidValueError
 from vfmtok.tokenizer.utils.types import finite_number
+from vfmtok.generators.sampling import filter_logits, sample_tokens, token_probabilities
 
 __all__ = ["AutoregressiveGeneratorMixin", "GUIDANCE_SCHEDULES", "SAMPLING_OPTIONS", "filter_logits",
            "sample_from_logits"]
@@ -36,35 +37,11 @@ GUIDANCE_SCHEDULES = ("constant", "linear", "cosine_power", "interval")
 SAMPLING_OPTIONS = ("guidance_schedule", "guidance_power", "guidance_interval", "temperature", "top_k", "top_p")
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set logits outside the top-k (``top_k > 0``) and outside the nucleus (``top_p < 1``) to -inf (a copy).
-
-    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``: a token is dropped when
-    the tokens ranked before it already hold more than ``top_p``; the most likely token is always kept.
-    """
-    logits = logits.clone()
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        drop_sorted = mass_before > top_p
-        drop_sorted[..., 0] = False
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits
-
-
 def sample_from_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                        generator: Optional[torch.Generator]) -> torch.Tensor:
     """One token per row of ``logits`` (B, vocab): divide by ``temperature``, filter (:func:`filter_logits`), draw
     from the softmax with ``torch.multinomial(generator=generator)``."""
-    logits = logits / temperature
-    if top_k > 0 or top_p < 1.0:
-        logits = filter_logits(logits, top_k, top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+    return sample_tokens(token_probabilities(logits, temperature, top_k, top_p), generator)
 
 
 class AutoregressiveGeneratorMixin:
@@ -73,6 +50,8 @@ class AutoregressiveGeneratorMixin:
     # The sampler options ``generate`` uses when a caller gives none; families override with their recipe.
     default_sampling: dict[str, Any] = {"guidance_schedule": "constant", "guidance_power": 2.75,
                                         "guidance_interval": None, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    # ``generate(sjd_window=...)``: speculative Jacobi decoding (vfmtok.generators.sampling) over a block decode step
+    supports_sjd: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -46,9 +46,12 @@ def rope_2d_table(grid_size: int, head_dim: int, base: float = 10000.0, class_to
 
 
 def apply_rotary_embedding(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate the channel pairs of ``x`` (B, S, H, head_dim) by ``rope`` (S, head_dim // 2, 2), in fp32."""
+    """Rotate the channel pairs of ``x`` (B, S, H, head_dim) by ``rope`` (S, head_dim // 2, 2), or per row
+    (B, S, head_dim // 2, 2), in fp32."""
     pairs = x.float().unflatten(-1, (-1, 2))
-    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
+    if rope.dim() == 3:
+        rope = rope[None]
+    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
     rotated = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin,
                            pairs[..., 1] * cos + pairs[..., 0] * sin], dim=-1)
     return rotated.flatten(-2).type_as(x)

@@ -34,8 +34,11 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
 from vfmtok.tokenizer.utils.errors import InvalidValueError
 from vfmtok.tokenizer.utils.types import finite_number, positive_int
@@ -55,6 +58,12 @@ __all__ = [
     "sample_sde",
     "guided_model",
     "diffusers_flow_sampler",
+    "FLOW_SCHEDULERS",
+    "FlowMatchAdamsBashforthScheduler",
+    "flow_scheduler",
+    "scheduler_shift",
+    "set_flow_timesteps",
+    "sample_with_scheduler",
 ]
 
 
@@ -357,7 +366,160 @@ def guided_model(
 # ----------------------------------------------------------------------------------------------------------------
 # diffusers bridge
 # ----------------------------------------------------------------------------------------------------------------
+class FlowMatchAdamsBashforthScheduler(SchedulerMixin, ConfigMixin):
+    """Second-order Adams-Bashforth multistep for the flow ODE, one model call per step (diffusers interface).
+
+    diffusers' multistep solvers (DPM-Solver++, UniPC) step in log-SNR and take their last step to sigma = 0 at first
+    order, which leaves their error at O(sigma_last) on a flow model. This one steps in sigma itself (the ODE the
+    velocity defines, ``dx/dsigma = -v``) with the variable-step AB2 rule::
+
+        x_{i+1} = x_i + h_i * ((1 + r / 2) d_i - (r / 2) d_{i-1}),   h_i = sigma_{i+1} - sigma_i,  r = h_i / h_{i-1},
+
+    ``d`` the model output (``x0 - x1`` = ``-v``); the first step is Euler. Globally second order. The grid is
+    FlowMatchEulerDiscreteScheduler's (``shift`` applied to the given or uniform sigmas, then a terminal 0), and
+    ``timesteps = 1000 * sigma``.
+    """
+
+    order = 1
+    _compatibles: list = []
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
+        self.timesteps = torch.empty(0)
+        self.sigmas = torch.empty(0)
+        self._step_index = 0
+        self._previous: Optional[torch.Tensor] = None
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None,
+                      sigmas: Optional[Sequence[float]] = None) -> None:
+        if sigmas is None:
+            steps = positive_int("num_inference_steps", num_inference_steps)
+            sigmas = 1.0 - np.linspace(0.0, 1.0, steps + 1, dtype=np.float64)[:-1]
+        sigmas = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+        shift = float(self.config.shift)
+        sigmas = shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+        self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+        self.timesteps = (sigmas * self.config.num_train_timesteps).to(device=device, dtype=torch.float32)
+        self._step_index, self._previous = 0, None
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        i = self._step_index
+        if i >= len(self.timesteps):
+            raise InvalidValueError(f"step {i} past the {len(self.timesteps)} steps of the schedule")
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        h = sigma_next - sigma
+        if self._previous is None:
+            x = sample + h * model_output
+        else:
+            r = h / (sigma - float(self.sigmas[i - 1]))
+            x = sample + h * ((1.0 + 0.5 * r) * model_output - 0.5 * r * self._previous)
+        self._previous, self._step_index = model_output, i + 1
+        x = x.to(sample.dtype)
+        return (x,) if not return_dict else SchedulerOutput(prev_sample=x)
+
+
+# Flow-matching schedulers of diffusers by name. Each entry: the class name, its settings (besides the shift) and the
+# model calls per step. UniPC and DPM-Solver++ are diffusion solvers that take a flow-matching velocity with
+# ``use_flow_sigmas=True, prediction_type="flow_prediction"`` (their shift is ``flow_shift``); they integrate the
+# same ODE as Euler, in the exponential-integrator form, reusing the velocities of earlier steps (multistep).
+FLOW_SCHEDULERS: dict = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "ab2": ("FlowMatchAdamsBashforthScheduler", {}),
+    "heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_order": 2}),
+    "unipc3": ("UniPCMultistepScheduler", {"solver_order": 3}),
+}
+_FLOW_SETTINGS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "final_sigmas_type": "zero"}
+
+
+def flow_scheduler(name: str, shift: float = 1.0, num_train_timesteps: int = 1000):
+    """The diffusers scheduler called ``name`` (a key of :data:`FLOW_SCHEDULERS`) set up for this suite's flow models
+    with time shift ``shift``. ``"euler"`` is the same ODE solver as ``sample_ode(method="euler")``."""
+    import diffusers
+
+    if name not in FLOW_SCHEDULERS:
+        raise InvalidValueError(f"flow sampler must be one of {sorted(FLOW_SCHEDULERS)}, got {name!r}")
+    shift = finite_number("shift", shift)
+    if shift <= 0:
+        raise InvalidValueError(f"shift must be positive, got {shift}")
+    class_name, settings = FLOW_SCHEDULERS[name]
+    cls = FlowMatchAdamsBashforthScheduler if name == "ab2" else getattr(diffusers, class_name)
+    if class_name.startswith("FlowMatch"):
+        return cls(num_train_timesteps=num_train_timesteps, shift=shift, **settings)
+    return cls(num_train_timesteps=num_train_timesteps, flow_shift=shift, **_FLOW_SETTINGS, **settings)
+
+
+def scheduler_shift(scheduler) -> float:
+    """The time shift a flow scheduler applies (``shift`` of the FlowMatch schedulers, ``flow_shift`` of the
+    diffusion solvers run with flow sigmas)."""
+    config = scheduler.config
+    return float(config.get("shift", 1.0) if "FlowMatch" in type(scheduler).__name__ else config.get("flow_shift", 1.0))
+
+
+def set_flow_timesteps(scheduler, steps: int, device=None, final_sigma: float = 0.0) -> None:
+    """Uniform sigmas ``1, 1 - 1/N, ..., 1/N`` (then the scheduler's shift and terminal 0) where the scheduler takes
+    explicit sigmas, else its own ``steps`` grid (DPM-Solver's starts at sigma 0.999, FlowMatchHeun's at 1).
+
+    ``final_sigma > 0``: the grid ``1 - linspace(0, 1 - final_sigma, N + 1)`` keeps its last point, where the
+    sampling stops (:func:`sample_with_scheduler` skips the scheduler's step to its appended 0): a release that
+    stops early (VFMTok2: 99 steps ending at unshifted sigma 0.001) gives its own images only on its own grid."""
+    import inspect
+
+    steps = positive_int("steps", steps)
+    if not 0.0 <= final_sigma < 1.0:
+        raise InvalidValueError(f"final_sigma must be in [0, 1), got {final_sigma!r}")
+    if "sigmas" in inspect.signature(scheduler.set_timesteps).parameters:
+        grid = 1.0 - np.linspace(0.0, 1.0 - final_sigma, steps + 1, dtype=np.float64)  # UniPC needs an array
+        scheduler.set_timesteps(sigmas=grid if final_sigma > 0 else grid[:-1], device=device)
+    elif final_sigma > 0:
+        raise InvalidValueError(f"scheduler {type(scheduler).__name__} takes no explicit sigmas, so it cannot end at "
+                                f"final_sigma={final_sigma}; use FlowMatchEulerDiscreteScheduler")
+    else:
+        scheduler.set_timesteps(steps, device=device)
+
+
+def scheduler_noise_levels(scheduler) -> list[float]:
+    """The noise level ``sigma`` (1 = noise) of each model call of the schedule set by ``set_timesteps``: the
+    scheduler's own ``sigmas`` where they match its timesteps one to one (all flow schedulers here), else
+    ``timestep / num_train_timesteps``. The integer timesteps of the diffusion solvers are rounded, which would put
+    the model at a slightly wrong time."""
+    timesteps = scheduler.timesteps
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) >= len(timesteps) + 1:
+        return [float(s) for s in sigmas[:len(timesteps)]]
+    scale = float(scheduler.config.num_train_timesteps)
+    return [float(t) / scale for t in timesteps]
+
+
 @torch.no_grad()
+def sample_with_scheduler(
+    model: Model,
+    noise: torch.Tensor,
+    class_labels: Optional[torch.Tensor],
+    scheduler,
+    steps: int,
+    on_step: Optional[Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    final_sigma: float = 0.0,
+) -> torch.Tensor:
+    """Integrate ``dx/dt = model(x, t, y)`` from noise to data with a diffusers flow scheduler (``steps`` steps of
+    its schedule, ``len(scheduler.timesteps)`` model calls). The model is called at SiT time ``t = 1 - sigma`` and
+    the scheduler gets ``-v`` (its ``x0 - x1`` convention). ``on_step(i, timestep, x)`` runs after each scheduler step
+    and returns the (possibly replaced) sample. ``final_sigma > 0``: stop there (see :func:`set_flow_timesteps`)."""
+    set_flow_timesteps(scheduler, steps, device=noise.device, final_sigma=final_sigma)
+    steps_taken = list(zip(scheduler.timesteps, scheduler_noise_levels(scheduler)))
+    if final_sigma > 0:  # the grid's last point is where it stops: no step to the scheduler's appended 0
+        steps_taken = steps_taken[:-1]
+    x = noise
+    for i, (timestep, sigma) in enumerate(steps_taken):
+        v = _call(model, x, 1.0 - sigma, class_labels)
+        x = scheduler.step(-v, timestep, x, return_dict=False)[0]
+        if on_step is not None:
+            x = on_step(i, timestep, x)
+    return x
+
+
 def diffusers_flow_sampler(
     model: Model,
     noise: torch.Tensor,
@@ -365,25 +527,9 @@ def diffusers_flow_sampler(
     steps: int,
     shift: float = 1.0,
 ) -> torch.Tensor:
-    """The Euler ODE of ``sample_ode(method="euler")`` run through ``FlowMatchEulerDiscreteScheduler``.
-
-    Uses explicit sigmas ``1 - linspace(0, 1, steps + 1)[:-1]`` (the scheduler applies ``shift`` and appends the
-    terminal 0), calls ``model(x, t = 1 - sigma, y)`` and feeds ``-v`` as the scheduler's model output.
-    """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    steps, shift = positive_int("steps", steps), finite_number("shift", shift)
-    if shift <= 0:
-        raise InvalidValueError(f"shift must be positive, got {shift}")
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    sigmas = (1.0 - torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)[:-1]).tolist()
-    scheduler.set_timesteps(sigmas=sigmas, device=noise.device)
-    x = noise
-    for timestep in scheduler.timesteps:
-        sigma = float(timestep) / scheduler.config.num_train_timesteps
-        v = _call(model, x, 1.0 - sigma, class_labels)
-        x = scheduler.step(-v, timestep, x, return_dict=False)[0]
-    return x
+    """The Euler ODE of ``sample_ode(method="euler")`` run through ``FlowMatchEulerDiscreteScheduler``."""
+    steps = positive_int("steps", steps)
+    return sample_with_scheduler(model, noise, class_labels, flow_scheduler("euler", shift), steps)
 
 
 def repa_alignment_loss(projected: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ from vfmtok.tokenizer.utils.errors import InvalidValueError, OutputExistsError, 
 __all__ = ["main"]
 
 logger = logging.getLogger("vfmtok")
-
-
+# The flow pipeline's samplers (pipeline_vfmtok_flow.SAMPLERS), spelled out so that parsing imports no torch; a test
+# keeps the two equal.
 def _describe(args: argparse.Namespace) -> None:
     from vfmtok.pipelines.config import build_model
 
@@ -42,7 +42,13 @@ def _speed_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _speed_ar(args: argparse.Namespace) -> None:
-    from vfmtok.evaluation.speed import speed_ar
+    from vfmtok.evaluation.speed import compare_reference_ar, speed_ar
+
+    if args.compare_reference:
+        print(json.dumps(compare_reference_ar(args.config, args.compare_reference, batch_size=args.batch_size,
+                                              guidance_scale=args.guidance_scale, rounds=args.rounds,
+                                              sjd_window=args.sjd_window)), flush=True)
+        return
 
     row = speed_ar(args.config, device=args.device, batch_size=args.batch_size, cfg=not args.no_cfg,
                    guidance_scale=args.guidance_scale, kv_cache=not args.no_kv_cache, compile=args.compile,
@@ -144,6 +150,32 @@ def _speed_flow(args: argparse.Namespace) -> None:
                      steps=args.steps, cfg=not args.no_cfg, warmup=args.warmup, windows=args.windows,
                      precision=args.precision)
     print(json.dumps(row), flush=True)
+
+
+def _speed_flow_samplers(args: argparse.Namespace) -> None:
+    from vfmtok.evaluation.sampler_curves import DEFAULT_STEPS, flow_sampler_curves
+
+    folder = Path(args.quickstart)
+    steps = {name: DEFAULT_STEPS[name] for name in args.samplers}
+    report = flow_sampler_curves(str(folder / "pipelines" / "flow"), str(folder / "data" / "reference"),
+                                 str(folder / "data" / "train"), str(folder / "data" / "held-out"), args.output_dir,
+                                 steps=steps, num_samples=args.num_samples, guidance_scale=args.guidance_scale,
+                                 guidance_interval=args.guidance_interval, seed=args.seed,
+                                 spread_seeds=args.spread_seeds, inception_weights=args.inception_weights)
+    print(json.dumps({"plot": report["plot"], "gfid_spread": report["gfid_spread"]}))
+
+
+def _speed_sjd(args: argparse.Namespace) -> None:
+    from vfmtok.evaluation.sampler_curves import ar_sjd_comparison
+
+    folder = Path(args.quickstart)
+    report = ar_sjd_comparison(str(folder / "pipelines" / "ar"), str(folder / "data" / "reference"),
+                               str(folder / "data" / "train"), str(folder / "data" / "held-out"), args.output_dir,
+                               windows=args.windows, num_samples=args.num_samples,
+                               guidance_scale=args.guidance_scale, seed=args.seed, seeds=args.seeds,
+                               batch_size=args.batch_size, fid=not args.no_fid,
+                               inception_weights=args.inception_weights)
+    print(json.dumps(report["summary"]))
 
 
 def _speed_eval(args: argparse.Namespace) -> None:
@@ -270,10 +302,11 @@ def _compare_tokenizers(args: argparse.Namespace) -> None:
 
 # The generators' own settings, as `pipe(...)` names them. The names are spelled out here, not imported, so that
 # `vfmtok --help` and argument errors come before torch is imported; tests/test_cli.py checks they match the pipelines.
-FLOW_SAMPLERS = ("scheduler", "sde")  # vfmtok.pipelines.pipeline_vfmtok_flow.SAMPLERS
+# vfmtok.pipelines.pipeline_vfmtok_flow.SAMPLERS (spelled out so that --help imports no torch; a test compares)
+FLOW_SAMPLERS = ("scheduler", "sde", "euler", "ab2", "heun", "dpm++2m", "dpm++3m", "unipc", "unipc3")
 GUIDANCE_SCHEDULES = ("constant", "linear", "cosine_power", "interval")  # vfmtok.generators.gpt.GUIDANCE_SCHEDULES
 SAMPLER_OPTIONS = ("num_inference_steps", "sampler", "temperature", "top_k", "top_p", "guidance_schedule",
-                   "guidance_power", "guidance_interval")
+                   "guidance_power", "guidance_interval", "sjd_window")
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
@@ -282,10 +315,12 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     :func:`sampler_options`."""
     flow = parser.add_argument_group("flow pipelines (VFMTokFlowPipeline)")
     flow.add_argument("--num-inference-steps", type=int, default=None,
-                      help="sampling steps (default: the pipeline's, 50)")
+                      help="sampling steps (default: the pipeline's default sampler's, ab2 16 steps for pipelines "
+                           "saved with one, else 50)")
     flow.add_argument("--sampler", choices=FLOW_SAMPLERS, default=None,
-                      help="scheduler: the pipeline's diffusers scheduler (Euler by default, Heun if saved so); sde: "
-                           "Euler-Maruyama (default: scheduler)")
+                      help="scheduler: the pipeline's diffusers scheduler component; sde: Euler-Maruyama; euler, ab2, "
+                           "heun, dpm++2m, dpm++3m, unipc, unipc3: that flow solver with the pipeline's time shift "
+                           "(default: the pipeline's default sampler, else scheduler)")
     ar = parser.add_argument_group("AR pipelines (VFMTokARPipeline)")
     ar.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: 1.0)")
     ar.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes (default: 0 = all)")
@@ -294,6 +329,9 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
                     help="how the guidance scale varies over the tokens (default: constant)")
     ar.add_argument("--guidance-power", type=float, default=None, help="exponent of the cosine_power schedule "
                                                                         "(default: 2.75)")
+    ar.add_argument("--sjd-window", type=int, default=None, metavar="N",
+                    help="speculative Jacobi decoding with N draft tokens per step: the same distribution in fewer "
+                         "model calls (default: off, one token per step)")
     both = parser.add_argument_group("either kind")
     both.add_argument("--guidance-interval", type=float, nargs="+", default=None, metavar="V",
                       help="AR: guide only the first N tokens (one whole number; needed by the interval schedule); "
@@ -478,6 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
     speed_ar.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix at every step")
     speed_ar.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     speed_ar.add_argument("--steps", type=int, default=1, help="generate calls per timing window")
+    speed_ar.add_argument("--compare-reference", default=None, metavar="LLAMAGEN_CHECKOUT",
+                          help="time plain sampling side by side with LlamaGen's generate() from this checkout of "
+                               "FoundationVision/LlamaGen, same random weights, CPU fp32 (alternating rounds) "
+                               "(default: none, time ours only)")
+    speed_ar.add_argument("--rounds", type=int, default=3, help="with --compare-reference: alternating rounds")
+    speed_ar.add_argument("--sjd-window", type=int, default=None, metavar="N",
+                          help="with --compare-reference: also time speculative Jacobi decoding with N drafts "
+                               "(default: off)")
     speed_ar.set_defaults(run=_speed_ar)
 
     train_flow = train_kinds.add_parser("flow", help="train the flow denoiser over continuous latents; exports the EMA "
@@ -505,6 +551,40 @@ def build_parser() -> argparse.ArgumentParser:
     speed_flow.add_argument("--steps", type=int, default=50, help="sampling steps")
     speed_flow.add_argument("--no-cfg", action="store_true", help="sample without classifier-free guidance")
     speed_flow.set_defaults(run=_speed_flow)
+
+    curves = speed_kinds.add_parser("flow-samplers", help="gFID, judge class accuracy and ODE error against velocity "
+                                                          "evaluations for each flow sampler, on a quickstart run")
+    curves.add_argument("--quickstart", required=True, metavar="DIR", help="a `vfmtok quickstart` output folder")
+    curves.add_argument("--output-dir", required=True, help="report.json and flow_samplers.png go here")
+    curves.add_argument("--samplers", nargs="+", default=["euler", "ab2", "heun", "dpm++2m", "unipc"],
+                        choices=["euler", "ab2", "heun", "dpm++2m", "unipc"],
+                        help="default: all five, at the step counts of evaluation/sampler_curves.py")
+    curves.add_argument("--num-samples", type=int, default=300, help="per setting (default: 300)")
+    curves.add_argument("--guidance-scale", type=float, default=None,
+                        help="default: the pipeline's default_guidance_scale, else 1")
+    curves.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
+                        help="default: the pipeline's default_guidance_interval, else every step")
+    curves.add_argument("--seed", type=int, default=0, help="seed of the labels and the noise")
+    curves.add_argument("--spread-seeds", type=int, default=2,
+                        help="other seeds of Euler 50 that measure the gFID's own noise (default: 2)")
+    curves.add_argument("--inception-weights", default=None, help=INCEPTION_HELP)
+    curves.set_defaults(run=_speed_flow_samplers)
+
+    sjd = speed_kinds.add_parser("sjd", help="plain KV-cache sampling vs speculative Jacobi decoding on a quickstart "
+                                             "GPT: seconds, tokens per step, gFID and judge class accuracy")
+    sjd.add_argument("--quickstart", required=True, metavar="DIR", help="a `vfmtok quickstart` output folder")
+    sjd.add_argument("--output-dir", required=True, help="report.json goes here")
+    sjd.add_argument("--windows", type=int, nargs="+", default=[2, 4, 8, 16],
+                     help="SJD draft tokens per step to measure (default: 2 4 8 16)")
+    sjd.add_argument("--num-samples", type=int, default=300, help="per setting and seed (default: 300)")
+    sjd.add_argument("--guidance-scale", type=float, default=None,
+                     help="default: the pipeline's default_guidance_scale, else 1")
+    sjd.add_argument("--seed", type=int, default=0, help="the first seed of the labels and the sampling")
+    sjd.add_argument("--seeds", type=int, default=3, help="seeds per setting (default: 3)")
+    sjd.add_argument("--batch-size", type=int, default=100, help="images per generate call (default: 100)")
+    sjd.add_argument("--no-fid", action="store_true", help="skip gFID (timing, tokens per step and accuracy only)")
+    sjd.add_argument("--inception-weights", default=None, help=INCEPTION_HELP)
+    sjd.set_defaults(run=_speed_sjd)
 
     speed_ev = speed_kinds.add_parser("eval", help="FID feature extraction images/s, this suite vs torch-fidelity's "
                                                    "calculate_metrics on the same two image folders")

@@ -104,9 +104,12 @@ def _settings_inputs(gr: Any, pipe: Any) -> tuple[list[Any], list[str]]:
     if _is_flow(pipe):
         from vfmtok.pipelines.pipeline_vfmtok_flow import SAMPLERS
 
-        return [gr.Slider(1, 250, value=50, step=1, label="Steps", info="num_inference_steps"),
-                gr.Radio(list(SAMPLERS), value=SAMPLERS[0], label="Sampler",
-                         info=f"scheduler: {type(pipe.scheduler).__name__}; sde: Euler-Maruyama")], \
+        default = pipe.sampling_protocol  # the sampler and steps pipe(...) uses when given none
+        return [gr.Slider(1, 250, value=default["num_inference_steps"], step=1, label="Steps",
+                          info="num_inference_steps"),
+                gr.Dropdown(list(SAMPLERS), value=default["sampler"], label="Sampler",
+                            info=f"scheduler: {type(pipe.scheduler).__name__}; sde: Euler-Maruyama; the others: "
+                                 f"flow solvers with the pipeline's time shift")], \
             ["num_inference_steps", "sampler"]
     from vfmtok.generators.gpt import GUIDANCE_SCHEDULES
 

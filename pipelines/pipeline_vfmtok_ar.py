@@ -105,6 +105,7 @@ class VFMTokARPipeline(VFMTokPipelineBase):
         output_type: str = "pil",
         return_dict: bool = True,
         use_kv_cache: bool = True,
+        sjd_window: Optional[int] = None,
         callback_on_step_end: Optional[Callable[..., dict]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("codes",),
     ) -> Any:
@@ -112,7 +113,9 @@ class VFMTokARPipeline(VFMTokPipelineBase):
 
         ``guidance_*``, ``temperature``, ``top_k``, ``top_p``: as the generator's ``generate``
         (``guidance_scale = 1`` is no guidance; None: the pipeline's ``default_guidance_scale``, else 1; the other
-        options left None: :meth:`sampler_defaults`). Labels are repeated ``num_images_per_class`` times and sampled in
+        options left None: :meth:`sampler_defaults`). ``sjd_window``: speculative Jacobi decoding with that many draft
+        tokens per step (the same distribution in fewer model calls; no callback; generators whose
+        ``supports_sjd`` is true). Labels are repeated ``num_images_per_class`` times and sampled in
         chunks of ``batch_size`` (default: all at once); the callback runs after every sampled token (step = token
         index in the chunk, ``t`` = the same) with ``{"codes": (B, num_tokens)}`` (not yet sampled positions 0) and
         may return replaced codes, which the following tokens condition on. ``output_size`` is the
@@ -126,6 +129,10 @@ class VFMTokARPipeline(VFMTokPipelineBase):
             temperature=temperature, top_k=top_k, top_p=top_p).items() if v is not None}}
         self.transformer.guidance_scales(guidance_scale, options["guidance_schedule"], options["guidance_power"],
                                          options["guidance_interval"])
+        sjd = {} if sjd_window is None else {"sjd_window": sjd_window}
+        if sjd and not self.transformer.supports_sjd:
+            raise InvalidValueError(f"sjd_window: {type(self.transformer).__name__} does not implement speculative "
+                                    f"Jacobi decoding (GPTModel does); leave sjd_window out")
         chunks = []
 
         def on_token(t: int, codes: torch.Tensor) -> torch.Tensor:
@@ -135,7 +142,7 @@ class VFMTokARPipeline(VFMTokPipelineBase):
         def sample_chunk(labels: torch.Tensor) -> torch.Tensor:
             codes = self.transformer.generate(
                 labels, guidance_scale=guidance_scale, **options, generator=generator, use_kv_cache=use_kv_cache,
-                step_callback=on_token if callback_on_step_end is not None else None)
+                step_callback=on_token if callback_on_step_end is not None else None, **sjd)
             self.vqvae.check_tokens(codes)
             chunks.append(len(codes))
             progress.update()

@@ -178,7 +178,7 @@ def test_the_served_page_gives_pipe_images_and_errors_and_keeps_serving(flow_pip
         good = ("golden retriever (207)", 1.5, 3, 2, 4, "scheduler")
         result = client.predict(*good, api_name="/generate")
         expected = flow_pipe(207, guidance_scale=1.5, num_images_per_class=2, generator=_seeded(3),
-                             num_inference_steps=4).images
+                             num_inference_steps=4, sampler="scheduler").images
         assert np.array_equal(_uint8(Image.open(r["image"]) for r in result), _uint8(expected))  # PNG: lossless
         assert [r["caption"] for r in result] == [
             f"golden retriever (207) | seed 3 #{k} | guidance 1.5 | num inference steps 4, sampler scheduler"

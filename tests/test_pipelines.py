@@ -433,7 +433,7 @@ def test_diffusers_own_loader_gives_the_same_images_with_trust_remote_code(ar_pi
                        ar_pipe(["golden retriever", "otter"], generator=seeded(), **kw).images)
     flow = DiffusionPipeline.from_pretrained(flow_dir, trust_remote_code=True)
     assert type(flow) is VFMTokFlowPipeline
-    kw = dict(num_inference_steps=3, guidance_scale=1.5, output_type="pt")
+    kw = dict(num_inference_steps=3, guidance_scale=1.5, output_type="pt", sampler="scheduler")
     assert torch.equal(flow(207, generator=seeded(), **kw).images, flow_pipe(207, generator=seeded(), **kw).images)
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         DiffusionPipeline.from_pretrained(ar_dir)
@@ -626,7 +626,7 @@ def test_export_pipeline_of_a_flow_run_and_push_to_hub(flow_pipe, tmp_path, monk
     assert {"model_index.json", "pipeline_vfmtok_flow.py", "README.md", "transformer/modeling_vfmtok.py"} <= set(files)
     assert b'VFMTokFlowPipeline.from_pretrained("org/tiny-flow")' in files["README.md"]
     assert not [name for name, data in files.items() if str(tmp_path).encode() in data]
-    kw = dict(num_inference_steps=3, guidance_scale=1.5, output_type="pt")
+    kw = dict(num_inference_steps=3, guidance_scale=1.5, output_type="pt", sampler="scheduler")
     assert torch.equal(load_pipeline(out)(207, generator=seeded(), **kw).images,
                        flow_pipe(207, generator=seeded(), **kw).images)
 
@@ -680,7 +680,7 @@ def test_flow_default_guidance_interval_is_saved_and_used(flow_pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "p")
     loaded = load_pipeline(tmp_path / "p")
     assert loaded.config.default_guidance_interval == [0.3, 0.7]
-    kw = dict(num_inference_steps=4, output_type="pt")
+    kw = dict(num_inference_steps=4, output_type="pt", sampler="scheduler")
     limited = flow_pipe(207, guidance_scale=3.0, guidance_interval=(0.3, 0.7), generator=seeded(), **kw).images
     assert torch.equal(loaded(207, generator=seeded(), **kw).images, limited)
     assert not torch.equal(flow_pipe(207, guidance_scale=3.0, generator=seeded(), **kw).images, limited)
