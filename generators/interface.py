@@ -138,6 +138,39 @@ class AutoregressiveGeneratorMixin:
             raise InvalidValueError(f"top_p must be in (0, 1], got {top_p}")
         return temperature, top_p
 
+    def _check_labels(self, class_labels: torch.Tensor, allow_null: bool) -> None:
+        if not isinstance(class_labels, torch.Tensor) or class_labels.ndim != 1 or class_labels.is_floating_point() \
+                or class_labels.dtype == torch.bool:
+            raise InvalidValueError(f"class_labels must be a 1-D integer tensor, got "
+                                    f"{getattr(class_labels, 'shape', type(class_labels))}"
+                                    + (f" of dtype {class_labels.dtype}" if isinstance(class_labels, torch.Tensor)
+                                       else ""))
+        high = self.config.num_classes + int(allow_null)
+        bad = class_labels[(class_labels < 0) | (class_labels >= high)]
+        if bad.numel():
+            raise InvalidValueError(f"class ids {bad.unique().tolist()[:10]} are outside [0, {high})"
+                                    + (" (the null class is num_classes)" if allow_null else ""))
+
+    def _check_tokens(self, tokens: torch.Tensor, max_tokens: int) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
+            raise InvalidValueError(f"tokens must be a (B, T) integer tensor, got "
+                                    f"{getattr(tokens, 'shape', type(tokens))}")
+        if tokens.shape[1] > max_tokens:
+            raise InvalidValueError(f"got {tokens.shape[1]} tokens; at most {max_tokens} fit here")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)].unique().tolist()[:10]
+            raise InvalidValueError(f"token ids {bad} are outside [0, {self.config.vocab_size})")
+
+    def _apply_step_callback(self, step_callback, t: int, tokens: torch.Tensor) -> None:
+        """``generate``'s ``step_callback(t, tokens)`` after token ``t``: a returned tensor replaces the buffer."""
+        replaced = step_callback(t, tokens)
+        if replaced is not None:
+            self._check_tokens(replaced, tokens.shape[1])
+            if tuple(replaced.shape) != tuple(tokens.shape):
+                raise InvalidValueError(f"step_callback returned tokens of shape {tuple(replaced.shape)}, expected "
+                                        f"{tuple(tokens.shape)}")
+            tokens.copy_(replaced)
+
     @staticmethod
     def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -257,27 +257,6 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         """Class ids (the null class is ``num_classes``) -> rows of the embedding table."""
         return class_labels + self.config.vocab_size + 1
 
-    def _check_labels(self, class_labels: torch.Tensor, allow_null: bool) -> None:
-        if not isinstance(class_labels, torch.Tensor) or class_labels.ndim != 1 or class_labels.is_floating_point() \
-                or class_labels.dtype == torch.bool:
-            raise InvalidValueError(f"class_labels must be a 1-D integer tensor, got "
-                                    f"{getattr(class_labels, 'shape', type(class_labels))}")
-        high = self.config.num_classes + int(allow_null)
-        bad = class_labels[(class_labels < 0) | (class_labels >= high)]
-        if bad.numel():
-            raise InvalidValueError(f"class ids {bad.unique().tolist()[:10]} are outside [0, {high})"
-                                    + (" (the null class is num_classes)" if allow_null else ""))
-
-    def _check_tokens(self, tokens: torch.Tensor, max_tokens: int) -> None:
-        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
-            raise InvalidValueError(f"tokens must be a (B, T) integer tensor, got "
-                                    f"{getattr(tokens, 'shape', type(tokens))}")
-        if tokens.shape[1] > max_tokens:
-            raise InvalidValueError(f"got {tokens.shape[1]} tokens; at most {max_tokens} fit here")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)].unique().tolist()[:10]
-            raise InvalidValueError(f"token ids {bad} are outside [0, {self.config.vocab_size})")
-
     def _check_orders(self, orders: torch.Tensor, batch: int) -> None:
         total = self.num_tokens
         if not isinstance(orders, torch.Tensor) or tuple(orders.shape) != (batch, total) or \
@@ -495,13 +474,7 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
                     all_logits[:, t] = logits
                 tokens[:, t] = self._sample(logits, temperature, top_k, top_p, generator)
                 if step_callback is not None:
-                    replaced = step_callback(t, tokens)
-                    if replaced is not None:
-                        self._check_tokens(replaced, total)
-                        if tuple(replaced.shape) != tuple(tokens.shape):
-                            raise InvalidValueError(f"step_callback returned tokens of shape "
-                                                    f"{tuple(replaced.shape)}, expected {tuple(tokens.shape)}")
-                        tokens.copy_(replaced)
+                    self._apply_step_callback(step_callback, t, tokens)
         finally:
             self.train(was_training)
         return (tokens, all_logits) if return_logits else tokens
