@@ -454,14 +454,7 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         self._check_labels(class_labels, allow_null=False)
         scales = self.guidance_scales(guidance_scale, guidance_schedule, guidance_power, guidance_interval)
         guidance_scale = float(guidance_scale)
-        temperature = finite_number("temperature", temperature)
-        top_p = finite_number("top_p", top_p)
-        if temperature <= 0:
-            raise InvalidValueError(f"temperature must be > 0, got {temperature}")
-        if not isinstance(top_k, int) or top_k < 0:
-            raise InvalidValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-        if not 0.0 < top_p <= 1.0:
-            raise InvalidValueError(f"top_p must be in (0, 1], got {top_p}")
+        temperature, top_p = self._check_sampler(temperature, top_k, top_p)
         if compile_decode and not use_kv_cache:
             raise InvalidValueError("compile_decode=True compiles the KV-cached decode step: it needs "
                                     "use_kv_cache=True")
