@@ -39,7 +39,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from vfmtok.tokenizer.utils.errors import InvalidValueError
-from vfmtok.tokenizer.utils.types import class_label_tensor, finite_number
+from vfmtok.tokenizer.utils.types import class_label_tensor
 from vfmtok.tokenizer.utils.loading import StrictLoadingMixin
 from vfmtok.generators.interface import GUIDANCE_SCHEDULES, AutoregressiveGeneratorMixin
 from vfmtok.generators.layers import RMSNorm, apply_rotary_embedding, rope_2d_table
