@@ -654,23 +654,19 @@ def _floor(run: _Run, tokenizers: dict[str, Path], weights: Optional[str]) -> di
 
 def _round_trip(tokenizer_path: Path, images: Path, output: Path) -> Path:
     """The images of a folder encoded and decoded by a tokenizer, as an ``.npz`` of uint8 images (``arr_0``)."""
+    from vfmtok.evaluation.fid import load_source
     from vfmtok.evaluation.recon import to_uint8
     from vfmtok.pipelines.train.extract import load_tokenizer
 
     tokenizer = load_tokenizer(str(tokenizer_path)).eval()
-    pixels = torch.stack([torch.from_numpy(array).permute(2, 0, 1) for array in _read_folder(images)])
+    source = load_source(images)
+    pixels = torch.cat(list(source.batches(source.num_images)))  # uint8 (N, 3, H, W), the FID stages' reader
     with torch.no_grad():
         decoded = tokenizer.decode(tokenizer.encode(pixels.float() / 127.5 - 1), output_size=IMAGE_SIZE)
     with atomic_file(output) as temporary:
         with open(temporary, "wb") as handle:
             np.savez(handle, arr_0=to_uint8(decoded).permute(0, 2, 3, 1).numpy())
     return output
-
-
-def _read_folder(folder: Path) -> list[np.ndarray]:
-    from PIL import Image
-
-    return [np.array(Image.open(path).convert("RGB")) for path in sorted(folder.glob("*.png"))]
 
 
 def _sweep(run: _Run, kind: str, pipeline: Path, options: dict[str, Any], weights: Optional[str],
