@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vfmtok.pipelines import VFMTokARPipeline, VFMTokFlowPipeline, load_pipeline
+from vfmtok.pipelines import VFMTokARPipeline, load_pipeline
 from vfmtok.pipelines.config import build_model
 from vfmtok.pipelines.demo import class_choices, class_id_of, sample_for_demo
 from vfmtok.tokenizer.utils.errors import InvalidValueError
@@ -50,14 +50,9 @@ def _gradio():
 
 @pytest.fixture(scope="module")
 def flow_pipe():
-    torch.manual_seed(0)
-    dit = build_model(_config("flow", "dit-tiny")).eval()
-    dit.set_latent_statistics(torch.randn(dit.latent_shape), torch.rand(dit.latent_shape) + 0.5)
-    with torch.no_grad():  # adaLN-Zero starts at a zero velocity: make the output depend on x, t and y
-        for p in dit.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return VFMTokFlowPipeline(build_model(_config("tokenizer", "vfmae-tiny")).eval(), dit, None,
-                              evaluation={"protocol": "tiny test", "gFID (cfg-1.5)": 123.4})
+    from test_pipelines import tiny_flow_pipeline
+
+    return tiny_flow_pipeline(evaluation={"protocol": "tiny test", "gFID (cfg-1.5)": 123.4})
 
 
 @pytest.fixture(scope="module")

@@ -38,15 +38,20 @@ def ar_pipe():
                             build_model(config("ar", "gpt-tiny")).eval())
 
 
-@pytest.fixture(scope="module")
-def flow_pipe():
+def tiny_flow_pipeline(**pipeline_options) -> VFMTokFlowPipeline:
+    """The tiny flow pipeline of these tests (seed 0): a tiny VFMAE and a DiT whose velocity depends on x, t and y."""
     torch.manual_seed(0)
     dit = build_model(config("flow", "dit-tiny")).eval()
     dit.set_latent_statistics(torch.randn(dit.latent_shape), torch.rand(dit.latent_shape) + 0.5)
     with torch.no_grad():  # adaLN-Zero starts at a zero velocity: make the output depend on x, t and y
         for p in dit.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    return VFMTokFlowPipeline(build_model(config("tokenizer", "vfmae-tiny")).eval(), dit, None)
+    return VFMTokFlowPipeline(build_model(config("tokenizer", "vfmae-tiny")).eval(), dit, None, **pipeline_options)
+
+
+@pytest.fixture(scope="module")
+def flow_pipe():
+    return tiny_flow_pipeline()
 
 
 @pytest.fixture(scope="module")
