@@ -43,7 +43,7 @@ from vfmtok.tokenizer.utils.types import class_label_tensor
 from vfmtok.tokenizer.utils.loading import StrictLoadingMixin
 from vfmtok.generators.interface import GUIDANCE_SCHEDULES, AutoregressiveGeneratorMixin
 from vfmtok.generators.layers import RMSNorm, apply_rotary_embedding, rope_2d_table
-from vfmtok.generators.sampling import filter_logits, speculative_jacobi_decode, token_probabilities
+from vfmtok.generators.sampling import filter_logits
 
 __all__ = ["GPTModel", "KVCache", "GUIDANCE_SCHEDULES", "filter_logits", "ffn_hidden_dim"]
 
@@ -459,15 +459,8 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
             raise InvalidValueError("compile_decode=True compiles the KV-cached decode step: it needs "
                                     "use_kv_cache=True")
 
-        if sjd_window is not None:
-            if not use_kv_cache or compile_decode or return_logits or step_callback is not None:
-                raise InvalidValueError("sjd_window (speculative Jacobi decoding) needs use_kv_cache=True and takes "
-                                        "no compile_decode, return_logits or step_callback")
-            if isinstance(sjd_window, bool) or not isinstance(sjd_window, int) or sjd_window < 1:
-                raise InvalidValueError(f"sjd_window must be an integer >= 1 (draft tokens per step), got "
-                                        f"{sjd_window!r}")
-        elif return_sjd_stats:
-            raise InvalidValueError("return_sjd_stats needs sjd_window")
+        self._check_sjd_request(sjd_window, return_sjd_stats, use_kv_cache=use_kv_cache, compile_decode=compile_decode,
+                                return_logits=return_logits, step_callback=step_callback)
 
         total, batch = self.num_tokens, len(class_labels)
         device = self.token_embedding.weight.device
@@ -484,8 +477,9 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         self.eval()
         if sjd_window is not None:
             try:
-                tokens, stats = self._generate_sjd(labels, batch, scales, bool(guided_steps), temperature, top_k, top_p,
-                                                   generator, sjd_window)
+                tokens, stats = self._generate_sjd(self.allocate_kv_cache(len(labels), total), labels, batch, scales,
+                                                   bool(guided_steps), temperature, top_k, top_p, generator,
+                                                   sjd_window)
             finally:
                 self.train(was_training)
             return (tokens, stats) if return_sjd_stats else tokens
@@ -522,30 +516,6 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         finally:
             self.train(was_training)
         return (tokens, all_logits) if return_logits else tokens
-
-    def _generate_sjd(self, labels: torch.Tensor, batch: int, scales: list[float], guided: bool, temperature: float,
-                      top_k: int, top_p: float, generator: Optional[torch.Generator], window: int):
-        """``generate`` by speculative Jacobi decoding over :meth:`decode_block` (labels: [cond; uncond] when
-        guided)."""
-        total, device = self.num_tokens, labels.device
-        cache = self.allocate_kv_cache(len(labels), total)
-        scale_of = torch.tensor(scales, device=device)  # s_t of the predicted token t
-
-        def guide(logits: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
-            if not guided:
-                return logits
-            cond, uncond = logits[:batch], logits[batch:]
-            return uncond + scale_of[predicted.clamp(max=total - 1)][..., None] * (cond - uncond)
-
-        def decode(tokens: torch.Tensor, first_index: torch.Tensor) -> torch.Tensor:
-            copies = len(labels) // batch
-            logits = self.decode_block(tokens.repeat(copies, 1), first_index.repeat(copies), cache)
-            return guide(logits, first_index[:, None] + 1 + torch.arange(tokens.shape[1], device=device))
-
-        first = guide(self.prefill(labels, cache)[:, None], torch.zeros(batch, 1, dtype=torch.long, device=device))
-        return speculative_jacobi_decode(decode, first[:, 0], total,
-                                         lambda logits: token_probabilities(logits, temperature, top_k, top_p),
-                                         window=window, generator=generator)
 
     # -- reporting ----------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

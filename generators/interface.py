@@ -11,6 +11,9 @@ A family lists :class:`AutoregressiveGeneratorMixin` among its bases and provide
   mode): the training loss of every family is ``cross_entropy(logits, tokens)``;
 * ``generate(class_labels, guidance_scale, guidance_schedule, guidance_power, guidance_interval, temperature, top_k,
   top_p, generator, use_kv_cache, step_callback)`` -> (B, num_tokens) codes in raster order;
+* for speculative Jacobi decoding (``supports_sjd = True``; ``generate(sjd_window=...)``): ``prefill(labels, cache)``
+  -> logits (B, vocab) of token 0 and ``decode_block(tokens, first_index, cache)``
+  (:class:`vfmtok.generators.sampling.BlockDecoder` with a cache), which :meth:`_generate_sjd` drives;
 * ``default_sampling`` (the sampler options ``generate`` uses unless told otherwise: the family's published recipe);
 * optionally ``on_train_step(step)`` (per-step training schedules, e.g. RAR's randomness annealing) and
   ``no_weight_decay_parameters()`` (parameter names AdamW must not decay).
@@ -27,7 +30,8 @@ import torch
 
 from vfmtok.tokenizer.utils.errors import InvalidValueError
 from vfmtok.tokenizer.utils.types import finite_number
-from vfmtok.generators.sampling import filter_logits, sample_tokens, token_probabilities
+from vfmtok.generators.sampling import (SJDStats, filter_logits, sample_tokens, speculative_jacobi_decode,
+                                        token_probabilities)
 
 __all__ = ["AutoregressiveGeneratorMixin", "GUIDANCE_SCHEDULES", "SAMPLING_OPTIONS", "filter_logits",
            "sample_from_logits"]
@@ -170,6 +174,46 @@ class AutoregressiveGeneratorMixin:
                 raise InvalidValueError(f"step_callback returned tokens of shape {tuple(replaced.shape)}, expected "
                                         f"{tuple(tokens.shape)}")
             tokens.copy_(replaced)
+
+    @staticmethod
+    def _check_sjd_request(sjd_window: Optional[int], return_sjd_stats: bool, *, use_kv_cache: bool,
+                           compile_decode: bool = False, return_logits: bool = False,
+                           step_callback: Any = None) -> None:
+        """``generate``'s SJD arguments: a window >= 1, with the KV cache and none of the per-step options."""
+        if sjd_window is None:
+            if return_sjd_stats:
+                raise InvalidValueError("return_sjd_stats needs sjd_window")
+            return
+        if not use_kv_cache or compile_decode or return_logits or step_callback is not None:
+            raise InvalidValueError("sjd_window (speculative Jacobi decoding) needs use_kv_cache=True and takes "
+                                    "no compile_decode, return_logits or step_callback")
+        if isinstance(sjd_window, bool) or not isinstance(sjd_window, int) or sjd_window < 1:
+            raise InvalidValueError(f"sjd_window must be an integer >= 1 (draft tokens per step), got {sjd_window!r}")
+
+    def _generate_sjd(self, cache: Any, labels: torch.Tensor, batch: int, scales: list[float], guided: bool,
+                      temperature: float, top_k: int, top_p: float, generator: Optional[torch.Generator],
+                      window: int) -> tuple[torch.Tensor, SJDStats]:
+        """``generate`` by speculative Jacobi decoding over the family's ``prefill`` and ``decode_block`` with an
+        empty ``cache`` of ``len(labels)`` rows (labels: [cond; null class] when ``guided``). Both halves run at
+        every step; the guidance scale of each logit is that of the token it predicts (``scales[t]``)."""
+        total, device = self.num_tokens, labels.device
+        scale_of = torch.tensor(scales, device=device)
+
+        def guide(logits: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+            if not guided:
+                return logits
+            cond, uncond = logits[:batch], logits[batch:]
+            return uncond + scale_of[predicted.clamp(max=total - 1)][..., None] * (cond - uncond)
+
+        def decode(tokens: torch.Tensor, first_index: torch.Tensor) -> torch.Tensor:
+            copies = len(labels) // batch
+            logits = self.decode_block(tokens.repeat(copies, 1), first_index.repeat(copies), cache)
+            return guide(logits, first_index[:, None] + 1 + torch.arange(tokens.shape[1], device=device))
+
+        first = guide(self.prefill(labels, cache)[:, None], torch.zeros(batch, 1, dtype=torch.long, device=device))
+        return speculative_jacobi_decode(decode, first[:, 0], total,
+                                         lambda logits: token_probabilities(logits, temperature, top_k, top_p),
+                                         window=window, generator=generator)
 
     @staticmethod
     def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

@@ -25,7 +25,8 @@ per-head LayerNorm on queries and keys (QK-norm) and a causal mask. The head is 
 affine) then a biased linear layer. LayerNorms use eps 1e-6.
 
 Sampling (:meth:`RARModel.generate`) runs in raster order with a KV cache (one forward of the start and class tokens,
-then one decode step per token, :meth:`RARModel.decode`); classifier-free guidance batches ``[cond; null]`` and uses
+then one decode step per token, :meth:`RARModel.decode`; or speculative Jacobi decoding over
+:meth:`RARModel.decode_block` with ``sjd_window``); classifier-free guidance batches ``[cond; null]`` and uses
 RAR's power-cosine schedule by default (``s_t = 1 + (s - 1) (1 - cos(pi (t / T) ** p)) / 2``, so the first token is
 unguided); RAR's ``randomize_temperature`` is the plain softmax temperature of every step (the reference divides the
 logits by it), ``temperature`` here.
@@ -86,16 +87,23 @@ class Attention(nn.Module):
         self.proj_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                start: int = 0) -> torch.Tensor:
+                start: int = 0, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Without ``cache``: causal attention within ``x``. With ``cache`` (key, value buffers (B, H, L, head_dim)):
-        this chunk sits at positions ``start ..``, its keys/values are written there and it attends to every position
-        up to its own."""
+        this chunk sits at positions ``start ..`` (or at ``positions`` (B, S), each row its own), its keys/values are
+        written there and it attends to every position up to its own."""
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         dropout = self.attention_dropout if self.training else 0.0
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        elif positions is not None:  # per-row positions (the SJD block step): the whole buffer under a per-row mask
+            keys, values = cache
+            index = positions[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+            keys.scatter_(2, index, k.to(keys.dtype))
+            values.scatter_(2, index, v.to(values.dtype))
+            mask = (torch.arange(keys.shape[2], device=x.device) <= positions[..., None])[:, None]
+            out = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask)
         else:
             keys, values = cache
             keys[:, :, start:start + s] = k.to(keys.dtype)
@@ -134,9 +142,9 @@ class AdaLNBlock(nn.Module):
         self.modulation = nn.Linear(dim, 6 * dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                start: int = 0) -> torch.Tensor:
+                start: int = 0, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(F.silu(c)).chunk(6, dim=-1)
-        x = x + gate_a * self.attention(modulate(self.norm1(x), shift_a, scale_a), cache, start)
+        x = x + gate_a * self.attention(modulate(self.norm1(x), shift_a, scale_a), cache, start, positions)
         return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
 
@@ -177,6 +185,7 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
 
     config_name = "config.json"
     converter = "vfmtok.generators.convert_rar"  # named in loading errors (StrictLoadingMixin)
+    supports_sjd = True
     # RAR's published sampling recipe (configs/training/generator/rar.yaml): power-cosine CFG, power 2.75,
     # randomize_temperature 1.0; no top-k / top-p.
     default_sampling = {"guidance_schedule": "cosine_power", "guidance_power": 2.75, "guidance_interval": None,
@@ -410,6 +419,25 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         c = cache.condition[:, None] + self.step_embedding[index + PREFIX]
         return self._run_cached(x, c, cache)
 
+    def decode_block(self, tokens: torch.Tensor, first_index: torch.Tensor, cache: RARCache) -> torch.Tensor:
+        """The block step of speculative Jacobi decoding (:class:`vfmtok.generators.sampling.BlockDecoder`): row b's
+        raster image tokens ``first_index[b] .. first_index[b] + k - 1`` (``tokens`` (B, k)) at sequence positions
+        ``first_index + 2 ..``, written to a prefilled ``cache`` (``cache.length`` is left as it is: rows sit at
+        different positions); returns logits (B, k, vocab), ``[:, j]`` predicting raster token ``first_index[b] + j +
+        1``."""
+        if tokens.ndim != 2 or tokens.shape[0] != cache.batch_size or first_index.shape != tokens.shape[:1]:
+            raise InvalidValueError(f"decode_block needs tokens (B, k) and first_index (B,) for a cache of batch "
+                                    f"{cache.batch_size}; got {tuple(tokens.shape)} and {tuple(first_index.shape)}")
+        if cache.length < PREFIX:
+            raise InvalidValueError("decode_block needs a prefilled cache (prefill writes the start and class tokens)")
+        index = first_index[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embedding(tokens) + self.position_embedding[index + PREFIX] \
+            + self.target_position_embedding[index + 1 + PREFIX]
+        c = cache.condition[:, None] + self.step_embedding[index + PREFIX]
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, (cache.keys[i], cache.values[i]), positions=index + PREFIX)
+        return self._head(x, c)
+
     # -- sampling ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
@@ -426,7 +454,9 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         use_kv_cache: bool = True,
         return_logits: bool = False,
         step_callback: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None,
-    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        sjd_window: Optional[int] = None,
+        return_sjd_stats: bool = False,
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, Any]]:
         """Sample ``num_tokens`` codes per class label (B,) -> LongTensor (B, num_tokens), raster order.
 
         Options left None take :attr:`default_sampling` (RAR's: power-cosine guidance, power 2.75, temperature 1).
@@ -437,6 +467,9 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         use_kv_cache=False recomputes the whole prefix every step (the reference without its cache).
         return_logits: also return the guided logits (B, num_tokens, vocab). step_callback(t, tokens): as
         :meth:`vfmtok.generators.gpt.GPTModel.generate` (a returned tensor replaces the buffer).
+        sjd_window, return_sjd_stats: speculative Jacobi decoding with this many draft tokens per step over
+        :meth:`decode_block`, as :meth:`vfmtok.generators.gpt.GPTModel.generate` (the same distribution as plain
+        sampling, in fewer model calls; needs the KV cache, takes neither ``return_logits`` nor ``step_callback``).
         """
         class_labels = class_label_tensor(class_labels)
         self._check_labels(class_labels, allow_null=False)
@@ -447,6 +480,8 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
                                       options["guidance_interval"])
         temperature, top_p = self._check_sampler(options["temperature"], options["top_k"], options["top_p"])
         top_k = options["top_k"]
+        self._check_sjd_request(sjd_window, return_sjd_stats, use_kv_cache=use_kv_cache, return_logits=return_logits,
+                                step_callback=step_callback)
         total, batch = self.num_tokens, len(class_labels)
         device = self.embedding.weight.device
         labels = class_labels.to(device)
@@ -459,6 +494,13 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
 
         was_training = self.training
         self.eval()
+        if sjd_window is not None:
+            try:
+                tokens, stats = self._generate_sjd(self.allocate_cache(rows), labels, batch, scales, guided,
+                                                   temperature, top_k, top_p, generator, sjd_window)
+            finally:
+                self.train(was_training)
+            return (tokens, stats) if return_sjd_stats else tokens
         try:
             cache = self.allocate_cache(rows) if use_kv_cache else None
             for t in range(total):

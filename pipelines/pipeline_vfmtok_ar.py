@@ -132,7 +132,7 @@ class VFMTokARPipeline(VFMTokPipelineBase):
         sjd = {} if sjd_window is None else {"sjd_window": sjd_window}
         if sjd and not self.transformer.supports_sjd:
             raise InvalidValueError(f"sjd_window: {type(self.transformer).__name__} does not implement speculative "
-                                    f"Jacobi decoding (GPTModel does); leave sjd_window out")
+                                    f"Jacobi decoding (GPTModel and RARModel do); leave sjd_window out")
         chunks = []
 
         def on_token(t: int, codes: torch.Tensor) -> torch.Tensor:
