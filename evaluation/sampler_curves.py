@@ -198,8 +198,8 @@ def ar_sjd_comparison(pipeline: str, reference: str, judge_train: str, judge_hel
     pipe = load_pipeline(pipeline)
     pipe.set_progress_bar_config(disable=True)
     scale = pipe.resolve_guidance_scale(guidance_scale)
-    gpt = pipe.transformer.eval()
-    num_classes = gpt.config.num_classes
+    model = pipe.transformer.eval()
+    num_classes = model.config.num_classes
     labels = torch.from_numpy(np.random.default_rng(seed).permutation(np.arange(num_samples) % num_classes))
     reference_source = load_source(reference)
     extractor = InceptionFeatures(inception_weights)
@@ -212,12 +212,12 @@ def ar_sjd_comparison(pipeline: str, reference: str, judge_train: str, judge_hel
             start, codes, steps, committed, row_steps = time.perf_counter(), [], 0, 0, 0
             for chunk in labels.split(batch_size):
                 if window is None:
-                    codes.append(gpt.generate(chunk, guidance_scale=scale, generator=generator))
-                    steps += gpt.num_tokens - 1
-                    committed += len(chunk) * (gpt.num_tokens - 1)
-                    row_steps += len(chunk) * (gpt.num_tokens - 1)
+                    codes.append(model.generate(chunk, guidance_scale=scale, generator=generator))
+                    steps += model.num_tokens - 1
+                    committed += len(chunk) * (model.num_tokens - 1)
+                    row_steps += len(chunk) * (model.num_tokens - 1)
                 else:
-                    out, stats = gpt.generate(chunk, guidance_scale=scale, generator=generator, sjd_window=window,
+                    out, stats = model.generate(chunk, guidance_scale=scale, generator=generator, sjd_window=window,
                                               return_sjd_stats=True)
                     codes.append(out)
                     steps, committed, row_steps = steps + stats.steps, committed + stats.tokens, \
@@ -248,8 +248,8 @@ def ar_sjd_comparison(pipeline: str, reference: str, judge_train: str, judge_hel
                              gfid_max=max(fids, default=None), accuracy_min=min(r["class_accuracy"] for r in rows),
                              accuracy_max=max(r["class_accuracy"] for r in rows),
                              speedup=plain_seconds / float(np.median([r["seconds"] for r in rows])))
-    report = {"pipeline": str(pipeline), "num_samples": num_samples, "batch_size": batch_size,
-              "guidance_scale": scale, "num_tokens": gpt.num_tokens, "seeds": seeds,
+    report = {"pipeline": str(pipeline), "generator": type(model).__name__, "num_samples": num_samples, "batch_size": batch_size,
+              "guidance_scale": scale, "num_tokens": model.num_tokens, "seeds": seeds,
               "judge_held_out_accuracy": judge.held_out_accuracy, "threads": torch.get_num_threads(),
               "runs": runs, "summary": summary}
     with atomic_file(output / "report.json") as temporary:

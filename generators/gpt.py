@@ -473,17 +473,13 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
         all_logits = torch.empty(batch, total, self.config.vocab_size, device=device) if return_logits else None
 
-        was_training = self.training
-        self.eval()
         if sjd_window is not None:
-            try:
+            with self._sampling_mode():
                 tokens, stats = self._generate_sjd(self.allocate_kv_cache(len(labels), total), labels, batch, scales,
                                                    bool(guided_steps), temperature, top_k, top_p, generator,
                                                    sjd_window)
-            finally:
-                self.train(was_training)
             return (tokens, stats) if return_sjd_stats else tokens
-        try:
+        with self._sampling_mode():
             if use_kv_cache:
                 cache = self.allocate_kv_cache(len(labels), total)
                 positions = torch.arange(total, device=device)
@@ -513,8 +509,6 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
                 tokens[:, t] = self._sample(logits, temperature, top_k, top_p, generator)
                 if step_callback is not None:
                     self._apply_step_callback(step_callback, t, tokens)
-        finally:
-            self.train(was_training)
         return (tokens, all_logits) if return_logits else tokens
 
     # -- reporting ----------------------------------------------------------------------------------------------

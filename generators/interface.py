@@ -24,7 +24,8 @@ family samples with.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -174,6 +175,16 @@ class AutoregressiveGeneratorMixin:
                 raise InvalidValueError(f"step_callback returned tokens of shape {tuple(replaced.shape)}, expected "
                                         f"{tuple(tokens.shape)}")
             tokens.copy_(replaced)
+
+    @contextmanager
+    def _sampling_mode(self) -> Iterator[None]:
+        """``generate`` runs in eval mode; the caller's mode is restored afterwards, also after an error."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
 
     @staticmethod
     def _check_sjd_request(sjd_window: Optional[int], return_sjd_stats: bool, *, use_kv_cache: bool,

@@ -492,16 +492,12 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
         all_logits = torch.empty(batch, total, self.config.vocab_size, device=device) if return_logits else None
 
-        was_training = self.training
-        self.eval()
         if sjd_window is not None:
-            try:
+            with self._sampling_mode():
                 tokens, stats = self._generate_sjd(self.allocate_cache(rows), labels, batch, scales, guided,
                                                    temperature, top_k, top_p, generator, sjd_window)
-            finally:
-                self.train(was_training)
             return (tokens, stats) if return_sjd_stats else tokens
-        try:
+        with self._sampling_mode():
             cache = self.allocate_cache(rows) if use_kv_cache else None
             for t in range(total):
                 if use_kv_cache:
@@ -517,8 +513,6 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
                 tokens[:, t] = self._sample(logits, temperature, top_k, top_p, generator)
                 if step_callback is not None:
                     self._apply_step_callback(step_callback, t, tokens)
-        finally:
-            self.train(was_training)
         return (tokens, all_logits) if return_logits else tokens
 
     def _uncached_step(self, prefix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

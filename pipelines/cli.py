@@ -169,7 +169,8 @@ def _speed_sjd(args: argparse.Namespace) -> None:
     from vfmtok.evaluation.sampler_curves import ar_sjd_comparison
 
     folder = Path(args.quickstart)
-    report = ar_sjd_comparison(str(folder / "pipelines" / "ar"), str(folder / "data" / "reference"),
+    pipeline = args.pipeline or str(folder / "pipelines" / "ar")
+    report = ar_sjd_comparison(pipeline, str(folder / "data" / "reference"),
                                str(folder / "data" / "train"), str(folder / "data" / "held-out"), args.output_dir,
                                windows=args.windows, num_samples=args.num_samples,
                                guidance_scale=args.guidance_scale, seed=args.seed, seeds=args.seeds,
@@ -571,8 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
     curves.set_defaults(run=_speed_flow_samplers)
 
     sjd = speed_kinds.add_parser("sjd", help="plain KV-cache sampling vs speculative Jacobi decoding on a quickstart "
-                                             "GPT: seconds, tokens per step, gFID and judge class accuracy")
-    sjd.add_argument("--quickstart", required=True, metavar="DIR", help="a `vfmtok quickstart` output folder")
+                                             "AR pipeline: seconds, tokens per step, gFID and judge class accuracy")
+    sjd.add_argument("--quickstart", required=True, metavar="DIR", help="a `vfmtok quickstart` output folder (its "
+                                                                         "reference images and judge data)")
+    sjd.add_argument("--pipeline", default=None, metavar="DIR",
+                     help="the AR pipeline to measure, e.g. a RAR trained on the quickstart's codes (default: the "
+                          "quickstart's GPT pipeline, DIR/pipelines/ar)")
     sjd.add_argument("--output-dir", required=True, help="report.json goes here")
     sjd.add_argument("--windows", type=int, nargs="+", default=[2, 4, 8, 16],
                      help="SJD draft tokens per step to measure (default: 2 4 8 16)")
