@@ -31,8 +31,8 @@ import torch
 
 from vfmtok.tokenizer.utils.errors import InvalidValueError
 
-__all__ = ["filter_logits", "token_probabilities", "sample_tokens", "BlockDecoder", "SJDStats",
-           "speculative_jacobi_decode"]
+__all__ = ["filter_logits", "token_probabilities", "sample_tokens", "sample_tokens_by_inverse_cdf", "BlockDecoder",
+           "SJDStats", "speculative_jacobi_decode"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -68,6 +68,18 @@ def sample_tokens(probs: torch.Tensor, generator: Optional[torch.Generator] = No
     """One token per row of ``probs`` (..., V) -> (...), ``torch.multinomial`` with ``generator``."""
     flat = probs.reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, num_samples=1, generator=generator)[:, 0].reshape(probs.shape[:-1])
+
+
+def sample_tokens_by_inverse_cdf(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row of ``probs`` (..., V) -> (...), by one uniform number per row against the cumulative
+    distribution (float64). The same distribution as :func:`sample_tokens`, other draws for a seed; ``multinomial``
+    draws V exponentials per row, which is most of an SJD step's bookkeeping on a small model (it samples the drafts
+    of every row at every step), so SJD samples this way. Plain sampling keeps ``multinomial``: its tokens for a seed
+    stay those of the reference code and of earlier runs."""
+    cdf = probs.double().cumsum(dim=-1)
+    uniform = torch.rand(probs.shape[:-1], generator=generator, device=probs.device, dtype=torch.float64)
+    target = (uniform * cdf[..., -1])[..., None]
+    return torch.searchsorted(cdf, target, right=True)[..., 0].clamp(max=probs.shape[-1] - 1)
 
 
 class BlockDecoder(Protocol):
@@ -125,14 +137,14 @@ def speculative_jacobi_decode(
     rows = torch.arange(batch, device=device)
     seq = torch.zeros(batch, total, dtype=torch.long, device=device)
     p0 = probabilities(first_logits)
-    seq[:, 0] = sample_tokens(p0, generator)
+    seq[:, 0] = sample_tokens_by_inverse_cdf(p0, generator)
     committed = torch.ones(batch, dtype=torch.long, device=device)  # n: tokens 0 .. n - 1 are final
     offsets = torch.arange(max(drafts, 0), device=device)
     # The first drafts come from token 0's distribution: a proposal like any other (spatially close tokens).
     proposals = p0[:, None].expand(batch, max(drafts, 0), -1).contiguous()
     if drafts > 0:
         draft_index = (committed[:, None] + offsets).clamp(max=total - 1)
-        seq.scatter_(1, draft_index, sample_tokens(proposals, generator))
+        seq.scatter_(1, draft_index, sample_tokens_by_inverse_cdf(proposals, generator))
     steps = tokens = row_steps = 0
     while total > 1 and bool((committed < total).any()):
         start = torch.minimum(committed - 1, torch.full_like(committed, total - 1 - block))
@@ -160,7 +172,7 @@ def speculative_jacobi_decode(
             mass = residual.sum(dim=-1, keepdim=True)
             residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_drafts[rows, at])
             next_p = torch.where(rejected[:, None], residual, next_p)
-        new_token = sample_tokens(next_p, generator)
+        new_token = sample_tokens_by_inverse_cdf(next_p, generator)
         position = committed + accepted
         has_next = position < total
         seq[rows[has_next], position[has_next]] = new_token[has_next]
@@ -173,7 +185,7 @@ def speculative_jacobi_decode(
             index = committed[:, None] + offsets
             slot = (index - 1 - start[:, None]).clamp(max=block - 1)
             proposals = p[rows[:, None], slot]
-            new_drafts = sample_tokens(proposals, generator)
+            new_drafts = sample_tokens_by_inverse_cdf(proposals, generator)
             keep = index < total
             seq[rows[:, None].expand_as(index)[keep], index[keep]] = new_drafts[keep]
     return seq, SJDStats(steps=steps, tokens=tokens, rows=batch, row_steps=row_steps)

@@ -198,6 +198,31 @@ def test_quickstart_pipelines_load_and_sample_by_id_and_name(quickstart_run):
         assert "gFID" in card  # the benchmark recorded its results with their protocol
 
 
+def test_speed_sjd_measures_a_rar_pipeline_over_the_quickstart_codes(quickstart_run, tmp_path, capsys):
+    """`vfmtok speed sjd --pipeline`: a RAR (configs/quickstart/rar.yaml, untrained) with the quickstart's tokenizer;
+    plain sampling commits exactly one token per step, SJD at least one and never more forwards than plain."""
+    from vfmtok.pipelines import VFMTokARPipeline
+    from vfmtok.pipelines.config import build_model
+
+    out, _ = quickstart_run
+    gpt_pipe = VFMTokARPipeline.from_pretrained(out / "pipelines" / "ar")
+    torch.manual_seed(0)
+    rar = build_model(Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "rar.yaml").eval()
+    with torch.no_grad():  # untrained RAR blocks are the identity (adaLN-zero): give them something to compute
+        for p in rar.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    VFMTokARPipeline(gpt_pipe.vqvae, rar, id2label=gpt_pipe.id2label).save_pretrained(tmp_path / "rar")
+    assert main(["speed", "sjd", "--quickstart", str(out), "--pipeline", str(tmp_path / "rar"), "--output-dir",
+                 str(tmp_path / "sjd"), "--windows", "3", "--seeds", "1", "--num-samples", "20", "--batch-size", "10",
+                 "--guidance-scale", "2", "--no-fid"]) in (0, None)
+    report = json.loads((tmp_path / "sjd" / "report.json").read_text())
+    assert report["generator"] == "RARModel" and set(report["summary"]) == {"plain", "sjd-3"}
+    plain, sjd = report["summary"]["plain"], report["summary"]["sjd-3"]
+    assert plain["tokens_per_row_step"] == 1.0 and plain["forwards_per_batch"] == rar.num_tokens - 1
+    assert sjd["tokens_per_row_step"] >= 1.0 and sjd["forwards_per_batch"] <= rar.num_tokens - 1
+    assert 0.0 <= sjd["class_accuracy"] <= 1.0 and sjd["gfid"] is None
+
+
 def test_quickstart_rerun_skips_finished_stages_and_refuses_other_options(quickstart_run):
     out, args = quickstart_run
     weights = sorted((out / "runs" / "ar" / "generator").glob("*.safetensors"))

@@ -17,7 +17,8 @@ from scipy.stats import chi2
 
 from vfmtok.generators.gpt import GPTModel
 from vfmtok.generators.rar import RARModel
-from vfmtok.generators.sampling import SJDStats, speculative_jacobi_decode, token_probabilities
+from vfmtok.generators.sampling import (SJDStats, sample_tokens_by_inverse_cdf, speculative_jacobi_decode,
+                                        token_probabilities)
 from vfmtok.tokenizer.utils.errors import InvalidValueError
 
 SIGNIFICANCE = 1e-3
@@ -109,6 +110,25 @@ def test_sjd_samples_the_enumerated_joint(family, vocab, tokens, window, guidanc
                                     sjd_window=window, return_sjd_stats=True)
     assert chi_square_p_value(samples, joint, vocab) > SIGNIFICANCE
     assert stats.tokens == 20000 * (tokens - 1) and stats.steps <= tokens - 1
+
+
+def test_inverse_cdf_sampling_draws_the_distribution_and_never_a_zero_probability_token():
+    """SJD's token draws: the counts of 200000 draws per distribution against the probabilities (chi-square at
+    SIGNIFICANCE; zero-probability tokens, also first and last, are never drawn), greedy one-hot rows exactly."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0],
+                          [0.1, 0.1, 0.1, 0.1, 0.1, 0.5],
+                          [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]])
+    draws = sample_tokens_by_inverse_cdf(probs[:, None].expand(-1, 200000, -1), torch.Generator().manual_seed(0))
+    assert draws.shape == (3, 200000)
+    for row, p in zip(draws, probs):
+        counts = torch.bincount(row, minlength=6).double()
+        assert torch.all(counts[p == 0] == 0)
+        keep = p > 0
+        if int(keep.sum()) > 1:
+            expected = p[keep].double() * len(row)
+            statistic = float(((counts[keep] - expected) ** 2 / expected).sum())
+            assert chi2.sf(statistic, int(keep.sum()) - 1) > SIGNIFICANCE
+    assert torch.all(draws[2] == 4)
 
 
 def test_plain_sampling_passes_and_a_wrong_distribution_fails_the_same_test():
