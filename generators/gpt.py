@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -42,7 +41,7 @@ from vfmtok.tokenizer.utils.errors import InvalidValueError
 from vfmtok.tokenizer.utils.types import class_label_tensor
 from vfmtok.tokenizer.utils.loading import StrictLoadingMixin
 from vfmtok.generators.interface import GUIDANCE_SCHEDULES, AutoregressiveGeneratorMixin
-from vfmtok.generators.layers import RMSNorm, apply_rotary_embedding, rope_2d_table
+from vfmtok.generators.layers import KVCache, RMSNorm, apply_rotary_embedding, rope_2d_table
 from vfmtok.generators.sampling import filter_logits
 
 __all__ = ["GPTModel", "KVCache", "GUIDANCE_SCHEDULES", "filter_logits", "ffn_hidden_dim"]
@@ -127,29 +126,6 @@ class TransformerBlock(nn.Module):
                 positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), rope, cache, positions, attn_mask)
         return x + self.ffn(self.ffn_norm(x))
-
-
-@dataclass
-class KVCache:
-    """Static key/value buffers, one pair per block, each (batch, heads, max_length, head_dim), written in place.
-
-    Slot ``p`` holds sequence position ``p`` (0 = class token). Unwritten slots are masked out by position.
-    """
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0]
-
-    @property
-    def max_length(self) -> int:
-        return self.keys[0].shape[2]
-
-    def narrow(self, batch_size: int) -> "KVCache":
-        """The first ``batch_size`` rows, as views sharing storage (writes reach this cache)."""
-        return KVCache([k[:batch_size] for k in self.keys], [v[:batch_size] for v in self.values])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Layers shared by the generators: RMSNorm (in fp32, as Llama) and the 2D rotary position embedding that the GPT
-(LlamaGen's ``precompute_freqs_cis_2d``) and the LightningDiT / DiT^DH options of the denoiser (EVA's
-``VisionRotaryEmbeddingFast``) use.
+"""Layers shared by the generators: the AR generators' KV cache, RMSNorm (in fp32, as Llama) and the 2D rotary
+position embedding that the GPT (LlamaGen's ``precompute_freqs_cis_2d``) and the LightningDiT / DiT^DH options of the
+denoiser (EVA's ``VisionRotaryEmbeddingFast``) use.
 
 2D RoPE. Each head's ``head_dim`` channels form ``head_dim / 2`` interleaved pairs ``(x[2i], x[2i+1])``. The first
 half of the pairs rotate by ``row * f_j``, the second half by ``column * f_j``, with ``f_j = base ** (-2j / (head_dim
@@ -8,12 +8,13 @@ half of the pairs rotate by ``row * f_j``, the second half by ``column * f_j``, 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-__all__ = ["RMSNorm", "rope_2d_table", "apply_rotary_embedding"]
+__all__ = ["RMSNorm", "rope_2d_table", "apply_rotary_embedding", "KVCache"]
 
 
 class RMSNorm(nn.Module):
@@ -55,3 +56,25 @@ def apply_rotary_embedding(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     rotated = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin,
                            pairs[..., 1] * cos + pairs[..., 0] * sin], dim=-1)
     return rotated.flatten(-2).type_as(x)
+
+
+@dataclass
+class KVCache:
+    """Static key/value buffers of an AR generator, one pair per block, each (batch, heads, max_length, head_dim),
+    written in place. Slot ``p`` holds sequence position ``p`` (the GPT's class token is 0; RAR's start and class
+    tokens are 0 and 1). Unwritten slots are masked out by position."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def narrow(self, batch_size: int) -> "KVCache":
+        """The first ``batch_size`` rows, as views sharing storage (writes reach this cache)."""
+        return KVCache([k[:batch_size] for k in self.keys], [v[:batch_size] for v in self.values])

@@ -43,6 +43,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from vfmtok.generators.interface import AutoregressiveGeneratorMixin
+from vfmtok.generators.layers import KVCache
 from vfmtok.tokenizer.utils.errors import InvalidValueError
 from vfmtok.tokenizer.utils.loading import StrictLoadingMixin
 from vfmtok.tokenizer.utils.types import class_label_tensor
@@ -149,27 +150,17 @@ class AdaLNBlock(nn.Module):
 
 
 @dataclass
-class RARCache:
-    """Key/value buffers, one pair per block, each (batch, heads, max_length, head_dim), written in place, and each
-    row's class embedding (the blocks' conditioning at every later step). ``length``: positions written so far."""
+class RARCache(KVCache):
+    """:class:`~vfmtok.generators.layers.KVCache` buffers (batch, heads, max_length, head_dim) and each row's class
+    embedding (the blocks' conditioning at every later step). ``length``: positions written so far."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
     condition: torch.Tensor
     length: int = 0
 
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0]
-
-    @property
-    def max_length(self) -> int:
-        return self.keys[0].shape[2]
-
     def narrow(self, batch_size: int) -> "RARCache":
         """The first ``batch_size`` rows, as views sharing storage."""
-        return RARCache([k[:batch_size] for k in self.keys], [v[:batch_size] for v in self.values],
-                        self.condition[:batch_size], self.length)
+        narrowed = super().narrow(batch_size)
+        return RARCache(narrowed.keys, narrowed.values, self.condition[:batch_size], self.length)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
