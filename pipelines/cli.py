@@ -548,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     speed_flow = speed_kinds.add_parser("flow", help="class-conditional sampling throughput of a denoiser config")
     _add_speed_arguments(speed_flow, batch_size=8)
-    speed_flow.add_argument("--sampler", choices=["euler", "heun", "sde"], default="euler", help="ODE / SDE sampler")
+    speed_flow.add_argument("--sampler", choices=[name for name in FLOW_SAMPLERS if name != "scheduler"],
+                            default="euler", help="sde (Euler-Maruyama) or a flow solver, run as a pipeline runs it "
+                                                  "(default: euler)")
     speed_flow.add_argument("--steps", type=int, default=50, help="sampling steps")
     speed_flow.add_argument("--no-cfg", action="store_true", help="sample without classifier-free guidance")
     speed_flow.set_defaults(run=_speed_flow)

@@ -54,6 +54,21 @@ def test_speed_tokenizer_prints_one_json_line_per_mode(capsys):
     assert 0 < rows[0]["deformable_attention_share"] < 1
 
 
+@pytest.mark.parametrize("sampler, calls", [("euler", 4), ("ab2", 4), ("heun", 7), ("dpm++2m", 4), ("unipc3", 4),
+                                             ("sde", 5)])
+def test_speed_flow_times_every_sampler_of_the_pipeline_with_its_model_calls(capsys, sampler, calls):
+    """4 steps: one model call a step (Heun: two, one on its last step; the SDE: a last deterministic step more); CFG
+    doubles the evaluations per image."""
+    config = CONFIGS.parent / "flow" / "dit-tiny.yaml"
+    code, (row,), _ = run_cli(capsys, "speed", "flow", "--config", config, "--sampler", sampler, "--steps", 4,
+                              "--batch-size", 2, "--warmup", 0, "--windows", 1)
+    assert code == 0 and row["sampler"] == sampler and row["images_per_s"] > 0
+    assert row["nfe"] == 2 * calls
+    code, (row,), _ = run_cli(capsys, "speed", "flow", "--config", config, "--sampler", sampler, "--steps", 4,
+                              "--batch-size", 2, "--warmup", 0, "--windows", 1, "--no-cfg")
+    assert code == 0 and row["nfe"] == calls
+
+
 def test_speed_compare_reference_needs_a_reference_checkout(capsys, tmp_path):
     """--compare-reference is opt-in (the reference code is no dependency): a missing checkout is a clear error."""
     code, rows, err = run_cli(capsys, "speed", "tokenizer", "--config", CONFIGS / "vfmtok-l.yaml",
