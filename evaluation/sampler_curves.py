@@ -248,7 +248,8 @@ def ar_sjd_comparison(pipeline: str, reference: str, judge_train: str, judge_hel
                              gfid_max=max(fids, default=None), accuracy_min=min(r["class_accuracy"] for r in rows),
                              accuracy_max=max(r["class_accuracy"] for r in rows),
                              speedup=plain_seconds / float(np.median([r["seconds"] for r in rows])))
-    report = {"pipeline": str(pipeline), "generator": type(model).__name__, "num_samples": num_samples, "batch_size": batch_size,
+    report = {"pipeline": str(pipeline), "generator": type(model).__name__, "num_samples": num_samples,
+              "batch_size": batch_size,
               "guidance_scale": scale, "num_tokens": model.num_tokens, "seeds": seeds,
               "judge_held_out_accuracy": judge.held_out_accuracy, "threads": torch.get_num_threads(),
               "runs": runs, "summary": summary}

@@ -41,7 +41,8 @@ from vfmtok.tokenizer.utils.errors import InvalidValueError
 from vfmtok.tokenizer.utils.types import class_label_tensor
 from vfmtok.tokenizer.utils.loading import StrictLoadingMixin
 from vfmtok.generators.interface import GUIDANCE_SCHEDULES, AutoregressiveGeneratorMixin
-from vfmtok.generators.layers import KVCache, RMSNorm, apply_rotary_embedding, rope_2d_table
+from vfmtok.generators.layers import (KVCache, RMSNorm, apply_rotary_embedding, cache_attention_mask, rope_2d_table,
+                                      write_at_positions)
 from vfmtok.generators.sampling import filter_logits
 
 __all__ = ["GPTModel", "KVCache", "GUIDANCE_SCHEDULES", "filter_logits", "ffn_hidden_dim"]
@@ -102,13 +103,8 @@ class Attention(nn.Module):
                                                  dropout_p=self.attention_dropout if self.training else 0.0)
         else:
             keys, values = cache
-            if positions.dim() == 1:
-                keys.index_copy_(2, positions, k.to(keys.dtype))
-                values.index_copy_(2, positions, v.to(values.dtype))
-            else:  # (B, S): each row's own positions
-                index = positions[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
-                keys.scatter_(2, index, k.to(keys.dtype))
-                values.scatter_(2, index, v.to(values.dtype))
+            write_at_positions(keys, k, positions)
+            write_at_positions(values, v, positions)
             out = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=attn_mask)
         return self.residual_dropout(self.proj(out.transpose(1, 2).reshape(b, s, d).to(x.dtype)))
 
@@ -257,10 +253,7 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
             rope, mask = self.rope[: x.shape[1]], None
         else:
             rope = self.rope[positions]
-            mask = None if attend_to_whole_cache else \
-                torch.arange(cache.max_length, device=x.device) <= positions[..., None]
-            if positions.dim() == 2:  # per-row positions: (B, 1, S, L), one mask per row for every head
-                mask = mask[:, None]
+            mask = None if attend_to_whole_cache else cache_attention_mask(positions, cache.max_length)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
             x = block(x, rope, layer_cache, positions, mask)

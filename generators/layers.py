@@ -14,7 +14,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["RMSNorm", "rope_2d_table", "apply_rotary_embedding", "KVCache"]
+__all__ = ["RMSNorm", "rope_2d_table", "apply_rotary_embedding", "KVCache", "write_at_positions",
+           "cache_attention_mask"]
 
 
 class RMSNorm(nn.Module):
@@ -78,3 +79,20 @@ class KVCache:
     def narrow(self, batch_size: int) -> "KVCache":
         """The first ``batch_size`` rows, as views sharing storage (writes reach this cache)."""
         return KVCache([k[:batch_size] for k in self.keys], [v[:batch_size] for v in self.values])
+
+
+def write_at_positions(buffer: torch.Tensor, chunk: torch.Tensor, positions: torch.Tensor) -> None:
+    """``buffer`` (B, H, L, D) <- ``chunk`` (B, H, S, D) at sequence ``positions``: (S,) for every row, or (B, S),
+    each row its own (a speculative decoder's rows sit at different positions)."""
+    chunk = chunk.to(buffer.dtype)
+    if positions.dim() == 1:
+        buffer.index_copy_(2, positions, chunk)
+    else:
+        buffer.scatter_(2, positions[:, None, :, None].expand(-1, buffer.shape[1], -1, buffer.shape[3]), chunk)
+
+
+def cache_attention_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """Which of a ``length``-slot cache each query may attend to (the slots up to its own position; unwritten and stale
+    slots beyond it are masked): (S, L) for ``positions`` (S,), (B, 1, S, L) for per-row positions (B, S)."""
+    mask = torch.arange(length, device=positions.device) <= positions[..., None]
+    return mask[:, None] if positions.dim() == 2 else mask

@@ -43,7 +43,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from vfmtok.generators.interface import AutoregressiveGeneratorMixin
-from vfmtok.generators.layers import KVCache
+from vfmtok.generators.layers import KVCache, cache_attention_mask, write_at_positions
 from vfmtok.tokenizer.utils.errors import InvalidValueError
 from vfmtok.tokenizer.utils.loading import StrictLoadingMixin
 from vfmtok.tokenizer.utils.types import class_label_tensor
@@ -88,23 +88,23 @@ class Attention(nn.Module):
         self.proj_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                start: int = 0, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                start: int = 0, positions: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Without ``cache``: causal attention within ``x``. With ``cache`` (key, value buffers (B, H, L, head_dim)):
-        this chunk sits at positions ``start ..`` (or at ``positions`` (B, S), each row its own), its keys/values are
-        written there and it attends to every position up to its own."""
+        this chunk sits at positions ``start ..``, its keys/values are written there and it attends to every position
+        up to its own; or at ``positions`` (B, S), each row its own, attending to the whole buffer under
+        ``attn_mask`` (:func:`~vfmtok.generators.layers.cache_attention_mask`)."""
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         dropout = self.attention_dropout if self.training else 0.0
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        elif positions is not None:  # per-row positions (the SJD block step): the whole buffer under a per-row mask
+        elif positions is not None:  # per-row positions (the SJD block step)
             keys, values = cache
-            index = positions[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
-            keys.scatter_(2, index, k.to(keys.dtype))
-            values.scatter_(2, index, v.to(values.dtype))
-            mask = (torch.arange(keys.shape[2], device=x.device) <= positions[..., None])[:, None]
-            out = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask)
+            write_at_positions(keys, k, positions)
+            write_at_positions(values, v, positions)
+            out = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=attn_mask)
         else:
             keys, values = cache
             keys[:, :, start:start + s] = k.to(keys.dtype)
@@ -143,9 +143,10 @@ class AdaLNBlock(nn.Module):
         self.modulation = nn.Linear(dim, 6 * dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                start: int = 0, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                start: int = 0, positions: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(F.silu(c)).chunk(6, dim=-1)
-        x = x + gate_a * self.attention(modulate(self.norm1(x), shift_a, scale_a), cache, start, positions)
+        x = x + gate_a * self.attention(modulate(self.norm1(x), shift_a, scale_a), cache, start, positions, attn_mask)
         return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
 
@@ -425,8 +426,10 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         x = self.embedding(tokens) + self.position_embedding[index + PREFIX] \
             + self.target_position_embedding[index + 1 + PREFIX]
         c = cache.condition[:, None] + self.step_embedding[index + PREFIX]
+        positions = index + PREFIX
+        mask = cache_attention_mask(positions, cache.max_length)
         for i, block in enumerate(self.blocks):
-            x = block(x, c, (cache.keys[i], cache.values[i]), positions=index + PREFIX)
+            x = block(x, c, (cache.keys[i], cache.values[i]), positions=positions, attn_mask=mask)
         return self._head(x, c)
 
     # -- sampling ---------------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def chi_square_p_value(samples: torch.Tensor, joint: torch.Tensor, vocab: int) -
 CASES = [  # family, vocab, tokens, window, guidance, schedule
     ("gpt", 3, 4, 2, 2.0, "constant"),
     ("gpt", 3, 4, 5, 1.0, "constant"),   # window longer than the sequence allows
-    ("gpt", 2, 9, 3, 3.0, "constant"),   # the block clipped at the end of the sequence, rows finishing at different steps
+    ("gpt", 2, 9, 3, 3.0, "constant"),   # the block clipped at the sequence's end, rows finishing at different steps
     ("gpt", 2, 9, 1, 1.5, "constant"),
     ("rar", 3, 4, 2, 2.0, "constant"),
     ("rar", 2, 9, 3, 3.0, "cosine_power"),  # RAR's default schedule: a different scale for every token
