@@ -249,8 +249,7 @@ def ar_sjd_comparison(pipeline: str, reference: str, judge_train: str, judge_hel
                              accuracy_max=max(r["class_accuracy"] for r in rows),
                              speedup=plain_seconds / float(np.median([r["seconds"] for r in rows])))
     report = {"pipeline": str(pipeline), "generator": type(model).__name__, "num_samples": num_samples,
-              "batch_size": batch_size,
-              "guidance_scale": scale, "num_tokens": model.num_tokens, "seeds": seeds,
+              "batch_size": batch_size, "guidance_scale": scale, "num_tokens": model.num_tokens, "seeds": seeds,
               "judge_held_out_accuracy": judge.held_out_accuracy, "threads": torch.get_num_threads(),
               "runs": runs, "summary": summary}
     with atomic_file(output / "report.json") as temporary:
