@@ -5,6 +5,7 @@ shows up as spread between runs rather than as a biased figure; compare figures 
 """
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from contextlib import nullcontext
@@ -174,23 +175,48 @@ def speed_tokenizer(config_path: str, device: str = "cpu", batch_size: int = 4, 
 
 def speed_ar(config_path: str, device: str = "cpu", batch_size: int = 8, cfg: bool = True,
              guidance_scale: float = 2.0, kv_cache: bool = True, compile: bool = False, steps: int = 1,
-             warmup: int = 1, windows: int = 3, precision: str | None = None) -> dict[str, Any]:
-    """Class-conditional generation throughput of a GPT config (random weights): every call samples ``num_tokens``
-    tokens for ``batch_size`` images (CFG doubles the model batch but not the counted tokens)."""
+             warmup: int = 1, windows: int = 3, precision: str | None = None,
+             sjd_window: int | None = None) -> dict[str, Any]:
+    """Class-conditional generation throughput of an AR generator config (GPT or RAR; random weights): every call
+    samples ``num_tokens`` tokens for ``batch_size`` images (CFG doubles the model batch but not the counted tokens).
+    ``compile``: the GPT's compiled one-token decode step. ``sjd_window``: also time speculative Jacobi decoding with
+    that many drafts; ``sjd_step_cost`` is the time of one of its block steps over one plain step (bookkeeping
+    included). Random weights say nothing about acceptance (``sjd_tokens_per_step`` here is not a trained model's):
+    with a trained model's tokens per step T (``vfmtok speed sjd``), SJD's speed-up is about T / ``sjd_step_cost``."""
     model, device_t, precision, common = _build_for_speed(config_path, device, precision, batch_size)
+    if compile and "compile_decode" not in inspect.signature(model.generate).parameters:
+        raise InvalidValueError(f"--compile: {type(model).__name__} has no compiled decode step (GPTModel has); "
+                                f"leave --compile out")
     model.eval()
     labels = torch.arange(batch_size, device=device_t) % model.config.num_classes
     generator = torch.Generator(device=device_t).manual_seed(0)
+    scale = guidance_scale if cfg else 1.0
 
     def generate():
         with _autocast(device_t, precision):
-            model.generate(labels, guidance_scale=guidance_scale if cfg else 1.0, generator=generator,
+            model.generate(labels, guidance_scale=scale, generator=generator,
                            use_kv_cache=kv_cache, **({"compile_decode": True} if compile else {}))
 
     seconds = time_call(generate, device_t, steps, warmup, windows=windows)
-    tokens = batch_size * model.config.num_tokens
-    return {**common, "cfg": cfg, "kv_cache": kv_cache, "compiled": compile, "tokens_per_s": tokens / seconds,
-            "images_per_s": batch_size / seconds, "seconds_per_batch": seconds}
+    total = model.config.num_tokens
+    row = {**common, "model": type(model).__name__, "cfg": cfg, "kv_cache": kv_cache, "compiled": compile,
+           "tokens_per_s": batch_size * total / seconds, "images_per_s": batch_size / seconds,
+           "seconds_per_batch": seconds}
+    if sjd_window is not None:
+        stats = []
+
+        def generate_sjd():
+            with _autocast(device_t, precision):
+                stats.append(model.generate(labels, guidance_scale=scale, generator=generator, sjd_window=sjd_window,
+                                            return_sjd_stats=True)[1])
+
+        sjd_seconds = time_call(generate_sjd, device_t, steps, warmup, windows=windows)
+        sjd_steps = statistics.median(s.steps for s in stats)
+        # per step: one prefill and total - 1 decode steps (plain), one prefill and the block steps (SJD)
+        row.update(sjd_window=sjd_window, sjd_seconds_per_batch=sjd_seconds, sjd_steps=sjd_steps,
+                   sjd_tokens_per_step=statistics.median(s.tokens_per_step for s in stats),
+                   sjd_step_cost=(sjd_seconds / (sjd_steps + 1)) / (seconds / total))
+    return row
 
 
 def speed_flow(config_path: str, device: str = "cpu", batch_size: int = 8, sampler: str = "euler", steps: int = 50,

@@ -52,7 +52,8 @@ def _speed_ar(args: argparse.Namespace) -> None:
 
     row = speed_ar(args.config, device=args.device, batch_size=args.batch_size, cfg=not args.no_cfg,
                    guidance_scale=args.guidance_scale, kv_cache=not args.no_kv_cache, compile=args.compile,
-                   steps=args.steps, warmup=args.warmup, windows=args.windows, precision=args.precision)
+                   steps=args.steps, warmup=args.warmup, windows=args.windows, precision=args.precision,
+                   sjd_window=args.sjd_window)
     print(json.dumps(row), flush=True)
 
 
@@ -510,12 +511,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(train_ar)
     train_ar.set_defaults(run=_train_ar)
 
-    speed_ar = speed_kinds.add_parser("ar", help="class-conditional generation throughput of a GPT config")
+    speed_ar = speed_kinds.add_parser("ar", help="class-conditional generation throughput of an AR generator config "
+                                                 "(GPT or RAR)")
     _add_speed_arguments(speed_ar, batch_size=8)
     speed_ar.add_argument("--no-cfg", action="store_true", help="sample without classifier-free guidance")
     speed_ar.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance scale")
     speed_ar.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix at every step")
-    speed_ar.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
+    speed_ar.add_argument("--compile", action="store_true", help="torch.compile the GPT's one-token decode step "
+                                                                 "(default: off)")
     speed_ar.add_argument("--steps", type=int, default=1, help="generate calls per timing window")
     speed_ar.add_argument("--compare-reference", default=None, metavar="LLAMAGEN_CHECKOUT",
                           help="time plain sampling side by side with LlamaGen's generate() from this checkout of "
@@ -523,8 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: none, time ours only)")
     speed_ar.add_argument("--rounds", type=int, default=3, help="with --compare-reference: alternating rounds")
     speed_ar.add_argument("--sjd-window", type=int, default=None, metavar="N",
-                          help="with --compare-reference: also time speculative Jacobi decoding with N drafts "
-                               "(default: off)")
+                          help="also time speculative Jacobi decoding with N drafts: its block step's cost over a "
+                               "plain step (with --compare-reference: beside LlamaGen) (default: off)")
     speed_ar.set_defaults(run=_speed_ar)
 
     train_flow = train_kinds.add_parser("flow", help="train the flow denoiser over continuous latents; exports the EMA "

@@ -69,6 +69,20 @@ def test_speed_flow_times_every_sampler_of_the_pipeline_with_its_model_calls(cap
     assert code == 0 and row["nfe"] == calls
 
 
+@pytest.mark.parametrize("config, model", [("gpt-tiny", "GPTModel"), ("rar-tiny", "RARModel")])
+def test_speed_ar_times_both_families_and_the_sjd_block_step(capsys, config, model):
+    config = CONFIGS.parent / "ar" / f"{config}.yaml"
+    code, (row,), _ = run_cli(capsys, "speed", "ar", "--config", config, "--batch-size", 2, "--warmup", 0,
+                              "--windows", 1, "--sjd-window", 3)
+    assert code == 0 and row["model"] == model and row["tokens_per_s"] > 0 and row["sjd_window"] == 3
+    # 16 tokens: the 15 after the first take at most 15 block steps and at least 15 / (1 + 3)
+    assert 4 <= row["sjd_steps"] <= 15 and 1.0 <= row["sjd_tokens_per_step"] <= 4.0
+    assert row["sjd_step_cost"] > 0 and row["sjd_seconds_per_batch"] > 0
+    if model == "RARModel":
+        code, rows, err = run_cli(capsys, "speed", "ar", "--config", config, "--compile")
+        assert code == 2 and not rows and "RARModel has no compiled decode step" in err
+
+
 def test_speed_compare_reference_needs_a_reference_checkout(capsys, tmp_path):
     """--compare-reference is opt-in (the reference code is no dependency): a missing checkout is a clear error."""
     code, rows, err = run_cli(capsys, "speed", "tokenizer", "--config", CONFIGS / "vfmtok-l.yaml",
