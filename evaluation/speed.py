@@ -494,12 +494,14 @@ def _import_llamagen(path: str):
 
 
 def compare_reference_ar(config_path: str, reference_path: str, batch_size: int = 8, guidance_scale: float = 2.0,
-                         rounds: int = 3, sjd_window: int | None = None) -> dict[str, Any]:
+                         rounds: int = 3, sjd_window: int | None = None, profile: bool = False) -> dict[str, Any]:
     """Plain KV-cache sampling of this suite's GPT and LlamaGen's ``generate()`` on the same random weights (the
     reference model's initialisation converted with :mod:`vfmtok.generators.convert_gpt`), CPU, fp32, CFG at
     ``guidance_scale``, all ``num_tokens`` tokens, ``batch_size`` images, timed alternately in one process: ``rounds``
     rounds of (ours, reference). Returns the wall-clock and CPU seconds of each per round, their ratios
-    (reference / ours) and the median ratios. ``sjd_window``: also time our SJD sampling in each round."""
+    (reference / ours) and the median ratios. ``sjd_window``: also time our SJD sampling in each round.
+    ``profile``: then one more call of each under ``torch.profiler``: the self CPU seconds of their costliest
+    operators (``profile``), which say where the difference goes."""
     from vfmtok.generators.convert_gpt import convert_llamagen_state_dict
 
     if rounds < 1 or batch_size < 1:
@@ -550,8 +552,25 @@ def compare_reference_ar(config_path: str, reference_path: str, batch_size: int 
         row["ratio"] = row["reference_seconds"] / row["vfmtok_seconds"]
         row["cpu_ratio"] = row["reference_cpu_seconds"] / row["vfmtok_cpu_seconds"]
         per_round.append(row)
-    return {"mode": "generate", "config": str(config_path), "reference": str(reference_path), "device": "cpu",
-            "precision": "fp32", "batch_size": batch_size, "guidance_scale": guidance_scale,
-            "num_tokens": p["num_tokens"], "threads": torch.get_num_threads(), "rounds": per_round,
-            "ratio": statistics.median(r["ratio"] for r in per_round),
-            "cpu_ratio": statistics.median(r["cpu_ratio"] for r in per_round)}
+    report = {"mode": "generate", "config": str(config_path), "reference": str(reference_path), "device": "cpu",
+              "precision": "fp32", "batch_size": batch_size, "guidance_scale": guidance_scale,
+              "num_tokens": p["num_tokens"], "threads": torch.get_num_threads(), "rounds": per_round,
+              "ratio": statistics.median(r["ratio"] for r in per_round),
+              "cpu_ratio": statistics.median(r["cpu_ratio"] for r in per_round)}
+    if profile:
+        report["profile"] = {"vfmtok": operator_seconds(ours), "reference": operator_seconds(theirs)}
+    return report
+
+
+def operator_seconds(fn: Callable[[], Any], top: int = 8) -> dict[str, float]:
+    """One call of ``fn`` under ``torch.profiler`` (CPU): the self CPU seconds of its ``top`` costliest operators,
+    the rest summed as ``"other"`` and the whole as ``"total"``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    seconds = sorted(((event.key, event.self_cpu_time_total / 1e6) for event in prof.key_averages()),
+                     key=lambda item: -item[1])
+    total = sum(value for _, value in seconds)
+    shown = dict(seconds[:top])
+    return {**shown, "other": total - sum(shown.values()), "total": total}

@@ -47,7 +47,7 @@ def _speed_ar(args: argparse.Namespace) -> None:
     if args.compare_reference:
         print(json.dumps(compare_reference_ar(args.config, args.compare_reference, batch_size=args.batch_size,
                                               guidance_scale=args.guidance_scale, rounds=args.rounds,
-                                              sjd_window=args.sjd_window)), flush=True)
+                                              sjd_window=args.sjd_window, profile=args.profile)), flush=True)
         return
 
     row = speed_ar(args.config, device=args.device, batch_size=args.batch_size, cfg=not args.no_cfg,
@@ -525,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "FoundationVision/LlamaGen, same random weights, CPU fp32 (alternating rounds) "
                                "(default: none, time ours only)")
     speed_ar.add_argument("--rounds", type=int, default=3, help="with --compare-reference: alternating rounds")
+    speed_ar.add_argument("--profile", action="store_true",
+                          help="with --compare-reference: then one profiled call of each, the self CPU seconds of "
+                               "their costliest operators")
     speed_ar.add_argument("--sjd-window", type=int, default=None, metavar="N",
                           help="also time speculative Jacobi decoding with N drafts: its block step's cost over a "
                                "plain step (with --compare-reference: beside LlamaGen) (default: off)")
