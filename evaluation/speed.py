@@ -5,7 +5,6 @@ shows up as spread between runs rather than as a biased figure; compare figures 
 """
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
 from contextlib import nullcontext
@@ -179,14 +178,11 @@ def speed_ar(config_path: str, device: str = "cpu", batch_size: int = 8, cfg: bo
              sjd_window: int | None = None) -> dict[str, Any]:
     """Class-conditional generation throughput of an AR generator config (GPT or RAR; random weights): every call
     samples ``num_tokens`` tokens for ``batch_size`` images (CFG doubles the model batch but not the counted tokens).
-    ``compile``: the GPT's compiled one-token decode step. ``sjd_window``: also time speculative Jacobi decoding with
+    ``compile``: the compiled one-token decode step. ``sjd_window``: also time speculative Jacobi decoding with
     that many drafts; ``sjd_step_cost`` is the time of one of its block steps over one plain step (bookkeeping
     included). Random weights say nothing about acceptance (``sjd_tokens_per_step`` here is not a trained model's):
     with a trained model's tokens per step T (``vfmtok speed sjd``), SJD's speed-up is about T / ``sjd_step_cost``."""
     model, device_t, precision, common = _build_for_speed(config_path, device, precision, batch_size)
-    if compile and "compile_decode" not in inspect.signature(model.generate).parameters:
-        raise InvalidValueError(f"--compile: {type(model).__name__} has no compiled decode step (GPTModel has); "
-                                f"leave --compile out")
     model.eval()
     labels = torch.arange(batch_size, device=device_t) % model.config.num_classes
     generator = torch.Generator(device=device_t).manual_seed(0)
@@ -194,8 +190,8 @@ def speed_ar(config_path: str, device: str = "cpu", batch_size: int = 8, cfg: bo
 
     def generate():
         with _autocast(device_t, precision):
-            model.generate(labels, guidance_scale=scale, generator=generator,
-                           use_kv_cache=kv_cache, **({"compile_decode": True} if compile else {}))
+            model.generate(labels, guidance_scale=scale, generator=generator, use_kv_cache=kv_cache,
+                           compile_decode=compile)
 
     seconds = time_call(generate, device_t, steps, warmup, windows=windows)
     total = model.config.num_tokens

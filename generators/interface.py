@@ -10,7 +10,7 @@ A family lists :class:`AutoregressiveGeneratorMixin` among its bases and provide
   (teacher forcing in the family's own generation order; label dropout and, for RAR, order randomisation in training
   mode): the training loss of every family is ``cross_entropy(logits, tokens)``;
 * ``generate(class_labels, guidance_scale, guidance_schedule, guidance_power, guidance_interval, temperature, top_k,
-  top_p, generator, use_kv_cache, step_callback)`` -> (B, num_tokens) codes in raster order;
+  top_p, generator, use_kv_cache, compile_decode, step_callback)`` -> (B, num_tokens) codes in raster order;
 * for speculative Jacobi decoding (``supports_sjd = True``; ``generate(sjd_window=...)``): ``prefill(labels, cache)``
   -> logits (B, vocab) of token 0 and ``decode_block(tokens, first_index, cache)``
   (:class:`vfmtok.generators.sampling.BlockDecoder` with a cache), which :meth:`_generate_sjd` drives;

@@ -422,14 +422,19 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
                                     f"{cache.batch_size}; got {tuple(tokens.shape)} and {tuple(first_index.shape)}")
         if cache.length < PREFIX:
             raise InvalidValueError("decode_block needs a prefilled cache (prefill writes the start and class tokens)")
+        return self._decode_at(tokens, first_index, cache.keys, cache.values, cache.condition)
+
+    def _decode_at(self, tokens: torch.Tensor, first_index: torch.Tensor, keys: list[torch.Tensor],
+                   values: list[torch.Tensor], condition: torch.Tensor) -> torch.Tensor:
+        # Static shapes throughout (the whole buffer under a mask): what compile_decode=True hands to torch.compile.
         index = first_index[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         x = self.embedding(tokens) + self.position_embedding[index + PREFIX] \
             + self.target_position_embedding[index + 1 + PREFIX]
-        c = cache.condition[:, None] + self.step_embedding[index + PREFIX]
+        c = condition[:, None] + self.step_embedding[index + PREFIX]
         positions = index + PREFIX
-        mask = cache_attention_mask(positions, cache.max_length)
+        mask = cache_attention_mask(positions, keys[0].shape[2])
         for i, block in enumerate(self.blocks):
-            x = block(x, c, (cache.keys[i], cache.values[i]), positions=positions, attn_mask=mask)
+            x = block(x, c, (keys[i], values[i]), positions=positions, attn_mask=mask)
         return self._head(x, c)
 
     # -- sampling ---------------------------------------------------------------------------------------------------
@@ -446,6 +451,7 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         top_p: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
         use_kv_cache: bool = True,
+        compile_decode: bool = False,
         return_logits: bool = False,
         step_callback: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None,
         sjd_window: Optional[int] = None,
@@ -459,6 +465,8 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         same); ``guidance_scale = 0`` samples unconditionally. Each token is drawn from ``softmax(l / temperature)``
         after top-k / top-p (off by default), with ``torch.multinomial(generator=generator)``.
         use_kv_cache=False recomputes the whole prefix every step (the reference without its cache).
+        compile_decode: wrap the one-token decode step in torch.compile (static shapes: it attends to the whole cache
+        under a mask; meant for GPUs).
         return_logits: also return the guided logits (B, num_tokens, vocab). step_callback(t, tokens): as
         :meth:`vfmtok.generators.gpt.GPTModel.generate` (a returned tensor replaces the buffer).
         sjd_window, return_sjd_stats: speculative Jacobi decoding with this many draft tokens per step over
@@ -474,8 +482,11 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
                                       options["guidance_interval"])
         temperature, top_p = self._check_sampler(options["temperature"], options["top_k"], options["top_p"])
         top_k = options["top_k"]
-        self._check_sjd_request(sjd_window, return_sjd_stats, use_kv_cache=use_kv_cache, return_logits=return_logits,
-                                step_callback=step_callback)
+        if compile_decode and not use_kv_cache:
+            raise InvalidValueError("compile_decode=True compiles the KV-cached decode step: it needs "
+                                    "use_kv_cache=True")
+        self._check_sjd_request(sjd_window, return_sjd_stats, use_kv_cache=use_kv_cache, compile_decode=compile_decode,
+                                return_logits=return_logits, step_callback=step_callback)
         total, batch = self.num_tokens, len(class_labels)
         device = self.embedding.weight.device
         labels = class_labels.to(device)
@@ -493,12 +504,20 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
             return (tokens, stats) if return_sjd_stats else tokens
         with self._sampling_mode():
             cache = self.allocate_cache(rows) if use_kv_cache else None
+            # torch.compile caches the graph by code object and guards: wrapping again per call recompiles nothing
+            decode = torch.compile(self._decode_at, dynamic=False) if compile_decode else None
             for t in range(total):
-                if use_kv_cache:
-                    logits = self.prefill(labels, cache) if t == 0 else \
-                        self.decode(tokens[:, t - 1:t].repeat(rows // batch, 1), cache)[:, -1]
-                else:
+                if not use_kv_cache:
                     logits = self._uncached_step(tokens[:, :t].repeat(rows // batch, 1), labels)
+                elif t == 0:
+                    logits = self.prefill(labels, cache)
+                else:
+                    previous = tokens[:, t - 1:t].repeat(rows // batch, 1)
+                    if decode is None:
+                        logits = self.decode(previous, cache)[:, -1]
+                    else:
+                        index = torch.full((rows,), t - 1, dtype=torch.long, device=device)
+                        logits = decode(previous, index, cache.keys, cache.values, cache.condition)[:, -1]
                 if guided:
                     cond, uncond = logits[:batch], logits[batch:]
                     logits = uncond + scales[t] * (cond - uncond)

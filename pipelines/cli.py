@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed_ar.add_argument("--no-cfg", action="store_true", help="sample without classifier-free guidance")
     speed_ar.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance scale")
     speed_ar.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix at every step")
-    speed_ar.add_argument("--compile", action="store_true", help="torch.compile the GPT's one-token decode step "
+    speed_ar.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step "
                                                                  "(default: off)")
     speed_ar.add_argument("--steps", type=int, default=1, help="generate calls per timing window")
     speed_ar.add_argument("--compare-reference", default=None, metavar="LLAMAGEN_CHECKOUT",

@@ -310,6 +310,22 @@ def test_bad_sampling_inputs_are_named():
     with pytest.raises(InvalidValueError, match="permutation"):
         model.teacher_forced_logits(torch.zeros(1, 9, dtype=torch.long), torch.tensor([0]),
                                     torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(InvalidValueError, match="needs use_kv_cache=True"):
+        model.generate(torch.tensor([1]), compile_decode=True, use_kv_cache=False)
+    with pytest.raises(InvalidValueError, match="takes no compile_decode"):
+        model.generate(torch.tensor([1]), compile_decode=True, sjd_window=2)
+
+
+def test_compiled_decode_step_samples_the_tokens_of_the_eager_one():
+    """compile_decode=True: torch.compile of the static-shape decode step (the whole cache under a mask), on the CPU
+    here (about 10 s of compilation): the same tokens as the eager step, greedy and sampled with one seed."""
+    model = noisy_model(seed=4)
+    labels = torch.tensor([1, 2])
+    assert torch.equal(model.generate(labels, guidance_scale=2.0, top_k=1),
+                       model.generate(labels, guidance_scale=2.0, top_k=1, compile_decode=True))
+    assert torch.equal(model.generate(labels, guidance_scale=2.0, generator=torch.Generator().manual_seed(3)),
+                       model.generate(labels, guidance_scale=2.0, generator=torch.Generator().manual_seed(3),
+                                      compile_decode=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
