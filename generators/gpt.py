@@ -424,12 +424,9 @@ class GPTModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
         scales = self.guidance_scales(guidance_scale, guidance_schedule, guidance_power, guidance_interval)
         guidance_scale = float(guidance_scale)
         temperature, top_p = self._check_sampler(temperature, top_k, top_p)
-        if compile_decode and not use_kv_cache:
-            raise InvalidValueError("compile_decode=True compiles the KV-cached decode step: it needs "
-                                    "use_kv_cache=True")
-
-        self._check_sjd_request(sjd_window, return_sjd_stats, use_kv_cache=use_kv_cache, compile_decode=compile_decode,
-                                return_logits=return_logits, step_callback=step_callback)
+        self._check_decode_request(sjd_window, return_sjd_stats, use_kv_cache=use_kv_cache,
+                                   compile_decode=compile_decode, return_logits=return_logits,
+                                   step_callback=step_callback)
 
         total, batch = self.num_tokens, len(class_labels)
         device = self.token_embedding.weight.device

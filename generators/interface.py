@@ -187,10 +187,14 @@ class AutoregressiveGeneratorMixin:
             self.train(was_training)
 
     @staticmethod
-    def _check_sjd_request(sjd_window: Optional[int], return_sjd_stats: bool, *, use_kv_cache: bool,
-                           compile_decode: bool = False, return_logits: bool = False,
-                           step_callback: Any = None) -> None:
-        """``generate``'s SJD arguments: a window >= 1, with the KV cache and none of the per-step options."""
+    def _check_decode_request(sjd_window: Optional[int], return_sjd_stats: bool, *, use_kv_cache: bool,
+                              compile_decode: bool = False, return_logits: bool = False,
+                              step_callback: Any = None) -> None:
+        """``generate``'s decoding arguments: a compiled decode step needs the KV cache; an SJD window is >= 1, with
+        the KV cache and none of the per-step options."""
+        if compile_decode and not use_kv_cache:
+            raise InvalidValueError("compile_decode=True compiles the KV-cached decode step: it needs "
+                                    "use_kv_cache=True")
         if sjd_window is None:
             if return_sjd_stats:
                 raise InvalidValueError("return_sjd_stats needs sjd_window")

@@ -482,11 +482,9 @@ class RARModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AutoregressiveGenera
                                       options["guidance_interval"])
         temperature, top_p = self._check_sampler(options["temperature"], options["top_k"], options["top_p"])
         top_k = options["top_k"]
-        if compile_decode and not use_kv_cache:
-            raise InvalidValueError("compile_decode=True compiles the KV-cached decode step: it needs "
-                                    "use_kv_cache=True")
-        self._check_sjd_request(sjd_window, return_sjd_stats, use_kv_cache=use_kv_cache, compile_decode=compile_decode,
-                                return_logits=return_logits, step_callback=step_callback)
+        self._check_decode_request(sjd_window, return_sjd_stats, use_kv_cache=use_kv_cache,
+                                   compile_decode=compile_decode, return_logits=return_logits,
+                                   step_callback=step_callback)
         total, batch = self.num_tokens, len(class_labels)
         device = self.embedding.weight.device
         labels = class_labels.to(device)
